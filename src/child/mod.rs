@@ -1,0 +1,255 @@
+//! Process control: spawning the command in its own process group with a parent-death signal,
+//! signalling the group, and reaping. All `unsafe` code and all raw process control live here.
+//!
+//! Theory of operation:
+//! - **Spawning** happens on one dedicated thread that lives as long as the process.
+//!   `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the process; a
+//!   runtime's short-lived blocking thread would kill the child when it retires. Between `fork` and
+//!   `prctl` lease-exec could already have died, so the child re-checks its parent pid afterwards.
+//! - **Process group**: the child calls `setpgid(0, 0)`, so the command and everything it starts
+//!   (unless it creates its own session) can be signalled at once with `killpg`.
+//! - **Reaping** has one owner, [`Reaper`]: on every SIGCHLD it reaps each exited child of ours
+//!   whose process group differs from our own, i.e. the command, its group, and orphans re-parented
+//!   to us (we are PID 1 or a child subreaper). Processes in our own group (such as a kubeconfig
+//!   credential plugin that the API client runs and waits for itself) are left to their owner, so
+//!   their exit status is never stolen.
+
+use std::collections::HashSet;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::sync::OnceLock;
+use std::sync::mpsc as std_mpsc;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::exit::ChildStatus;
+
+/// The signals lease-exec forwards to the command's process group.
+pub const FORWARDED: [Signal; 6] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+/// A running command: its pid, which is also its process group id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Child {
+    /// Pid of the command, and id of its process group.
+    pub pid: Pid,
+}
+
+impl Child {
+    /// Sends `signal` to the command's whole process group. A group that is already gone is not an
+    /// error.
+    pub fn signal_group(&self, signal: Signal) {
+        match killpg(self.pid, signal) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(e) => {
+                tracing::warn!(%e, ?signal, pgid = self.pid.as_raw(), "cannot signal the command's process group")
+            }
+        }
+    }
+
+    /// Whether any process is left in the command's process group (zombies included, until
+    /// reaped).
+    pub fn group_alive(&self) -> bool {
+        !matches!(killpg(self.pid, None), Err(Errno::ESRCH))
+    }
+}
+
+/// What the spawner thread is asked to do.
+struct SpawnRequest {
+    command: std::process::Command,
+    reply: oneshot::Sender<io::Result<Pid>>,
+}
+
+/// The long-lived spawner thread's inbox.
+fn spawner() -> &'static std_mpsc::Sender<SpawnRequest> {
+    static SPAWNER: OnceLock<std_mpsc::Sender<SpawnRequest>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = std_mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("lease-exec-spawner".into())
+            .spawn(move || {
+                // This thread never returns while the process lives (the sender is in a static),
+                // so a parent-death signal set by children it forks fires only when lease-exec
+                // itself dies.
+                for request in rx {
+                    let SpawnRequest { mut command, reply } = request;
+                    let result = command.spawn().map(|child| {
+                        let pid = Pid::from_raw(child.id() as i32);
+                        // Dropping std's handle neither waits nor kills: the Reaper owns waitpid.
+                        drop(child);
+                        pid
+                    });
+                    let _ = reply.send(result);
+                }
+            })
+            .expect("cannot start the spawner thread");
+        tx
+    })
+}
+
+/// Spawns the command: own process group, SIGKILL when lease-exec dies, inherited stdio.
+pub async fn spawn(mut command: std::process::Command) -> io::Result<Child> {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec. It only makes raw system calls
+    // (setpgid, prctl, getppid, kill) that are async-signal-safe, allocates nothing and takes no
+    // locks.
+    unsafe {
+        command.pre_exec(move || {
+            nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // lease-exec may have died between fork and prctl: then the signal will never come, and
+            // the child must not run without a parent that holds the lease.
+            if nix::unistd::getppid() != parent {
+                let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+    let (reply, answer) = oneshot::channel();
+    spawner()
+        .send(SpawnRequest { command, reply })
+        .map_err(|_| io::Error::other("the spawner thread is gone"))?;
+    let pid = answer
+        .await
+        .map_err(|_| io::Error::other("the spawner thread is gone"))??;
+    Ok(Child { pid })
+}
+
+/// Makes this process a child subreaper, so orphaned grandchildren are re-parented to it and can be
+/// reaped and stopped. PID 1 is one already.
+pub fn become_subreaper() {
+    if nix::unistd::getpid().as_raw() != 1
+        && let Err(e) = nix::sys::prctl::set_child_subreaper(true)
+    {
+        tracing::debug!(%e, "cannot become a child subreaper");
+    }
+}
+
+/// The one owner of `waitpid`. Reports every reaped process as `(pid, status)`.
+pub struct Reaper {
+    exits: mpsc::UnboundedReceiver<(Pid, ChildStatus)>,
+}
+
+impl Reaper {
+    /// Starts reaping. Call before spawning anything, so no SIGCHLD is missed.
+    pub fn start() -> io::Result<Reaper> {
+        let mut sigchld = signal(SignalKind::child())?;
+        let (tx, exits) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                reap_all(&tx);
+                if sigchld.recv().await.is_none() {
+                    return;
+                }
+            }
+        });
+        Ok(Reaper { exits })
+    }
+
+    /// Waits until `child` has exited and returns its status. Other processes reaped meanwhile are
+    /// only logged.
+    pub async fn wait(&mut self, child: Child) -> ChildStatus {
+        loop {
+            match self.exits.recv().await {
+                Some((pid, status)) if pid == child.pid => return status,
+                Some((pid, status)) => {
+                    tracing::debug!(pid = pid.as_raw(), %status, "reaped a descendant")
+                }
+                None => std::future::pending().await,
+            }
+        }
+    }
+}
+
+/// Reaps every exited child that is not in our own process group.
+fn reap_all(tx: &mpsc::UnboundedSender<(Pid, ChildStatus)>) {
+    let own_group = nix::unistd::getpgrp();
+    let Some(children) = own_children() else {
+        // Without /proc/<pid>/task/<tid>/children, fall back to reaping anything.
+        reap(Pid::from_raw(-1), tx);
+        return;
+    };
+    for pid in children {
+        match nix::unistd::getpgid(Some(pid)) {
+            Ok(group) if group == own_group => continue,
+            _ => reap(pid, tx),
+        }
+    }
+}
+
+fn reap(which: Pid, tx: &mpsc::UnboundedSender<(Pid, ChildStatus)>) {
+    loop {
+        match waitpid(which, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => {
+                let _ = tx.send((pid, ChildStatus::Exited(code)));
+            }
+            Ok(WaitStatus::Signaled(pid, signal, _)) => {
+                let _ = tx.send((pid, ChildStatus::Signaled(signal as i32)));
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if which.as_raw() > 0 {
+            return;
+        }
+    }
+}
+
+/// Our direct children, from `/proc/self/task/*/children`.
+fn own_children() -> Option<HashSet<Pid>> {
+    let mut pids = HashSet::new();
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = task.ok()?.path().join("children");
+        let text = std::fs::read_to_string(path).ok()?;
+        pids.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .map(Pid::from_raw),
+        );
+    }
+    Some(pids)
+}
+
+/// The signals lease-exec handles, merged into one stream. Registering them replaces the default
+/// actions, which matters as PID 1, where signals without a handler are ignored.
+pub struct Signals {
+    rx: mpsc::UnboundedReceiver<Signal>,
+}
+
+impl Signals {
+    /// Installs handlers for [`FORWARDED`].
+    pub fn install() -> io::Result<Signals> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for sig in FORWARDED {
+            let mut stream = signal(SignalKind::from_raw(sig as i32))?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while stream.recv().await.is_some() {
+                    if tx.send(sig).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Ok(Signals { rx })
+    }
+
+    /// The next signal received.
+    pub async fn recv(&mut self) -> Signal {
+        match self.rx.recv().await {
+            Some(sig) => sig,
+            None => std::future::pending().await,
+        }
+    }
+}

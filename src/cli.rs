@@ -1,0 +1,139 @@
+//! The command-line definition (clap derive). Nothing past [`crate::config`] sees these types.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+const ABOUT: &str = "Run a command only while holding a Kubernetes Lease";
+
+const LONG_ABOUT: &str = "\
+Run a command only while holding a Kubernetes Lease (coordination.k8s.io/v1).
+
+lease-exec waits until it holds the Lease, then starts the command in its own process group and \
+keeps renewing the Lease. If leadership is lost, or the API server cannot be reached before \
+--renew-deadline, it stops the command (SIGTERM, then SIGKILL before the Lease can expire in \
+anyone else's eyes) and exits 75. When the command exits by itself, the Lease is released so the \
+next candidate takes over at once, and lease-exec exits with the command's code.
+
+Every option can also be set from an environment variable, shown with each option.";
+
+const AFTER_LONG_HELP: &str = "\
+Examples:
+  Run one copy of a worker across all replicas of a Deployment:
+    lease-exec my-worker -- ./worker --flag
+
+  Debug by hand against a kubeconfig context, giving up after a minute of waiting:
+    lease-exec -n jobs --context staging --wait-timeout 1m my-worker -- ./worker
+
+  Faster failover with shorter durations (retry < renew deadline < lease duration):
+    lease-exec --lease-duration 6s --renew-deadline 4s --retry-period 1s my-worker -- ./worker
+
+The command sees LEASE_EXEC_LEASE, LEASE_EXEC_NAMESPACE, LEASE_EXEC_IDENTITY and \
+LEASE_EXEC_TRANSITIONS (the Lease's leaseTransitions after acquiring, a number that grows with \
+every change of holder: usable as a fencing token).
+
+Exit codes:
+  <child's>  the command's own exit code; 128+N if it was killed by signal N
+  2          usage or configuration error (nothing was touched)
+  75         leadership lost, or API server unreachable past --renew-deadline (the command was stopped)
+  124        --wait-timeout reached before the lease was acquired
+  125        lease-exec failed before starting the command (authorization, unusable kubeconfig)
+  126        the command is not executable
+  127        the command was not found";
+
+/// Raw command-line arguments. Validated into a [`crate::config::Config`].
+#[derive(Debug, Parser)]
+#[command(
+    name = "lease-exec",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_long_help = AFTER_LONG_HELP,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// Name of the Lease to hold (a DNS subdomain, e.g. `my-worker`)
+    #[arg(value_name = "LEASE", env = "LEASE_EXEC_LEASE")]
+    pub lease: String,
+
+    /// The command to run while holding the Lease, after `--`
+    #[arg(value_name = "COMMAND", last = true, num_args = 0..)]
+    pub command: Vec<OsString>,
+
+    /// Namespace of the Lease [default: POD_NAMESPACE, else the in-cluster service-account
+    /// namespace, else the kubeconfig context's namespace, else `default`]
+    #[arg(short, long, env = "LEASE_EXEC_NAMESPACE", help_heading = "Lease")]
+    pub namespace: Option<String>,
+
+    /// Holder identity written to the Lease [default: POD_NAME (else the hostname) plus a random
+    /// suffix, unique per process]. A stable identity lets a restarted process resume its
+    /// leadership at once; it is then your promise that no two live processes share it.
+    #[arg(long, env = "LEASE_EXEC_IDENTITY", help_heading = "Lease")]
+    pub identity: Option<String>,
+
+    /// Keep the Lease claimed at exit instead of releasing it for the next candidate
+    #[arg(long, env = "LEASE_EXEC_NO_RELEASE", help_heading = "Lease")]
+    pub no_release: bool,
+
+    /// leaseDurationSeconds written to the Lease: how long others wait after the last renewal
+    /// (whole seconds)
+    #[arg(long, env = "LEASE_EXEC_LEASE_DURATION", default_value = "15s", value_parser = parse_duration, help_heading = "Timing")]
+    pub lease_duration: Duration,
+
+    /// How long renewals may keep failing before leadership counts as lost
+    #[arg(long, env = "LEASE_EXEC_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration, help_heading = "Timing")]
+    pub renew_deadline: Duration,
+
+    /// Renew interval, and retry interval while waiting
+    #[arg(long, env = "LEASE_EXEC_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration, help_heading = "Timing")]
+    pub retry_period: Duration,
+
+    /// Time the command gets between SIGTERM and SIGKILL. On lost leadership it is cut short so the
+    /// command is dead before the Lease can expire for others.
+    #[arg(long, env = "LEASE_EXEC_GRACE_PERIOD", default_value = "5s", value_parser = parse_duration, help_heading = "Timing")]
+    pub grace_period: Duration,
+
+    /// Give up (exit 124) if not leader by then [default: wait forever]
+    #[arg(long, env = "LEASE_EXEC_WAIT_TIMEOUT", value_parser = parse_duration, help_heading = "Timing")]
+    pub wait_timeout: Option<Duration>,
+
+    /// Path to a kubeconfig file [default: KUBECONFIG, else ~/.kube/config; in a pod, the
+    /// in-cluster config]
+    #[arg(long, env = "LEASE_EXEC_KUBECONFIG", help_heading = "Cluster access")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Kubeconfig context to use [default: the current context]
+    #[arg(long, env = "LEASE_EXEC_CONTEXT", help_heading = "Cluster access")]
+    pub context: Option<String>,
+}
+
+/// Parses human durations (`500ms`, `15s`, `2m`) with `humantime`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{e}: use a duration such as 500ms, 15s or 2m"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_carries_the_exit_code_table() {
+        assert!(AFTER_LONG_HELP.ends_with(crate::exit::TABLE));
+    }
+
+    #[test]
+    fn human_durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("fast").is_err());
+    }
+}

@@ -1,0 +1,604 @@
+//! The validated configuration: raw [`Cli`] arguments become a [`Config`] here, or a one-line
+//! [`ConfigError`] that names the option and the rule. Nothing is touched before this succeeds.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cli::Cli;
+
+/// Where the in-cluster service-account namespace is mounted.
+pub const SERVICE_ACCOUNT_NAMESPACE: &str =
+    "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+/// Longest duration accepted for any timing option; anything longer is a typo.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// Everything lease-exec needs to run, checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Name of the Lease.
+    pub lease: String,
+    /// Namespace of the Lease, if decided before the kubeconfig is read.
+    pub namespace: Option<String>,
+    /// Holder identity written to the Lease.
+    pub identity: String,
+    /// Durations, checked against each other.
+    pub timing: Timing,
+    /// Release the Lease at exit.
+    pub release: bool,
+    /// The command to run, resolved.
+    pub command: Command,
+    /// How to reach the API server.
+    pub access: Access,
+    /// The Pod that owns the Lease while this process holds it (`POD_NAME` and `POD_UID`).
+    pub owner: Option<PodOwner>,
+}
+
+/// How to reach the API server.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// Explicit kubeconfig path.
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context.
+    pub context: Option<String>,
+}
+
+/// The Pod named in `metadata.ownerReferences`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodOwner {
+    /// `POD_NAME`.
+    pub name: String,
+    /// `POD_UID`.
+    pub uid: String,
+}
+
+/// The resolved command.
+#[derive(Debug, Clone)]
+pub struct Command {
+    /// The executable found (after the PATH lookup).
+    pub program: PathBuf,
+    /// Arguments, `argv[0]` being the name as the user gave it.
+    pub args: Vec<OsString>,
+    /// The name as the user gave it.
+    pub name: OsString,
+}
+
+/// The timing options, and the rules that tie them together.
+///
+/// The exclusion argument, in one place: another candidate can only take the Lease over after it has
+/// seen the same record unchanged for `lease_duration`, measured on its own monotonic clock from the
+/// moment it observed our last renewal. That observation happens after our renew request started,
+/// so in real time nobody can take over before `renew start + lease_duration`. We kill the command
+/// by `renew start + lease_duration - safety_margin`, measured on our monotonic clock; the margin
+/// absorbs the rate difference of two clocks and the time a SIGKILL takes to end a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// `leaseDurationSeconds` written to the Lease.
+    pub lease_duration: Duration,
+    /// How long renewals may fail before leadership counts as lost.
+    pub renew_deadline: Duration,
+    /// Renew interval and retry interval while waiting.
+    pub retry_period: Duration,
+    /// SIGTERM → SIGKILL grace.
+    pub grace_period: Duration,
+    /// Give up waiting after this long.
+    pub wait_timeout: Option<Duration>,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+            grace_period: Duration::from_secs(5),
+            wait_timeout: None,
+        }
+    }
+}
+
+impl Timing {
+    /// Fixed part of the safety margin: covers the latency between our kill timer firing and the
+    /// command being gone (timer slack, SIGKILL delivery, scheduling on a loaded node).
+    pub const KILL_LATENCY: Duration = Duration::from_millis(200);
+
+    /// Proportional part of the safety margin, in parts per thousand of the lease duration: covers
+    /// the rate difference between our monotonic clock and another node's. NTP may slew a clock by at
+    /// most 500 ppm, so two clocks disagree by at most 0.1% over any interval; 2% is twenty times that,
+    /// and also covers unsynchronised hardware clocks.
+    pub const DRIFT_PER_MILLE: u32 = 20;
+
+    /// How long before the Lease could expire in anyone else's eyes the command must be dead.
+    /// 500 ms for the default 15 s lease.
+    pub fn safety_margin(&self) -> Duration {
+        Self::KILL_LATENCY + self.lease_duration * Self::DRIFT_PER_MILLE / 1000
+    }
+
+    /// Time after the start of the last successful renewal by which the command must be dead:
+    /// `lease_duration - safety_margin`.
+    pub fn kill_by(&self) -> Duration {
+        self.lease_duration.saturating_sub(self.safety_margin())
+    }
+
+    /// Timeout of one API request. Long enough to tolerate a slow API server, short enough that a
+    /// hung connection is abandoned and retried on a fresh one well before the renew deadline.
+    pub fn request_timeout(&self) -> Duration {
+        (self.renew_deadline / 2).max(self.retry_period)
+    }
+
+    /// Checks each duration and the rules between them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let named = [
+            ("--lease-duration", self.lease_duration),
+            ("--renew-deadline", self.renew_deadline),
+            ("--retry-period", self.retry_period),
+        ];
+        for (option, value) in named {
+            if value.is_zero() {
+                return Err(ConfigError::Timing(format!(
+                    "{option} must be positive, got 0"
+                )));
+            }
+        }
+        let all = named
+            .into_iter()
+            .chain([("--grace-period", self.grace_period)])
+            .chain(self.wait_timeout.map(|w| ("--wait-timeout", w)));
+        for (option, value) in all {
+            if value > MAX_DURATION {
+                return Err(ConfigError::Timing(format!(
+                    "{option} {} is longer than the maximum of 24h",
+                    humantime::format_duration(value)
+                )));
+            }
+        }
+        if self.wait_timeout == Some(Duration::ZERO) {
+            return Err(ConfigError::Timing(
+                "--wait-timeout must be positive; leave it unset to wait forever".into(),
+            ));
+        }
+        if self.lease_duration.subsec_nanos() != 0 {
+            return Err(ConfigError::Timing(format!(
+                "--lease-duration {} must be a whole number of seconds (leaseDurationSeconds is an integer)",
+                humantime::format_duration(self.lease_duration)
+            )));
+        }
+        if self.retry_period >= self.renew_deadline {
+            return Err(ConfigError::Timing(format!(
+                "--retry-period ({}) must be shorter than --renew-deadline ({}): the rule is retry-period < renew-deadline < lease-duration",
+                humantime::format_duration(self.retry_period),
+                humantime::format_duration(self.renew_deadline)
+            )));
+        }
+        if self.renew_deadline >= self.lease_duration {
+            return Err(ConfigError::Timing(format!(
+                "--renew-deadline ({}) must be shorter than --lease-duration ({}): the rule is retry-period < renew-deadline < lease-duration",
+                humantime::format_duration(self.renew_deadline),
+                humantime::format_duration(self.lease_duration)
+            )));
+        }
+        if self.renew_deadline > self.kill_by() {
+            return Err(ConfigError::Timing(format!(
+                "--renew-deadline ({}) leaves no time to stop the command: it must be at most --lease-duration minus the safety margin ({} - {} = {}), so the command is dead before the lease can expire for others",
+                humantime::format_duration(self.renew_deadline),
+                humantime::format_duration(self.lease_duration),
+                humantime::format_duration(self.safety_margin()),
+                humantime::format_duration(self.kill_by()),
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A configuration error: one line naming the problem and the fix. Exit code 2, or 126/127 for the
+/// command.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Bad command-line usage.
+    #[error("{0}")]
+    Usage(String),
+    /// Durations that break a rule.
+    #[error("{0}")]
+    Timing(String),
+    /// The lease name is not a DNS subdomain.
+    #[error(
+        "invalid lease name {0:?}: it must be a DNS subdomain (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters)"
+    )]
+    LeaseName(String),
+    /// The namespace is not a DNS label.
+    #[error(
+        "invalid namespace {0:?}: it must be a DNS label (lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters)"
+    )]
+    Namespace(String),
+    /// The identity is empty or unusable.
+    #[error("invalid --identity {0:?}: {1}")]
+    Identity(String, &'static str),
+    /// The command was not found.
+    #[error("command not found: {0:?} (not a file, and not found in PATH)")]
+    CommandNotFound(OsString),
+    /// The command is not executable.
+    #[error("command not executable: {path} ({why})")]
+    CommandNotExecutable {
+        /// The path found.
+        path: PathBuf,
+        /// Why it cannot run.
+        why: &'static str,
+    },
+}
+
+/// Reads an environment variable; abstracted so tests need not touch the process environment.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+impl Config {
+    /// Validates raw arguments. `env` reads the environment (`POD_NAME`, `POD_NAMESPACE`, `PATH`...).
+    pub fn from_cli(cli: Cli, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+        if !is_dns_subdomain(&cli.lease) {
+            return Err(ConfigError::LeaseName(cli.lease));
+        }
+
+        let timing = Timing {
+            lease_duration: cli.lease_duration,
+            renew_deadline: cli.renew_deadline,
+            retry_period: cli.retry_period,
+            grace_period: cli.grace_period,
+            wait_timeout: cli.wait_timeout,
+        };
+        timing.validate()?;
+
+        let namespace = match cli.namespace {
+            Some(ns) => Some(ns),
+            None => non_empty(env("POD_NAMESPACE")).or_else(|| {
+                std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+            }),
+        };
+        if let Some(ns) = &namespace {
+            if !is_dns_label(ns) {
+                return Err(ConfigError::Namespace(ns.clone()));
+            }
+        }
+
+        let identity = match cli.identity {
+            Some(identity) => {
+                validate_identity(&identity)?;
+                identity
+            }
+            None => default_identity(env),
+        };
+
+        let owner = match (non_empty(env("POD_NAME")), non_empty(env("POD_UID"))) {
+            (Some(name), Some(uid)) => Some(PodOwner { name, uid }),
+            _ => None,
+        };
+
+        let mut argv = cli.command.into_iter();
+        let Some(name) = argv.next() else {
+            return Err(ConfigError::Usage(
+                "no command given: put the command after `--`, e.g. `lease-exec my-lease -- ./worker`".into(),
+            ));
+        };
+        let program = resolve_command(&name, env("PATH").as_deref())?;
+        let command = Command {
+            program,
+            args: argv.collect(),
+            name,
+        };
+
+        Ok(Config {
+            lease: cli.lease,
+            namespace,
+            identity,
+            timing,
+            release: !cli.no_release,
+            command,
+            access: Access {
+                kubeconfig: cli.kubeconfig,
+                context: cli.context,
+            },
+            owner,
+        })
+    }
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.trim().is_empty())
+}
+
+/// `POD_NAME` (else the hostname) plus a random suffix, so that a second process in the same pod
+/// (say, started with `kubectl exec`) never shares the identity of the first.
+fn default_identity(env: EnvLookup<'_>) -> String {
+    let base = non_empty(env("POD_NAME"))
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "lease-exec".to_string());
+    let suffix: u32 = rand::random();
+    format!("{base}_{suffix:08x}")
+}
+
+fn validate_identity(identity: &str) -> Result<(), ConfigError> {
+    if identity.trim().is_empty() {
+        return Err(ConfigError::Identity(
+            identity.to_string(),
+            "it must not be empty; leave --identity unset for a unique default",
+        ));
+    }
+    if identity.chars().any(char::is_control) {
+        return Err(ConfigError::Identity(
+            identity.to_string(),
+            "it must not contain control characters",
+        ));
+    }
+    if identity.len() > 253 {
+        return Err(ConfigError::Identity(
+            identity.to_string(),
+            "it must be at most 253 characters",
+        ));
+    }
+    Ok(())
+}
+
+/// RFC 1123 DNS label: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters.
+pub fn is_dns_label(label: &str) -> bool {
+    let bytes = label.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+/// RFC 1123 DNS subdomain: dot-separated DNS labels, at most 253 characters.
+pub fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 253 && name.split('.').all(is_dns_label)
+}
+
+/// Finds the command as a shell would: a name with a `/` is a path, anything else is looked up in
+/// `PATH`. Reports 127 (not found) or 126 (found but not executable) before the Lease is touched.
+pub fn resolve_command(name: &OsStr, path: Option<&str>) -> Result<PathBuf, ConfigError> {
+    let as_path = Path::new(name);
+    if name.is_empty() {
+        return Err(ConfigError::CommandNotFound(name.to_owned()));
+    }
+    if as_path.as_os_str().as_encoded_bytes().contains(&b'/') {
+        return check_executable(as_path, name);
+    }
+    let mut found_not_executable = None;
+    for dir in path.unwrap_or("/usr/local/bin:/usr/bin:/bin").split(':') {
+        let dir = if dir.is_empty() { "." } else { dir };
+        let candidate = Path::new(dir).join(as_path);
+        match check_executable(&candidate, name) {
+            Ok(found) => return Ok(found),
+            Err(e @ ConfigError::CommandNotExecutable { .. }) => {
+                found_not_executable.get_or_insert(e);
+            }
+            Err(_) => {}
+        }
+    }
+    Err(found_not_executable.unwrap_or_else(|| ConfigError::CommandNotFound(name.to_owned())))
+}
+
+fn check_executable(path: &Path, name: &OsStr) -> Result<PathBuf, ConfigError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(_) => return Err(ConfigError::CommandNotFound(name.to_owned())),
+    };
+    if meta.is_dir() {
+        return Err(ConfigError::CommandNotExecutable {
+            path: path.to_owned(),
+            why: "it is a directory",
+        });
+    }
+    if meta.permissions().mode() & 0o111 == 0
+        || nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_err()
+    {
+        return Err(ConfigError::CommandNotExecutable {
+            path: path.to_owned(),
+            why: "permission denied: it lacks the executable bit",
+        });
+    }
+    Ok(path.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("lease-exec").chain(args.iter().copied())).unwrap()
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn config(args: &[&str]) -> Result<Config, ConfigError> {
+        Config::from_cli(cli(args), &|k| {
+            (k == "PATH").then(|| "/usr/bin:/bin".to_string())
+        })
+    }
+
+    #[test]
+    fn defaults_follow_client_go() {
+        let c = config(&["my-lease", "--", "true"]).unwrap();
+        assert_eq!(c.timing, Timing::default());
+        assert_eq!(c.timing.safety_margin(), Duration::from_millis(500));
+        assert_eq!(c.timing.kill_by(), Duration::from_millis(14_500));
+        assert!(c.release);
+        assert!(c.command.program.ends_with("true"));
+    }
+
+    #[test]
+    fn timing_rules_are_enforced() {
+        let bad = [
+            &["--retry-period", "10s"][..],
+            &["--renew-deadline", "15s"],
+            &["--renew-deadline", "16s"],
+            &[
+                "--lease-duration",
+                "1500ms",
+                "--renew-deadline",
+                "1s",
+                "--retry-period",
+                "100ms",
+            ],
+            &["--lease-duration", "0s"],
+            &["--retry-period", "0s"],
+            &["--lease-duration", "1000h"],
+            &["--wait-timeout", "0s"],
+            // 14.6s > 15s - 500ms: no time left to stop the command.
+            &["--renew-deadline", "14600ms"],
+        ];
+        for extra in bad {
+            let mut args = extra.to_vec();
+            args.extend(["l", "--", "true"]);
+            let err = config(&args).expect_err(&format!("{extra:?} should be rejected"));
+            assert!(matches!(err, ConfigError::Timing(_)), "{err}");
+            assert!(
+                err.to_string().contains("--"),
+                "message names the option: {err}"
+            );
+        }
+        let ok = config(&[
+            "--lease-duration",
+            "1s",
+            "--renew-deadline",
+            "700ms",
+            "--retry-period",
+            "100ms",
+            "l",
+            "--",
+            "true",
+        ]);
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn short_leases_keep_a_margin() {
+        let t = Timing {
+            lease_duration: Duration::from_secs(1),
+            renew_deadline: Duration::from_millis(700),
+            retry_period: Duration::from_millis(100),
+            ..Timing::default()
+        };
+        assert_eq!(t.safety_margin(), Duration::from_millis(220));
+        assert_eq!(t.kill_by(), Duration::from_millis(780));
+        assert!(t.validate().is_ok());
+        assert!(
+            Timing {
+                renew_deadline: Duration::from_millis(800),
+                ..t
+            }
+            .validate()
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn request_timeout_fits_inside_the_deadline() {
+        let t = Timing::default();
+        assert_eq!(t.request_timeout(), Duration::from_secs(5));
+        assert!(t.request_timeout() < t.renew_deadline);
+    }
+
+    #[test]
+    fn lease_names_must_be_dns_subdomains() {
+        for good in ["a", "my-lease", "a.b-c.d", "0abc"] {
+            assert!(is_dns_subdomain(good), "{good}");
+        }
+        for bad in [
+            "",
+            "My-Lease",
+            "-a",
+            "a-",
+            "a..b",
+            "a_b",
+            &"x".repeat(254),
+            "a/b",
+        ] {
+            assert!(!is_dns_subdomain(bad), "{bad}");
+        }
+        assert!(matches!(
+            config(&["Bad_Name", "--", "true"]),
+            Err(ConfigError::LeaseName(_))
+        ));
+    }
+
+    #[test]
+    fn missing_command_is_a_usage_error() {
+        assert!(matches!(config(&["l"]), Err(ConfigError::Usage(_))));
+        assert!(matches!(config(&["l", "--"]), Err(ConfigError::Usage(_))));
+    }
+
+    #[test]
+    fn commands_resolve_like_a_shell() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("script");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let path = dir.path().to_str().unwrap();
+        assert!(matches!(
+            resolve_command(OsStr::new("script"), Some(path)),
+            Err(ConfigError::CommandNotExecutable { .. })
+        ));
+        assert!(matches!(
+            resolve_command(OsStr::new("no-such-command-here"), Some(path)),
+            Err(ConfigError::CommandNotFound(_))
+        ));
+        assert!(matches!(
+            resolve_command(dir.path().as_os_str(), Some(path)),
+            Err(ConfigError::CommandNotExecutable { .. })
+        ));
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            resolve_command(OsStr::new("script"), Some(path)).unwrap(),
+            script
+        );
+    }
+
+    #[test]
+    fn identity_defaults_are_unique_per_process() {
+        let env = |k: &str| (k == "POD_NAME").then(|| "worker-0".to_string());
+        let a = default_identity(&env);
+        let b = default_identity(&env);
+        assert!(a.starts_with("worker-0_"), "{a}");
+        assert_ne!(a, b);
+        assert!(default_identity(&no_env).len() > 9);
+    }
+
+    #[test]
+    fn empty_identity_is_rejected() {
+        assert!(matches!(
+            config(&["--identity", " ", "l", "--", "true"]),
+            Err(ConfigError::Identity(..))
+        ));
+    }
+
+    #[test]
+    fn owner_needs_name_and_uid() {
+        let env = |k: &str| match k {
+            "POD_NAME" => Some("p".to_string()),
+            "POD_UID" => Some("u".to_string()),
+            "PATH" => Some("/usr/bin:/bin".to_string()),
+            _ => None,
+        };
+        let c = Config::from_cli(cli(&["l", "--", "true"]), &env).unwrap();
+        assert_eq!(
+            c.owner,
+            Some(PodOwner {
+                name: "p".into(),
+                uid: "u".into()
+            })
+        );
+    }
+}

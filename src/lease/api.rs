@@ -1,0 +1,239 @@
+//! The Lease API calls, each bounded by a timeout, with errors classified by what the caller must do.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, PostParams};
+use kube::{Client, Config};
+
+use crate::config::Access;
+
+/// The RBAC rule lease-exec needs, quoted in authorization errors.
+pub const RBAC_RULE: &str =
+    "apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, create, update]";
+
+/// What went wrong with one API call, classified by what the caller must do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 404: the Lease does not exist.
+    #[error("the Lease does not exist")]
+    NotFound,
+    /// 409 AlreadyExists on create: someone else created it first.
+    #[error("the Lease was created by someone else first")]
+    AlreadyExists,
+    /// 409 Conflict on update: the resourceVersion we wrote against is stale.
+    #[error("the Lease changed since it was read (409 Conflict)")]
+    Conflict,
+    /// 401 or 403: not retried while waiting.
+    #[error(
+        "{verb} leases.coordination.k8s.io {name:?} in namespace {namespace:?} was refused ({code}): {message}; the service account needs a Role with {RBAC_RULE} bound to it (see deploy/)"
+    )]
+    Denied {
+        /// HTTP status.
+        code: u16,
+        /// The verb refused.
+        verb: &'static str,
+        /// Lease name.
+        name: String,
+        /// Namespace.
+        namespace: String,
+        /// The server's message.
+        message: String,
+    },
+    /// No answer in time.
+    #[error("no answer from the API server within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    /// Connection failures, 5xx and 429: worth retrying.
+    #[error("{0}")]
+    Transient(String),
+    /// The server answered with something we cannot use (another 4xx, an unparsable body).
+    #[error("{0}")]
+    Rejected(String),
+}
+
+impl ApiError {
+    /// Whether retrying later may help (the API is unreachable, overloaded or slow).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ApiError::Timeout(_) | ApiError::Transient(_))
+    }
+}
+
+/// One Lease, addressed by name, with every call bounded by a timeout.
+#[derive(Clone)]
+pub struct LeaseApi {
+    api: Api<Lease>,
+    name: String,
+    namespace: String,
+}
+
+impl LeaseApi {
+    /// Addresses `name` in `namespace`.
+    pub fn new(client: Client, namespace: &str, name: &str) -> LeaseApi {
+        LeaseApi {
+            api: Api::namespaced(client, namespace),
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+        }
+    }
+
+    /// The Lease name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// GET; `Ok(None)` when it does not exist.
+    pub async fn get(&self, timeout: Duration) -> Result<Option<Lease>, ApiError> {
+        match self.call("get", timeout, self.api.get(&self.name)).await {
+            Ok(lease) => Ok(Some(lease)),
+            Err(ApiError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// POST.
+    pub async fn create(&self, lease: &Lease, timeout: Duration) -> Result<Lease, ApiError> {
+        self.call(
+            "create",
+            timeout,
+            self.api.create(&PostParams::default(), lease),
+        )
+        .await
+    }
+
+    /// PUT, conditioned on the resourceVersion inside `lease`.
+    pub async fn replace(&self, lease: &Lease, timeout: Duration) -> Result<Lease, ApiError> {
+        debug_assert!(lease.metadata.resource_version.is_some());
+        self.call(
+            "update",
+            timeout,
+            self.api.replace(&self.name, &PostParams::default(), lease),
+        )
+        .await
+    }
+
+    async fn call<T>(
+        &self,
+        verb: &'static str,
+        timeout: Duration,
+        request: impl Future<Output = kube::Result<T>>,
+    ) -> Result<T, ApiError> {
+        match tokio::time::timeout(timeout, request).await {
+            Err(_) => Err(ApiError::Timeout(timeout)),
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(self.classify(verb, e)),
+        }
+    }
+
+    fn classify(&self, verb: &'static str, error: kube::Error) -> ApiError {
+        match error {
+            kube::Error::Api(status) => match status.code {
+                404 => ApiError::NotFound,
+                409 if status.is_already_exists() => ApiError::AlreadyExists,
+                409 => ApiError::Conflict,
+                401 | 403 => ApiError::Denied {
+                    code: status.code,
+                    verb,
+                    name: self.name.clone(),
+                    namespace: self.namespace.clone(),
+                    message: status.message,
+                },
+                429 | 500..=599 => ApiError::Transient(format!(
+                    "API server answered {}: {}",
+                    status.code, status.message
+                )),
+                code => {
+                    ApiError::Rejected(format!("API server answered {code}: {}", status.message))
+                }
+            },
+            kube::Error::SerdeError(e) => {
+                ApiError::Rejected(format!("the Lease could not be parsed: {e}"))
+            }
+            other => ApiError::Transient(format!("cannot reach the API server: {}", chain(&other))),
+        }
+    }
+}
+
+/// An error and its sources on one line.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        source = e.source();
+    }
+    text
+}
+
+/// The kubeconfig could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AccessError(pub String);
+
+/// Builds the client from `--kubeconfig`/`--context`, `KUBECONFIG`, `~/.kube/config` or the
+/// in-cluster config. Returns the client and the namespace the kubeconfig context names.
+///
+/// kube's own retry of 429/503/504 (`Config::default_retry`) is turned off: it backs off without
+/// regard to our renew deadline. lease-exec retries on its own schedule, inside the deadline, and
+/// bounds every call with [`crate::config::Timing::request_timeout`].
+pub async fn client(
+    access: &Access,
+    connect_timeout: Duration,
+) -> Result<(Client, String), AccessError> {
+    let options = kube::config::KubeConfigOptions {
+        context: access.context.clone(),
+        ..Default::default()
+    };
+    let mut config = if let Some(path) = &access.kubeconfig {
+        if !path.exists() {
+            return Err(AccessError(format!(
+                "kubeconfig {} does not exist: pass an existing file with --kubeconfig",
+                path.display()
+            )));
+        }
+        let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+            AccessError(format!(
+                "kubeconfig {} is unusable: {}",
+                path.display(),
+                chain(&e)
+            ))
+        })?;
+        Config::from_custom_kubeconfig(kubeconfig, &options)
+            .await
+            .map_err(|e| AccessError(format!("kubeconfig {}: {}", path.display(), chain(&e))))?
+    } else if access.context.is_some() {
+        Config::from_kubeconfig(&options)
+            .await
+            .map_err(|e| AccessError(format!("kubeconfig: {}", chain(&e))))?
+    } else {
+        if let Some(path) = std::env::var_os("KUBECONFIG").filter(|p| !p.is_empty()) {
+            let all_missing = std::env::split_paths(&path).all(|p| !p.exists());
+            if all_missing {
+                return Err(AccessError(format!(
+                    "KUBECONFIG names {:?}, which does not exist: point it at a kubeconfig file",
+                    path
+                )));
+            }
+        }
+        Config::infer().await.map_err(|e| {
+            AccessError(format!(
+                "no usable cluster configuration ({}): set KUBECONFIG or --kubeconfig, or run in a pod with a service account",
+                chain(&e)
+            ))
+        })?
+    };
+    config.default_retry = false;
+    config.connect_timeout = Some(connect_timeout);
+    let namespace = config.default_namespace.clone();
+    let client = Client::try_from(config)
+        .map_err(|e| AccessError(format!("cannot build the API client: {}", chain(&e))))?;
+    Ok((client, namespace))
+}

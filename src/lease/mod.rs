@@ -1,0 +1,10 @@
+//! The Lease: pure decisions ([`decide`]), bounded API calls ([`api`]), and the two loops that act
+//! on them: [`acquire`] (waiting until we hold it) and [`renew`] (keeping it while the command runs).
+
+pub mod acquire;
+pub mod api;
+pub mod decide;
+pub mod renew;
+
+pub use api::{ApiError, LeaseApi};
+pub use decide::{Claimant, Decision, Observer, Record};

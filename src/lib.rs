@@ -1,0 +1,110 @@
+//! lease-exec: run a command only while holding a Kubernetes Lease.
+//!
+//! # Theory of operation
+//!
+//! 1. **Configure** ([`config`]): raw arguments ([`cli`]) become a validated [`config::Config`]:
+//!    durations checked against each other and against the safety rule, the lease name checked,
+//!    the command resolved in `PATH`. Any error here exits 2, 126 or 127 before the API is touched.
+//! 2. **Wait** ([`lease::acquire`]): read the Lease; create it if absent, take it over with a write
+//!    conditioned on its `resourceVersion` if it is released or expired, resume if it names us,
+//!    otherwise wait. Expiry is judged on our monotonic clock from when we first saw the current
+//!    record, never from `renewTime`.
+//! 3. **Lead** ([`supervise`]): spawn the command in its own process group ([`child`]) and renew
+//!    the Lease every retry period ([`lease::renew`]). If no renewal succeeds for the renew deadline,
+//!    or another holder shows up, SIGTERM the group, and SIGKILL it at the latest at
+//!    `last renewal start + lease duration - safety margin`, before anyone else can take over.
+//! 4. **Stop**: when the command exits (or after forwarding SIGTERM and waiting out the grace
+//!    period), kill what is left of its group, then release the Lease so the next candidate takes
+//!    over at once, and exit with the command's status ([`exit`]).
+
+pub mod child;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod exit;
+pub mod lease;
+pub mod supervise;
+
+use clap::Parser;
+
+pub use error::{Error, Outcome, exit_code};
+
+/// The whole program: parse, validate, run, and return the exit code.
+pub fn main() -> u8 {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    init_logging();
+    let config = match config::Config::from_cli(cli, &|key| std::env::var(key).ok()) {
+        Ok(config) => config,
+        Err(e) => {
+            let result = Err(Error::Config(e));
+            report(&result);
+            return exit_code(&result);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("lease-exec: cannot start the async runtime: {e}");
+            return exit::FAILED;
+        }
+    };
+    let result = runtime.block_on(supervise::run(config));
+    report(&result);
+    let code = exit_code(&result);
+    // Do not wait for in-flight API requests to wind down.
+    runtime.shutdown_background();
+    code
+}
+
+/// Prints clap's help and version as usual; any other parse error becomes one line and exit 2.
+fn usage_error(error: clap::Error) -> u8 {
+    use clap::error::ErrorKind;
+    match error.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = error.print();
+            if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                exit::USAGE
+            } else {
+                0
+            }
+        }
+        _ => {
+            let rendered = error.render().to_string();
+            let first = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("lease-exec: {first} (see lease-exec --help)");
+            exit::USAGE
+        }
+    }
+}
+
+fn report(result: &Result<Outcome, Error>) {
+    if let Err(e) = result {
+        match e {
+            Error::Lost(_) => tracing::error!("{e}"),
+            _ => eprintln!("lease-exec: {e}"),
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,kube=warn,hyper=warn,tower=warn,rustls=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,5 @@
+//! `lease-exec`: see the library crate for the theory of operation.
+
+fn main() -> std::process::ExitCode {
+    std::process::ExitCode::from(lease_exec::main())
+}

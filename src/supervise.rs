@@ -1,0 +1,288 @@
+//! The supervisor: waiting → leading → stopping → exited, with one `select!` per phase.
+//!
+//! While leading, two deadlines are derived from the start of the last successful renewal
+//! (`renewed_at`, monotonic clock):
+//! - `renewed_at + renew_deadline`: leadership counts as lost; the command gets SIGTERM.
+//! - `renewed_at + lease_duration - safety_margin`: the command's group gets SIGKILL, whatever
+//!   the grace period says. Nobody else can take the Lease over before
+//!   `renewed_at + lease_duration` (see [`crate::config::Timing`]), so the command is dead before
+//!   another can start.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use nix::sys::signal::Signal;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until};
+
+use crate::child::{self, Child, Reaper, Signals};
+use crate::config::Config;
+use crate::error::{Error, Outcome};
+use crate::exit::ChildStatus;
+use crate::lease::acquire::{Held, acquire};
+use crate::lease::api::{self, ApiError, LeaseApi};
+use crate::lease::renew::{LeaseState, Owned, renew};
+use crate::lease::{Claimant, Record};
+
+/// How long leftover members of the command's process group may take to die after SIGKILL before
+/// the Lease is left to expire instead of being released.
+const GROUP_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs lease-exec to completion.
+pub async fn run(config: Config) -> Result<Outcome, Error> {
+    // Handlers first: a SIGTERM from here on is ours to handle, and no SIGCHLD is missed.
+    let mut signals = Signals::install()
+        .map_err(|e| Error::Fatal(format!("cannot install signal handlers: {e}")))?;
+    let mut reaper =
+        Reaper::start().map_err(|e| Error::Fatal(format!("cannot watch for child exits: {e}")))?;
+    child::become_subreaper();
+
+    let (client, kube_namespace) = api::client(&config.access, config.timing.request_timeout())
+        .await
+        .map_err(Error::Access)?;
+    let namespace = config.namespace.clone().unwrap_or(kube_namespace);
+    let lease_api = LeaseApi::new(client, &namespace, &config.lease);
+    let span = tracing::info_span!("lease", name = %config.lease, namespace = %namespace, identity = %config.identity);
+    let _entered = span.enter();
+
+    let owned = Owned {
+        identity: config.identity.clone(),
+        timing: config.timing,
+        owner: config.owner.clone(),
+    };
+    let claimant = owned.claimant();
+
+    // Waiting.
+    let wait_deadline = config.timing.wait_timeout.map(|t| Instant::now() + t);
+    tracing::info!(
+        lease_duration = %humantime::format_duration(config.timing.lease_duration),
+        "waiting for the lease"
+    );
+    let held = tokio::select! {
+        held = acquire(&lease_api, &claimant, &config.timing) => held.map_err(Error::Api)?,
+        () = sleep_until_opt(wait_deadline) => {
+            return Err(Error::WaitTimeout(config.timing.wait_timeout.unwrap_or_default()));
+        }
+        sig = wait_for_stop(&mut signals) => {
+            tracing::info!(signal = sig.as_str(), "stopping before the lease was acquired");
+            return Ok(Outcome::Interrupted(sig as i32));
+        }
+    };
+
+    // Leading: renew in the background, run the command.
+    let (state_tx, mut state) = watch::channel(LeaseState::Held(held.clone()));
+    let renewer = tokio::spawn(renew(
+        lease_api.clone(),
+        owned.clone(),
+        held.clone(),
+        state_tx,
+    ));
+    let command = build_command(&config, &namespace, held.transitions());
+    let child = match child::spawn(command).await {
+        Ok(child) => child,
+        Err(e) => {
+            renewer.abort();
+            let last = state.borrow().held().clone();
+            if config.release {
+                release(&lease_api, &claimant, &config, last).await;
+            }
+            return Err(Error::Spawn {
+                program: config.command.program.display().to_string(),
+                error: e,
+            });
+        }
+    };
+    tracing::info!(pid = child.pid.as_raw(), command = ?config.command.name, transitions = held.transitions(), "acquired the lease; command started");
+
+    let (status, lost) = lead(&config, child, &mut reaper, &mut signals, &mut state).await;
+    tracing::info!(%status, "command exited");
+
+    // The command is gone; stop anything left in its group before the lease is handed over.
+    child.signal_group(Signal::SIGKILL);
+    let group_gone = wait_group_gone(child, Instant::now() + GROUP_EXIT_TIMEOUT).await;
+    renewer.abort();
+    let last = state.borrow().held().clone();
+
+    if let Some(reason) = lost {
+        return Err(Error::Lost(reason));
+    }
+    if !group_gone {
+        tracing::error!(
+            pgid = child.pid.as_raw(),
+            "processes of the command's group survived SIGKILL; not releasing the lease, it will expire"
+        );
+    } else if config.release {
+        release(&lease_api, &claimant, &config, last).await;
+    } else {
+        tracing::info!("keeping the lease claimed (--no-release); it expires unless renewed");
+    }
+    Ok(Outcome::Child(status))
+}
+
+/// Runs until the command exits. Returns its status, and the reason leadership was lost, if it was.
+async fn lead(
+    config: &Config,
+    child: Child,
+    reaper: &mut Reaper,
+    signals: &mut Signals,
+    state: &mut watch::Receiver<LeaseState>,
+) -> (ChildStatus, Option<String>) {
+    let timing = &config.timing;
+    let mut lost: Option<String> = None;
+    // When the grace period of a requested stop ends.
+    let mut grace_ends: Option<Instant> = None;
+    let mut killed = false;
+    let mut renewer_done = false;
+    let exit = reaper.wait(child);
+    tokio::pin!(exit);
+    loop {
+        let renewed_at = state.borrow().held().renewed_at;
+        let lost_at = renewed_at + timing.renew_deadline;
+        // The safety deadline applies whether or not a stop was requested.
+        let safety_kill = renewed_at + timing.kill_by();
+        let kill_at = grace_ends.map_or(safety_kill, |g| g.min(safety_kill));
+        tokio::select! {
+            biased;
+            status = &mut exit => return (status, lost),
+            () = sleep_until(kill_at), if !killed => {
+                if kill_at == safety_kill && lost.is_none() {
+                    lost = Some("no successful renewal before the safety deadline".into());
+                }
+                tracing::warn!(pid = child.pid.as_raw(), "killing the command's process group (SIGKILL)");
+                child.signal_group(Signal::SIGKILL);
+                killed = true;
+            }
+            changed = state.changed(), if lost.is_none() && !renewer_done => {
+                if changed.is_err() {
+                    // The renewer ended without a verdict; the deadlines still apply.
+                    renewer_done = true;
+                    continue;
+                }
+                let verdict = match &*state.borrow() {
+                    LeaseState::Lost { reason, .. } => Some(reason.clone()),
+                    LeaseState::Held(_) => None,
+                };
+                if let Some(reason) = verdict {
+                    begin_stop(child, timing.grace_period, &mut grace_ends);
+                    lost = Some(reason);
+                }
+            }
+            () = sleep_until(lost_at), if lost.is_none() => {
+                let reason = format!(
+                    "no successful renewal for {} (--renew-deadline)",
+                    humantime::format_duration(timing.renew_deadline)
+                );
+                tracing::warn!(%reason, "leadership lost; stopping the command");
+                begin_stop(child, timing.grace_period, &mut grace_ends);
+                lost = Some(reason);
+            }
+            sig = signals.recv() => {
+                let stopping = grace_ends.is_some();
+                tracing::info!(signal = sig.as_str(), "forwarding signal to the command's process group");
+                child.signal_group(sig);
+                if matches!(sig, Signal::SIGTERM | Signal::SIGINT) {
+                    if stopping && !killed {
+                        // A second Ctrl-C or SIGTERM: stop waiting for the grace period.
+                        tracing::warn!("second stop signal; killing the command now");
+                        child.signal_group(Signal::SIGKILL);
+                        killed = true;
+                    }
+                    grace_ends.get_or_insert(Instant::now() + timing.grace_period);
+                }
+            }
+        }
+    }
+}
+
+fn begin_stop(child: Child, grace: Duration, grace_ends: &mut Option<Instant>) {
+    child.signal_group(Signal::SIGTERM);
+    let ends = Instant::now() + grace;
+    *grace_ends = Some(grace_ends.map_or(ends, |g| g.min(ends)));
+}
+
+/// Polls until no process is left in the command's group (the reaper collects the zombies).
+async fn wait_group_gone(child: Child, deadline: Instant) -> bool {
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    loop {
+        if !child.group_alive() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tick.tick().await;
+    }
+}
+
+/// Releases the Lease if it is still ours: holder cleared, conditioned on the resourceVersion.
+async fn release(api: &LeaseApi, me: &Claimant<'_>, config: &Config, last: Held) {
+    let timeout = config.timing.request_timeout();
+    let mut lease = last.lease;
+    for _ in 0..3 {
+        match api
+            .replace(&me.release(&lease, Timestamp::now()), timeout)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!("released the lease");
+                return;
+            }
+            Err(ApiError::Conflict) => match api.get(timeout).await {
+                Ok(Some(current))
+                    if Record::of(&current).holder.as_deref() == Some(me.identity) =>
+                {
+                    lease = current;
+                }
+                Ok(_) => {
+                    tracing::info!("the lease is no longer ours; nothing to release");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot release the lease; it will expire");
+                    return;
+                }
+            },
+            Err(ApiError::NotFound) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot release the lease; it will expire");
+                return;
+            }
+        }
+    }
+}
+
+fn build_command(config: &Config, namespace: &str, transitions: i32) -> std::process::Command {
+    let mut command = std::process::Command::new(&config.command.program);
+    command
+        .arg0(&config.command.name)
+        .args(&config.command.args)
+        .env("LEASE_EXEC_LEASE", &config.lease)
+        .env("LEASE_EXEC_NAMESPACE", namespace)
+        .env("LEASE_EXEC_IDENTITY", &config.identity)
+        .env("LEASE_EXEC_TRANSITIONS", transitions.to_string())
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    command
+}
+
+use std::os::unix::process::CommandExt;
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for a signal that asks lease-exec to stop while it has no command to forward it to.
+async fn wait_for_stop(signals: &mut Signals) -> Signal {
+    loop {
+        let sig = signals.recv().await;
+        match sig {
+            Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP | Signal::SIGQUIT => return sig,
+            other => tracing::debug!(signal = other.as_str(), "ignored while waiting"),
+        }
+    }
+}
