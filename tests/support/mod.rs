@@ -1,0 +1,301 @@
+//! Test support: the in-memory API server, a `TestCommand`-style helper that runs the real
+//! `lease-exec` binary against it, a worker that records when it runs, and condition polling.
+#![allow(dead_code)]
+
+pub mod apiserver;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+pub use apiserver::{ApiServer, Mode, mono_ns};
+use tokio::time::Instant;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_lease-exec");
+
+/// Namespace the tests use.
+pub const NS: &str = "default";
+
+/// Short timings for tests: lease 2 s, renew deadline 1 s, retry 250 ms, grace 1 s.
+pub const FAST: [&str; 8] = [
+    "--lease-duration",
+    "2s",
+    "--renew-deadline",
+    "1s",
+    "--retry-period",
+    "250ms",
+    "--grace-period",
+    "1s",
+];
+
+/// A server, a scratch directory and a kubeconfig pointing at the server.
+pub struct World {
+    pub server: ApiServer,
+    pub dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+}
+
+impl World {
+    pub async fn start() -> World {
+        let server = ApiServer::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, server.kubeconfig(NS)).unwrap();
+        let world = World {
+            server,
+            dir,
+            kubeconfig,
+        };
+        std::fs::write(world.worker(), WORKER).unwrap();
+        world
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The recording worker script.
+    pub fn worker(&self) -> PathBuf {
+        self.path("worker.py")
+    }
+
+    /// The file the workers append start/stop lines to.
+    pub fn journal(&self) -> PathBuf {
+        self.path("journal")
+    }
+
+    /// `lease-exec` with the kubeconfig set and `args`.
+    pub fn lease_exec<I, S>(&self, args: I) -> TestCommand
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut command = tokio::process::Command::new(BIN);
+        command
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .env_remove("POD_UID")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        TestCommand {
+            command,
+            dir: self.dir.path().to_owned(),
+        }
+    }
+
+    /// `lease-exec FAST... --identity ID LEASE -- python3 worker.py JOURNAL RUN_FOR EXIT`.
+    pub fn contender(&self, lease: &str, identity: &str, run_for: f64, exit: i32) -> TestCommand {
+        let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+        args.extend([
+            "--identity".into(),
+            identity.into(),
+            lease.into(),
+            "--".into(),
+            "python3".into(),
+            self.worker().display().to_string(),
+            self.journal().display().to_string(),
+            run_for.to_string(),
+            exit.to_string(),
+        ]);
+        self.lease_exec(args)
+    }
+
+    /// Parsed journal lines.
+    pub fn journal_entries(&self) -> Vec<Entry> {
+        read_journal(&self.journal())
+    }
+}
+
+/// One line of the worker journal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub what: String,
+    pub pid: i32,
+    pub at_ns: u64,
+    pub identity: String,
+    pub transitions: String,
+}
+
+pub fn read_journal(path: &Path) -> Vec<Entry> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(Entry {
+                what: f.first()?.to_string(),
+                pid: f.get(1)?.parse().ok()?,
+                at_ns: f.get(2)?.parse().ok()?,
+                identity: f.get(3).unwrap_or(&"").to_string(),
+                transitions: f.get(4).unwrap_or(&"").to_string(),
+            })
+        })
+        .collect()
+}
+
+/// A worker that journals `start` and `stop` with CLOCK_MONOTONIC and its pid. Arguments: journal,
+/// seconds to run (negative: forever), exit code, and optionally `ignore-term`.
+pub const WORKER: &str = r#"
+import os, signal, sys, time
+journal, run_for, code = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+ignore_term = len(sys.argv) > 4 and sys.argv[4] == "ignore-term"
+def record(what):
+    line = "%s %d %d %s %s\n" % (what, os.getpid(), time.monotonic_ns(),
+        os.environ.get("LEASE_EXEC_IDENTITY", "-"), os.environ.get("LEASE_EXEC_TRANSITIONS", "-"))
+    fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, line.encode())
+    os.close(fd)
+def stop(sig, frame):
+    if ignore_term and sig == signal.SIGTERM:
+        record("ignored")
+        return
+    record("stop")
+    os._exit(128 + sig)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+record("start")
+end = time.monotonic() + run_for if run_for >= 0 else None
+while end is None or time.monotonic() < end:
+    time.sleep(0.01)
+record("stop")
+sys.exit(code)
+"#;
+
+/// Builder for a `lease-exec` run.
+pub struct TestCommand {
+    pub command: tokio::process::Command,
+    dir: PathBuf,
+}
+
+impl TestCommand {
+    pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.command.env(key, value);
+        self
+    }
+
+    pub fn env_remove(mut self, key: &str) -> Self {
+        self.command.env_remove(key);
+        self
+    }
+
+    /// Starts it; stderr goes to a log file.
+    pub fn spawn(mut self) -> Running {
+        static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = self.dir.join(format!("lease-exec-{n}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        self.command.stdout(Stdio::null()).stderr(file);
+        let child = self.command.spawn().expect("spawn lease-exec");
+        Running { child, log }
+    }
+
+    /// Runs it to completion with a deadline; returns the exit code and stderr.
+    pub async fn run(self, limit: Duration) -> (i32, String) {
+        let mut running = self.spawn();
+        let code = running.wait(limit).await;
+        (code, running.stderr())
+    }
+}
+
+/// A running `lease-exec`.
+pub struct Running {
+    pub child: tokio::process::Child,
+    pub log: PathBuf,
+}
+
+impl Running {
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("still running") as i32
+    }
+
+    /// Waits for exit; panics with the log after `limit`. Returns the exit code (128+N for a
+    /// signal death).
+    pub async fn wait(&mut self, limit: Duration) -> i32 {
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(Ok(status)) => {
+                use std::os::unix::process::ExitStatusExt;
+                status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+            }
+            Ok(Err(e)) => panic!("wait: {e}"),
+            Err(_) => panic!(
+                "lease-exec still running after {limit:?}; log:\n{}",
+                self.stderr()
+            ),
+        }
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds; panics naming `what` after `limit`.
+pub async fn wait_for(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether a process with this pid exists (zombies count until reaped).
+pub fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// Running intervals `(start_ns, stop_ns)` by pid; `None` stop when the worker never wrote one.
+pub fn intervals(entries: &[Entry]) -> Vec<(i32, u64, Option<u64>)> {
+    let mut out: Vec<(i32, u64, Option<u64>)> = Vec::new();
+    for e in entries {
+        match e.what.as_str() {
+            "start" => out.push((e.pid, e.at_ns, None)),
+            "stop" => {
+                if let Some(i) = out.iter_mut().rev().find(|i| i.0 == e.pid && i.2.is_none()) {
+                    i.2 = Some(e.at_ns);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Asserts no two running intervals overlap. Intervals without a stop are closed at `fallback`
+/// (a time known to be after the worker died).
+pub fn assert_no_overlap(entries: &[Entry], fallback_stop: u64) {
+    let mut all: Vec<(i32, u64, u64)> = intervals(entries)
+        .into_iter()
+        .map(|(pid, start, stop)| (pid, start, stop.unwrap_or(fallback_stop)))
+        .collect();
+    all.sort_by_key(|i| i.1);
+    for pair in all.windows(2) {
+        assert!(
+            pair[1].1 >= pair[0].2,
+            "workers overlap: pid {} ran {}..{} and pid {} started at {} (journal: {entries:#?})",
+            pair[0].0,
+            pair[0].1,
+            pair[0].2,
+            pair[1].0,
+            pair[1].1
+        );
+    }
+}
