@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+#[allow(unused_imports)]
 pub use apiserver::{ApiServer, Mode, mono_ns};
 use tokio::time::Instant;
 
