@@ -99,6 +99,7 @@ pub async fn run(config: Config) -> Result<Outcome, Error> {
     tracing::info!(%status, "command exited");
 
     // The command is gone; stop anything left in its group before the lease is handed over.
+    child.reclaim_terminal();
     child.signal_group(Signal::SIGKILL);
     let group_gone = wait_group_gone(child, Instant::now() + GROUP_EXIT_TIMEOUT).await;
     renewer.abort();

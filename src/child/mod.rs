@@ -44,6 +44,8 @@ pub const FORWARDED: [Signal; 6] = [
 pub struct Child {
     /// Pid of the command, and id of its process group.
     pub pid: Pid,
+    /// The command's group was made the terminal's foreground group.
+    pub has_terminal: bool,
 }
 
 impl Child {
@@ -55,6 +57,14 @@ impl Child {
             Err(e) => {
                 tracing::warn!(%e, ?signal, pgid = self.pid.as_raw(), "cannot signal the command's process group")
             }
+        }
+    }
+
+    /// Takes the terminal back after the command exits, if it was handed over.
+    pub fn reclaim_terminal(&self) {
+        if self.has_terminal {
+            // SIGTTOU is ignored in lease-exec (see `spawn`), so this works from the background.
+            let _ = nix::unistd::tcsetpgrp(std::io::stdin(), nix::unistd::getpgrp());
         }
     }
 
@@ -98,9 +108,28 @@ fn spawner() -> &'static std_mpsc::Sender<SpawnRequest> {
     })
 }
 
+/// Whether stdin is a terminal whose foreground process group is ours (run by hand in a shell).
+fn in_terminal_foreground() -> bool {
+    let stdin = std::io::stdin();
+    nix::unistd::isatty(&stdin).unwrap_or(false)
+        && nix::unistd::tcgetpgrp(&stdin).is_ok_and(|group| group == nix::unistd::getpgrp())
+}
+
 /// Spawns the command: own process group, SIGKILL when lease-exec dies, inherited stdio.
+///
+/// When lease-exec runs in a terminal's foreground, the command's group becomes the foreground
+/// group (as a shell does for a job, and tini does for its child), so an interactive command can
+/// read the terminal, and Ctrl-C reaches the command directly.
 pub async fn spawn(mut command: std::process::Command) -> io::Result<Child> {
     let parent = nix::unistd::getpid();
+    let has_terminal = in_terminal_foreground();
+    if has_terminal {
+        // SAFETY: setting a signal to SIG_IGN installs no handler code. lease-exec must ignore
+        // SIGTTOU to take the terminal back from the background after the command exits.
+        unsafe {
+            nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigIgn)?;
+        }
+    }
     // SAFETY: the closure runs in the forked child before exec. It only makes raw system calls
     // (setpgid, prctl, getppid, kill) that are async-signal-safe, allocates nothing and takes no
     // locks.
@@ -113,6 +142,17 @@ pub async fn spawn(mut command: std::process::Command) -> io::Result<Child> {
             if nix::unistd::getppid() != parent {
                 let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGKILL);
             }
+            // An ignored signal stays ignored across exec: give the command the default back.
+            nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigDfl)?;
+            if has_terminal {
+                // tcsetpgrp from a background group raises SIGTTOU; ignore it for this one call.
+                nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigIgn)?;
+                // SAFETY: fd 0 is open (it is a terminal, checked before the fork) for the
+                // duration of this call. std::io::stdin() is not used: it takes a lock.
+                let stdin = unsafe { std::os::fd::BorrowedFd::borrow_raw(0) };
+                let _ = nix::unistd::tcsetpgrp(stdin, nix::unistd::getpid());
+                nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigDfl)?;
+            }
             Ok(())
         });
     }
@@ -123,7 +163,7 @@ pub async fn spawn(mut command: std::process::Command) -> io::Result<Child> {
     let pid = answer
         .await
         .map_err(|_| io::Error::other("the spawner thread is gone"))??;
-    Ok(Child { pid })
+    Ok(Child { pid, has_terminal })
 }
 
 /// Makes this process a child subreaper, so orphaned grandchildren are re-parented to it and can be

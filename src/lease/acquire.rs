@@ -134,9 +134,6 @@ async fn attempt(
     };
     let now = Instant::now();
     let record = Record::of(&current);
-    if record.spec_missing && warned_record.as_ref() != Some(&record) {
-        tracing::warn!("the lease has no spec; treating it as released");
-    }
     if record.holder.is_some() && warned_record.as_ref() != Some(&record) {
         if let (_, Some(warning)) = record.effective_duration(timing.lease_duration) {
             tracing::warn!(holder = record.holder.as_deref(), "{warning}");

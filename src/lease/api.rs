@@ -1,5 +1,6 @@
 //! The Lease API calls, each bounded by a timeout, with errors classified by what the caller must do.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -62,17 +63,22 @@ impl ApiError {
 #[derive(Clone)]
 pub struct LeaseApi {
     api: Api<Lease>,
+    client: Client,
     name: String,
     namespace: String,
+    /// Warnings about the last Lease read, so each is logged once rather than on every read.
+    warned: Arc<Mutex<Vec<String>>>,
 }
 
 impl LeaseApi {
     /// Addresses `name` in `namespace`.
     pub fn new(client: Client, namespace: &str, name: &str) -> LeaseApi {
         LeaseApi {
-            api: Api::namespaced(client, namespace),
+            api: Api::namespaced(client.clone(), namespace),
+            client,
             name: name.to_string(),
             namespace: namespace.to_string(),
+            warned: Arc::default(),
         }
     }
 
@@ -87,12 +93,31 @@ impl LeaseApi {
     }
 
     /// GET; `Ok(None)` when it does not exist.
+    ///
+    /// Read leniently: a field that another writer left unparsable (`renewTime: "yesterday"`) is
+    /// dropped with a warning naming it, so one bad writer cannot wedge every candidate; the
+    /// decision is then made on what is left (see [`super::decide`]).
     pub async fn get(&self, timeout: Duration) -> Result<Option<Lease>, ApiError> {
-        match self.call("get", timeout, self.api.get(&self.name)).await {
-            Ok(lease) => Ok(Some(lease)),
-            Err(ApiError::NotFound) => Ok(None),
-            Err(e) => Err(e),
+        let url = <Lease as kube::Resource>::url_path(&(), Some(&self.namespace));
+        let request = kube::core::Request::new(url)
+            .get(&self.name, &kube::api::GetParams::default())
+            .map_err(|e| ApiError::Rejected(format!("cannot build the request: {e}")))?;
+        let text = match self.call("get", timeout, self.client.request_text(request)).await {
+            Ok(text) => text,
+            Err(ApiError::NotFound) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ApiError::Rejected(format!("the Lease is not JSON: {e}")))?;
+        let (lease, warnings) = parse_lenient(value)?;
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if *warned != warnings {
+            for warning in &warnings {
+                tracing::warn!("the lease is malformed: {warning}");
+            }
+            *warned = warnings;
         }
+        Ok(Some(lease))
     }
 
     /// POST.
@@ -156,6 +181,48 @@ impl LeaseApi {
             other => ApiError::Transient(format!("cannot reach the API server: {}", chain(&other))),
         }
     }
+}
+
+/// Parses a Lease, dropping spec fields that do not parse, and naming each in a warning.
+pub fn parse_lenient(mut value: serde_json::Value) -> Result<(Lease, Vec<String>), ApiError> {
+    let mut warnings = Vec::new();
+    match value.get_mut("spec") {
+        None | Some(serde_json::Value::Null) => {
+            warnings.push("spec is missing; treating the lease as released".to_string());
+        }
+        Some(serde_json::Value::Object(spec)) => {
+            let checks: [(&str, fn(&serde_json::Value) -> bool); 6] = [
+                ("holderIdentity", |v| v.is_string()),
+                ("leaseDurationSeconds", |v| v.as_i64().is_some_and(|n| i32::try_from(n).is_ok())),
+                ("leaseTransitions", |v| v.as_i64().is_some_and(|n| i32::try_from(n).is_ok())),
+                ("acquireTime", is_micro_time),
+                ("renewTime", is_micro_time),
+                ("preferredHolder", |v| v.is_string()),
+            ];
+            for (field, valid) in checks {
+                if let Some(v) = spec.get(field)
+                    && !v.is_null()
+                    && !valid(v)
+                {
+                    warnings.push(format!("spec.{field} is unparsable ({v}); ignoring it"));
+                    spec.remove(field);
+                }
+            }
+        }
+        Some(other) => {
+            warnings.push(format!("spec is not an object ({other}); treating the lease as released"));
+            value["spec"] = serde_json::Value::Null;
+        }
+    }
+    let lease = serde_json::from_value::<Lease>(value)
+        .map_err(|e| ApiError::Rejected(format!("the Lease could not be parsed: {e}")))?;
+    Ok((lease, warnings))
+}
+
+fn is_micro_time(value: &serde_json::Value) -> bool {
+    value
+        .as_str()
+        .is_some_and(|s| s.parse::<k8s_openapi::jiff::Timestamp>().is_ok())
 }
 
 /// An error and its sources on one line.
@@ -236,4 +303,49 @@ pub async fn client(
     let client = Client::try_from(config)
         .map_err(|e| AccessError(format!("cannot build the API client: {}", chain(&e))))?;
     Ok((client, namespace))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unparsable_fields_are_dropped_and_named() {
+        let (lease, warnings) = parse_lenient(json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "l", "resourceVersion": "3"},
+            "spec": {"holderIdentity": "other", "renewTime": "yesterday", "leaseDurationSeconds": "ten"}
+        }))
+        .unwrap();
+        let spec = lease.spec.unwrap();
+        assert_eq!(spec.holder_identity.as_deref(), Some("other"));
+        assert!(spec.renew_time.is_none());
+        assert!(spec.lease_duration_seconds.is_none());
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("spec.leaseDurationSeconds"));
+        assert!(warnings[1].contains("spec.renewTime"));
+    }
+
+    #[test]
+    fn missing_spec_is_named() {
+        let (lease, warnings) = parse_lenient(json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "l"}
+        }))
+        .unwrap();
+        assert!(lease.spec.is_none());
+        assert!(warnings[0].contains("spec is missing"));
+    }
+
+    #[test]
+    fn valid_leases_have_no_warnings() {
+        let (_, warnings) = parse_lenient(json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "l"},
+            "spec": {"holderIdentity": "a", "renewTime": "2026-11-24T10:00:00.000001Z", "leaseDurationSeconds": 15}
+        }))
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
 }
