@@ -147,9 +147,9 @@ pub async fn spawn(mut command: std::process::Command) -> io::Result<Child> {
             if has_terminal {
                 // tcsetpgrp from a background group raises SIGTTOU; ignore it for this one call.
                 nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigIgn)?;
-                // SAFETY: fd 0 is open (it is a terminal, checked before the fork) for the
+                // Sound: fd 0 is open (it is a terminal, checked before the fork) for the
                 // duration of this call. std::io::stdin() is not used: it takes a lock.
-                let stdin = unsafe { std::os::fd::BorrowedFd::borrow_raw(0) };
+                let stdin = std::os::fd::BorrowedFd::borrow_raw(0);
                 let _ = nix::unistd::tcsetpgrp(stdin, nix::unistd::getpid());
                 nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigDfl)?;
             }

@@ -102,7 +102,10 @@ impl LeaseApi {
         let request = kube::core::Request::new(url)
             .get(&self.name, &kube::api::GetParams::default())
             .map_err(|e| ApiError::Rejected(format!("cannot build the request: {e}")))?;
-        let text = match self.call("get", timeout, self.client.request_text(request)).await {
+        let text = match self
+            .call("get", timeout, self.client.request_text(request))
+            .await
+        {
             Ok(text) => text,
             Err(ApiError::NotFound) => return Ok(None),
             Err(e) => return Err(e),
@@ -193,8 +196,12 @@ pub fn parse_lenient(mut value: serde_json::Value) -> Result<(Lease, Vec<String>
         Some(serde_json::Value::Object(spec)) => {
             let checks: [(&str, fn(&serde_json::Value) -> bool); 6] = [
                 ("holderIdentity", |v| v.is_string()),
-                ("leaseDurationSeconds", |v| v.as_i64().is_some_and(|n| i32::try_from(n).is_ok())),
-                ("leaseTransitions", |v| v.as_i64().is_some_and(|n| i32::try_from(n).is_ok())),
+                ("leaseDurationSeconds", |v| {
+                    v.as_i64().is_some_and(|n| i32::try_from(n).is_ok())
+                }),
+                ("leaseTransitions", |v| {
+                    v.as_i64().is_some_and(|n| i32::try_from(n).is_ok())
+                }),
                 ("acquireTime", is_micro_time),
                 ("renewTime", is_micro_time),
                 ("preferredHolder", |v| v.is_string()),
@@ -210,7 +217,9 @@ pub fn parse_lenient(mut value: serde_json::Value) -> Result<(Lease, Vec<String>
             }
         }
         Some(other) => {
-            warnings.push(format!("spec is not an object ({other}); treating the lease as released"));
+            warnings.push(format!(
+                "spec is not an object ({other}); treating the lease as released"
+            ));
             value["spec"] = serde_json::Value::Null;
         }
     }

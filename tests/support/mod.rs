@@ -258,9 +258,18 @@ pub async fn wait_for(limit: Duration, what: &str, mut condition: impl FnMut() -
     }
 }
 
-/// Whether a process with this pid exists (zombies count until reaped).
+/// Whether a process with this pid is running: it exists and is not a zombie (a zombie has
+/// stopped running; whoever inherited it may reap it late).
 pub fn alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next());
+            !matches!(state, Some(Some('Z' | 'X')) | None)
+        }
+        Err(_) => false,
+    }
 }
 
 /// Running intervals `(start_ns, stop_ns)` by pid; `None` stop when the worker never wrote one.

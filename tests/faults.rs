@@ -1,0 +1,348 @@
+//! The fault matrix: each row is a fault injected into the in-memory API server (or into
+//! lease-exec) while leading or waiting, and the behaviour that keeps "never two workers at once".
+//!
+//! "Safe" means: the worker is dead before lease-duration has passed since the last successful
+//! renewal as the server saw it, and lease-exec exits 75.
+
+mod support;
+
+use std::time::Duration;
+
+use lease_exec::exit;
+use nix::sys::signal::Signal;
+use serde_json::json;
+use support::*;
+
+const LIMIT: Duration = Duration::from_secs(20);
+/// `--lease-duration` in FAST.
+const LEASE_NS: u64 = 2_000_000_000;
+
+fn starts(world: &World) -> Vec<Entry> {
+    world
+        .journal_entries()
+        .into_iter()
+        .filter(|e| e.what == "start")
+        .collect()
+}
+
+/// Starts a leader running a worker forever and waits until it has renewed at least once.
+async fn leading(world: &World) -> (Running, i32) {
+    let running = world.contender("job", "me", -1.0, 0).spawn();
+    wait_for(LIMIT, "the worker to start", || !starts(world).is_empty()).await;
+    let pid = starts(world)[0].pid;
+    let renewed = world.server.writes().len();
+    wait_for(LIMIT, "a renewal", || world.server.writes().len() > renewed).await;
+    (running, pid)
+}
+
+/// Waits for the worker to die and lease-exec to exit 75, and checks the worker died before the
+/// lease could expire for anyone else.
+async fn assert_safe(world: &World, mut running: Running, pid: i32) -> String {
+    let mut died_ns = 0;
+    wait_for(Duration::from_secs(5), "the worker to die", || {
+        if alive(pid) {
+            false
+        } else {
+            died_ns = mono_ns();
+            true
+        }
+    })
+    .await;
+    let code = running.wait(LIMIT).await;
+    let log = running.stderr();
+    assert_eq!(code, i32::from(exit::LOST), "log:\n{log}");
+    let last = world
+        .server
+        .last_write_by("me")
+        .expect("renewed at least once");
+    let expiry = last.at_ns + LEASE_NS;
+    assert!(
+        died_ns < expiry,
+        "worker died {} ms after the lease could expire for others; log:\n{log}",
+        (died_ns - expiry) / 1_000_000
+    );
+    log
+}
+
+async fn safe_under(mode: Mode) -> String {
+    let world = World::start().await;
+    let (running, pid) = leading(&world).await;
+    world.server.set_mode(mode);
+    assert_safe(&world, running, pid).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_are_safe() {
+    safe_under(Mode::Refuse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_connections_are_safe() {
+    let log = safe_under(Mode::Hang).await;
+    assert!(
+        log.contains("no answer from the API server"),
+        "request timeouts, not TCP defaults:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_500_is_safe() {
+    safe_under(Mode::Status(500, None)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_503_is_safe() {
+    safe_under(Mode::Status(503, None)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_429_with_retry_after_is_safe() {
+    safe_under(Mode::Status(429, Some(30))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_renewal_is_safe() {
+    let world = World::start().await;
+    let (running, pid) = leading(&world).await;
+    world.server.deny("update", 403);
+    let log = assert_safe(&world, running, pid).await;
+    assert!(log.contains("was refused (403)"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blip_shorter_than_the_deadline_changes_nothing() {
+    let world = World::start().await;
+    let (mut running, pid) = leading(&world).await;
+    world.server.set_mode(Mode::Refuse);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    world.server.set_mode(Mode::Normal);
+    let writes = world.server.writes().len();
+    wait_for(LIMIT, "renewals to resume", || {
+        world.server.writes().len() > writes + 2
+    })
+    .await;
+    assert!(alive(pid), "the worker kept running");
+    assert!(!running.exited(), "lease-exec kept running");
+    assert_eq!(starts(&world).len(), 1, "no restart");
+    let log = running.stderr();
+    assert_eq!(
+        log.matches("renewal failing").count(),
+        1,
+        "one warning:\n{log}"
+    );
+    assert!(log.contains("renewal succeeded again"), "{log}");
+    running.signal(Signal::SIGTERM);
+    running.wait(LIMIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_api_inside_the_deadline_changes_nothing() {
+    let world = World::start().await;
+    let (mut running, pid) = leading(&world).await;
+    // Each answer takes 300 ms: longer than the retry period, shorter than the request timeout.
+    world.server.set_delay(Duration::from_millis(300));
+    let writes = world.server.writes().len();
+    wait_for(LIMIT, "five slow renewals", || {
+        world.server.writes().len() >= writes + 5
+    })
+    .await;
+    world.server.set_delay(Duration::ZERO);
+    assert!(alive(pid));
+    assert!(!running.exited());
+    assert_eq!(starts(&world).len(), 1);
+    assert!(
+        !running.stderr().contains("renewal failing"),
+        "{}",
+        running.stderr()
+    );
+    running.signal(Signal::SIGTERM);
+    running.wait(LIMIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_lease_is_recreated_and_kept() {
+    let world = World::start().await;
+    let (mut running, pid) = leading(&world).await;
+    assert!(world.server.delete_lease(NS, "job"));
+    wait_for(LIMIT, "the lease to be re-created", || {
+        world.server.holder(NS, "job").as_deref() == Some("me")
+    })
+    .await;
+    assert!(alive(pid));
+    assert!(!running.exited());
+    assert!(
+        running.stderr().contains("re-created it"),
+        "{}",
+        running.stderr()
+    );
+    running.signal(Signal::SIGTERM);
+    running.wait(LIMIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_lease_created_by_someone_else_is_safe() {
+    let world = World::start().await;
+    let (running, pid) = leading(&world).await;
+    world.server.delete_lease(NS, "job");
+    world.server.steal(NS, "job", "other", 30);
+    let log = assert_safe(&world, running, pid).await;
+    assert!(log.contains("other"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_overwritten_without_a_spec_counts_as_lost() {
+    let world = World::start().await;
+    let (running, pid) = leading(&world).await;
+    world.server.put_lease(NS, "job", json!({}));
+    let log = assert_safe(&world, running, pid).await;
+    assert!(log.contains("spec is missing"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_overwritten_with_zero_duration_counts_as_lost() {
+    let world = World::start().await;
+    let (running, pid) = leading(&world).await;
+    world.server.put_lease(
+        NS,
+        "job",
+        json!({"spec": {"holderIdentity": "other", "leaseDurationSeconds": 0}}),
+    );
+    assert_safe(&world, running, pid).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unparsable_renew_time_on_our_lease_is_repaired() {
+    let world = World::start().await;
+    let (mut running, pid) = leading(&world).await;
+    world.server.put_lease(
+        NS,
+        "job",
+        json!({"spec": {"holderIdentity": "me", "leaseDurationSeconds": 2, "renewTime": "not a time"}}),
+    );
+    wait_for(LIMIT, "a valid renewTime again", || {
+        world.server.lease(NS, "job").unwrap()["spec"]["renewTime"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
+    })
+    .await;
+    assert!(alive(pid));
+    assert!(
+        running.stderr().contains("spec.renewTime is unparsable"),
+        "{}",
+        running.stderr()
+    );
+    running.signal(Signal::SIGTERM);
+    assert_eq!(running.wait(LIMIT).await, 143);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_lease_exec_takes_its_worker_along_and_the_lease_expires() {
+    let world = World::start().await;
+    let (mut running, pid) = leading(&world).await;
+    running.signal(Signal::SIGKILL);
+    running.wait(LIMIT).await;
+    let killed = std::time::Instant::now();
+    wait_for(
+        Duration::from_secs(1),
+        "the orphaned worker to die (parent-death signal)",
+        || !alive(pid),
+    )
+    .await;
+    assert!(killed.elapsed() < Duration::from_secs(1));
+    // The lease was not released; a contender takes over when it expires.
+    assert_eq!(world.server.holder(NS, "job").as_deref(), Some("me"));
+    let mut next = world.contender("job", "next", 0.0, 0).spawn();
+    assert_eq!(next.wait(LIMIT).await, 0, "{}", next.stderr());
+    assert!(
+        next.stderr().contains("took over the expired lease"),
+        "{}",
+        next.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_ignoring_sigterm_is_killed_when_the_grace_period_ends() {
+    let world = World::start().await;
+    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+    args.extend(["--identity", "me", "job", "--", "python3"].map(String::from));
+    args.extend([
+        world.worker().display().to_string(),
+        world.journal().display().to_string(),
+        "-1".into(),
+        "0".into(),
+        "ignore-term".into(),
+    ]);
+    let mut running = world.lease_exec(args).spawn();
+    wait_for(LIMIT, "the worker to start", || !starts(&world).is_empty()).await;
+    let t0 = std::time::Instant::now();
+    running.signal(Signal::SIGTERM);
+    let code = running.wait(LIMIT).await;
+    assert_eq!(
+        code,
+        128 + 9,
+        "SIGKILLed after the grace period; log:\n{}",
+        running.stderr()
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "grace period honoured: {:?}",
+        t0.elapsed()
+    );
+    assert!(world.journal_entries().iter().any(|e| e.what == "ignored"));
+    assert_eq!(world.server.holder(NS, "job"), None, "released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_down_at_start_up_is_waited_out() {
+    let world = World::start().await;
+    world.server.set_mode(Mode::Refuse);
+    let mut running = world.contender("job", "me", 0.0, 0).spawn();
+    wait_for(LIMIT, "a logged retry", || {
+        running.stderr().contains("retrying")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!running.exited(), "no crash loop: {}", running.stderr());
+    world.server.set_mode(Mode::Normal);
+    assert_eq!(running.wait(LIMIT).await, 0, "{}", running.stderr());
+    assert_eq!(starts(&world).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_timeout_is_honoured_while_the_api_is_down() {
+    let world = World::start().await;
+    world.server.set_mode(Mode::Hang);
+    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+    args.extend(["--wait-timeout", "1500ms", "job", "--", "true"].map(String::from));
+    let t0 = std::time::Instant::now();
+    let (code, log) = world.lease_exec(args).run(LIMIT).await;
+    assert_eq!(code, i32::from(exit::WAIT_TIMEOUT), "{log}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(log.contains("--wait-timeout"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_holder_with_a_huge_duration_is_honoured() {
+    let world = World::start().await;
+    world.server.put_lease(
+        NS,
+        "job",
+        json!({"spec": {"holderIdentity": "ghost", "leaseDurationSeconds": 2147483647, "renewTime": "garbage"}}),
+    );
+    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+    args.extend(["--wait-timeout", "1s", "job", "--", "true"].map(String::from));
+    let (code, log) = world.lease_exec(args).run(LIMIT).await;
+    assert_eq!(code, i32::from(exit::WAIT_TIMEOUT), "{log}");
+    assert!(log.contains("ghost"), "{log}");
+    assert!(log.contains("spec.renewTime is unparsable"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_without_a_spec_is_taken_over() {
+    let world = World::start().await;
+    world.server.put_lease(NS, "job", json!({}));
+    let (code, log) = world.contender("job", "me", 0.0, 0).run(LIMIT).await;
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("spec is missing"), "{log}");
+    assert_eq!(starts(&world)[0].transitions, "1");
+}
