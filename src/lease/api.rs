@@ -186,6 +186,8 @@ impl LeaseApi {
     }
 }
 
+type FieldCheck = fn(&serde_json::Value) -> bool;
+
 /// Parses a Lease, dropping spec fields that do not parse, and naming each in a warning.
 pub fn parse_lenient(mut value: serde_json::Value) -> Result<(Lease, Vec<String>), ApiError> {
     let mut warnings = Vec::new();
@@ -194,7 +196,7 @@ pub fn parse_lenient(mut value: serde_json::Value) -> Result<(Lease, Vec<String>
             warnings.push("spec is missing; treating the lease as released".to_string());
         }
         Some(serde_json::Value::Object(spec)) => {
-            let checks: [(&str, fn(&serde_json::Value) -> bool); 6] = [
+            let checks: [(&str, FieldCheck); 6] = [
                 ("holderIdentity", |v| v.is_string()),
                 ("leaseDurationSeconds", |v| {
                     v.as_i64().is_some_and(|n| i32::try_from(n).is_ok())
