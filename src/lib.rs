@@ -77,13 +77,23 @@ fn usage_error(error: clap::Error) -> u8 {
             }
         }
         _ => {
+            // clap renders several lines (the error, a tip, the usage); keep the error itself,
+            // joining a list that follows a colon ("required arguments were not provided:").
             let rendered = error.render().to_string();
-            let first = rendered
-                .lines()
-                .find(|l| !l.trim().is_empty())
+            let mut lines = rendered.lines().skip_while(|l| l.trim().is_empty());
+            let mut message = lines
+                .next()
                 .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("lease-exec: {first} (see lease-exec --help)");
+                .trim_start_matches("error: ")
+                .to_string();
+            if message.ends_with(':') {
+                let items: Vec<&str> = lines
+                    .take_while(|l| !l.trim().is_empty())
+                    .map(str::trim)
+                    .collect();
+                message = format!("{} {}", message, items.join(", "));
+            }
+            eprintln!("lease-exec: {message} (see lease-exec --help)");
             exit::USAGE
         }
     }

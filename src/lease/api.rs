@@ -236,12 +236,21 @@ fn is_micro_time(value: &serde_json::Value) -> bool {
         .is_some_and(|s| s.parse::<k8s_openapi::jiff::Timestamp>().is_ok())
 }
 
-/// An error and its sources on one line.
+/// An error and its sources on one line (only the first line of each: some, like YAML errors,
+/// draw a picture of the input below).
 pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
+    let first_line = |e: &dyn std::error::Error| {
+        e.to_string()
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    let mut text = first_line(error);
     let mut source = error.source();
     while let Some(e) = source {
-        let s = e.to_string();
+        let s = first_line(e);
         if !text.contains(&s) {
             text.push_str(": ");
             text.push_str(&s);
