@@ -1,0 +1,213 @@
+//! Exclusion under chaos: several contenders whose workers journal `start`/`stop` with
+//! CLOCK_MONOTONIC, while a driver SIGKILLs and SIGTERMs contenders (restarting them, as a kubelet
+//! would) and switches API faults on and off. No two workers' running intervals may overlap.
+//!
+//! The short run is part of the suite; the long one is run by hand:
+//!
+//!     cargo test --release --test chaos -- --ignored --nocapture chaos
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use support::*;
+use tokio::time::Instant;
+
+/// xorshift64*: a seeded generator so a failing run can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi - lo))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    sigkills: usize,
+    sigterms: usize,
+    restarts: usize,
+    faults: HashMap<&'static str, usize>,
+}
+
+async fn chaos(contenders: usize, length: Duration, seed: u64) {
+    let world = World::start().await;
+    let mut rng = Rng(seed | 1);
+    let mut tally = Tally::default();
+    let run_for = |rng: &mut Rng| 0.3 + rng.below(2500) as f64 / 1000.0;
+    let mut generation = 0usize;
+    let mut spawn = |rng: &mut Rng, slot: usize| {
+        generation += 1;
+        world
+            .contender("job", &format!("c{slot}-{generation}"), run_for(rng), 0)
+            .spawn()
+    };
+    let mut running: Vec<Running> = (0..contenders).map(|i| spawn(&mut rng, i)).collect();
+
+    // Watches workers that never write a `stop` line (SIGKILLed with their lease-exec, or killed
+    // at the safety deadline) and notes when each was first seen gone: later than the real death,
+    // so it can only over-report overlaps, never hide one.
+    let deaths: Arc<Mutex<HashMap<i32, u64>>> = Arc::default();
+    let watcher = {
+        let deaths = deaths.clone();
+        let journal = world.journal();
+        tokio::spawn(async move {
+            loop {
+                for (pid, _, stop) in intervals(&read_journal(&journal)) {
+                    if stop.is_none() && !alive(pid) {
+                        deaths.lock().unwrap().entry(pid).or_insert_with(mono_ns);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+
+    let began_ns = mono_ns();
+    let end = Instant::now() + length;
+    let mut fault_until = Instant::now();
+    while Instant::now() < end {
+        tokio::time::sleep(rng.millis(100, 700)).await;
+        // Restart contenders that exited (their worker finished, or they lost the lease).
+        for (slot, r) in running.iter_mut().enumerate() {
+            if r.exited() {
+                *r = spawn(&mut rng, slot);
+                tally.restarts += 1;
+            }
+        }
+        if Instant::now() >= fault_until {
+            world.server.set_mode(Mode::Normal);
+            world.server.set_delay(Duration::ZERO);
+        }
+        match rng.below(10) {
+            0 => {
+                let slot = rng.below(contenders as u64) as usize;
+                running[slot].signal(Signal::SIGKILL);
+                tally.sigkills += 1;
+            }
+            1 | 2 => {
+                let slot = rng.below(contenders as u64) as usize;
+                if !running[slot].exited() {
+                    running[slot].signal(Signal::SIGTERM);
+                    tally.sigterms += 1;
+                }
+            }
+            3 if Instant::now() >= fault_until => {
+                // Sometimes shorter than the renew deadline (a blip), sometimes longer (a loss).
+                let (name, mode) = match rng.below(5) {
+                    0 => ("refuse", Mode::Refuse),
+                    1 => ("hang", Mode::Hang),
+                    2 => ("503", Mode::Status(503, None)),
+                    3 => ("429", Mode::Status(429, Some(1))),
+                    _ => ("500", Mode::Status(500, None)),
+                };
+                world.server.set_mode(mode);
+                *tally.faults.entry(name).or_default() += 1;
+                fault_until = Instant::now() + rng.millis(200, 2500);
+            }
+            4 if Instant::now() >= fault_until => {
+                world.server.set_delay(rng.millis(50, 400));
+                *tally.faults.entry("slow").or_default() += 1;
+                fault_until = Instant::now() + rng.millis(500, 2000);
+            }
+            _ => {}
+        }
+    }
+    world.server.set_mode(Mode::Normal);
+    world.server.set_delay(Duration::ZERO);
+    for r in &running {
+        if !alive(r.pid()) {
+            continue;
+        }
+        r.signal(Signal::SIGTERM);
+    }
+    for r in &mut running {
+        r.wait(Duration::from_secs(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    watcher.abort();
+    let ended_ns = mono_ns();
+
+    let entries = world.journal_entries();
+    let deaths = deaths.lock().unwrap().clone();
+    let mut spans: Vec<(i32, u64, u64)> = intervals(&entries)
+        .into_iter()
+        .map(|(pid, start, stop)| {
+            (
+                pid,
+                start,
+                stop.or(deaths.get(&pid).copied()).unwrap_or(ended_ns),
+            )
+        })
+        .collect();
+    spans.sort_by_key(|s| s.1);
+    for pair in spans.windows(2) {
+        assert!(
+            pair[1].1 >= pair[0].2,
+            "seed {seed}: workers overlap: pid {} ran {}..{}, pid {} started at {} ({} µs overlap)\n{tally:?}",
+            pair[0].0,
+            pair[0].1,
+            pair[0].2,
+            pair[1].0,
+            pair[1].1,
+            (pair[0].2 - pair[1].1) / 1000
+        );
+    }
+    assert!(
+        spans.len() >= 2,
+        "seed {seed}: too few handoffs to mean anything: {spans:?}"
+    );
+    let mut down_ns = spans[0].1 - began_ns;
+    for pair in spans.windows(2) {
+        down_ns += pair[1].1 - pair[0].2;
+    }
+    let total_ns = spans.last().unwrap().2 - began_ns;
+    println!(
+        "chaos seed {seed}: {contenders} contenders, {:.0} s: {} worker runs, {} handoffs, \
+         {} SIGKILL, {} SIGTERM, {} restarts, faults {:?}; no overlap; worker down {:.1} s of {:.1} s ({:.1}%)",
+        length.as_secs_f64(),
+        spans.len(),
+        spans.len() - 1,
+        tally.sigkills,
+        tally.sigterms,
+        tally.restarts,
+        tally.faults,
+        down_ns as f64 / 1e9,
+        total_ns as f64 / 1e9,
+        100.0 * down_ns as f64 / total_ns as f64,
+    );
+}
+
+fn seed() -> u64 {
+    std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(mono_ns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_short() {
+    chaos(3, Duration::from_secs(20), seed()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: run by hand with --ignored"]
+async fn chaos_long() {
+    let minutes = std::env::var("CHAOS_MINUTES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    chaos(5, Duration::from_secs(60 * minutes), seed()).await;
+}
