@@ -77,6 +77,11 @@ pub struct Cli {
     #[arg(long, env = "LEASE_EXEC_NO_RELEASE", help_heading = "Lease")]
     pub no_release: bool,
 
+    /// Poll the Lease every retry period while waiting instead of watching it (for API servers or
+    /// proxies that break watches)
+    #[arg(long, env = "LEASE_EXEC_NO_WATCH", help_heading = "Lease")]
+    pub no_watch: bool,
+
     /// leaseDurationSeconds written to the Lease: how long others wait after the last renewal
     /// (whole seconds)
     #[arg(long, env = "LEASE_EXEC_LEASE_DURATION", default_value = "15s", value_parser = parse_duration, help_heading = "Timing")]

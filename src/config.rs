@@ -28,6 +28,8 @@ pub struct Config {
     pub timing: Timing,
     /// Release the Lease at exit.
     pub release: bool,
+    /// Watch the Lease while waiting (else poll).
+    pub watch: bool,
     /// The command to run, resolved.
     pub command: Command,
     /// How to reach the API server.
@@ -294,6 +296,7 @@ impl Config {
             identity,
             timing,
             release: !cli.no_release,
+            watch: !cli.no_watch,
             command,
             access: Access {
                 kubeconfig: cli.kubeconfig,

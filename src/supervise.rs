@@ -22,6 +22,7 @@ use crate::error::{Error, Outcome};
 use crate::exit::ChildStatus;
 use crate::lease::acquire::{Held, acquire};
 use crate::lease::api::{self, ApiError, LeaseApi};
+use crate::lease::follow::acquire_watching;
 use crate::lease::renew::{LeaseState, Owned, renew};
 use crate::lease::{Claimant, Record};
 
@@ -60,7 +61,13 @@ pub async fn run(config: Config) -> Result<Outcome, Error> {
         "waiting for the lease"
     );
     let held = tokio::select! {
-        held = acquire(&lease_api, &claimant, &config.timing) => held.map_err(Error::Api)?,
+        held = async {
+            if config.watch {
+                acquire_watching(&lease_api, &claimant, &config.timing).await
+            } else {
+                acquire(&lease_api, &claimant, &config.timing).await
+            }
+        } => held.map_err(Error::Api)?,
         () = sleep_until_opt(wait_deadline) => {
             return Err(Error::WaitTimeout(config.timing.wait_timeout.unwrap_or_default()));
         }

@@ -230,7 +230,7 @@ async fn forbidden_exits_125_naming_the_verb_and_the_rule() {
         log.contains("get leases.coordination.k8s.io \"job\" in namespace \"default\""),
         "{log}"
     );
-    assert!(log.contains("verbs: [get, create, update]"), "{log}");
+    assert!(log.contains("verbs: [get, create, update, watch]"), "{log}");
     assert!(started(&world).is_empty());
 }
 

@@ -48,25 +48,16 @@ enum Step {
     WaitUntil(Instant),
 }
 
-/// Blocks until the Lease is held. Returns only [`ApiError::Denied`] or other non-retryable errors;
+/// Blocks until the Lease is held, polling every retry period (`--no-watch`). Returns only [`ApiError::Denied`] or other non-retryable errors;
 /// transient failures are logged and retried with backoff.
 pub async fn acquire(api: &LeaseApi, me: &Claimant<'_>, timing: &Timing) -> Result<Held, ApiError> {
     let mut observer = Observer::default();
-    let mut shown_holder: Option<String> = None;
-    let mut warned_record: Option<Record> = None;
+    let mut narrator = Narrator::default();
     let mut failures = 0u32;
     let mut races = 0u32;
     loop {
         let started = Instant::now();
-        let step = attempt(
-            api,
-            me,
-            timing,
-            &mut observer,
-            &mut shown_holder,
-            &mut warned_record,
-        )
-        .await;
+        let step = attempt(api, me, timing, &mut observer, &mut narrator).await;
         match step {
             Ok(Step::Acquired(held)) => return Ok(*held),
             Ok(Step::Again) => {
@@ -102,44 +93,109 @@ pub async fn acquire(api: &LeaseApi, me: &Claimant<'_>, timing: &Timing) -> Resu
     }
 }
 
+/// Remembers what was logged about the Lease, so each fact is logged once.
+#[derive(Default)]
+pub(crate) struct Narrator {
+    shown_holder: Option<String>,
+    warned_record: Option<Record>,
+}
+
+impl Narrator {
+    /// Logs the holder when it changes, and a record's unusable duration once.
+    pub(crate) fn waiting(&mut self, record: &Record, holder: &str, timing: &Timing) {
+        if self.warned_record.as_ref() != Some(record) {
+            if let (_, Some(warning)) = record.effective_duration(timing.lease_duration) {
+                tracing::warn!(holder, "{warning}");
+            }
+            self.warned_record = Some(record.clone());
+        }
+        if self.shown_holder.as_deref() != Some(holder) {
+            tracing::info!(holder, "waiting: the lease is held by another identity");
+            self.shown_holder = Some(holder.to_string());
+        }
+    }
+}
+
+/// Creates the Lease naming us. `Ok(None)`: someone else created it first.
+pub(crate) async fn try_create(
+    api: &LeaseApi,
+    me: &Claimant<'_>,
+    timing: &Timing,
+) -> Result<Option<Held>, ApiError> {
+    let started = Instant::now();
+    let lease = me.create(api.name(), api.namespace(), Timestamp::now());
+    match api.create(&lease, timing.request_timeout()).await {
+        Ok(lease) => {
+            tracing::info!(transitions = 0, "created the lease");
+            Ok(Some(Held {
+                lease,
+                renewed_at: started,
+            }))
+        }
+        Err(ApiError::AlreadyExists) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes our claim on `current`, conditioned on its resourceVersion. `Ok(None)`: another
+/// candidate wrote first (409) or the Lease is gone.
+pub(crate) async fn try_claim(
+    api: &LeaseApi,
+    me: &Claimant<'_>,
+    timing: &Timing,
+    current: &Lease,
+    decision: &Decision,
+) -> Result<Option<Held>, ApiError> {
+    let started = Instant::now();
+    match api
+        .replace(
+            &me.claim(current, Timestamp::now()),
+            timing.request_timeout(),
+        )
+        .await
+    {
+        Ok(lease) => {
+            let transitions = Record::of(&lease).transitions;
+            match decision {
+                Decision::Resume => {
+                    tracing::info!(
+                        transitions,
+                        "resumed the lease, which already named this identity"
+                    )
+                }
+                Decision::TakeOver {
+                    expired_holder: Some(previous),
+                } => {
+                    tracing::info!(previous = %previous, transitions, "took over the expired lease")
+                }
+                _ => tracing::info!(transitions, "took over the released lease"),
+            }
+            Ok(Some(Held {
+                lease,
+                renewed_at: started,
+            }))
+        }
+        Err(ApiError::Conflict | ApiError::NotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 async fn attempt(
     api: &LeaseApi,
     me: &Claimant<'_>,
     timing: &Timing,
     observer: &mut Observer,
-    shown_holder: &mut Option<String>,
-    warned_record: &mut Option<Record>,
+    narrator: &mut Narrator,
 ) -> Result<Step, ApiError> {
-    let timeout = timing.request_timeout();
-    let Some(current) = api.get(timeout).await? else {
+    let Some(current) = api.get(timing.request_timeout()).await? else {
         observer.reset();
-        let started = Instant::now();
-        return match api
-            .create(
-                &me.create(api.name(), api.namespace(), Timestamp::now()),
-                timeout,
-            )
-            .await
-        {
-            Ok(lease) => {
-                tracing::info!(transitions = 0, "created the lease");
-                Ok(Step::Acquired(Box::new(Held {
-                    lease,
-                    renewed_at: started,
-                })))
-            }
-            Err(ApiError::AlreadyExists) => Ok(Step::Again),
-            Err(e) => Err(e),
-        };
+        return Ok(match try_create(api, me, timing).await? {
+            Some(held) => Step::Acquired(Box::new(held)),
+            None => Step::Again,
+        });
     };
     let now = Instant::now();
     let record = Record::of(&current);
-    if record.holder.is_some() && warned_record.as_ref() != Some(&record) {
-        if let (_, Some(warning)) = record.effective_duration(timing.lease_duration) {
-            tracing::warn!(holder = record.holder.as_deref(), "{warning}");
-        }
-    }
-    *warned_record = Some(record.clone());
     let observed_at = observer.observe(record.clone(), now);
     match decide(
         &record,
@@ -149,44 +205,18 @@ async fn attempt(
         timing.lease_duration,
     ) {
         Decision::Wait { holder, expires_at } => {
-            if shown_holder.as_deref() != Some(holder.as_str()) {
-                tracing::info!(holder = %holder, "waiting: the lease is held by another identity");
-                *shown_holder = Some(holder);
-            }
+            narrator.waiting(&record, &holder, timing);
             Ok(Step::WaitUntil(
                 expires_at.unwrap_or(now + timing.retry_period),
             ))
         }
-        decision => {
-            let started = Instant::now();
-            match api
-                .replace(&me.claim(&current, Timestamp::now()), timeout)
-                .await
-            {
-                Ok(lease) => {
-                    let transitions = Record::of(&lease).transitions;
-                    match decision {
-                        Decision::Resume => tracing::info!(
-                            transitions,
-                            "resumed the lease, which already named this identity"
-                        ),
-                        Decision::TakeOver {
-                            expired_holder: Some(previous),
-                        } => {
-                            tracing::info!(previous = %previous, transitions, "took over the expired lease")
-                        }
-                        _ => tracing::info!(transitions, "took over the released lease"),
-                    }
-                    Ok(Step::Acquired(Box::new(Held {
-                        lease,
-                        renewed_at: started,
-                    })))
-                }
+        decision => Ok(
+            match try_claim(api, me, timing, &current, &decision).await? {
+                Some(held) => Step::Acquired(Box::new(held)),
                 // Another candidate wrote first: read again and go back to waiting.
-                Err(ApiError::Conflict | ApiError::NotFound) => Ok(Step::Again),
-                Err(e) => Err(e),
-            }
-        }
+                None => Step::Again,
+            },
+        ),
     }
 }
 

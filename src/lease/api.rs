@@ -4,14 +4,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, PostParams, WatchEvent, WatchParams};
 use kube::{Client, Config};
 
 use crate::config::Access;
 
+/// How long the server keeps one watch open (kube's watcher uses 290 s too): an idle follower
+/// makes about one request per this period.
+pub const WATCH_SECONDS: u32 = 290;
+
 /// The RBAC rule lease-exec needs, quoted in authorization errors.
 pub const RBAC_RULE: &str =
-    "apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, create, update]";
+    "apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, create, update, watch]";
 
 /// What went wrong with one API call, classified by what the caller must do about it.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +146,30 @@ impl LeaseApi {
             self.api.replace(&self.name, &PostParams::default(), lease),
         )
         .await
+    }
+
+    /// Starts a watch of this one Lease (field selector on its name) from `resource_version`.
+    /// Establishing the stream is bounded by `timeout`; the server ends it after
+    /// [`WATCH_SECONDS`].
+    pub async fn watch(
+        &self,
+        resource_version: &str,
+        timeout: Duration,
+    ) -> Result<
+        futures_util::stream::BoxStream<'static, Result<WatchEvent<Lease>, ApiError>>,
+        ApiError,
+    > {
+        use futures_util::StreamExt;
+        let params = WatchParams::default()
+            .fields(&format!("metadata.name={}", self.name))
+            .timeout(WATCH_SECONDS);
+        let stream = self
+            .call("watch", timeout, self.api.watch(&params, resource_version))
+            .await?;
+        let this = self.clone();
+        Ok(stream
+            .map(move |item| item.map_err(|e| this.classify("watch", e)))
+            .boxed())
     }
 
     async fn call<T>(

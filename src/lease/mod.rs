@@ -4,6 +4,7 @@
 pub mod acquire;
 pub mod api;
 pub mod decide;
+pub mod follow;
 pub mod renew;
 
 pub use api::{ApiError, LeaseApi};
