@@ -107,7 +107,7 @@ async fn follow(
     }
     let mut resource_version = String::new();
     let mut stream: Option<BoxStream<'static, Result<WatchEvent<Lease>, ApiError>>> = None;
-    let mut watch_started = Instant::now();
+    let mut watch_started: Option<Instant> = None;
     // The resourceVersion we already tried to claim and lost: wait for the next event instead of
     // trying again.
     let mut tried: Option<String> = None;
@@ -162,11 +162,10 @@ async fn follow(
                 return Err(FollowEnd::Resync(Resync::After(timing.retry_period)));
             }
             // A server that ends every watch at once must not turn this into a busy loop.
-            let since_last = watch_started.elapsed();
-            if since_last < timing.retry_period {
-                sleep_until(watch_started + timing.retry_period).await;
+            if let Some(last) = watch_started {
+                sleep_until(last + timing.retry_period.min(Duration::from_secs(1))).await;
             }
-            watch_started = Instant::now();
+            watch_started = Some(Instant::now());
             match api.watch(&resource_version, timing.request_timeout()).await {
                 Ok(s) => stream = Some(s),
                 Err(e @ ApiError::Denied { .. }) => {

@@ -1,0 +1,258 @@
+//! Watch-based followers. The followers here use a 30 s retry period, so only the watch can
+//! explain a takeover within a few seconds.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::json;
+use support::*;
+
+const LIMIT: Duration = Duration::from_secs(20);
+/// Well under the 30 s poll interval.
+const QUICK: Duration = Duration::from_secs(5);
+
+/// A follower whose polls would come only every 30 s.
+fn slow_poller(world: &World, extra: &[&str]) -> Running {
+    let mut args: Vec<String> = [
+        "--lease-duration",
+        "60s",
+        "--renew-deadline",
+        "45s",
+        "--retry-period",
+        "30s",
+        "--identity",
+        "follower",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(["job", "--", "python3"].map(String::from));
+    args.extend([
+        world.worker().display().to_string(),
+        world.journal().display().to_string(),
+        "-1".into(),
+        "0".into(),
+    ]);
+    world.lease_exec(args).spawn()
+}
+
+fn started(world: &World) -> bool {
+    world.journal_entries().iter().any(|e| e.what == "start")
+}
+
+async fn following(world: &World, running: &Running) {
+    wait_for(LIMIT, "the follower to wait", || {
+        running.stderr().contains("held by another identity")
+    })
+    .await;
+    // Let the watch be established.
+    wait_for(LIMIT, "the watch", || {
+        world
+            .server
+            .count("watch", Instant::now() - Duration::from_secs(60))
+            > 0
+    })
+    .await;
+}
+
+fn release(world: &World) {
+    world.server.put_lease(
+        NS,
+        "job",
+        json!({"spec": {"leaseDurationSeconds": 1, "leaseTransitions": 1, "renewTime": apiserver::micro_now()}}),
+    );
+}
+
+async fn stop(mut running: Running) {
+    running.signal(Signal::SIGTERM);
+    running.wait(LIMIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_acquires_a_released_lease_without_waiting_for_a_poll() {
+    let world = World::start().await;
+    world.server.steal(NS, "job", "other", 60);
+    let running = slow_poller(&world, &[]);
+    following(&world, &running).await;
+    release(&world);
+    wait_for(QUICK, "the takeover", || started(&world)).await;
+    assert_eq!(world.server.holder(NS, "job").as_deref(), Some("follower"));
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_creates_a_deleted_released_lease_at_once() {
+    let world = World::start().await;
+    world.server.steal(NS, "job", "other", 60);
+    let running = slow_poller(&world, &[]);
+    following(&world, &running).await;
+    release(&world);
+    // Released and deleted at once (as garbage collection does after the holder's Pod is gone).
+    world.server.delete_lease(NS, "job");
+    wait_for(QUICK, "the lease to be created", || started(&world)).await;
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_deleted_while_held_is_created_when_that_holder_would_have_expired() {
+    let world = World::start().await;
+    world.server.steal(NS, "job", "other", 3);
+    let running = slow_poller(&world, &[]);
+    following(&world, &running).await;
+    let deleted = Instant::now();
+    world.server.delete_lease(NS, "job");
+    wait_for(QUICK, "the lease to be created", || started(&world)).await;
+    let waited = deleted.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "created {waited:?} after the deletion: the deleted holder might still be running"
+    );
+    assert!(
+        running.stderr().contains("deleted while held"),
+        "{}",
+        running.stderr()
+    );
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_watch_is_reopened() {
+    let world = World::start().await;
+    world.server.steal(NS, "job", "other", 60);
+    let running = slow_poller(&world, &[]);
+    following(&world, &running).await;
+    let watches = world
+        .server
+        .count("watch", Instant::now() - Duration::from_secs(60));
+    world.server.close_watches();
+    wait_for(QUICK, "a new watch", || {
+        world
+            .server
+            .count("watch", Instant::now() - Duration::from_secs(60))
+            > watches
+    })
+    .await;
+    release(&world);
+    wait_for(QUICK, "the takeover", || started(&world)).await;
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_answered_410_gone_recovers_with_a_fresh_read() {
+    let world = World::start().await;
+    world.server.steal(NS, "job", "other", 60);
+    let running = slow_poller(&world, &[]);
+    following(&world, &running).await;
+    let reads = world
+        .server
+        .count("get", Instant::now() - Duration::from_secs(60));
+    // Compaction: the follower's resourceVersion is now too old; its next watch gets 410.
+    world.server.compact();
+    wait_for(QUICK, "a fresh read after 410", || {
+        world
+            .server
+            .count("get", Instant::now() - Duration::from_secs(60))
+            > reads
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    release(&world);
+    wait_for(QUICK, "the takeover", || started(&world)).await;
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_watch_falls_back_to_polling() {
+    let world = World::start().await;
+    world.server.deny("watch", 403);
+    world.server.steal(NS, "job", "other", 60);
+    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+    args.extend(["--identity", "follower", "job", "--", "true"].map(String::from));
+    let mut running = world.lease_exec(args).spawn();
+    wait_for(LIMIT, "the fallback", || {
+        running.stderr().contains("polling every retry period")
+    })
+    .await;
+    release(&world);
+    assert_eq!(running.wait(LIMIT).await, 0, "{}", running.stderr());
+    assert_eq!(
+        running
+            .stderr()
+            .matches("polling every retry period")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_watch_polls_and_still_works() {
+    let world = World::start().await;
+    world.server.steal(NS, "job", "other", 60);
+    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+    args.extend(["--no-watch", "--identity", "follower", "job", "--", "true"].map(String::from));
+    let mut running = world.lease_exec(args).spawn();
+    wait_for(LIMIT, "waiting", || {
+        running.stderr().contains("held by another identity")
+    })
+    .await;
+    let since = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(world.server.count("get", since) >= 3, "polls every 250 ms");
+    assert_eq!(
+        world.server.count("watch", since - Duration::from_secs(60)),
+        0,
+        "never watches"
+    );
+    release(&world);
+    assert_eq!(running.wait(LIMIT).await, 0, "{}", running.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_follower_makes_almost_no_requests() {
+    let world = World::start().await;
+    // A live leader renewing every 500 ms, as another lease-exec would.
+    world.server.steal(NS, "job", "other", 2);
+    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+    args.extend(["--identity", "follower", "job", "--", "true"].map(String::from));
+    let running = world.lease_exec(args).spawn();
+    following(&world, &running).await;
+    let since = Instant::now();
+    while since.elapsed() < Duration::from_secs(10) {
+        world.server.steal(NS, "job", "other", 2);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let requests = world.server.count_all(since);
+    assert!(
+        requests <= 1,
+        "{requests} requests in 10 s from an idle follower"
+    );
+    assert!(!started(&world));
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_race_and_exactly_one_wins() {
+    let world = World::start().await;
+    world.server.steal(NS, "job", "other", 60);
+    let followers: Vec<Running> = (0..3)
+        .map(|i| world.contender("job", &format!("f{i}"), -1.0, 0).spawn())
+        .collect();
+    for f in &followers {
+        following(&world, f).await;
+    }
+    release(&world);
+    wait_for(QUICK, "a takeover", || started(&world)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let starts = world
+        .journal_entries()
+        .iter()
+        .filter(|e| e.what == "start")
+        .count();
+    assert_eq!(starts, 1, "exactly one follower won");
+    for f in followers {
+        stop(f).await;
+    }
+}
