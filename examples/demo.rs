@@ -7,8 +7,8 @@
 
 #[path = "../tests/support/apiserver.rs"]
 mod apiserver;
+mod common;
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -19,33 +19,13 @@ use nix::unistd::Pid;
 const NS: &str = "default";
 const LEASE: &str = "demo";
 
-/// The lease-exec binary next to this example, built with the same profile.
-fn lease_exec_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target/<profile>");
-    let binary = profile_dir.join("lease-exec");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let release = profile_dir.ends_with("release");
-    let mut build = std::process::Command::new(cargo);
-    build.args(["build", "--quiet", "--bin", "lease-exec"]);
-    if release {
-        build.arg("--release");
-    }
-    let status = build.status().expect("run cargo build");
-    assert!(status.success(), "cargo build --bin lease-exec failed");
-    binary
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let handoffs: usize = std::env::args()
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(3);
-    let binary = lease_exec_binary();
+    let binary = common::lease_exec_binary();
     let server = ApiServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
