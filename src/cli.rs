@@ -56,7 +56,7 @@ Exit codes:
 pub struct Cli {
     /// Name of the Lease to hold (a DNS subdomain, e.g. `my-worker`)
     #[arg(value_name = "LEASE", env = "LEASE_EXEC_LEASE")]
-    pub lease: String,
+    pub lease: Option<String>,
 
     /// The command to run while holding the Lease, after `--`
     #[arg(value_name = "COMMAND", last = true, num_args = 0..)]
@@ -104,6 +104,69 @@ pub struct Cli {
     #[arg(long, env = "LEASE_EXEC_WAIT_TIMEOUT", value_parser = parse_duration, help_heading = "Timing")]
     pub wait_timeout: Option<Duration>,
 
+    /// Print the Lease as a person wants to read it (holder, renewed, expires, transitions, owner)
+    /// and exit 0; no command is run
+    #[arg(long, help_heading = "Debugging")]
+    pub status: bool,
+
+    /// Output of --status
+    #[arg(
+        short,
+        long,
+        value_enum,
+        default_value = "text",
+        env = "LEASE_EXEC_OUTPUT",
+        help_heading = "Debugging"
+    )]
+    pub output: OutputFormat,
+
+    /// Serve Prometheus metrics on /metrics, liveness on /healthz and leadership on /leader at this
+    /// address (e.g. `0.0.0.0:9090`) [default: off]
+    #[arg(
+        long,
+        env = "LEASE_EXEC_METRICS_ADDR",
+        value_name = "ADDR",
+        help_heading = "Observability"
+    )]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Send the statsd counter `<prefix>.leader_running` every retry period while leading
+    /// [default: off]
+    #[arg(
+        long,
+        env = "LEASE_EXEC_STATSD_ADDR",
+        value_name = "HOST:PORT",
+        help_heading = "Observability"
+    )]
+    pub statsd_addr: Option<String>,
+
+    /// Prefix of statsd metric names
+    #[arg(
+        long,
+        env = "LEASE_EXEC_STATSD_PREFIX",
+        default_value = "lease_exec",
+        help_heading = "Observability"
+    )]
+    pub statsd_prefix: String,
+
+    /// Do not record Kubernetes Events on the Lease when it is acquired, lost or released
+    #[arg(long, env = "LEASE_EXEC_NO_EVENTS", help_heading = "Observability")]
+    pub no_events: bool,
+
+    /// Log format on stderr; filter with RUST_LOG
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "LEASE_EXEC_LOG_FORMAT",
+        help_heading = "Observability"
+    )]
+    pub log_format: LogFormat,
+
+    /// Write the man page or a shell completion script to stdout and exit
+    #[arg(long, value_enum, hide = true, exclusive = true)]
+    pub generate: Option<Generate>,
+
     /// Path to a kubeconfig file [default: KUBECONFIG, else ~/.kube/config; in a pod, the
     /// in-cluster config]
     #[arg(long, env = "LEASE_EXEC_KUBECONFIG", help_heading = "Cluster access")]
@@ -112,6 +175,58 @@ pub struct Cli {
     /// Kubeconfig context to use [default: the current context]
     #[arg(long, env = "LEASE_EXEC_CONTEXT", help_heading = "Cluster access")]
     pub context: Option<String>,
+}
+
+/// Output format of `--status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// For people.
+    Text,
+    /// One JSON object, for scripts.
+    Json,
+}
+
+/// Log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Generated artefacts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Generate {
+    /// The man page (roff).
+    Man,
+    /// bash completion.
+    Bash,
+    /// zsh completion.
+    Zsh,
+    /// fish completion.
+    Fish,
+}
+
+/// Writes a generated artefact (man page, completion script) for the clap definition.
+pub fn generate(what: Generate, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    match what {
+        Generate::Man => clap_mangen::Man::new(command).render(out),
+        Generate::Bash => {
+            clap_complete::generate(clap_complete::Shell::Bash, &mut command, "lease-exec", out);
+            Ok(())
+        }
+        Generate::Zsh => {
+            clap_complete::generate(clap_complete::Shell::Zsh, &mut command, "lease-exec", out);
+            Ok(())
+        }
+        Generate::Fish => {
+            clap_complete::generate(clap_complete::Shell::Fish, &mut command, "lease-exec", out);
+            Ok(())
+        }
+    }
 }
 
 /// Parses human durations (`500ms`, `15s`, `2m`) with `humantime`.

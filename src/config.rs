@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::cli::Cli;
+use crate::cli::{Cli, LogFormat, OutputFormat};
 
 /// Where the in-cluster service-account namespace is mounted.
 pub const SERVICE_ACCOUNT_NAMESPACE: &str =
@@ -30,12 +30,36 @@ pub struct Config {
     pub release: bool,
     /// Watch the Lease while waiting (else poll).
     pub watch: bool,
-    /// The command to run, resolved.
-    pub command: Command,
+    /// What to do: run the command, or show the Lease.
+    pub action: Action,
+    /// Metrics, statsd, events and logs.
+    pub observability: Observability,
     /// How to reach the API server.
     pub access: Access,
     /// The Pod that owns the Lease while this process holds it (`POD_NAME` and `POD_UID`).
     pub owner: Option<PodOwner>,
+}
+
+/// What lease-exec was asked to do.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Hold the Lease and run this command.
+    Run(Command),
+    /// Print the Lease and exit (`--status`).
+    Status(OutputFormat),
+}
+
+/// Metrics, statsd, events and logs.
+#[derive(Debug, Clone)]
+pub struct Observability {
+    /// `--metrics-addr`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `--statsd-addr` and `--statsd-prefix`.
+    pub statsd: Option<(String, String)>,
+    /// Record Kubernetes Events.
+    pub events: bool,
+    /// `--log-format`.
+    pub log_format: LogFormat,
 }
 
 /// How to reach the API server.
@@ -236,8 +260,13 @@ pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 impl Config {
     /// Validates raw arguments. `env` reads the environment (`POD_NAME`, `POD_NAMESPACE`, `PATH`...).
     pub fn from_cli(cli: Cli, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
-        if !is_dns_subdomain(&cli.lease) {
-            return Err(ConfigError::LeaseName(cli.lease));
+        let Some(lease) = cli.lease else {
+            return Err(ConfigError::Usage(
+                "no lease name given: `lease-exec <LEASE> -- <COMMAND>...`, e.g. `lease-exec my-lease -- ./worker`".into(),
+            ));
+        };
+        if !is_dns_subdomain(&lease) {
+            return Err(ConfigError::LeaseName(lease));
         }
 
         let timing = Timing {
@@ -277,27 +306,49 @@ impl Config {
             _ => None,
         };
 
-        let mut argv = cli.command.into_iter();
-        let Some(name) = argv.next() else {
-            return Err(ConfigError::Usage(
-                "no command given: put the command after `--`, e.g. `lease-exec my-lease -- ./worker`".into(),
-            ));
+        let action = if cli.status {
+            if !cli.command.is_empty() {
+                return Err(ConfigError::Usage(
+                    "--status shows the lease and runs nothing: drop the command after `--`".into(),
+                ));
+            }
+            Action::Status(cli.output)
+        } else {
+            let mut argv = cli.command.into_iter();
+            let Some(name) = argv.next() else {
+                return Err(ConfigError::Usage(
+                    "no command given: put the command after `--`, e.g. `lease-exec my-lease -- ./worker`".into(),
+                ));
+            };
+            let program = resolve_command(&name, env("PATH").as_deref())?;
+            Action::Run(Command {
+                program,
+                args: argv.collect(),
+                name,
+            })
         };
-        let program = resolve_command(&name, env("PATH").as_deref())?;
-        let command = Command {
-            program,
-            args: argv.collect(),
-            name,
+        if cli.statsd_prefix.is_empty() || cli.statsd_prefix.contains([':', '|', '@', ' ']) {
+            return Err(ConfigError::Usage(format!(
+                "invalid --statsd-prefix {:?}: use letters, digits, '.', '_' or '-'",
+                cli.statsd_prefix
+            )));
+        }
+        let observability = Observability {
+            metrics_addr: cli.metrics_addr,
+            statsd: cli.statsd_addr.map(|addr| (addr, cli.statsd_prefix)),
+            events: !cli.no_events,
+            log_format: cli.log_format,
         };
 
         Ok(Config {
-            lease: cli.lease,
+            lease,
             namespace,
             identity,
             timing,
             release: !cli.no_release,
             watch: !cli.no_watch,
-            command,
+            action,
+            observability,
             access: Access {
                 kubeconfig: cli.kubeconfig,
                 context: cli.context,
@@ -438,7 +489,10 @@ mod tests {
         assert_eq!(c.timing.safety_margin(), Duration::from_millis(500));
         assert_eq!(c.timing.kill_by(), Duration::from_millis(14_500));
         assert!(c.release);
-        assert!(c.command.program.ends_with("true"));
+        let Action::Run(command) = &c.action else {
+            panic!("runs a command")
+        };
+        assert!(command.program.ends_with("true"));
     }
 
     #[test]

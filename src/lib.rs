@@ -23,7 +23,10 @@ pub mod config;
 pub mod error;
 pub mod exit;
 pub mod lease;
+pub mod logging;
+pub mod status;
 pub mod supervise;
+pub mod telemetry;
 
 use clap::Parser;
 
@@ -35,7 +38,16 @@ pub fn main() -> u8 {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    init_logging();
+    if let Some(what) = cli.generate {
+        return match cli::generate(what, &mut std::io::stdout().lock()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("lease-exec: cannot write to stdout: {e}");
+                exit::FAILED
+            }
+        };
+    }
+    logging::init(cli.log_format);
     let config = match config::Config::from_cli(cli, &|key| std::env::var(key).ok()) {
         Ok(config) => config,
         Err(e) => {
@@ -54,7 +66,12 @@ pub fn main() -> u8 {
             return exit::FAILED;
         }
     };
-    let result = runtime.block_on(supervise::run(config));
+    let result = runtime.block_on(async {
+        match &config.action {
+            config::Action::Run(command) => supervise::run(&config, command).await,
+            config::Action::Status(format) => status::run(&config, *format).await,
+        }
+    });
     report(&result);
     let code = exit_code(&result);
     // Do not wait for in-flight API requests to wind down.
@@ -106,16 +123,4 @@ fn report(result: &Result<Outcome, Error>) {
             _ => eprintln!("lease-exec: {e}"),
         }
     }
-}
-
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,kube=warn,hyper=warn,tower=warn,rustls=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
 }

@@ -17,7 +17,11 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 
 use crate::child::{self, Child, Reaper, Signals};
-use crate::config::Config;
+use std::sync::Arc;
+
+use tracing::Instrument;
+
+use crate::config::{Command, Config};
 use crate::error::{Error, Outcome};
 use crate::exit::ChildStatus;
 use crate::lease::acquire::{Held, acquire};
@@ -25,13 +29,15 @@ use crate::lease::api::{self, ApiError, LeaseApi};
 use crate::lease::follow::acquire_watching;
 use crate::lease::renew::{LeaseState, Owned, renew};
 use crate::lease::{Claimant, Record};
+use crate::logging;
+use crate::telemetry::{self, Events, LeaseEvent, Metrics, Statsd};
 
 /// How long leftover members of the command's process group may take to die after SIGKILL before
 /// the Lease is left to expire instead of being released.
 const GROUP_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs lease-exec to completion.
-pub async fn run(config: Config) -> Result<Outcome, Error> {
+pub async fn run(config: &Config, command: &Command) -> Result<Outcome, Error> {
     // Handlers first: a SIGTERM from here on is ours to handle, and no SIGCHLD is missed.
     let mut signals = Signals::install()
         .map_err(|e| Error::Fatal(format!("cannot install signal handlers: {e}")))?;
@@ -43,10 +49,62 @@ pub async fn run(config: Config) -> Result<Outcome, Error> {
         .await
         .map_err(Error::Access)?;
     let namespace = config.namespace.clone().unwrap_or(kube_namespace);
+    logging::set_context(&config.lease, &namespace, &config.identity);
+    let metrics = Metrics::new(&config.lease, &namespace, &config.identity);
+    if let Some(addr) = config.observability.metrics_addr {
+        telemetry::serve(addr, metrics.clone()).await.map_err(|e| {
+            Error::Fatal(format!(
+                "cannot listen on --metrics-addr {addr}: {e}; choose a free address"
+            ))
+        })?;
+    }
+    let outside = Outside {
+        events: Events::new(
+            client.clone(),
+            &config.identity,
+            config.observability.events,
+        ),
+        statsd: config
+            .observability
+            .statsd
+            .as_ref()
+            .map(|(addr, prefix)| Arc::new(Statsd::new(addr, prefix))),
+        metrics,
+    };
     let lease_api = LeaseApi::new(client, &namespace, &config.lease);
     let span = tracing::info_span!("lease", name = %config.lease, namespace = %namespace, identity = %config.identity);
-    let _entered = span.enter();
+    let result = hold(
+        config,
+        command,
+        &namespace,
+        &lease_api,
+        &outside,
+        &mut signals,
+        &mut reaper,
+    )
+    .instrument(span)
+    .await;
+    outside.events.flush(Duration::from_secs(1)).await;
+    result
+}
 
+/// Everything that reports to the outside world.
+struct Outside {
+    metrics: Arc<Metrics>,
+    events: Events,
+    statsd: Option<Arc<Statsd>>,
+}
+
+/// Waits for the lease, runs the command while holding it, and stops.
+async fn hold(
+    config: &Config,
+    command: &Command,
+    namespace: &str,
+    lease_api: &LeaseApi,
+    outside: &Outside,
+    signals: &mut Signals,
+    reaper: &mut Reaper,
+) -> Result<Outcome, Error> {
     let owned = Owned {
         identity: config.identity.clone(),
         timing: config.timing,
@@ -63,56 +121,79 @@ pub async fn run(config: Config) -> Result<Outcome, Error> {
     let held = tokio::select! {
         held = async {
             if config.watch {
-                acquire_watching(&lease_api, &claimant, &config.timing).await
+                acquire_watching(lease_api, &claimant, &config.timing).await
             } else {
-                acquire(&lease_api, &claimant, &config.timing).await
+                acquire(lease_api, &claimant, &config.timing).await
             }
         } => held.map_err(Error::Api)?,
         () = sleep_until_opt(wait_deadline) => {
             return Err(Error::WaitTimeout(config.timing.wait_timeout.unwrap_or_default()));
         }
-        sig = wait_for_stop(&mut signals) => {
+        sig = wait_for_stop(signals) => {
             tracing::info!(signal = sig.as_str(), "stopping before the lease was acquired");
             return Ok(Outcome::Interrupted(sig as i32));
         }
     };
+    logging::set_holder(Some(&config.identity));
+    outside.metrics.acquired();
+    outside.events.regarding(&held.lease);
+    outside.events.publish(LeaseEvent::Acquired, "");
+    let heartbeat = outside
+        .statsd
+        .as_ref()
+        .and_then(|s| s.heartbeat(config.timing.retry_period));
 
     // Leading: renew in the background, run the command.
     let (state_tx, mut state) = watch::channel(LeaseState::Held(held.clone()));
-    let renewer = tokio::spawn(renew(
-        lease_api.clone(),
-        owned.clone(),
-        held.clone(),
-        state_tx,
-    ));
-    let command = build_command(&config, &namespace, held.transitions());
-    let child = match child::spawn(command).await {
+    let renewer = tokio::spawn(
+        renew(
+            lease_api.clone(),
+            owned.clone(),
+            held.clone(),
+            state_tx,
+            outside.metrics.clone(),
+        )
+        .in_current_span(),
+    );
+    let process = build_command(config, command, namespace, held.transitions());
+    let child = match child::spawn(process).await {
         Ok(child) => child,
         Err(e) => {
             renewer.abort();
+            if let Some(h) = heartbeat {
+                h.abort();
+            }
             let last = state.borrow().held().clone();
-            if config.release {
-                release(&lease_api, &claimant, &config, last).await;
+            outside.metrics.left();
+            if config.release && release(lease_api, &claimant, config, last).await {
+                outside.events.publish(LeaseEvent::Released, "");
             }
             return Err(Error::Spawn {
-                program: config.command.program.display().to_string(),
+                program: command.program.display().to_string(),
                 error: e,
             });
         }
     };
-    tracing::info!(pid = child.pid.as_raw(), command = ?config.command.name, transitions = held.transitions(), "acquired the lease; command started");
+    outside.metrics.child(true);
+    tracing::info!(pid = child.pid.as_raw(), command = ?command.name, transitions = held.transitions(), "acquired the lease; command started");
 
-    let (status, lost) = lead(&config, child, &mut reaper, &mut signals, &mut state).await;
+    let (status, lost) = lead(config, child, reaper, signals, &mut state).await;
     tracing::info!(%status, "command exited");
 
     // The command is gone; stop anything left in its group before the lease is handed over.
     child.reclaim_terminal();
     child.signal_group(Signal::SIGKILL);
     let group_gone = wait_group_gone(child, Instant::now() + GROUP_EXIT_TIMEOUT).await;
+    outside.metrics.child(false);
     renewer.abort();
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
     let last = state.borrow().held().clone();
+    outside.metrics.left();
 
     if let Some(reason) = lost {
+        outside.events.publish(LeaseEvent::Lost, &reason);
         return Err(Error::Lost(reason));
     }
     if !group_gone {
@@ -121,7 +202,10 @@ pub async fn run(config: Config) -> Result<Outcome, Error> {
             "processes of the command's group survived SIGKILL; not releasing the lease, it will expire"
         );
     } else if config.release {
-        release(&lease_api, &claimant, &config, last).await;
+        if release(lease_api, &claimant, config, last).await {
+            logging::set_holder(None);
+            outside.events.publish(LeaseEvent::Released, "");
+        }
     } else {
         tracing::info!("keeping the lease claimed (--no-release); it expires unless renewed");
     }
@@ -224,7 +308,8 @@ async fn wait_group_gone(child: Child, deadline: Instant) -> bool {
 }
 
 /// Releases the Lease if it is still ours: holder cleared, conditioned on the resourceVersion.
-async fn release(api: &LeaseApi, me: &Claimant<'_>, config: &Config, last: Held) {
+/// Returns whether it was released.
+async fn release(api: &LeaseApi, me: &Claimant<'_>, config: &Config, last: Held) -> bool {
     let timeout = config.timing.request_timeout();
     let mut lease = last.lease;
     for _ in 0..3 {
@@ -234,7 +319,7 @@ async fn release(api: &LeaseApi, me: &Claimant<'_>, config: &Config, last: Held)
         {
             Ok(_) => {
                 tracing::info!("released the lease");
-                return;
+                return true;
             }
             Err(ApiError::Conflict) => match api.get(timeout).await {
                 Ok(Some(current))
@@ -244,27 +329,33 @@ async fn release(api: &LeaseApi, me: &Claimant<'_>, config: &Config, last: Held)
                 }
                 Ok(_) => {
                     tracing::info!("the lease is no longer ours; nothing to release");
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot release the lease; it will expire");
-                    return;
+                    return false;
                 }
             },
-            Err(ApiError::NotFound) => return,
+            Err(ApiError::NotFound) => return false,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot release the lease; it will expire");
-                return;
+                return false;
             }
         }
     }
+    false
 }
 
-fn build_command(config: &Config, namespace: &str, transitions: i32) -> std::process::Command {
-    let mut command = std::process::Command::new(&config.command.program);
-    command
-        .arg0(&config.command.name)
-        .args(&config.command.args)
+fn build_command(
+    config: &Config,
+    command: &Command,
+    namespace: &str,
+    transitions: i32,
+) -> std::process::Command {
+    let mut process = std::process::Command::new(&command.program);
+    process
+        .arg0(&command.name)
+        .args(&command.args)
         .env("LEASE_EXEC_LEASE", &config.lease)
         .env("LEASE_EXEC_NAMESPACE", namespace)
         .env("LEASE_EXEC_IDENTITY", &config.identity)
@@ -272,7 +363,7 @@ fn build_command(config: &Config, namespace: &str, transitions: i32) -> std::pro
         .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
-    command
+    process
 }
 
 use std::os::unix::process::CommandExt;

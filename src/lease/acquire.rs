@@ -110,6 +110,7 @@ impl Narrator {
             self.warned_record = Some(record.clone());
         }
         if self.shown_holder.as_deref() != Some(holder) {
+            crate::logging::set_holder(Some(holder));
             tracing::info!(holder, "waiting: the lease is held by another identity");
             self.shown_holder = Some(holder.to_string());
         }

@@ -61,7 +61,13 @@ impl Owned {
 
 /// Renews until another holder shows up (then publishes [`LeaseState::Lost`] and returns) or until
 /// the task is dropped.
-pub async fn renew(api: LeaseApi, me: Owned, held: Held, state: watch::Sender<LeaseState>) {
+pub async fn renew(
+    api: LeaseApi,
+    me: Owned,
+    held: Held,
+    state: watch::Sender<LeaseState>,
+    metrics: std::sync::Arc<crate::telemetry::Metrics>,
+) {
     let claimant = me.claimant();
     let timing = me.timing;
     let mut held = held;
@@ -81,6 +87,10 @@ pub async fn renew(api: LeaseApi, me: Owned, held: Held, state: watch::Sender<Le
                     .min(std::time::Duration::from_millis(100)),
             );
         let result = write(&api, &claimant, &held, timeout).await;
+        metrics.renewal(
+            matches!(result, Ok(_) | Err(Failure::Refreshed(_))),
+            started.elapsed(),
+        );
         match result {
             Ok(lease) => {
                 if failing > 0 {
@@ -96,6 +106,7 @@ pub async fn renew(api: LeaseApi, me: Owned, held: Held, state: watch::Sender<Le
             }
             Err(Failure::Taken(reason)) => {
                 tracing::warn!(%reason, "leadership lost");
+                crate::logging::set_holder(None);
                 let _ = state.send(LeaseState::Lost { reason, last: held });
                 return;
             }

@@ -1,0 +1,236 @@
+//! `lease-exec --status LEASE`: the Lease as a person (or a script, with `--output json`) wants to
+//! read it.
+//!
+//! "Renewed N s ago" and "expires in N s" compare `renewTime` with this machine's wall clock: fine
+//! for reading, and the only thing that can be said from a single read, but never used to decide
+//! anything (see [`crate::lease::decide`]).
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use serde_json::{Value, json};
+
+use crate::cli::OutputFormat;
+use crate::config::Config;
+use crate::error::{Error, Outcome};
+use crate::lease::Record;
+use crate::lease::api::{self, LeaseApi};
+
+/// The facts shown.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    /// Lease name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// `held`, `expired`, `released` or `absent`.
+    pub state: &'static str,
+    /// `spec.holderIdentity`.
+    pub holder: Option<String>,
+    /// Whether the holder is this process's `--identity`.
+    pub is_this_identity: bool,
+    /// `spec.acquireTime`.
+    pub acquired: Option<Timestamp>,
+    /// `spec.renewTime`.
+    pub renewed: Option<Timestamp>,
+    /// Seconds since `renewTime` by the local clock.
+    pub renewed_ago: Option<f64>,
+    /// Seconds until `renewTime + leaseDurationSeconds` by the local clock (negative: past).
+    pub expires_in: Option<f64>,
+    /// `spec.leaseDurationSeconds`.
+    pub duration_secs: Option<i32>,
+    /// `spec.leaseTransitions`.
+    pub transitions: i32,
+    /// The owner Pod's name.
+    pub owner_pod: Option<String>,
+}
+
+impl Status {
+    /// What `lease` says at `now`, from the point of view of `identity`.
+    pub fn of(
+        name: &str,
+        namespace: &str,
+        lease: Option<&Lease>,
+        identity: &str,
+        now: Timestamp,
+    ) -> Status {
+        let Some(lease) = lease else {
+            return Status {
+                name: name.into(),
+                namespace: namespace.into(),
+                state: "absent",
+                holder: None,
+                is_this_identity: false,
+                acquired: None,
+                renewed: None,
+                renewed_ago: None,
+                expires_in: None,
+                duration_secs: None,
+                transitions: 0,
+                owner_pod: None,
+            };
+        };
+        let record = Record::of(lease);
+        let renewed_ago = record
+            .renew_time
+            .map(|t| now.duration_since(t).as_secs_f64());
+        let expires_in = match (renewed_ago, record.duration_secs) {
+            (Some(ago), Some(d)) => Some(f64::from(d) - ago),
+            _ => None,
+        };
+        let state = match (&record.holder, expires_in) {
+            (None, _) => "released",
+            (Some(_), Some(left)) if left <= 0.0 => "expired",
+            _ => "held",
+        };
+        Status {
+            name: name.into(),
+            namespace: namespace.into(),
+            state,
+            is_this_identity: record.holder.as_deref() == Some(identity),
+            holder: record.holder,
+            acquired: record.acquire_time,
+            renewed: record.renew_time,
+            renewed_ago,
+            expires_in,
+            duration_secs: record.duration_secs,
+            transitions: record.transitions,
+            owner_pod: lease
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|r| r.kind == "Pod")
+                .map(|r| r.name.clone()),
+        }
+    }
+
+    /// For scripts.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "name": self.name,
+            "namespace": self.namespace,
+            "state": self.state,
+            "holder": self.holder,
+            "isThisIdentity": self.is_this_identity,
+            "acquireTime": self.acquired.map(|t| t.to_string()),
+            "renewTime": self.renewed.map(|t| t.to_string()),
+            "renewedSecondsAgo": self.renewed_ago.map(round1),
+            "expiresInSeconds": self.expires_in.map(round1),
+            "leaseDurationSeconds": self.duration_secs,
+            "leaseTransitions": self.transitions,
+            "ownerPod": self.owner_pod,
+        })
+    }
+
+    /// For people.
+    pub fn to_text(&self) -> String {
+        let mut out = format!("Lease {}/{}: {}\n", self.namespace, self.name, self.state);
+        if self.state == "absent" {
+            out.push_str("  it does not exist yet; the first candidate creates it\n");
+            return out;
+        }
+        let holder = match &self.holder {
+            Some(h) if self.is_this_identity => format!("{h} (this identity)"),
+            Some(h) => h.clone(),
+            None => "none (released)".into(),
+        };
+        out.push_str(&format!("  holder:       {holder}\n"));
+        if let Some(t) = self.acquired {
+            out.push_str(&format!("  acquired at:  {t}\n"));
+        }
+        match (self.renewed, self.renewed_ago) {
+            (Some(t), Some(ago)) => {
+                out.push_str(&format!("  renewed:      {} ago ({t})\n", secs(ago)))
+            }
+            _ => out.push_str("  renewed:      never\n"),
+        }
+        let expiry = match (self.state, self.expires_in) {
+            ("released", _) => "released: the next candidate takes over at once".to_string(),
+            (_, Some(left)) if left > 0.0 => format!("in {}", secs(left)),
+            (_, Some(left)) => format!("expired {} ago", secs(-left)),
+            _ => "unknown (no renewTime or leaseDurationSeconds)".to_string(),
+        };
+        out.push_str(&format!("  expires:      {expiry}\n"));
+        if let Some(d) = self.duration_secs {
+            out.push_str(&format!("  duration:     {d}s\n"));
+        }
+        out.push_str(&format!("  transitions:  {}\n", self.transitions));
+        out.push_str(&format!(
+            "  owner Pod:    {}\n",
+            self.owner_pod.as_deref().unwrap_or("none")
+        ));
+        out
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn secs(x: f64) -> String {
+    format!("{:.1}s", x.max(0.0))
+}
+
+/// Reads the Lease once and prints it.
+pub async fn run(config: &Config, format: OutputFormat) -> Result<Outcome, Error> {
+    let (client, kube_namespace) = api::client(&config.access, config.timing.request_timeout())
+        .await
+        .map_err(Error::Access)?;
+    let namespace = config.namespace.clone().unwrap_or(kube_namespace);
+    let lease_api = LeaseApi::new(client, &namespace, &config.lease);
+    let lease = lease_api
+        .get(config.timing.request_timeout())
+        .await
+        .map_err(Error::Api)?;
+    let status = Status::of(
+        &config.lease,
+        &namespace,
+        lease.as_ref(),
+        &config.identity,
+        Timestamp::now(),
+    );
+    match format {
+        OutputFormat::Text => print!("{}", status.to_text()),
+        OutputFormat::Json => println!("{}", status.to_json()),
+    }
+    Ok(Outcome::Child(crate::exit::ChildStatus::Exited(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+
+    fn lease(holder: Option<&str>, renewed: i64, duration: i32) -> Lease {
+        Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(str::to_string),
+                renew_time: Some(MicroTime(Timestamp::from_second(renewed).unwrap())),
+                lease_duration_seconds: Some(duration),
+                lease_transitions: Some(3),
+                ..LeaseSpec::default()
+            }),
+            ..Lease::default()
+        }
+    }
+
+    #[test]
+    fn held_expired_released_and_absent() {
+        let now = Timestamp::from_second(1000).unwrap();
+        let held = Status::of("l", "ns", Some(&lease(Some("a"), 995, 15)), "me", now);
+        assert_eq!(held.state, "held");
+        assert_eq!(held.expires_in, Some(10.0));
+        assert!(held.to_text().contains("in 10.0s"));
+        let expired = Status::of("l", "ns", Some(&lease(Some("a"), 900, 15)), "me", now);
+        assert_eq!(expired.state, "expired");
+        assert!(expired.to_text().contains("expired 85.0s ago"));
+        let released = Status::of("l", "ns", Some(&lease(None, 999, 1)), "me", now);
+        assert_eq!(released.state, "released");
+        let mine = Status::of("l", "ns", Some(&lease(Some("me"), 999, 15)), "me", now);
+        assert!(mine.is_this_identity);
+        assert!(mine.to_text().contains("me (this identity)"));
+        let absent = Status::of("l", "ns", None, "me", now);
+        assert_eq!(absent.to_json()["state"], "absent");
+    }
+}
