@@ -168,15 +168,24 @@ async fn handoff(binary: &Path) {
     for contenders in [3usize, 10] {
         for (mode, extra) in [("watch", &[][..]), ("--no-watch", &["--no-watch"][..])] {
             let bench = Bench::new(binary).await;
-            let mut running: Vec<Child> = (0..contenders)
-                .map(|i| bench.contender(&format!("c{i}"), 0.05, extra))
+            let mut running: Vec<(Child, Option<usize>)> = (0..contenders)
+                .map(|i| (bench.contender(&format!("c{i}"), 0.05, extra), None))
                 .collect();
-            let deadline = Instant::now() + Duration::from_secs(600);
+            let deadline = Instant::now() + Duration::from_secs(900);
             while bench.starts().len() <= HANDOFFS {
                 assert!(Instant::now() < deadline, "handoffs too slow");
-                for (i, child) in running.iter_mut().enumerate() {
-                    if let Ok(Some(_)) = child.try_wait() {
-                        *child = bench.contender(&format!("c{i}-{}", mono_ns()), 0.05, extra);
+                let starts = bench.starts().len();
+                for (i, (child, exited)) in running.iter_mut().enumerate() {
+                    // Restart an exited contender (as the kubelet would) only once the next worker
+                    // has started: each handoff is made by followers that were already waiting,
+                    // not by a fresh process that happens to read the released lease first.
+                    match exited {
+                        None if matches!(child.try_wait(), Ok(Some(_))) => *exited = Some(starts),
+                        Some(at) if starts > *at => {
+                            *child = bench.contender(&format!("c{i}-{}", mono_ns()), 0.05, extra);
+                            *exited = None;
+                        }
+                        _ => {}
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -206,7 +215,7 @@ async fn handoff(binary: &Path) {
                 percentile(&latencies, 99.0),
                 latencies.last().unwrap()
             );
-            for child in &mut running {
+            for (child, _) in &mut running {
                 let _ = child.start_kill();
             }
         }

@@ -164,7 +164,7 @@ pub struct Cli {
     pub log_format: LogFormat,
 
     /// Write the man page or a shell completion script to stdout and exit
-    #[arg(long, value_enum, hide = true, exclusive = true)]
+    #[arg(long, value_enum, hide = true)]
     pub generate: Option<Generate>,
 
     /// Path to a kubeconfig file [default: KUBECONFIG, else ~/.kube/config; in a pod, the
@@ -213,7 +213,24 @@ pub fn generate(what: Generate, out: &mut dyn std::io::Write) -> std::io::Result
     use clap::CommandFactory;
     let mut command = Cli::command();
     match what {
-        Generate::Man => clap_mangen::Man::new(command).render(out),
+        Generate::Man => {
+            command.build();
+            let environment = environment_section(&command);
+            let man = clap_mangen::Man::new(command);
+            man.render_title(out)?;
+            man.render_name_section(out)?;
+            man.render_synopsis_section(out)?;
+            man.render_description_section(out)?;
+            man.render_options_section(out)?;
+            out.write_all(environment.as_bytes())?;
+            // The examples and the exit-code table are laid out by hand: keep them unfilled.
+            let escaped = AFTER_LONG_HELP.replace('\\', "\\\\").replace('-', "\\-");
+            write!(
+                out,
+                ".SH \"EXAMPLES AND EXIT CODES\"\n.nf\n{escaped}\n.fi\n"
+            )?;
+            man.render_version_section(out)
+        }
         Generate::Bash => {
             clap_complete::generate(clap_complete::Shell::Bash, &mut command, "lease-exec", out);
             Ok(())
@@ -227,6 +244,28 @@ pub fn generate(what: Generate, out: &mut dyn std::io::Write) -> std::io::Result
             Ok(())
         }
     }
+}
+
+/// The ENVIRONMENT section of the man page: each option's variable (clap_mangen leaves them out).
+fn environment_section(command: &clap::Command) -> String {
+    let escape = |text: &str| text.replace('\\', "\\\\").replace('-', "\\-");
+    let mut roff =
+        String::from(".SH ENVIRONMENT\nEvery option can be set from an environment variable:\n");
+    for arg in command.get_arguments() {
+        let Some(env) = arg.get_env() else { continue };
+        let name = match arg.get_long() {
+            Some(long) => format!("\\-\\-{}", escape(long)),
+            None => format!("<{}>", arg.get_id()),
+        };
+        roff.push_str(&format!(
+            ".TP\n\\fB{}\\fR\n{}\n",
+            escape(&env.to_string_lossy()),
+            name
+        ));
+    }
+    roff.push_str(".TP\n\\fBRUST_LOG\\fR\nlog filter (default \\fIinfo\\fR)\n");
+    roff.push_str(".TP\n\\fBPOD_NAME\\fR, \\fBPOD_NAMESPACE\\fR, \\fBPOD_UID\\fR\nfrom the downward API: identity prefix, default namespace, owner reference of the Lease\n");
+    roff
 }
 
 /// Parses human durations (`500ms`, `15s`, `2m`) with `humantime`.

@@ -8,6 +8,13 @@ use std::time::Duration;
 
 use crate::cli::{Cli, LogFormat, OutputFormat};
 
+/// The downward-API variables lease-exec reads: the Pod's name (identity prefix and owner), its
+/// namespace (the Lease's default namespace) and its uid (owner reference).
+pub const POD_ENV: [&str; 3] = [POD_NAME, POD_NAMESPACE, POD_UID];
+const POD_NAME: &str = "POD_NAME";
+const POD_NAMESPACE: &str = "POD_NAMESPACE";
+const POD_UID: &str = "POD_UID";
+
 /// Where the in-cluster service-account namespace is mounted.
 pub const SERVICE_ACCOUNT_NAMESPACE: &str =
     "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
@@ -280,7 +287,7 @@ impl Config {
 
         let namespace = match cli.namespace {
             Some(ns) => Some(ns),
-            None => non_empty(env("POD_NAMESPACE")).or_else(|| {
+            None => non_empty(env(POD_NAMESPACE)).or_else(|| {
                 std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
                     .ok()
                     .map(|s| s.trim().to_string())
@@ -301,7 +308,7 @@ impl Config {
             None => default_identity(env),
         };
 
-        let owner = match (non_empty(env("POD_NAME")), non_empty(env("POD_UID"))) {
+        let owner = match (non_empty(env(POD_NAME)), non_empty(env(POD_UID))) {
             (Some(name), Some(uid)) => Some(PodOwner { name, uid }),
             _ => None,
         };
@@ -365,7 +372,7 @@ fn non_empty(value: Option<String>) -> Option<String> {
 /// `POD_NAME` (else the hostname) plus a random suffix, so that a second process in the same pod
 /// (say, started with `kubectl exec`) never shares the identity of the first.
 fn default_identity(env: EnvLookup<'_>) -> String {
-    let base = non_empty(env("POD_NAME"))
+    let base = non_empty(env(POD_NAME))
         .or_else(|| {
             nix::unistd::gethostname()
                 .ok()

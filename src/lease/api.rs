@@ -13,6 +13,13 @@ use crate::config::Access;
 /// makes about one request per this period.
 pub const WATCH_SECONDS: u32 = 290;
 
+/// Verbs lease-exec uses on `coordination.k8s.io` leases (`deploy/rbac.yaml` grants exactly these).
+pub const LEASE_VERBS: [&str; 4] = ["get", "create", "update", "watch"];
+
+/// Verbs lease-exec uses on `events.k8s.io` events: the event recorder creates an event, and
+/// patches it into a series when the same event repeats.
+pub const EVENT_VERBS: [&str; 2] = ["create", "patch"];
+
 /// The RBAC rule lease-exec needs, quoted in authorization errors.
 pub const RBAC_RULE: &str =
     "apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, create, update, watch]";
@@ -357,6 +364,11 @@ pub async fn client(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_quoted_rule_lists_the_lease_verbs() {
+        assert!(RBAC_RULE.ends_with(&format!("verbs: [{}]", LEASE_VERBS.join(", "))));
+    }
 
     #[test]
     fn unparsable_fields_are_dropped_and_named() {

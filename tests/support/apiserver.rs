@@ -593,6 +593,25 @@ current-context: memory
                 inner.events.push(object.clone());
                 json_response(201, object)
             }
+            Route::PatchEvent { name } => {
+                let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+                    return status_response(400, "BadRequest", "body is not JSON");
+                };
+                let mut inner = self.inner.lock().unwrap();
+                let Some(event) = inner
+                    .events
+                    .iter_mut()
+                    .find(|e| e["metadata"]["name"].as_str() == Some(name.as_str()))
+                else {
+                    return status_response(
+                        404,
+                        "NotFound",
+                        &format!("events.events.k8s.io \"{name}\" not found"),
+                    );
+                };
+                merge_patch(event, &patch);
+                json_response(200, event.clone())
+            }
         }
     }
 
@@ -844,7 +863,8 @@ fn second_now() -> String {
     format_time(now.as_secs(), None)
 }
 
-fn format_time(secs: u64, micros: Option<u32>) -> String {
+/// Seconds since the epoch as an RFC 3339 UTC time (with microseconds when given).
+pub fn format_time(secs: u64, micros: Option<u32>) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Civil-from-days (Howard Hinnant).
@@ -874,6 +894,7 @@ enum Route {
     Patch { ns: String, name: String },
     Delete { ns: String, name: String },
     CreateEvent { ns: String },
+    PatchEvent { name: String },
 }
 
 impl Route {
@@ -888,6 +909,7 @@ impl Route {
             Route::Patch { .. } => "patch",
             Route::Delete { .. } => "delete",
             Route::CreateEvent { .. } => "create-event",
+            Route::PatchEvent { .. } => "patch-event",
         }
     }
 
@@ -1007,6 +1029,21 @@ impl Route {
             | ("POST", ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
                 Route::CreateEvent { ns: ns.to_string() }
             }
+            ("PATCH", ["api", "v1", "namespaces", _, "events", name])
+            | (
+                "PATCH",
+                [
+                    "apis",
+                    "events.k8s.io",
+                    "v1",
+                    "namespaces",
+                    _,
+                    "events",
+                    name,
+                ],
+            ) => Route::PatchEvent {
+                name: name.to_string(),
+            },
             _ => Route::NotFound,
         }
     }

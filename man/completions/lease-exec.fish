@@ -1,0 +1,26 @@
+complete -c lease-exec -s n -l namespace -d 'Namespace of the Lease [default: POD_NAMESPACE, else the in-cluster service-account namespace, else the kubeconfig context\'s namespace, else `default`]' -r
+complete -c lease-exec -l identity -d 'Holder identity written to the Lease [default: POD_NAME (else the hostname) plus a random suffix, unique per process]. A stable identity lets a restarted process resume its leadership at once; it is then your promise that no two live processes share it' -r
+complete -c lease-exec -l lease-duration -d 'leaseDurationSeconds written to the Lease: how long others wait after the last renewal (whole seconds)' -r
+complete -c lease-exec -l renew-deadline -d 'How long renewals may keep failing before leadership counts as lost' -r
+complete -c lease-exec -l retry-period -d 'Renew interval, and retry interval while waiting' -r
+complete -c lease-exec -l grace-period -d 'Time the command gets between SIGTERM and SIGKILL. On lost leadership it is cut short so the command is dead before the Lease can expire for others' -r
+complete -c lease-exec -l wait-timeout -d 'Give up (exit 124) if not leader by then [default: wait forever]' -r
+complete -c lease-exec -s o -l output -d 'Output of --status' -r -f -a "text\t'For people'
+json\t'One JSON object, for scripts'"
+complete -c lease-exec -l metrics-addr -d 'Serve Prometheus metrics on /metrics, liveness on /healthz and leadership on /leader at this address (e.g. `0.0.0.0:9090`) [default: off]' -r
+complete -c lease-exec -l statsd-addr -d 'Send the statsd counter `<prefix>.leader_running` every retry period while leading [default: off]' -r
+complete -c lease-exec -l statsd-prefix -d 'Prefix of statsd metric names' -r
+complete -c lease-exec -l log-format -d 'Log format on stderr; filter with RUST_LOG' -r -f -a "text\t'One line per event'
+json\t'One JSON object per line'"
+complete -c lease-exec -l generate -d 'Write the man page or a shell completion script to stdout and exit' -r -f -a "man\t'The man page (roff)'
+bash\t'bash completion'
+zsh\t'zsh completion'
+fish\t'fish completion'"
+complete -c lease-exec -l kubeconfig -d 'Path to a kubeconfig file [default: KUBECONFIG, else ~/.kube/config; in a pod, the in-cluster config]' -r -F
+complete -c lease-exec -l context -d 'Kubeconfig context to use [default: the current context]' -r
+complete -c lease-exec -l no-release -d 'Keep the Lease claimed at exit instead of releasing it for the next candidate'
+complete -c lease-exec -l no-watch -d 'Poll the Lease every retry period while waiting instead of watching it (for API servers or proxies that break watches)'
+complete -c lease-exec -l status -d 'Print the Lease as a person wants to read it (holder, renewed, expires, transitions, owner) and exit 0; no command is run'
+complete -c lease-exec -l no-events -d 'Do not record Kubernetes Events on the Lease when it is acquired, lost or released'
+complete -c lease-exec -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c lease-exec -s V -l version -d 'Print version'

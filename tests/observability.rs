@@ -1,0 +1,372 @@
+//! Metrics and probes over real HTTP, statsd packets, Kubernetes Events, JSON logs, `--status`.
+
+mod support;
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` over HTTP/1.0; returns (status, body).
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Polls `path` until `check` holds for (status, body).
+async fn until(port: u16, path: &str, what: &str, check: impl Fn(u16, &str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        if let Some((status, body)) = http_get(port, path).await
+            && check(status, &body)
+        {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what} on {path}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn with(world: &World, identity: &str, extra: &[String]) -> Running {
+    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+    args.extend(extra.iter().cloned());
+    args.extend(["--identity", identity, "job", "--", "python3"].map(String::from));
+    args.extend([
+        world.worker().display().to_string(),
+        world.journal().display().to_string(),
+        "-1".into(),
+        "0".into(),
+    ]);
+    world.lease_exec(args).spawn()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_probes_follow_leadership() {
+    let world = World::start().await;
+    let (p1, p2) = (free_port(), free_port());
+    let mut leader = with(
+        &world,
+        "one",
+        &["--metrics-addr".into(), format!("127.0.0.1:{p1}")],
+    );
+    let body = until(p1, "/metrics", "leadership", |s, b| {
+        s == 200 && metric(b, "lease_exec_is_leader") == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        metric(&body, "lease_exec_child_running"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, "lease_exec_leader_transitions_total"),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        body.contains(r#"lease_exec_lease_info{lease="job",namespace="default",identity="one"} 1"#),
+        "{body}"
+    );
+    let body = until(p1, "/metrics", "renewals", |_, b| {
+        metric(b, "lease_exec_renewals_total").unwrap_or(0.0) >= 2.0
+    })
+    .await;
+    assert!(
+        body.contains("lease_exec_renewal_duration_seconds_bucket"),
+        "{body}"
+    );
+    assert_eq!(http_get(p1, "/leader").await.unwrap().0, 200);
+    assert_eq!(http_get(p1, "/healthz").await.unwrap().0, 200);
+
+    let follower = with(
+        &world,
+        "two",
+        &["--metrics-addr".into(), format!("127.0.0.1:{p2}")],
+    );
+    until(p2, "/leader", "the follower not leading", |s, _| s == 503).await;
+    assert_eq!(
+        http_get(p2, "/healthz").await.unwrap().0,
+        200,
+        "waiting is healthy"
+    );
+    let body = http_get(p2, "/metrics").await.unwrap().1;
+    assert_eq!(metric(&body, "lease_exec_is_leader"), Some(0.0), "{body}");
+
+    // Renewals failing: the leader's liveness probe says so, then recovers.
+    world.server.deny("update", 503);
+    until(p1, "/healthz", "unhealthy while renewals fail", |s, _| {
+        s == 503
+    })
+    .await;
+    world.server.allow("update");
+    until(p1, "/healthz", "healthy again", |s, _| s == 200).await;
+    let body = http_get(p1, "/metrics").await.unwrap().1;
+    assert!(
+        metric(&body, "lease_exec_renewal_failures_total").unwrap() >= 1.0,
+        "{body}"
+    );
+
+    // Handoff: the follower's probes flip.
+    leader.signal(Signal::SIGTERM);
+    leader.wait(LIMIT).await;
+    until(p2, "/leader", "the follower leading", |s, _| s == 200).await;
+    let body = http_get(p2, "/metrics").await.unwrap().1;
+    assert_eq!(metric(&body, "lease_exec_is_leader"), Some(1.0));
+    follower.signal(Signal::SIGTERM);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statsd_heartbeat_while_leading() {
+    let world = World::start().await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let mut running = with(
+        &world,
+        "one",
+        &[
+            "--statsd-addr".into(),
+            addr.to_string(),
+            "--statsd-prefix".into(),
+            "test".into(),
+        ],
+    );
+    let mut buf = [0u8; 512];
+    for _ in 0..2 {
+        let (n, _) = tokio::time::timeout(LIMIT, socket.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&buf[..n]).unwrap(),
+            "test.leader_running:1|c"
+        );
+    }
+    running.signal(Signal::SIGTERM);
+    running.wait(LIMIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_statsd_changes_nothing() {
+    let world = World::start().await;
+    // Nobody listens on this port.
+    let port = free_port();
+    let (code, log) = world
+        .contender("job", "one", 0.6, 0)
+        .env("LEASE_EXEC_STATSD_ADDR", format!("127.0.0.1:{port}"))
+        .run(LIMIT)
+        .await;
+    assert_eq!(code, 0, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_record_acquire_release_and_loss() {
+    let world = World::start().await;
+    let (code, log) = world.contender("job", "one", 0.2, 0).run(LIMIT).await;
+    assert_eq!(code, 0, "{log}");
+    let events = world.server.events();
+    let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
+    assert_eq!(reasons, ["LeaderElection", "LeaseReleased"], "{events:#?}");
+    assert_eq!(events[0]["note"], "one became leader");
+    assert_eq!(events[0]["regarding"]["kind"], "Lease");
+    assert_eq!(events[0]["regarding"]["name"], "job");
+
+    let mut running = with(&world, "two", &[]);
+    wait_for(LIMIT, "leadership", || {
+        world.server.holder(NS, "job").as_deref() == Some("two")
+    })
+    .await;
+    world.server.steal(NS, "job", "thief", 30);
+    running.wait(LIMIT).await;
+    let events = world.server.events();
+    let lost = events
+        .iter()
+        .find(|e| e["reason"] == "LeadershipLost")
+        .expect("a loss event");
+    assert_eq!(lost["type"], "Warning");
+    assert!(lost["note"].as_str().unwrap().contains("thief"), "{lost}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_events_are_logged_once_and_ignored() {
+    let world = World::start().await;
+    world.server.deny("create-event", 403);
+    let (code, log) = world.contender("job", "one", 0.2, 0).run(LIMIT).await;
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(
+        log.matches("cannot record Events (403)").count(),
+        1,
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_events_records_none() {
+    let world = World::start().await;
+    let (code, log) = world
+        .contender("job", "one", 0.1, 0)
+        .env("LEASE_EXEC_NO_EVENTS", "true")
+        .run(LIMIT)
+        .await;
+    assert_eq!(code, 0, "{log}");
+    assert!(world.server.events().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_parse() {
+    let world = World::start().await;
+    world.server.steal(NS, "job", "other", 1);
+    let (code, log) = world
+        .contender("job", "one", 0.1, 0)
+        .env("LEASE_EXEC_LOG_FORMAT", "json")
+        .run(LIMIT)
+        .await;
+    assert_eq!(code, 0, "{log}");
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 4, "{log}");
+    for line in &lines {
+        for key in [
+            "timestamp",
+            "level",
+            "message",
+            "lease",
+            "namespace",
+            "identity",
+            "holder",
+        ] {
+            assert!(line.get(key).is_some(), "{key} missing: {line}");
+        }
+        assert_eq!(line["lease"], "job");
+        assert_eq!(line["identity"], "one");
+    }
+    let waiting = lines
+        .iter()
+        .find(|l| l["message"] == "waiting: the lease is held by another identity")
+        .unwrap();
+    assert_eq!(waiting["holder"], "other");
+    let started = lines
+        .iter()
+        .find(|l| l["message"] == "acquired the lease; command started")
+        .unwrap();
+    assert_eq!(started["holder"], "one");
+    assert!(
+        started["pid"].as_i64().is_some(),
+        "event fields are kept: {started}"
+    );
+}
+
+async fn status(world: &World, extra: &[&str]) -> (i32, String) {
+    let mut command = tokio::process::Command::new(BIN);
+    command
+        .args(extra)
+        .args(["--status", "--identity", "me", "job"])
+        .env("KUBECONFIG", &world.kubeconfig)
+        .env_remove("POD_NAME")
+        .env_remove("POD_NAMESPACE");
+    let out = tokio::time::timeout(LIMIT, command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// A MicroTime `seconds` in the past.
+fn ago(seconds: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    apiserver::format_time(now.as_secs() - seconds, Some(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_held_expired_released_and_absent_leases() {
+    let world = World::start().await;
+    let (code, out) = status(&world, &[]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("absent"), "{out}");
+
+    world.server.put_lease(
+        NS,
+        "job",
+        json!({
+            "metadata": {"ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "pod-a", "uid": "u"}]},
+            "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15, "leaseTransitions": 4,
+                     "acquireTime": ago(60), "renewTime": ago(3)}
+        }),
+    );
+    let (code, out) = status(&world, &[]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("Lease default/job: held"), "{out}");
+    assert!(out.contains("holder:       other\n"), "{out}");
+    assert!(out.contains("owner Pod:    pod-a"), "{out}");
+    assert!(out.contains("transitions:  4"), "{out}");
+    assert!(out.contains("expires:      in 1"), "{out}");
+    let (_, out) = status(&world, &["--output", "json"]).await;
+    let json: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["state"], "held");
+    assert_eq!(json["holder"], "other");
+    assert_eq!(json["isThisIdentity"], false);
+    assert_eq!(json["ownerPod"], "pod-a");
+    let left = json["expiresInSeconds"].as_f64().unwrap();
+    assert!((10.0..=12.5).contains(&left), "{json}");
+
+    world.server.put_lease(
+        NS,
+        "job",
+        json!({"spec": {"holderIdentity": "me", "leaseDurationSeconds": 15, "renewTime": ago(100)}}),
+    );
+    let (_, out) = status(&world, &[]).await;
+    assert!(out.contains(": expired"), "{out}");
+    assert!(out.contains("me (this identity)"), "{out}");
+    assert!(out.contains("expired 8"), "{out}");
+
+    world.server.put_lease(
+        NS,
+        "job",
+        json!({"spec": {"leaseDurationSeconds": 1, "renewTime": ago(1)}}),
+    );
+    let (_, out) = status(&world, &["-o", "json"]).await;
+    let json: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["state"], "released");
+    assert_eq!(json["holder"], Value::Null);
+}
