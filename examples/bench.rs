@@ -151,12 +151,19 @@ async fn run(what: &str) {
     }
 }
 
+/// A worker run time between 50 ms and 2.05 s, from the clock's low bits.
+fn run_time() -> f64 {
+    0.05 + (mono_ns() / 1000 % 2000) as f64 / 1000.0
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
 }
 
-/// 1. Graceful handoff: each worker runs 50 ms and exits; lease-exec releases; the next starts.
+/// Graceful handoff: each worker runs 50 ms to 2 s and exits; lease-exec releases; the next
+/// starts. The random run time spreads releases evenly over the followers' 2 s poll cycle, as in
+/// real life; with a fixed one, polling followers fall into step with the handoffs.
 async fn handoff(binary: &Path) {
     const HANDOFFS: usize = 60;
     println!(
@@ -169,7 +176,7 @@ async fn handoff(binary: &Path) {
         for (mode, extra) in [("watch", &[][..]), ("--no-watch", &["--no-watch"][..])] {
             let bench = Bench::new(binary).await;
             let mut running: Vec<(Child, Option<usize>)> = (0..contenders)
-                .map(|i| (bench.contender(&format!("c{i}"), 0.05, extra), None))
+                .map(|i| (bench.contender(&format!("c{i}"), run_time(), extra), None))
                 .collect();
             let deadline = Instant::now() + Duration::from_secs(900);
             while bench.starts().len() <= HANDOFFS {
@@ -182,7 +189,8 @@ async fn handoff(binary: &Path) {
                     match exited {
                         None if matches!(child.try_wait(), Ok(Some(_))) => *exited = Some(starts),
                         Some(at) if starts > *at => {
-                            *child = bench.contender(&format!("c{i}-{}", mono_ns()), 0.05, extra);
+                            *child =
+                                bench.contender(&format!("c{i}-{}", mono_ns()), run_time(), extra);
                             *exited = None;
                         }
                         _ => {}
@@ -238,7 +246,7 @@ async fn handoff(binary: &Path) {
     }
 }
 
-/// 2. Crash failover: SIGKILL the leading lease-exec; time until the next worker starts.
+/// Crash failover: SIGKILL the leading lease-exec; time until the next worker starts.
 async fn crash(binary: &Path) {
     const SAMPLES: usize = 5;
     println!(
@@ -298,7 +306,7 @@ async fn crash(binary: &Path) {
     );
 }
 
-/// 3. API load: requests per minute with 1, 10 and 50 contenders, watch and polling.
+/// API load: requests per minute with 1, 10 and 50 contenders, watch and polling.
 async fn load(binary: &Path) {
     const WINDOW: Duration = Duration::from_secs(30);
     println!(
@@ -336,7 +344,7 @@ async fn load(binary: &Path) {
     }
 }
 
-/// 4. Footprint of lease-exec leading and waiting for 60 s.
+/// Footprint of lease-exec leading and waiting for 60 s.
 async fn footprint(binary: &Path) {
     println!("\n## Footprint over 60 s (release build)\n");
     let bench = Bench::new(binary).await;

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use tracing::Instrument;
 
+use crate::clock;
 use crate::config::{Command, Config};
 use crate::error::{Error, Outcome};
 use crate::exit::ChildStatus;
@@ -228,6 +229,10 @@ async fn lead(
     let mut renewer_done = false;
     let exit = reaper.wait(child);
     tokio::pin!(exit);
+    // Checks the deadlines on CLOCK_BOOTTIME too, which keeps counting while the machine is
+    // suspended (see crate::clock).
+    let mut suspend_check = tokio::time::interval(timing.retry_period);
+    suspend_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let renewed_at = state.borrow().held().renewed_at;
         let lost_at = renewed_at + timing.renew_deadline;
@@ -268,6 +273,20 @@ async fn lead(
                 tracing::warn!(%reason, "leadership lost; stopping the command");
                 begin_stop(child, timing.grace_period, &mut grace_ends);
                 lost = Some(reason);
+            }
+            _ = suspend_check.tick() => {
+                let since = clock::boot_time().saturating_sub(state.borrow().held().renewed_at_boot);
+                if since >= timing.kill_by() && !killed {
+                    tracing::warn!(since_renewal = %humantime::format_duration(since), "the machine was suspended past the safety deadline; killing the command's process group (SIGKILL)");
+                    lost.get_or_insert_with(|| "suspended past the safety deadline".into());
+                    child.signal_group(Signal::SIGKILL);
+                    killed = true;
+                } else if since >= timing.renew_deadline && lost.is_none() {
+                    let reason = "the machine was suspended past --renew-deadline".to_string();
+                    tracing::warn!(%reason, "leadership lost; stopping the command");
+                    begin_stop(child, timing.grace_period, &mut grace_ends);
+                    lost = Some(reason);
+                }
             }
             sig = signals.recv() => {
                 let stopping = grace_ends.is_some();

@@ -99,16 +99,28 @@ async fn a_follower_creates_a_deleted_released_lease_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_deleted_while_held_is_created_when_that_holder_would_have_expired() {
     let world = World::start().await;
-    world.server.steal(NS, "job", "other", 3);
+    let stolen = Instant::now();
+    world.server.steal(NS, "job", "other", 4);
     let running = slow_poller(&world, &[]);
     following(&world, &running).await;
-    let deleted = Instant::now();
     world.server.delete_lease(NS, "job");
-    wait_for(QUICK, "the lease to be created", || started(&world)).await;
-    let waited = deleted.elapsed();
+    wait_for(Duration::from_secs(10), "the lease to be created", || {
+        started(&world)
+    })
+    .await;
+    // The follower saw the holder's record no earlier than it was written, so it must not create
+    // the lease before that record's 4 s had passed: the deleted holder might still be running.
+    let created = world
+        .server
+        .writes()
+        .iter()
+        .find(|w| w.verb == "create")
+        .expect("a create")
+        .at;
     assert!(
-        waited >= Duration::from_millis(1500),
-        "created {waited:?} after the deletion: the deleted holder might still be running"
+        created.duration_since(stolen) >= Duration::from_secs(4),
+        "created {:?} after the holder's last write",
+        created.duration_since(stolen)
     );
     assert!(
         running.stderr().contains("deleted while held"),

@@ -7,7 +7,7 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
 
 use super::api::{ApiError, LeaseApi};
-use super::decide::{Claimant, Decision, Observer, Record, decide};
+use super::decide::{Claimant, Decision, Observer, Record};
 use crate::config::Timing;
 
 /// The Lease as we hold it.
@@ -18,6 +18,8 @@ pub struct Held {
     /// Start of the request that last wrote it successfully, on the monotonic clock. Nobody else
     /// can take the Lease over before `renewed_at + lease_duration`.
     pub renewed_at: Instant,
+    /// The same moment on CLOCK_BOOTTIME, which also counts time the machine spent suspended.
+    pub renewed_at_boot: std::time::Duration,
 }
 
 impl Held {
@@ -124,6 +126,7 @@ pub(crate) async fn try_create(
     timing: &Timing,
 ) -> Result<Option<Held>, ApiError> {
     let started = Instant::now();
+    let started_boot = crate::clock::boot_time();
     let lease = me.create(api.name(), api.namespace(), Timestamp::now());
     match api.create(&lease, timing.request_timeout()).await {
         Ok(lease) => {
@@ -131,6 +134,7 @@ pub(crate) async fn try_create(
             Ok(Some(Held {
                 lease,
                 renewed_at: started,
+                renewed_at_boot: started_boot,
             }))
         }
         Err(ApiError::AlreadyExists) => Ok(None),
@@ -148,6 +152,7 @@ pub(crate) async fn try_claim(
     decision: &Decision,
 ) -> Result<Option<Held>, ApiError> {
     let started = Instant::now();
+    let started_boot = crate::clock::boot_time();
     match api
         .replace(
             &me.claim(current, Timestamp::now()),
@@ -174,6 +179,7 @@ pub(crate) async fn try_claim(
             Ok(Some(Held {
                 lease,
                 renewed_at: started,
+                renewed_at_boot: started_boot,
             }))
         }
         Err(ApiError::Conflict | ApiError::NotFound) => Ok(None),
@@ -196,15 +202,8 @@ async fn attempt(
         });
     };
     let now = Instant::now();
-    let record = Record::of(&current);
-    let observed_at = observer.observe(record.clone(), now);
-    match decide(
-        &record,
-        observed_at,
-        now,
-        me.identity,
-        timing.lease_duration,
-    ) {
+    let (record, decision) = observer.judge(&current, now, me.identity, timing.lease_duration);
+    match decision {
         Decision::Wait { holder, expires_at } => {
             narrator.waiting(&record, &holder, timing);
             Ok(Step::WaitUntil(

@@ -95,6 +95,20 @@ impl Observer {
         }
     }
 
+    /// Observes `lease` at `now` and decides what to do with it.
+    pub fn judge(
+        &mut self,
+        lease: &Lease,
+        now: Instant,
+        identity: &str,
+        fallback: Duration,
+    ) -> (Record, Decision) {
+        let record = Record::of(lease);
+        let observed_at = self.observe(record.clone(), now);
+        let decision = decide(&record, observed_at, now, identity, fallback);
+        (record, decision)
+    }
+
     /// Forgets what was seen (after the Lease is deleted).
     pub fn reset(&mut self) {
         self.last = None;

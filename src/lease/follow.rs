@@ -23,7 +23,7 @@ use tokio::time::{Instant, sleep_until};
 
 use super::acquire::{Held, Narrator, acquire, backoff, try_claim, try_create};
 use super::api::{ApiError, LeaseApi};
-use super::decide::{Claimant, Decision, Observer, Record, decide};
+use super::decide::{Claimant, Decision, Observer, Record};
 use crate::config::Timing;
 
 /// What we know of the Lease.
@@ -130,15 +130,9 @@ async fn follow(
             View::Present(lease) => {
                 let rv = lease.metadata.resource_version.clone().unwrap_or_default();
                 resource_version.clone_from(&rv);
-                let record = Record::of(lease);
-                let observed_at = observer.observe(record.clone(), now);
-                match decide(
-                    &record,
-                    observed_at,
-                    now,
-                    me.identity,
-                    timing.lease_duration,
-                ) {
+                let (record, decision) =
+                    observer.judge(lease, now, me.identity, timing.lease_duration);
+                match decision {
                     Decision::Wait { holder, expires_at } => {
                         narrator.waiting(&record, &holder, timing);
                         next_try = expires_at;

@@ -76,6 +76,7 @@ pub async fn renew(
     loop {
         tokio::time::sleep_until(next).await;
         let started = Instant::now();
+        let started_boot = crate::clock::boot_time();
         let deadline = held.renewed_at + timing.renew_deadline;
         // Never let one request run past the renew deadline.
         let timeout = timing
@@ -100,6 +101,7 @@ pub async fn renew(
                 held = Held {
                     lease,
                     renewed_at: started,
+                    renewed_at_boot: started_boot,
                 };
                 let _ = state.send(LeaseState::Held(held.clone()));
                 next = started + timing.retry_period;
