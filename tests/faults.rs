@@ -168,13 +168,12 @@ async fn a_deleted_lease_is_recreated_and_kept() {
         world.server.holder(NS, "job").as_deref() == Some("me")
     })
     .await;
+    wait_for(LIMIT, "the re-creation to be logged", || {
+        running.stderr().contains("re-created it")
+    })
+    .await;
     assert!(alive(pid));
     assert!(!running.exited());
-    assert!(
-        running.stderr().contains("re-created it"),
-        "{}",
-        running.stderr()
-    );
     running.signal(Signal::SIGTERM);
     running.wait(LIMIT).await;
 }

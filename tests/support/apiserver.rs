@@ -740,8 +740,10 @@ fn line(value: Value) -> Bytes {
 }
 
 fn stamp(object: &mut Value, ns: &str, rv: u64, new: bool) {
-    object["apiVersion"] = json!("coordination.k8s.io/v1");
-    if object.get("kind").is_none() || object["kind"].is_null() {
+    if object.get("apiVersion").and_then(Value::as_str).is_none() {
+        object["apiVersion"] = json!("coordination.k8s.io/v1");
+    }
+    if object.get("kind").and_then(Value::as_str).is_none() {
         object["kind"] = json!("Lease");
     }
     let meta = &mut object["metadata"];
