@@ -84,15 +84,18 @@ async fn metrics_and_probes_follow_leadership() {
         "one",
         &["--metrics-addr".into(), format!("127.0.0.1:{p1}")],
     );
-    let body = until(p1, "/metrics", "leadership", |s, b| {
-        s == 200 && metric(b, "lease_exec_is_leader") == Some(1.0)
-    })
+    // Leadership comes first, then the command starts.
+    let body = until(
+        p1,
+        "/metrics",
+        "leadership and a running command",
+        |s, b| {
+            s == 200
+                && metric(b, "lease_exec_is_leader") == Some(1.0)
+                && metric(b, "lease_exec_child_running") == Some(1.0)
+        },
+    )
     .await;
-    assert_eq!(
-        metric(&body, "lease_exec_child_running"),
-        Some(1.0),
-        "{body}"
-    );
     assert_eq!(
         metric(&body, "lease_exec_leader_transitions_total"),
         Some(1.0),
@@ -110,8 +113,8 @@ async fn metrics_and_probes_follow_leadership() {
         body.contains("lease_exec_renewal_duration_seconds_bucket"),
         "{body}"
     );
-    assert_eq!(http_get(p1, "/leader").await.unwrap().0, 200);
-    assert_eq!(http_get(p1, "/healthz").await.unwrap().0, 200);
+    until(p1, "/leader", "the leader probe", |s, _| s == 200).await;
+    until(p1, "/healthz", "the liveness probe", |s, _| s == 200).await;
 
     let follower = with(
         &world,
