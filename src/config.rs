@@ -340,6 +340,16 @@ impl Config {
                 cli.statsd_prefix
             )));
         }
+        if let Some(addr) = &cli.statsd_addr {
+            let port = addr
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p != 0) {
+                return Err(ConfigError::Usage(format!(
+                    "invalid --statsd-addr {addr:?}: use HOST:PORT, e.g. statsd.monitoring:8125"
+                )));
+            }
+        }
         let observability = Observability {
             metrics_addr: cli.metrics_addr,
             statsd: cli.statsd_addr.map(|addr| (addr, cli.statsd_prefix)),

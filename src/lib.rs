@@ -48,12 +48,13 @@ pub fn main() -> u8 {
             }
         };
     }
-    logging::init(cli.log_format);
+    let log_format = cli.log_format;
+    logging::init(log_format);
     let config = match config::Config::from_cli(cli, &|key| std::env::var(key).ok()) {
         Ok(config) => config,
         Err(e) => {
             let result = Err(Error::Config(e));
-            report(&result);
+            report(&result, log_format);
             return exit_code(&result);
         }
     };
@@ -73,7 +74,7 @@ pub fn main() -> u8 {
             config::Action::Status(format) => status::run(&config, *format).await,
         }
     });
-    report(&result);
+    report(&result, log_format);
     let code = exit_code(&result);
     // Do not wait for in-flight API requests to wind down.
     runtime.shutdown_background();
@@ -117,10 +118,14 @@ fn usage_error(error: clap::Error) -> u8 {
     }
 }
 
-fn report(result: &Result<Outcome, Error>) {
+/// The last word on stderr: one plain line (`lease-exec: ...`), or a JSON log line with
+/// `--log-format json` so that log collectors parse every line.
+fn report(result: &Result<Outcome, Error>, format: cli::LogFormat) {
     if let Err(e) = result {
-        match e {
-            Error::Lost(_) => tracing::error!("{e}"),
+        match (e, format) {
+            (_, cli::LogFormat::Json) | (Error::Lost(_), _) => {
+                tracing::error!(exit_code = exit_code(result), "{e}")
+            }
             _ => eprintln!("lease-exec: {e}"),
         }
     }

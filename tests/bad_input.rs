@@ -195,3 +195,29 @@ async fn a_context_that_does_not_exist_is_reported() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observability_addresses_are_checked() {
+    let world = World::start().await;
+    rejected(
+        &world,
+        world.lease_exec(["--statsd-addr", "statsd", "job", "--", "true"]),
+        exit::USAGE,
+        "--statsd-addr",
+    )
+    .await;
+    rejected(
+        &world,
+        world.lease_exec(["--metrics-addr", "9090", "job", "--", "true"]),
+        exit::USAGE,
+        "--metrics-addr",
+    )
+    .await;
+    rejected(
+        &world,
+        world.lease_exec(["--log-format", "xml", "job", "--", "true"]),
+        exit::USAGE,
+        "--log-format",
+    )
+    .await;
+}

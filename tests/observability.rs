@@ -250,6 +250,28 @@ async fn no_events_records_none() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_final_error_too() {
+    let world = World::start().await;
+    world.server.deny("get", 403);
+    let (code, log) = world
+        .contender("job", "one", 0.1, 0)
+        .env("LEASE_EXEC_LOG_FORMAT", "json")
+        .run(LIMIT)
+        .await;
+    assert_eq!(code, 125, "{log}");
+    let last: Value = serde_json::from_str(log.lines().last().unwrap()).expect("JSON");
+    assert_eq!(last["level"], "error");
+    assert_eq!(last["exit_code"], 125);
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("was refused (403)"),
+        "{last}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_lines_parse() {
     let world = World::start().await;
     world.server.steal(NS, "job", "other", 1);
