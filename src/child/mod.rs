@@ -249,9 +249,19 @@ fn reap(which: Pid, tx: &mpsc::UnboundedSender<(Pid, ChildStatus)>) {
 /// Our direct children, from `/proc/self/task/*/children`.
 fn own_children() -> Option<HashSet<Pid>> {
     let mut pids = HashSet::new();
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let path = task.ok()?.path().join("children");
-        let text = std::fs::read_to_string(path).ok()?;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        // A thread may exit while we scan: skip it. A kernel without CONFIG_PROC_CHILDREN has no
+        // such file at all: the caller then falls back to waitpid(-1).
+        let text = match std::fs::read_to_string(task.path().join("children")) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && pids.is_empty() => {
+                if task.path().exists() {
+                    return None;
+                }
+                continue;
+            }
+            Err(_) => continue,
+        };
         pids.extend(
             text.split_whitespace()
                 .filter_map(|p| p.parse().ok())
