@@ -44,7 +44,10 @@ pub fn set_holder(holder: Option<&str>) {
     context.holder = holder.map(str::to_string);
 }
 
-const DEFAULT_FILTER: &str = "info,kube=warn,hyper=warn,tower=warn,rustls=warn";
+// kube_client::client logs every failed request at ERROR; lease-exec reports the same failure
+// itself, with what it will do about it, so that line is only noise.
+const DEFAULT_FILTER: &str =
+    "info,kube=warn,kube_client::client=off,hyper=warn,tower=warn,rustls=warn";
 
 /// Installs the global subscriber.
 pub fn init(format: LogFormat) {
