@@ -294,10 +294,10 @@ impl Config {
                     .filter(|s| !s.is_empty())
             }),
         };
-        if let Some(ns) = &namespace {
-            if !is_dns_label(ns) {
-                return Err(ConfigError::Namespace(ns.clone()));
-            }
+        if let Some(ns) = &namespace
+            && !is_dns_label(ns)
+        {
+            return Err(ConfigError::Namespace(ns.clone()));
         }
 
         let identity = match cli.identity {

@@ -82,6 +82,18 @@ async fn zero_and_absurd_durations_are_rejected() {
         (&["--grace-period", "1000h"], "--grace-period"),
         (&["--wait-timeout", "0s"], "--wait-timeout"),
         (&["--retry-period=-1s"], "--retry-period"),
+        (&["--lease-duration", "soon"], "--lease-duration"),
+        (
+            &[
+                "--lease-duration",
+                "1500ms",
+                "--renew-deadline",
+                "1s",
+                "--retry-period",
+                "100ms",
+            ],
+            "whole number of seconds",
+        ),
         (
             &["--renew-deadline", "15s"],
             "retry-period < renew-deadline < lease-duration",
@@ -115,6 +127,32 @@ async fn a_command_is_required_after_the_separator() {
     )
     .await;
     rejected(&world, world.lease_exec(["job"]), exit::USAGE, "after `--`").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_command_exits_127() {
+    let world = World::start().await;
+    rejected(
+        &world,
+        world.lease_exec(["job", "--", "no-such-command-anywhere"]),
+        exit::NOT_FOUND,
+        "command not found",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_executable_command_exits_126() {
+    let world = World::start().await;
+    // The worker script is written without the executable bit.
+    let script = world.worker();
+    rejected(
+        &world,
+        world.lease_exec(["job", "--", script.to_str().unwrap()]),
+        exit::NOT_EXECUTABLE,
+        "not executable",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,51 +17,16 @@ const LIMIT: Duration = Duration::from_secs(20);
 /// `--lease-duration` in FAST.
 const LEASE_NS: u64 = 2_000_000_000;
 
-fn starts(world: &World) -> Vec<Entry> {
-    world
-        .journal_entries()
-        .into_iter()
-        .filter(|e| e.what == "start")
-        .collect()
-}
-
 /// Starts a leader running a worker forever and waits until it has renewed at least once.
 async fn leading(world: &World) -> (Running, i32) {
     let running = world.contender("job", "me", -1.0, 0).spawn();
-    wait_for(LIMIT, "the worker to start", || !starts(world).is_empty()).await;
-    let pid = starts(world)[0].pid;
-    let renewed = world.server.writes().len();
-    wait_for(LIMIT, "a renewal", || world.server.writes().len() > renewed).await;
+    let pid = world.wait_leading().await;
     (running, pid)
 }
 
-/// Waits for the worker to die and lease-exec to exit 75, and checks the worker died before the
-/// lease could expire for anyone else.
-async fn assert_safe(world: &World, mut running: Running, pid: i32) -> String {
-    let mut died_ns = 0;
-    wait_for(Duration::from_secs(5), "the worker to die", || {
-        if alive(pid) {
-            false
-        } else {
-            died_ns = mono_ns();
-            true
-        }
-    })
-    .await;
-    let code = running.wait(LIMIT).await;
-    let log = running.stderr();
-    assert_eq!(code, i32::from(exit::LOST), "log:\n{log}");
-    let last = world
-        .server
-        .last_write_by("me")
-        .expect("renewed at least once");
-    let expiry = last.at_ns + LEASE_NS;
-    assert!(
-        died_ns < expiry,
-        "worker died {} ms after the lease could expire for others; log:\n{log}",
-        (died_ns - expiry) / 1_000_000
-    );
-    log
+/// The worker dies in time and lease-exec exits 75 (see `World::assert_stopped_in_time`).
+async fn assert_safe(world: &World, running: Running, pid: i32) -> String {
+    world.assert_stopped_in_time(running, pid, LEASE_NS).await
 }
 
 async fn safe_under(mode: Mode) -> String {
@@ -113,6 +78,7 @@ async fn forbidden_renewal_is_safe() {
 async fn a_blip_shorter_than_the_deadline_changes_nothing() {
     let world = World::start().await;
     let (mut running, pid) = leading(&world).await;
+    // The blip itself: 500 ms of refused connections, half the renew deadline.
     world.server.set_mode(Mode::Refuse);
     tokio::time::sleep(Duration::from_millis(500)).await;
     world.server.set_mode(Mode::Normal);
@@ -123,7 +89,7 @@ async fn a_blip_shorter_than_the_deadline_changes_nothing() {
     .await;
     assert!(alive(pid), "the worker kept running");
     assert!(!running.exited(), "lease-exec kept running");
-    assert_eq!(starts(&world).len(), 1, "no restart");
+    assert_eq!(world.starts().len(), 1, "no restart");
     let log = running.stderr();
     assert_eq!(
         log.matches("renewal failing").count(),
@@ -149,7 +115,7 @@ async fn a_slow_api_inside_the_deadline_changes_nothing() {
     world.server.set_delay(Duration::ZERO);
     assert!(alive(pid));
     assert!(!running.exited());
-    assert_eq!(starts(&world).len(), 1);
+    assert_eq!(world.starts().len(), 1);
     assert!(
         !running.stderr().contains("renewal failing"),
         "{}",
@@ -262,17 +228,12 @@ async fn sigkilled_lease_exec_takes_its_worker_along_and_the_lease_expires() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_ignoring_sigterm_is_killed_when_the_grace_period_ends() {
     let world = World::start().await;
-    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
-    args.extend(["--identity", "me", "job", "--", "python3"].map(String::from));
-    args.extend([
-        world.worker().display().to_string(),
-        world.journal().display().to_string(),
-        "-1".into(),
-        "0".into(),
-        "ignore-term".into(),
-    ]);
-    let mut running = world.lease_exec(args).spawn();
-    wait_for(LIMIT, "the worker to start", || !starts(&world).is_empty()).await;
+    let mut options: Vec<&str> = FAST.to_vec();
+    options.extend(["--identity", "me", "job"]);
+    let mut running = world
+        .worker_command(&options, -1.0, 0, &["ignore-term"])
+        .spawn();
+    wait_for(LIMIT, "the worker to start", || !world.starts().is_empty()).await;
     let t0 = std::time::Instant::now();
     running.signal(Signal::SIGTERM);
     let code = running.wait(LIMIT).await;
@@ -296,15 +257,15 @@ async fn api_down_at_start_up_is_waited_out() {
     let world = World::start().await;
     world.server.set_mode(Mode::Refuse);
     let mut running = world.contender("job", "me", 0.0, 0).spawn();
-    wait_for(LIMIT, "a logged retry", || {
-        running.stderr().contains("retrying")
+    // Retrying with backoff, in the same process: no crash loop.
+    wait_for(LIMIT, "a second logged retry", || {
+        running.stderr().contains("attempt=2")
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(!running.exited(), "no crash loop: {}", running.stderr());
     world.server.set_mode(Mode::Normal);
     assert_eq!(running.wait(LIMIT).await, 0, "{}", running.stderr());
-    assert_eq!(starts(&world).len(), 1);
+    assert_eq!(world.starts().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,5 +304,5 @@ async fn a_lease_without_a_spec_is_taken_over() {
     let (code, log) = world.contender("job", "me", 0.0, 0).run(LIMIT).await;
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("spec is missing"), "{log}");
-    assert_eq!(starts(&world)[0].transitions, "1");
+    assert_eq!(world.starts()[0].transitions, "1");
 }

@@ -62,17 +62,12 @@ fn metric(body: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A contender for `job` with `extra` options, running its worker forever.
 fn with(world: &World, identity: &str, extra: &[String]) -> Running {
-    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
-    args.extend(extra.iter().cloned());
-    args.extend(["--identity", identity, "job", "--", "python3"].map(String::from));
-    args.extend([
-        world.worker().display().to_string(),
-        world.journal().display().to_string(),
-        "-1".into(),
-        "0".into(),
-    ]);
-    world.lease_exec(args).spawn()
+    let mut options: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+    options.extend(extra.iter().cloned());
+    options.extend(["--identity", identity, "job"].map(String::from));
+    world.worker_command(&options, -1.0, 0, &[]).spawn()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

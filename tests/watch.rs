@@ -14,8 +14,8 @@ const LIMIT: Duration = Duration::from_secs(20);
 const QUICK: Duration = Duration::from_secs(5);
 
 /// A follower whose polls would come only every 30 s.
-fn slow_poller(world: &World, extra: &[&str]) -> Running {
-    let mut args: Vec<String> = [
+fn slow_poller(world: &World) -> Running {
+    let options = [
         "--lease-duration",
         "60s",
         "--renew-deadline",
@@ -24,23 +24,13 @@ fn slow_poller(world: &World, extra: &[&str]) -> Running {
         "30s",
         "--identity",
         "follower",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.extend(["job", "--", "python3"].map(String::from));
-    args.extend([
-        world.worker().display().to_string(),
-        world.journal().display().to_string(),
-        "-1".into(),
-        "0".into(),
-    ]);
-    world.lease_exec(args).spawn()
+        "job",
+    ];
+    world.worker_command(&options, -1.0, 0, &[]).spawn()
 }
 
 fn started(world: &World) -> bool {
-    world.journal_entries().iter().any(|e| e.what == "start")
+    !world.starts().is_empty()
 }
 
 async fn following(world: &World, running: &Running) {
@@ -49,13 +39,7 @@ async fn following(world: &World, running: &Running) {
     })
     .await;
     // Let the watch be established.
-    wait_for(LIMIT, "the watch", || {
-        world
-            .server
-            .count("watch", Instant::now() - Duration::from_secs(60))
-            > 0
-    })
-    .await;
+    wait_for(LIMIT, "the watch", || world.server.total("watch") > 0).await;
 }
 
 fn release(world: &World) {
@@ -75,7 +59,7 @@ async fn stop(mut running: Running) {
 async fn a_follower_acquires_a_released_lease_without_waiting_for_a_poll() {
     let world = World::start().await;
     world.server.steal(NS, "job", "other", 60);
-    let running = slow_poller(&world, &[]);
+    let running = slow_poller(&world);
     following(&world, &running).await;
     release(&world);
     wait_for(QUICK, "the takeover", || started(&world)).await;
@@ -87,7 +71,7 @@ async fn a_follower_acquires_a_released_lease_without_waiting_for_a_poll() {
 async fn a_follower_creates_a_deleted_released_lease_at_once() {
     let world = World::start().await;
     world.server.steal(NS, "job", "other", 60);
-    let running = slow_poller(&world, &[]);
+    let running = slow_poller(&world);
     following(&world, &running).await;
     release(&world);
     // Released and deleted at once (as garbage collection does after the holder's Pod is gone).
@@ -101,7 +85,7 @@ async fn a_lease_deleted_while_held_is_created_when_that_holder_would_have_expir
     let world = World::start().await;
     let stolen = Instant::now();
     world.server.steal(NS, "job", "other", 4);
-    let running = slow_poller(&world, &[]);
+    let running = slow_poller(&world);
     following(&world, &running).await;
     world.server.delete_lease(NS, "job");
     wait_for(Duration::from_secs(10), "the lease to be created", || {
@@ -134,17 +118,12 @@ async fn a_lease_deleted_while_held_is_created_when_that_holder_would_have_expir
 async fn a_closed_watch_is_reopened() {
     let world = World::start().await;
     world.server.steal(NS, "job", "other", 60);
-    let running = slow_poller(&world, &[]);
+    let running = slow_poller(&world);
     following(&world, &running).await;
-    let watches = world
-        .server
-        .count("watch", Instant::now() - Duration::from_secs(60));
+    let watches = world.server.total("watch");
     world.server.close_watches();
     wait_for(QUICK, "a new watch", || {
-        world
-            .server
-            .count("watch", Instant::now() - Duration::from_secs(60))
-            > watches
+        world.server.total("watch") > watches
     })
     .await;
     release(&world);
@@ -156,21 +135,20 @@ async fn a_closed_watch_is_reopened() {
 async fn a_watch_answered_410_gone_recovers_with_a_fresh_read() {
     let world = World::start().await;
     world.server.steal(NS, "job", "other", 60);
-    let running = slow_poller(&world, &[]);
+    let running = slow_poller(&world);
     following(&world, &running).await;
-    let reads = world
-        .server
-        .count("get", Instant::now() - Duration::from_secs(60));
+    let reads = world.server.total("get");
     // Compaction: the follower's resourceVersion is now too old; its next watch gets 410.
     world.server.compact();
     wait_for(QUICK, "a fresh read after 410", || {
-        world
-            .server
-            .count("get", Instant::now() - Duration::from_secs(60))
-            > reads
+        world.server.total("get") > reads
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let watches = world.server.total("watch");
+    wait_for(QUICK, "a new watch after the read", || {
+        world.server.total("watch") > watches
+    })
+    .await;
     release(&world);
     wait_for(QUICK, "the takeover", || started(&world)).await;
     stop(running).await;
@@ -211,13 +189,12 @@ async fn no_watch_polls_and_still_works() {
     })
     .await;
     let since = Instant::now();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(world.server.count("get", since) >= 3, "polls every 250 ms");
-    assert_eq!(
-        world.server.count("watch", since - Duration::from_secs(60)),
-        0,
-        "never watches"
-    );
+    // Polls every 250 ms: three within 1.5 s.
+    wait_for(Duration::from_millis(1500), "three polls", || {
+        world.server.count("get", since) >= 3
+    })
+    .await;
+    assert_eq!(world.server.total("watch"), 0, "never watches");
     release(&world);
     assert_eq!(running.wait(LIMIT).await, 0, "{}", running.stderr());
 }
@@ -255,15 +232,22 @@ async fn followers_race_and_exactly_one_wins() {
     for f in &followers {
         following(&world, f).await;
     }
+    wait_for(LIMIT, "three watches", || world.server.total("watch") >= 3).await;
+    let since = Instant::now();
     release(&world);
     wait_for(QUICK, "a takeover", || started(&world)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let starts = world
-        .journal_entries()
-        .iter()
-        .filter(|e| e.what == "start")
-        .count();
-    assert_eq!(starts, 1, "exactly one follower won");
+    // The two losers' claims were refused (409): updates seen minus updates committed.
+    let refused = || {
+        let committed = world
+            .server
+            .writes()
+            .iter()
+            .filter(|w| w.verb == "update" && w.at >= since)
+            .count();
+        world.server.count("update", since) - committed
+    };
+    wait_for(QUICK, "both losers to be refused", || refused() >= 2).await;
+    assert_eq!(world.starts().len(), 1, "exactly one follower won");
     for f in followers {
         stop(f).await;
     }

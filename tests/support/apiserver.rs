@@ -211,32 +211,48 @@ current-context: memory
 
     /// Stores `object` as the Lease, bypassing all checks (as another writer would), with a new
     /// resourceVersion. Returns that resourceVersion.
-    pub fn put_lease(&self, namespace: &str, name: &str, mut object: Value) -> u64 {
+    pub fn put_lease(&self, namespace: &str, name: &str, object: Value) -> u64 {
         let mut inner = self.inner.lock().unwrap();
+        self.store(&mut inner, namespace, name, object, None);
+        inner.rv
+    }
+
+    /// Stores `object` as the Lease `namespace/name` under a new resourceVersion, keeping the
+    /// stored uid and creation time, records it as a client write when `verb` is given, and
+    /// publishes the watch event. Returns what was stored.
+    fn store(
+        &self,
+        inner: &mut Inner,
+        ns: &str,
+        name: &str,
+        mut object: Value,
+        verb: Option<&'static str>,
+    ) -> Value {
         inner.rv += 1;
         let rv = inner.rv;
-        let exists = inner
-            .leases
-            .contains_key(&(namespace.to_string(), name.to_string()));
-        let meta = object
-            .as_object_mut()
-            .unwrap()
-            .entry("metadata")
-            .or_insert_with(|| json!({}));
-        meta["name"] = json!(name);
-        meta["namespace"] = json!(namespace);
-        meta["resourceVersion"] = json!(rv.to_string());
-        if meta.get("uid").is_none() {
-            meta["uid"] = json!(format!("uid-{rv}"));
+        let key = (ns.to_string(), name.to_string());
+        let previous = inner.leases.get(&key).cloned();
+        if !object["metadata"].is_object() {
+            object["metadata"] = json!({});
         }
-        object["apiVersion"] = json!("coordination.k8s.io/v1");
-        object["kind"] = json!("Lease");
-        inner
-            .leases
-            .insert((namespace.to_string(), name.to_string()), object.clone());
-        let kind = if exists { "MODIFIED" } else { "ADDED" };
-        self.publish(&mut inner, kind, namespace, name, rv, object);
-        rv
+        object["metadata"]["name"] = json!(name);
+        if let Some(previous) = &previous {
+            object["metadata"]["uid"] = previous["metadata"]["uid"].clone();
+            object["metadata"]["creationTimestamp"] =
+                previous["metadata"]["creationTimestamp"].clone();
+        }
+        stamp(&mut object, ns, rv, previous.is_none());
+        inner.leases.insert(key, object.clone());
+        if let Some(verb) = verb {
+            self.record_write(inner, verb, &object);
+        }
+        let kind = if previous.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.publish(inner, kind, ns, name, rv, object.clone());
+        object
     }
 
     /// Writes a Lease held by `holder`, as another candidate would.
@@ -290,6 +306,17 @@ current-context: memory
             .seen
             .iter()
             .filter(|s| s.verb == verb && s.at >= since)
+            .count()
+    }
+
+    /// Number of requests with `verb` seen since the server started.
+    pub fn total(&self, verb: &str) -> usize {
+        self.inner
+            .lock()
+            .unwrap()
+            .seen
+            .iter()
+            .filter(|s| s.verb == verb)
             .count()
     }
 
@@ -438,6 +465,15 @@ current-context: memory
             };
             return status_response(code, reason, &message);
         }
+        // Every route that takes a body takes JSON: parse it once, here.
+        let body = if body.is_empty() {
+            Value::Null
+        } else {
+            match serde_json::from_slice::<Value>(&body) {
+                Ok(value) => value,
+                Err(_) => return status_response(400, "BadRequest", "body is not JSON"),
+            }
+        };
         self.route(route, &parts.headers, &parts.uri, body).await
     }
 
@@ -446,7 +482,7 @@ current-context: memory
         route: Route,
         headers: &HeaderMap,
         uri: &Uri,
-        body: Bytes,
+        body: Value,
     ) -> Response<Body> {
         match route {
             Route::Discovery(doc) => json_response(200, doc),
@@ -478,9 +514,7 @@ current-context: memory
             }
             Route::List { ns, watch: true } => self.watch(ns, uri),
             Route::Create { ns } => {
-                let Ok(mut object) = serde_json::from_slice::<Value>(&body) else {
-                    return status_response(400, "BadRequest", "body is not JSON");
-                };
+                let object = body;
                 let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
                     return status_response(422, "Invalid", "metadata.name: Required value");
                 };
@@ -493,18 +527,13 @@ current-context: memory
                         &format!("leases.coordination.k8s.io \"{name}\" already exists"),
                     );
                 }
-                inner.rv += 1;
-                let rv = inner.rv;
-                stamp(&mut object, &ns, rv, true);
-                inner.leases.insert(key, object.clone());
-                self.record_write(&mut inner, "create", &object);
-                self.publish(&mut inner, "ADDED", &ns, &name, rv, object.clone());
-                json_response(201, object)
+                json_response(
+                    201,
+                    self.store(&mut inner, &ns, &name, object, Some("create")),
+                )
             }
             Route::Update { ns, name } => {
-                let Ok(mut object) = serde_json::from_slice::<Value>(&body) else {
-                    return status_response(400, "BadRequest", "body is not JSON");
-                };
+                let object = body;
                 let mut inner = self.inner.lock().unwrap();
                 let key = (ns.clone(), name.clone());
                 let Some(current) = inner.leases.get(&key).cloned() else {
@@ -523,16 +552,10 @@ current-context: memory
                 if current["metadata"]["resourceVersion"].as_str() != Some(sent_rv.as_str()) {
                     return conflict(&name);
                 }
-                inner.rv += 1;
-                let rv = inner.rv;
-                object["metadata"]["uid"] = current["metadata"]["uid"].clone();
-                object["metadata"]["creationTimestamp"] =
-                    current["metadata"]["creationTimestamp"].clone();
-                stamp(&mut object, &ns, rv, false);
-                inner.leases.insert(key, object.clone());
-                self.record_write(&mut inner, "update", &object);
-                self.publish(&mut inner, "MODIFIED", &ns, &name, rv, object.clone());
-                json_response(200, object)
+                json_response(
+                    200,
+                    self.store(&mut inner, &ns, &name, object, Some("update")),
+                )
             }
             Route::Patch { ns, name } => {
                 let content_type = headers
@@ -548,9 +571,7 @@ current-context: memory
                         "only merge and strategic-merge patches are served",
                     );
                 }
-                let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
-                    return status_response(400, "BadRequest", "body is not JSON");
-                };
+                let patch = body;
                 let mut inner = self.inner.lock().unwrap();
                 let key = (ns.clone(), name.clone());
                 let Some(mut object) = inner.leases.get(&key).cloned() else {
@@ -564,13 +585,10 @@ current-context: memory
                 // A Lease has no list fields with a patch merge key that matters here; strategic
                 // merge behaves as a JSON merge patch for it.
                 merge_patch(&mut object, &patch);
-                inner.rv += 1;
-                let rv = inner.rv;
-                stamp(&mut object, &ns, rv, false);
-                inner.leases.insert(key, object.clone());
-                self.record_write(&mut inner, "patch", &object);
-                self.publish(&mut inner, "MODIFIED", &ns, &name, rv, object.clone());
-                json_response(200, object)
+                json_response(
+                    200,
+                    self.store(&mut inner, &ns, &name, object, Some("patch")),
+                )
             }
             Route::Delete { ns, name } => {
                 if self.delete_lease(&ns, &name) {
@@ -583,9 +601,7 @@ current-context: memory
                 }
             }
             Route::CreateEvent { ns } => {
-                let Ok(mut object) = serde_json::from_slice::<Value>(&body) else {
-                    return status_response(400, "BadRequest", "body is not JSON");
-                };
+                let mut object = body;
                 let mut inner = self.inner.lock().unwrap();
                 inner.rv += 1;
                 let rv = inner.rv;
@@ -594,9 +610,7 @@ current-context: memory
                 json_response(201, object)
             }
             Route::PatchEvent { name } => {
-                let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
-                    return status_response(400, "BadRequest", "body is not JSON");
-                };
+                let patch = body;
                 let mut inner = self.inner.lock().unwrap();
                 let Some(event) = inner
                     .events
@@ -790,12 +804,13 @@ fn percent_decode(text: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
         }
         out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
         i += 1;

@@ -90,11 +90,22 @@ impl World {
 
     /// `lease-exec FAST... --identity ID LEASE -- python3 worker.py JOURNAL RUN_FOR EXIT`.
     pub fn contender(&self, lease: &str, identity: &str, run_for: f64, exit: i32) -> TestCommand {
-        let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+        let mut options: Vec<&str> = FAST.to_vec();
+        options.extend(["--identity", identity, lease]);
+        self.worker_command(&options, run_for, exit, &[])
+    }
+
+    /// `lease-exec OPTIONS... -- python3 worker.py JOURNAL RUN_FOR EXIT FLAGS...`: `options` ends
+    /// with the lease name; `run_for` < 0 runs forever; `flags` go to the worker (`ignore-term`).
+    pub fn worker_command<S: AsRef<str>>(
+        &self,
+        options: &[S],
+        run_for: f64,
+        exit: i32,
+        flags: &[&str],
+    ) -> TestCommand {
+        let mut args: Vec<String> = options.iter().map(|o| o.as_ref().to_string()).collect();
         args.extend([
-            "--identity".into(),
-            identity.into(),
-            lease.into(),
             "--".into(),
             "python3".into(),
             self.worker().display().to_string(),
@@ -102,7 +113,61 @@ impl World {
             run_for.to_string(),
             exit.to_string(),
         ]);
+        args.extend(flags.iter().map(|f| f.to_string()));
         self.lease_exec(args)
+    }
+
+    /// Workers started so far, from the journal.
+    pub fn starts(&self) -> Vec<Entry> {
+        self.journal_entries()
+            .into_iter()
+            .filter(|e| e.what == "start")
+            .collect()
+    }
+
+    /// Waits until the worker has started and its lease-exec has renewed at least once since;
+    /// returns the worker's pid.
+    pub async fn wait_leading(&self) -> i32 {
+        let limit = Duration::from_secs(20);
+        wait_for(limit, "the worker to start", || !self.starts().is_empty()).await;
+        let renewed = self.server.writes().len();
+        wait_for(limit, "a renewal", || self.server.writes().len() > renewed).await;
+        self.starts()[0].pid
+    }
+
+    /// Waits for the worker `pid` to die and `running` to exit 75, and checks that the worker died
+    /// before the lease could expire for anyone else: `lease_ns` after the server committed the
+    /// last renewal by identity `me`. Returns lease-exec's log.
+    pub async fn assert_stopped_in_time(
+        &self,
+        mut running: Running,
+        pid: i32,
+        lease_ns: u64,
+    ) -> String {
+        let mut died_ns = 0;
+        wait_for(Duration::from_secs(5), "the worker to die", || {
+            if alive(pid) {
+                false
+            } else {
+                died_ns = mono_ns();
+                true
+            }
+        })
+        .await;
+        let code = running.wait(Duration::from_secs(20)).await;
+        let log = running.stderr();
+        assert_eq!(code, i32::from(lease_exec::exit::LOST), "log:\n{log}");
+        let last = self
+            .server
+            .last_write_by("me")
+            .expect("renewed at least once");
+        let expiry = last.at_ns + lease_ns;
+        assert!(
+            died_ns < expiry,
+            "worker died {} ms after the lease could expire for others; log:\n{log}",
+            (died_ns - expiry) / 1_000_000
+        );
+        log
     }
 
     /// Parsed journal lines.
