@@ -2,8 +2,6 @@
 //!
 //! The same table appears in `--help` ([`TABLE`]), the man page and the README.
 
-use std::process::ExitStatus;
-
 /// Usage or configuration error: nothing was touched.
 pub const USAGE: u8 = 2;
 /// Leadership lost, or the API server unreachable past the renew deadline. The child was stopped.
@@ -62,17 +60,6 @@ impl std::fmt::Display for ChildStatus {
                     .unwrap_or("unknown signal");
                 write!(f, "signal {signal} ({name})")
             }
-        }
-    }
-}
-
-impl From<ExitStatus> for ChildStatus {
-    fn from(status: ExitStatus) -> Self {
-        use std::os::unix::process::ExitStatusExt;
-        match (status.code(), status.signal()) {
-            (Some(code), _) => ChildStatus::Exited(code),
-            (None, Some(signal)) => ChildStatus::Signaled(signal),
-            (None, None) => ChildStatus::Exited(1),
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::cli::OutputFormat;
 use crate::config::Config;
 use crate::error::{Error, Outcome};
 use crate::lease::Record;
-use crate::lease::api::{self, LeaseApi};
+use crate::lease::api;
 
 /// The facts shown.
 #[derive(Debug, Clone, PartialEq)]
@@ -173,18 +173,14 @@ fn secs(x: f64) -> String {
 
 /// Reads the Lease once and prints it.
 pub async fn run(config: &Config, format: OutputFormat) -> Result<Outcome, Error> {
-    let (client, kube_namespace) = api::client(&config.access, config.timing.request_timeout())
-        .await
-        .map_err(Error::Access)?;
-    let namespace = config.namespace.clone().unwrap_or(kube_namespace);
-    let lease_api = LeaseApi::new(client, &namespace, &config.lease);
+    let (_, lease_api) = api::connect(config).await.map_err(Error::Access)?;
     let lease = lease_api
         .get(config.timing.request_timeout())
         .await
         .map_err(Error::Api)?;
     let status = Status::of(
         &config.lease,
-        &namespace,
+        lease_api.namespace(),
         lease.as_ref(),
         &config.identity,
         Timestamp::now(),

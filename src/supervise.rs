@@ -14,6 +14,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
 use crate::child::{self, Child, Reaper, Signals};
@@ -46,10 +47,8 @@ pub async fn run(config: &Config, command: &Command) -> Result<Outcome, Error> {
         Reaper::start().map_err(|e| Error::Fatal(format!("cannot watch for child exits: {e}")))?;
     child::become_subreaper();
 
-    let (client, kube_namespace) = api::client(&config.access, config.timing.request_timeout())
-        .await
-        .map_err(Error::Access)?;
-    let namespace = config.namespace.clone().unwrap_or(kube_namespace);
+    let (client, lease_api) = api::connect(config).await.map_err(Error::Access)?;
+    let namespace = lease_api.namespace().to_string();
     logging::set_context(&config.lease, &namespace, &config.identity);
     let metrics = Metrics::new(&config.lease, &namespace, &config.identity);
     if let Some(addr) = config.observability.metrics_addr {
@@ -72,7 +71,6 @@ pub async fn run(config: &Config, command: &Command) -> Result<Outcome, Error> {
             .map(|(addr, prefix)| Arc::new(Statsd::new(addr, prefix))),
         metrics,
     };
-    let lease_api = LeaseApi::new(client, &namespace, &config.lease);
     let span = tracing::info_span!("lease", name = %config.lease, namespace = %namespace, identity = %config.identity);
     let result = hold(
         config,
@@ -160,15 +158,8 @@ async fn hold(
     let child = match child::spawn(process).await {
         Ok(child) => child,
         Err(e) => {
-            renewer.abort();
-            if let Some(h) = heartbeat {
-                h.abort();
-            }
-            let last = state.borrow().held().clone();
-            outside.metrics.left();
-            if config.release && release(lease_api, &claimant, config, last).await {
-                outside.events.publish(LeaseEvent::Released, "");
-            }
+            let last = stand_down(renewer, heartbeat, &state, &outside.metrics);
+            hand_over(lease_api, &claimant, config, outside, last).await;
             return Err(Error::Spawn {
                 program: command.program.display().to_string(),
                 error: e,
@@ -186,12 +177,7 @@ async fn hold(
     child.signal_group(Signal::SIGKILL);
     let group_gone = wait_group_gone(child, Instant::now() + GROUP_EXIT_TIMEOUT).await;
     outside.metrics.child(false);
-    renewer.abort();
-    if let Some(h) = heartbeat {
-        h.abort();
-    }
-    let last = state.borrow().held().clone();
-    outside.metrics.left();
+    let last = stand_down(renewer, heartbeat, &state, &outside.metrics);
 
     if let Some(reason) = lost {
         outside.events.publish(LeaseEvent::Lost, &reason);
@@ -202,15 +188,41 @@ async fn hold(
             pgid = child.pid.as_raw(),
             "processes of the command's group survived SIGKILL; not releasing the lease, it will expire"
         );
-    } else if config.release {
-        if release(lease_api, &claimant, config, last).await {
-            logging::set_holder(None);
-            outside.events.publish(LeaseEvent::Released, "");
-        }
     } else {
-        tracing::info!("keeping the lease claimed (--no-release); it expires unless renewed");
+        hand_over(lease_api, &claimant, config, outside, last).await;
     }
     Ok(Outcome::Child(status))
+}
+
+/// Stops renewing and the statsd heartbeat; returns the Lease as last held.
+fn stand_down(
+    renewer: JoinHandle<()>,
+    heartbeat: Option<JoinHandle<()>>,
+    state: &watch::Receiver<LeaseState>,
+    metrics: &Metrics,
+) -> Held {
+    renewer.abort();
+    if let Some(heartbeat) = heartbeat {
+        heartbeat.abort();
+    }
+    metrics.left();
+    state.borrow().held().clone()
+}
+
+/// Releases the Lease for the next candidate (unless `--no-release`) and records that it did.
+async fn hand_over(
+    api: &LeaseApi,
+    me: &Claimant<'_>,
+    config: &Config,
+    outside: &Outside,
+    last: Held,
+) {
+    if !config.release {
+        tracing::info!("keeping the lease claimed (--no-release); it expires unless renewed");
+    } else if release(api, me, config, last).await {
+        logging::set_holder(None);
+        outside.events.publish(LeaseEvent::Released, "");
+    }
 }
 
 /// Runs until the command exits. Returns its status, and the reason leadership was lost, if it was.

@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -252,7 +252,6 @@ pub struct Events {
     identity: String,
     forbidden_logged: Arc<AtomicBool>,
     pending: Mutex<Vec<JoinHandle<()>>>,
-    sent: Arc<AtomicI64>,
 }
 
 /// What happened to the lease.
@@ -284,7 +283,6 @@ impl Events {
             identity: identity.to_string(),
             forbidden_logged: Arc::default(),
             pending: Mutex::default(),
-            sent: Arc::default(),
         }
     }
 
@@ -342,12 +340,9 @@ impl Events {
             secondary: None,
         };
         let forbidden_logged = self.forbidden_logged.clone();
-        let sent = self.sent.clone();
         let task = tokio::spawn(async move {
             match recorder.publish(&event, &reference).await {
-                Ok(()) => {
-                    sent.fetch_add(1, Ordering::Relaxed);
-                }
+                Ok(()) => {}
                 Err(kube::Error::Api(status)) if status.code == 403 => {
                     if !forbidden_logged.swap(true, Ordering::Relaxed) {
                         tracing::warn!(

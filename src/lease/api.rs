@@ -63,13 +63,6 @@ pub enum ApiError {
     Rejected(String),
 }
 
-impl ApiError {
-    /// Whether retrying later may help (the API is unreachable, overloaded or slow).
-    pub fn is_transient(&self) -> bool {
-        matches!(self, ApiError::Timeout(_) | ApiError::Transient(_))
-    }
-}
-
 /// One Lease, addressed by name, with every call bounded by a timeout.
 #[derive(Clone)]
 pub struct LeaseApi {
@@ -299,6 +292,16 @@ pub fn chain(error: &dyn std::error::Error) -> String {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct AccessError(pub String);
+
+/// Connects to the Lease `config` names: builds the client, and resolves the namespace (the one
+/// decided by the configuration, else the kubeconfig context's, else `default`).
+pub async fn connect(config: &crate::config::Config) -> Result<(Client, LeaseApi), AccessError> {
+    let (client, kube_namespace) =
+        self::client(&config.access, config.timing.request_timeout()).await?;
+    let namespace = config.namespace.clone().unwrap_or(kube_namespace);
+    let api = LeaseApi::new(client.clone(), &namespace, &config.lease);
+    Ok((client, api))
+}
 
 /// Builds the client from `--kubeconfig`/`--context`, `KUBECONFIG`, `~/.kube/config` or the
 /// in-cluster config. Returns the client and the namespace the kubeconfig context names.

@@ -29,18 +29,13 @@ pub struct Record {
     pub renew_time: Option<Timestamp>,
     /// `spec.acquireTime` as written.
     pub acquire_time: Option<Timestamp>,
-    /// The Lease had no spec at all.
-    pub spec_missing: bool,
 }
 
 impl Record {
     /// Reads the record from a Lease.
     pub fn of(lease: &Lease) -> Record {
         let Some(spec) = &lease.spec else {
-            return Record {
-                spec_missing: true,
-                ..Record::default()
-            };
+            return Record::default();
         };
         Record {
             holder: spec.holder_identity.clone().filter(|h| !h.is_empty()),
@@ -48,7 +43,6 @@ impl Record {
             transitions: spec.lease_transitions.unwrap_or(0),
             renew_time: spec.renew_time.as_ref().map(|t| t.0),
             acquire_time: spec.acquire_time.as_ref().map(|t| t.0),
-            spec_missing: false,
         }
     }
 
