@@ -142,29 +142,8 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
 
     let entries = world.journal_entries();
     let deaths = deaths.lock().unwrap().clone();
-    let mut spans: Vec<(i32, u64, u64)> = intervals(&entries)
-        .into_iter()
-        .map(|(pid, start, stop)| {
-            (
-                pid,
-                start,
-                stop.or(deaths.get(&pid).copied()).unwrap_or(ended_ns),
-            )
-        })
-        .collect();
-    spans.sort_by_key(|s| s.1);
-    for pair in spans.windows(2) {
-        assert!(
-            pair[1].1 >= pair[0].2,
-            "seed {seed}: workers overlap: pid {} ran {}..{}, pid {} started at {} ({} µs overlap)\n{tally:?}",
-            pair[0].0,
-            pair[0].1,
-            pair[0].2,
-            pair[1].0,
-            pair[1].1,
-            (pair[0].2 - pair[1].1) / 1000
-        );
-    }
+    let spans = closed_spans(&entries, |pid| deaths.get(&pid).copied(), ended_ns);
+    assert_no_overlap(&spans, &format!("seed {seed}, {tally:?}"));
     assert!(
         spans.len() >= 2,
         "seed {seed}: too few handoffs to mean anything: {spans:?}"

@@ -354,23 +354,34 @@ pub fn intervals(entries: &[Entry]) -> Vec<(i32, u64, Option<u64>)> {
     out
 }
 
-/// Asserts no two running intervals overlap. Intervals without a stop are closed at `fallback`
-/// (a time known to be after the worker died).
-pub fn assert_no_overlap(entries: &[Entry], fallback_stop: u64) {
-    let mut all: Vec<(i32, u64, u64)> = intervals(entries)
+/// Running intervals `(pid, start_ns, stop_ns)` sorted by start. A worker that wrote no `stop`
+/// line is closed at `death(pid)` if known, else at `fallback` (a time known to be after every
+/// worker died): later than the real death, so overlaps can be over-reported, never hidden.
+pub fn closed_spans(
+    entries: &[Entry],
+    death: impl Fn(i32) -> Option<u64>,
+    fallback: u64,
+) -> Vec<(i32, u64, u64)> {
+    let mut spans: Vec<(i32, u64, u64)> = intervals(entries)
         .into_iter()
-        .map(|(pid, start, stop)| (pid, start, stop.unwrap_or(fallback_stop)))
+        .map(|(pid, start, stop)| (pid, start, stop.or_else(|| death(pid)).unwrap_or(fallback)))
         .collect();
-    all.sort_by_key(|i| i.1);
-    for pair in all.windows(2) {
+    spans.sort_by_key(|s| s.1);
+    spans
+}
+
+/// Asserts no two spans overlap; `context` goes into the failure message.
+pub fn assert_no_overlap(spans: &[(i32, u64, u64)], context: &dyn std::fmt::Display) {
+    for pair in spans.windows(2) {
         assert!(
             pair[1].1 >= pair[0].2,
-            "workers overlap: pid {} ran {}..{} and pid {} started at {} (journal: {entries:#?})",
+            "workers overlap: pid {} ran {}..{}, pid {} started at {} ({} µs overlap); {context}",
             pair[0].0,
             pair[0].1,
             pair[0].2,
             pair[1].0,
-            pair[1].1
+            pair[1].1,
+            (pair[0].2 - pair[1].1) / 1000
         );
     }
 }
