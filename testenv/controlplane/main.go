@@ -1,0 +1,579 @@
+// Command controlplane runs a local Kubernetes control plane for tests: an
+// embedded etcd, a real kube-apiserver and, optionally, a kube-controller-manager
+// that runs only the garbage collector. Each runs as its own process of this
+// program, so the API server can be stopped and started again while etcd keeps
+// its data:
+//
+//	controlplane etcd --dir D                 # etcd, data in D/etcd, URL in D/etcd.url
+//	controlplane apiserver --dir D [-- --flag=value ...]
+//	controlplane controller-manager --dir D [-- --flag=value ...]
+//	controlplane wait --dir D --for etcd|apiserver [--pid P] [--timeout 60s]
+//	controlplane compact --dir D              # compact etcd to its current revision
+//
+// "wait --for apiserver" waits for /readyz and writes D/kubeconfig (admin),
+// D/user-kubeconfig and D/user-token (a user with no rights) and D/ca.crt.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+	_ "time/tzdata" // CronJob time zones, as in the upstream kube-apiserver
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+	"k8s.io/component-base/cli"
+	_ "k8s.io/component-base/logs/json/register"
+	_ "k8s.io/component-base/metrics/prometheus/clientgo"
+	_ "k8s.io/component-base/metrics/prometheus/version"
+	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
+	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+)
+
+// Files in the state directory.
+const (
+	etcdDataDir     = "etcd"
+	etcdURLFile     = "etcd.url"       // client URL, written once etcd is ready
+	etcdPortsFile   = "etcd.ports"     // "client peer", kept so a restart reuses them
+	apiPortFile     = "apiserver.port" // kept so a restarted API server uses the same port
+	apiArgsFile     = "apiserver.args" // extra flags given at first start, reused on restart
+	kcmArgsFile     = "controller-manager.args"
+	certDir         = "apiserver-certs" // kube-apiserver writes apiserver.crt/.key here
+	saKeyFile       = "sa.key"          // service-account signing and verification key
+	tokenFile       = "tokens.csv"
+	adminTokenFile  = "admin-token"
+	userTokenFile   = "user-token"
+	caFile          = "ca.crt"
+	kubeconfigFile  = "kubeconfig"
+	userKubeconfig  = "user-kubeconfig"
+	adminUser       = "admin"
+	noRightsUser    = "user"
+	saIssuer        = "https://kubernetes.default.svc.cluster.local"
+	serviceIPRange  = "10.0.0.0/24"
+	defaultDeadline = 60 * time.Second
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		usage()
+	}
+	sub, args := os.Args[1], os.Args[2:]
+	var err error
+	switch sub {
+	case "etcd":
+		err = runEtcd(args)
+	case "apiserver":
+		os.Exit(runAPIServer(args))
+	case "controller-manager":
+		os.Exit(runControllerManager(args))
+	case "wait":
+		err = runWait(args)
+	case "compact":
+		err = runCompact(args)
+	case "-h", "--help", "help":
+		usage()
+	default:
+		err = fmt.Errorf("unknown subcommand %q (etcd, apiserver, controller-manager, wait, compact)", sub)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "controlplane %s: %v\n", sub, err)
+		os.Exit(1)
+	}
+}
+
+func usage() {
+	fmt.Fprintln(os.Stderr, "usage: controlplane etcd|apiserver|controller-manager|wait|compact --dir DIR [options] [-- component flags]")
+	os.Exit(2)
+}
+
+// parseFlags parses "--dir D ..." and returns the args after "--".
+func parseFlags(fs *flag.FlagSet, args []string) (dir string, rest []string, err error) {
+	fs.StringVar(&dir, "dir", "", "state directory (required)")
+	if err := fs.Parse(args); err != nil {
+		return "", nil, err
+	}
+	if dir == "" {
+		return "", nil, errors.New("--dir is required")
+	}
+	dir, err = filepath.Abs(dir)
+	if err != nil {
+		return "", nil, err
+	}
+	return dir, fs.Args(), nil
+}
+
+// ---------------------------------------------------------------- etcd
+
+func runEtcd(args []string) error {
+	fs := flag.NewFlagSet("etcd", flag.ContinueOnError)
+	dir, _, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	ports, err := stickyPorts(filepath.Join(dir, etcdPortsFile), 2)
+	if err != nil {
+		return err
+	}
+	clientURL := url.URL{Scheme: "http", Host: net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0]))}
+	peerURL := url.URL{Scheme: "http", Host: net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[1]))}
+
+	cfg := embed.NewConfig()
+	cfg.Name = "testenv"
+	cfg.Dir = filepath.Join(dir, etcdDataDir)
+	cfg.ListenClientUrls = []url.URL{clientURL}
+	cfg.AdvertiseClientUrls = []url.URL{clientURL}
+	cfg.ListenPeerUrls = []url.URL{peerURL}
+	cfg.AdvertisePeerUrls = []url.URL{peerURL}
+	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
+	cfg.UnsafeNoFsync = true
+	cfg.LogLevel = "warn"
+
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		return err
+	}
+	defer e.Close()
+	select {
+	case <-e.Server.ReadyNotify():
+	case <-time.After(defaultDeadline):
+		return errors.New("etcd did not become ready within 60s")
+	}
+	if err := writeFileAtomic(filepath.Join(dir, etcdURLFile), []byte(clientURL.String()+"\n"), 0o644); err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "etcd ready at %s (data in %s)\n", clientURL.String(), cfg.Dir)
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	select {
+	case <-ctx.Done():
+		fmt.Fprintln(os.Stderr, "etcd stopping")
+		return nil
+	case err := <-e.Err():
+		return err
+	}
+}
+
+func runCompact(args []string) error {
+	fs := flag.NewFlagSet("compact", flag.ContinueOnError)
+	dir, _, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	endpoint, err := readTrimmed(filepath.Join(dir, etcdURLFile))
+	if err != nil {
+		return fmt.Errorf("etcd is not running in %s: %v", dir, err)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second})
+	if err != nil {
+		return err
+	}
+	defer func() { _ = cli.Close() }()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// Any read returns the store's current revision in its header.
+	resp, err := cli.Get(ctx, "compact-revision-probe")
+	if err != nil {
+		return err
+	}
+	rev := resp.Header.Revision
+	if _, err := cli.Compact(ctx, rev, clientv3.WithCompactPhysical()); err != nil {
+		return err
+	}
+	fmt.Printf("compacted etcd to revision %d\n", rev)
+	return nil
+}
+
+// ---------------------------------------------------------------- kube-apiserver
+
+// apiServerFlags are the kube-apiserver flags, every default in one place.
+func apiServerFlags(dir string, port int, etcdURL string) map[string]string {
+	return map[string]string{
+		"advertise-address":                "127.0.0.1",
+		"bind-address":                     "127.0.0.1",
+		"secure-port":                      strconv.Itoa(port),
+		"cert-dir":                         filepath.Join(dir, certDir),
+		"etcd-servers":                     etcdURL,
+		"service-cluster-ip-range":         serviceIPRange,
+		"service-account-issuer":           saIssuer,
+		"service-account-key-file":         filepath.Join(dir, saKeyFile),
+		"service-account-signing-key-file": filepath.Join(dir, saKeyFile),
+		"token-auth-file":                  filepath.Join(dir, tokenFile),
+		"authorization-mode":               "RBAC",
+		// No controller creates the "default" ServiceAccount of each
+		// namespace, so Pods could not be created with this plugin on.
+		"disable-admission-plugins": "ServiceAccount",
+		// The "kubernetes" Service cannot point at a loopback address.
+		"endpoint-reconciler-type": "none",
+		"allow-privileged":         "true",
+	}
+}
+
+func runAPIServer(args []string) int {
+	fs := flag.NewFlagSet("apiserver", flag.ContinueOnError)
+	dir, extra, err := parseFlags(fs, args)
+	if err == nil {
+		args, err = prepareAPIServer(dir, extra)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "controlplane apiserver: %v\n", err)
+		return 1
+	}
+	fmt.Fprintf(os.Stderr, "kube-apiserver %s\n", strings.Join(args, " "))
+	cmd := apiserver.NewAPIServerCommand()
+	cmd.SetArgs(args)
+	return cli.Run(cmd)
+}
+
+func prepareAPIServer(dir string, extra []string) ([]string, error) {
+	etcdURL, err := readTrimmed(filepath.Join(dir, etcdURLFile))
+	if err != nil {
+		return nil, fmt.Errorf("etcd is not running in %s: %v", dir, err)
+	}
+	ports, err := stickyPorts(filepath.Join(dir, apiPortFile), 1)
+	if err != nil {
+		return nil, err
+	}
+	if err := ensureCredentials(dir); err != nil {
+		return nil, err
+	}
+	extra, err = stickyArgs(filepath.Join(dir, apiArgsFile), extra)
+	if err != nil {
+		return nil, err
+	}
+	return mergeFlags(apiServerFlags(dir, ports[0], etcdURL), extra)
+}
+
+// ensureCredentials creates the service-account key and the static tokens once.
+func ensureCredentials(dir string) error {
+	keyPath := filepath.Join(dir, saKeyFile)
+	if _, err := os.Stat(keyPath); errors.Is(err, os.ErrNotExist) {
+		key, err := rsa.GenerateKey(rand.Reader, 2048)
+		if err != nil {
+			return err
+		}
+		der := x509.MarshalPKCS1PrivateKey(key)
+		if err := writeFileAtomic(keyPath, pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+			return err
+		}
+	}
+	tokensPath := filepath.Join(dir, tokenFile)
+	if _, err := os.Stat(tokensPath); errors.Is(err, os.ErrNotExist) {
+		admin, user := randomToken(), randomToken()
+		csv := fmt.Sprintf("%s,%s,%s-uid,\"system:masters\"\n%s,%s,%s-uid\n", admin, adminUser, adminUser, user, noRightsUser, noRightsUser)
+		if err := writeFileAtomic(filepath.Join(dir, adminTokenFile), []byte(admin+"\n"), 0o600); err != nil {
+			return err
+		}
+		if err := writeFileAtomic(filepath.Join(dir, userTokenFile), []byte(user+"\n"), 0o600); err != nil {
+			return err
+		}
+		if err := writeFileAtomic(tokensPath, []byte(csv), 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func randomToken() string {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		panic(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+// ---------------------------------------------------------------- kube-controller-manager
+
+func controllerManagerFlags(dir string) map[string]string {
+	kubeconfig := filepath.Join(dir, kubeconfigFile)
+	return map[string]string{
+		"kubeconfig":                kubeconfig,
+		"authentication-kubeconfig": kubeconfig,
+		"authorization-kubeconfig":  kubeconfig,
+		"controllers":               "garbagecollector",
+		"leader-elect":              "false",
+		"secure-port":               "0",
+	}
+}
+
+func runControllerManager(args []string) int {
+	fs := flag.NewFlagSet("controller-manager", flag.ContinueOnError)
+	dir, extra, err := parseFlags(fs, args)
+	if err == nil {
+		if _, err = os.Stat(filepath.Join(dir, kubeconfigFile)); err != nil {
+			err = fmt.Errorf("no kubeconfig in %s (run \"controlplane wait --for apiserver\" first): %v", dir, err)
+		}
+	}
+	if err == nil {
+		extra, err = stickyArgs(filepath.Join(dir, kcmArgsFile), extra)
+	}
+	if err == nil {
+		args, err = mergeFlags(controllerManagerFlags(dir), extra)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "controlplane controller-manager: %v\n", err)
+		return 1
+	}
+	fmt.Fprintf(os.Stderr, "kube-controller-manager %s\n", strings.Join(args, " "))
+	cmd := controllermanager.NewControllerManagerCommand()
+	cmd.SetArgs(args)
+	return cli.Run(cmd)
+}
+
+// ---------------------------------------------------------------- wait
+
+func runWait(args []string) error {
+	fs := flag.NewFlagSet("wait", flag.ContinueOnError)
+	what := fs.String("for", "apiserver", "etcd or apiserver")
+	pid := fs.Int("pid", 0, "fail at once if this process exits")
+	timeout := fs.Duration("timeout", defaultDeadline, "deadline")
+	dir, _, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	deadline := time.Now().Add(*timeout)
+	var check func() error
+	switch *what {
+	case "etcd":
+		check = func() error {
+			_, err := readTrimmed(filepath.Join(dir, etcdURLFile))
+			return err
+		}
+	case "apiserver":
+		check = func() error { return apiServerReady(dir) }
+	default:
+		return fmt.Errorf("--for must be etcd or apiserver, not %q", *what)
+	}
+	for {
+		err := check()
+		if err == nil {
+			break
+		}
+		if *pid > 0 && !alive(*pid) {
+			return fmt.Errorf("%s exited before it was ready", *what)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s not ready after %s: %v", *what, *timeout, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if *what == "apiserver" {
+		return writeKubeconfigs(dir)
+	}
+	return nil
+}
+
+// apiServerReady asks /readyz with the admin token, trusting the API server's
+// self-signed certificate from its cert dir.
+func apiServerReady(dir string) error {
+	port, err := readTrimmed(filepath.Join(dir, apiPortFile))
+	if err != nil {
+		return err
+	}
+	token, err := readTrimmed(filepath.Join(dir, adminTokenFile))
+	if err != nil {
+		return err
+	}
+	ca, err := os.ReadFile(filepath.Join(dir, certDir, "apiserver.crt"))
+	if err != nil {
+		return err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(ca) {
+		return errors.New("apiserver.crt holds no certificate yet")
+	}
+	client := &http.Client{
+		Timeout:   2 * time.Second,
+		Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}},
+	}
+	req, err := http.NewRequest(http.MethodGet, "https://127.0.0.1:"+port+"/readyz", nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = resp.Body.Close() }()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("/readyz: %s", resp.Status)
+	}
+	return nil
+}
+
+func writeKubeconfigs(dir string) error {
+	port, err := readTrimmed(filepath.Join(dir, apiPortFile))
+	if err != nil {
+		return err
+	}
+	ca, err := os.ReadFile(filepath.Join(dir, certDir, "apiserver.crt"))
+	if err != nil {
+		return err
+	}
+	if err := writeFileAtomic(filepath.Join(dir, caFile), ca, 0o644); err != nil {
+		return err
+	}
+	for _, u := range []struct{ name, tokenFile, out string }{
+		{adminUser, adminTokenFile, kubeconfigFile},
+		{noRightsUser, userTokenFile, userKubeconfig},
+	} {
+		token, err := readTrimmed(filepath.Join(dir, u.tokenFile))
+		if err != nil {
+			return err
+		}
+		cfg := clientcmdapi.NewConfig()
+		cfg.Clusters["testenv"] = &clientcmdapi.Cluster{
+			Server:                   "https://127.0.0.1:" + port,
+			CertificateAuthorityData: ca,
+		}
+		cfg.AuthInfos[u.name] = &clientcmdapi.AuthInfo{Token: token}
+		cfg.Contexts["testenv"] = &clientcmdapi.Context{Cluster: "testenv", AuthInfo: u.name, Namespace: "default"}
+		cfg.CurrentContext = "testenv"
+		data, err := clientcmd.Write(*cfg)
+		if err != nil {
+			return err
+		}
+		if err := writeFileAtomic(filepath.Join(dir, u.out), data, 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// alive reports whether pid runs and is not a zombie.
+func alive(pid int) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// The state follows the parenthesised command name.
+	s := string(stat)
+	i := strings.LastIndexByte(s, ')')
+	return i >= 0 && i+2 < len(s) && s[i+2] != 'Z' && s[i+2] != 'X'
+}
+
+// ---------------------------------------------------------------- helpers
+
+// mergeFlags overrides defaults with "--name=value" args and returns sorted flags.
+func mergeFlags(defaults map[string]string, extra []string) ([]string, error) {
+	for _, a := range extra {
+		name, value, ok := strings.Cut(strings.TrimPrefix(a, "--"), "=")
+		if !strings.HasPrefix(a, "--") || !ok || name == "" {
+			return nil, fmt.Errorf("component flags must have the form --name=value, got %q", a)
+		}
+		defaults[name] = value
+	}
+	names := make([]string, 0, len(defaults))
+	for n := range defaults {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	out := make([]string, 0, len(names))
+	for _, n := range names {
+		out = append(out, "--"+n+"="+defaults[n])
+	}
+	return out, nil
+}
+
+// stickyArgs saves extra args given at the first start and returns the saved
+// ones when none are given, so a restart runs with the same flags.
+func stickyArgs(path string, extra []string) ([]string, error) {
+	if len(extra) > 0 {
+		return extra, writeFileAtomic(path, []byte(strings.Join(extra, "\n")+"\n"), 0o644)
+	}
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var args []string
+	for _, line := range strings.Split(string(data), "\n") {
+		if line != "" {
+			args = append(args, line)
+		}
+	}
+	return args, nil
+}
+
+// stickyPorts returns n free loopback ports, or the ones saved in path.
+func stickyPorts(path string, n int) ([]int, error) {
+	if data, err := os.ReadFile(path); err == nil {
+		var ports []int
+		for _, f := range strings.Fields(string(data)) {
+			p, err := strconv.Atoi(f)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %v", path, err)
+			}
+			ports = append(ports, p)
+		}
+		if len(ports) == n {
+			return ports, nil
+		}
+	}
+	ports := make([]int, 0, n)
+	var listeners []net.Listener
+	defer func() {
+		for _, l := range listeners {
+			_ = l.Close()
+		}
+	}()
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		listeners = append(listeners, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	strs := make([]string, n)
+	for i, p := range ports {
+		strs[i] = strconv.Itoa(p)
+	}
+	return ports, writeFileAtomic(path, []byte(strings.Join(strs, " ")+"\n"), 0o644)
+}
+
+func readTrimmed(path string) (string, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	s := strings.TrimSpace(string(data))
+	if s == "" {
+		return "", fmt.Errorf("%s is empty", path)
+	}
+	return s, nil
+}
+
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, data, mode); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
