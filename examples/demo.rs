@@ -39,7 +39,7 @@ async fn main() {
     let spawn = |name: &str| {
         tokio::process::Command::new(&binary)
             .args(["--identity", name, LEASE, "--", "sh", "-c"])
-            .arg("while true; do echo \"    [$LEASE_EXEC_IDENTITY] working (leaseTransitions=$LEASE_EXEC_TRANSITIONS)\"; sleep 1; done")
+            .arg("while true; do echo \"    [$LEASE_EXEC_HELD_IDENTITY] working (leaseTransitions=$LEASE_EXEC_TRANSITIONS)\"; sleep 1; done")
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

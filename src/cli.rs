@@ -30,9 +30,11 @@ Examples:
   Faster failover with shorter durations (retry < renew deadline < lease duration):
     lease-exec --lease-duration 6s --renew-deadline 4s --retry-period 1s my-worker -- ./worker
 
-The command sees LEASE_EXEC_LEASE, LEASE_EXEC_NAMESPACE, LEASE_EXEC_IDENTITY and \
+The command sees LEASE_EXEC_HELD_LEASE, LEASE_EXEC_HELD_NAMESPACE, LEASE_EXEC_HELD_IDENTITY and \
 LEASE_EXEC_TRANSITIONS (the Lease's leaseTransitions after acquiring, a number that grows with \
-every change of holder: usable as a fencing token).
+every change of holder: usable as a fencing token). The option variables (LEASE_EXEC_LEASE, \
+LEASE_EXEC_IDENTITY, ...) are removed from its environment, so a lease-exec it starts is an \
+ordinary new candidate.
 
 Exit codes:
   <child's>  the command's own exit code; 128+N if it was killed by signal N
@@ -42,6 +44,28 @@ Exit codes:
   125        lease-exec failed before starting the command (authorization, unusable kubeconfig)
   126        the command is not executable
   127        the command was not found";
+
+/// Given to the command: the Lease held.
+pub const HELD_LEASE: &str = "LEASE_EXEC_HELD_LEASE";
+/// Given to the command: the Lease's namespace.
+pub const HELD_NAMESPACE: &str = "LEASE_EXEC_HELD_NAMESPACE";
+/// Given to the command: the holder identity.
+pub const HELD_IDENTITY: &str = "LEASE_EXEC_HELD_IDENTITY";
+/// Given to the command: `leaseTransitions` when acquired (a fencing token).
+pub const HELD_TRANSITIONS: &str = "LEASE_EXEC_TRANSITIONS";
+/// Every variable lease-exec gives the command.
+pub const GIVEN_TO_COMMAND: [&str; 4] =
+    [HELD_LEASE, HELD_NAMESPACE, HELD_IDENTITY, HELD_TRANSITIONS];
+
+/// The environment variables read as options: removed from the command's environment.
+pub fn option_variables() -> Vec<String> {
+    use clap::CommandFactory;
+    Cli::command()
+        .get_arguments()
+        .filter_map(|arg| arg.get_env())
+        .map(|env| env.to_string_lossy().into_owned())
+        .collect()
+}
 
 /// Raw command-line arguments. Validated into a [`crate::config::Config`].
 #[derive(Debug, Parser)]
@@ -77,6 +101,13 @@ pub struct Cli {
     #[arg(long, env = "LEASE_EXEC_NO_RELEASE", help_heading = "Lease")]
     pub no_release: bool,
 
+    /// Name this Pod (POD_NAME, POD_UID) as the Lease's owner while holding it, so the garbage
+    /// collector deletes the Lease with the Pod. Off by default: a force-deleted Pod's container
+    /// may still run while its Lease is collected, and a candidate that never saw the Lease then
+    /// creates it at once. Only in the Pod's own namespace.
+    #[arg(long, env = "LEASE_EXEC_OWNER_POD", help_heading = "Lease")]
+    pub owner_pod: bool,
+
     /// Poll the Lease every retry period while waiting instead of watching it (for API servers or
     /// proxies that break watches)
     #[arg(long, env = "LEASE_EXEC_NO_WATCH", help_heading = "Lease")]
@@ -106,7 +137,7 @@ pub struct Cli {
 
     /// Print the Lease as a person wants to read it (holder, renewed, expires, transitions, owner)
     /// and exit 0; no command is run
-    #[arg(long, help_heading = "Debugging")]
+    #[arg(long, env = "LEASE_EXEC_STATUS", help_heading = "Debugging")]
     pub status: bool,
 
     /// Output of --status
@@ -264,7 +295,7 @@ fn environment_section(command: &clap::Command) -> String {
         ));
     }
     roff.push_str(".TP\n\\fBRUST_LOG\\fR\nlog filter (default \\fIinfo\\fR)\n");
-    roff.push_str(".TP\n\\fBPOD_NAME\\fR, \\fBPOD_NAMESPACE\\fR, \\fBPOD_UID\\fR\nfrom the downward API: identity prefix, default namespace, owner reference of the Lease\n");
+    roff.push_str(".TP\n\\fBPOD_NAME\\fR, \\fBPOD_NAMESPACE\\fR, \\fBPOD_UID\\fR\nfrom the downward API: identity prefix, default namespace, owner reference of the Lease (with \\-\\-owner\\-pod)\n");
     roff
 }
 
@@ -282,6 +313,19 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_variable_given_to_the_command_is_read_as_an_option() {
+        let options = option_variables();
+        assert!(options.contains(&"LEASE_EXEC_IDENTITY".to_string()));
+        assert!(options.contains(&"LEASE_EXEC_LEASE".to_string()));
+        for given in GIVEN_TO_COMMAND {
+            assert!(
+                !options.iter().any(|o| o == given),
+                "{given} is an option variable"
+            );
+        }
     }
 
     #[test]

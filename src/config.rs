@@ -308,9 +308,10 @@ impl Config {
             None => default_identity(env),
         };
 
-        let owner = match (non_empty(env(POD_NAME)), non_empty(env(POD_UID))) {
-            (Some(name), Some(uid)) => Some(PodOwner { name, uid }),
-            _ => None,
+        let owner = if cli.owner_pod {
+            Some(pod_owner(namespace.as_deref(), env)?)
+        } else {
+            None
         };
 
         let action = if cli.status {
@@ -373,6 +374,36 @@ impl Config {
             owner,
         })
     }
+}
+
+/// The Pod named as the Lease's owner with `--owner-pod`, checked: an ownerReference names an
+/// object in the owner's own namespace, so a Lease in another namespace would point at a Pod that
+/// does not exist there, and the garbage collector would delete the Lease over and over.
+fn pod_owner(lease_namespace: Option<&str>, env: EnvLookup<'_>) -> Result<PodOwner, ConfigError> {
+    let (Some(name), Some(uid)) = (non_empty(env(POD_NAME)), non_empty(env(POD_UID))) else {
+        return Err(ConfigError::Usage(
+            "--owner-pod needs POD_NAME and POD_UID from the downward API (fieldRef metadata.name and metadata.uid, see deploy/deployment.yaml)".into(),
+        ));
+    };
+    let pod_namespace = non_empty(env(POD_NAMESPACE)).or_else(|| {
+        std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    });
+    let Some(pod_namespace) = pod_namespace else {
+        return Err(ConfigError::Usage(
+            "--owner-pod needs the Pod's namespace: set POD_NAMESPACE from the downward API (fieldRef metadata.namespace)".into(),
+        ));
+    };
+    if let Some(lease_namespace) = lease_namespace
+        && lease_namespace != pod_namespace
+    {
+        return Err(ConfigError::Usage(format!(
+            "--owner-pod: the Lease's namespace {lease_namespace:?} is not the Pod's ({pod_namespace:?}); an owner reference cannot cross namespaces: drop --owner-pod or -n"
+        )));
+    }
+    Ok(PodOwner { name, uid })
 }
 
 fn non_empty(value: Option<String>) -> Option<String> {
@@ -659,14 +690,17 @@ mod tests {
     }
 
     #[test]
-    fn owner_needs_name_and_uid() {
+    fn the_pod_owner_is_opt_in_and_never_crosses_namespaces() {
         let env = |k: &str| match k {
             "POD_NAME" => Some("p".to_string()),
             "POD_UID" => Some("u".to_string()),
+            "POD_NAMESPACE" => Some("jobs".to_string()),
             "PATH" => Some("/usr/bin:/bin".to_string()),
             _ => None,
         };
         let c = Config::from_cli(cli(&["l", "--", "true"]), &env).unwrap();
+        assert_eq!(c.owner, None, "off by default");
+        let c = Config::from_cli(cli(&["--owner-pod", "l", "--", "true"]), &env).unwrap();
         assert_eq!(
             c.owner,
             Some(PodOwner {
@@ -674,5 +708,19 @@ mod tests {
                 uid: "u".into()
             })
         );
+        let c = Config::from_cli(cli(&["--owner-pod", "-n", "jobs", "l", "--", "true"]), &env);
+        assert!(c.is_ok());
+        let e = Config::from_cli(
+            cli(&["--owner-pod", "-n", "other", "l", "--", "true"]),
+            &env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot cross namespaces"), "{e}");
+        let no_uid = |k: &str| if k == "POD_UID" { None } else { env(k) };
+        let e = Config::from_cli(cli(&["--owner-pod", "l", "--", "true"]), &no_uid)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("POD_UID"), "{e}");
     }
 }

@@ -57,10 +57,30 @@ pub fn exit_code(result: &Result<Outcome, Error>) -> u8 {
         Err(Error::Access(_) | Error::Api(_) | Error::Fatal(_)) => exit::FAILED,
         Err(Error::WaitTimeout(_)) => exit::WAIT_TIMEOUT,
         Err(Error::Lost(_)) => exit::LOST,
-        Err(Error::Spawn { error, .. }) => match error.kind() {
-            std::io::ErrorKind::NotFound => exit::NOT_FOUND,
-            _ => exit::NOT_EXECUTABLE,
-        },
+        Err(Error::Spawn { error, .. }) => spawn_failure(error),
+    }
+}
+
+/// The exit code for a command that could not be started, as a shell reports it: 127 when exec
+/// found nothing to run (the file, or its `#!` interpreter, is missing), 126 when what it found
+/// cannot be executed (permissions, no `#!` line, another architecture, a directory); anything
+/// else (no memory, no processes left, the spawner gone) is lease-exec's own failure, 125.
+fn spawn_failure(error: &std::io::Error) -> u8 {
+    use nix::errno::Errno;
+    match error.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::ENAMETOOLONG) => {
+            exit::NOT_FOUND
+        }
+        Some(
+            Errno::EACCES
+            | Errno::EPERM
+            | Errno::ENOEXEC
+            | Errno::EISDIR
+            | Errno::ETXTBSY
+            | Errno::ELIBBAD
+            | Errno::E2BIG,
+        ) => exit::NOT_EXECUTABLE,
+        _ => exit::FAILED,
     }
 }
 
@@ -93,6 +113,28 @@ mod tests {
             ),
             (Err(Error::Lost("x".into())), exit::LOST),
         ];
+        let spawn = |error: std::io::Error| {
+            Err(Error::Spawn {
+                program: "x".into(),
+                error,
+            })
+        };
+        let cases = cases.into_iter().chain([
+            (spawn(std::io::Error::from_raw_os_error(2)), exit::NOT_FOUND),
+            (
+                spawn(std::io::Error::from_raw_os_error(8)),
+                exit::NOT_EXECUTABLE,
+            ),
+            (
+                spawn(std::io::Error::from_raw_os_error(13)),
+                exit::NOT_EXECUTABLE,
+            ),
+            (spawn(std::io::Error::from_raw_os_error(11)), exit::FAILED),
+            (
+                spawn(std::io::Error::other("the spawner thread is gone")),
+                exit::FAILED,
+            ),
+        ]);
         for (result, code) in cases {
             assert_eq!(exit_code(&result), code, "{result:?}");
         }

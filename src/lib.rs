@@ -28,6 +28,7 @@ pub mod logging;
 pub mod status;
 pub mod supervise;
 pub mod telemetry;
+pub mod term;
 
 use clap::Parser;
 

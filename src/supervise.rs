@@ -1,14 +1,14 @@
 //! The supervisor: waiting → leading → stopping → exited, with one `select!` per phase.
 //!
-//! While leading, two deadlines are derived from the start of the last successful renewal
-//! (`renewed_at`, monotonic clock):
-//! - `renewed_at + renew_deadline`: leadership counts as lost; the command gets SIGTERM.
-//! - `renewed_at + lease_duration - safety_margin`: the command's group gets SIGKILL, whatever
-//!   the grace period says. Nobody else can take the Lease over before
-//!   `renewed_at + lease_duration` (see [`crate::config::Timing`]), so the command is dead before
-//!   another can start.
+//! Waiting is [`crate::lease::acquire`]. While leading, every way the term can end (the command
+//! exiting, a stop signal, a missed renew deadline, a suspend, a takeover) and the two deadlines
+//! that follow (lose, kill) are decided in [`crate::term`]; this module only sleeps until them and
+//! acts. Stopping: the command's group and every leftover descendant are killed and gone before
+//! the Lease is released, so the next worker can never overlap anything of this one.
 
+use std::os::unix::process::CommandExt;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
@@ -16,23 +16,20 @@ use nix::sys::signal::Signal;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
-
-use crate::child::{self, Child, Reaper, Signals};
-use std::sync::Arc;
-
 use tracing::Instrument;
 
+use crate::child::{self, Child, Reaper, Signals};
 use crate::clock;
 use crate::config::{Command, Config};
 use crate::error::{Error, Outcome};
 use crate::exit::ChildStatus;
-use crate::lease::acquire::{Held, acquire};
+use crate::lease::acquire::{Feed, Held, acquire};
 use crate::lease::api::{self, ApiError, LeaseApi};
-use crate::lease::follow::acquire_watching;
 use crate::lease::renew::{LeaseState, Owned, renew};
 use crate::lease::{Claimant, Record};
 use crate::logging;
 use crate::telemetry::{self, Events, LeaseEvent, Metrics, Statsd};
+use crate::term::{self, Reason, Term};
 
 /// How long leftover members of the command's process group may take to die after SIGKILL before
 /// the Lease is left to expire instead of being released.
@@ -117,14 +114,13 @@ async fn hold(
         lease_duration = %humantime::format_duration(config.timing.lease_duration),
         "waiting for the lease"
     );
+    let feed = if config.watch {
+        Feed::Watch
+    } else {
+        Feed::Poll
+    };
     let held = tokio::select! {
-        held = async {
-            if config.watch {
-                acquire_watching(lease_api, &claimant, &config.timing).await
-            } else {
-                acquire(lease_api, &claimant, &config.timing).await
-            }
-        } => held.map_err(Error::Api)?,
+        held = acquire(lease_api, &claimant, &config.timing, feed) => held.map_err(Error::Api)?,
         () = sleep_until_opt(wait_deadline) => {
             return Err(Error::WaitTimeout(config.timing.wait_timeout.unwrap_or_default()));
         }
@@ -137,28 +133,33 @@ async fn hold(
     outside.metrics.acquired();
     outside.events.regarding(&held.lease);
     outside.events.publish(LeaseEvent::Acquired, "");
-    let heartbeat = outside
-        .statsd
-        .as_ref()
-        .and_then(|s| s.heartbeat(config.timing.retry_period));
 
     // Leading: renew in the background, run the command.
     let (state_tx, mut state) = watch::channel(LeaseState::Held(held.clone()));
-    let renewer = tokio::spawn(
-        renew(
-            lease_api.clone(),
-            owned.clone(),
-            held.clone(),
-            state_tx,
-            outside.metrics.clone(),
-        )
-        .in_current_span(),
-    );
+    let mut leading = Leading {
+        renewer: Some(tokio::spawn(
+            renew(
+                lease_api.clone(),
+                owned.clone(),
+                held.clone(),
+                state_tx,
+                outside.metrics.clone(),
+            )
+            .in_current_span(),
+        )),
+        heartbeat: outside
+            .statsd
+            .as_ref()
+            .and_then(|s| s.heartbeat(config.timing.retry_period)),
+        metrics: outside.metrics.clone(),
+    };
     let process = build_command(config, command, namespace, held.transitions());
     let child = match child::spawn(process).await {
         Ok(child) => child,
         Err(e) => {
-            let last = stand_down(renewer, heartbeat, &state, &outside.metrics);
+            // Nothing ran: release at once so the next candidate need not wait for expiry.
+            leading.stand_down();
+            let last = state.borrow().held().clone();
             hand_over(lease_api, &claimant, config, outside, last).await;
             return Err(Error::Spawn {
                 program: command.program.display().to_string(),
@@ -169,44 +170,69 @@ async fn hold(
     outside.metrics.child(true);
     tracing::info!(pid = child.pid.as_raw(), command = ?command.name, transitions = held.transitions(), "acquired the lease; command started");
 
-    let (status, lost) = lead(config, child, reaper, signals, &mut state).await;
+    let (status, lost) = lead(config, child, reaper, signals, &mut state, &mut leading).await;
     tracing::info!(%status, "command exited");
 
-    // The command is gone; stop anything left in its group before the lease is handed over.
+    // The command is gone. Before the Lease can be handed over, nothing it started may remain:
+    // its process group, and whatever left the group (a daemon in its own session) that is still
+    // our descendant. As PID 1, every other process of the namespace.
     child.reclaim_terminal();
     child.signal_group(Signal::SIGKILL);
-    let group_gone = wait_group_gone(child, Instant::now() + GROUP_EXIT_TIMEOUT).await;
+    let all_gone = child::kill_leftovers(child, Instant::now() + GROUP_EXIT_TIMEOUT).await;
     outside.metrics.child(false);
-    let last = stand_down(renewer, heartbeat, &state, &outside.metrics);
+    leading.stand_down();
+    let last = state.borrow().held().clone();
 
-    if let Some(reason) = lost {
-        outside.events.publish(LeaseEvent::Lost, &reason);
-        return Err(Error::Lost(reason));
+    match lost {
+        Some(reason @ Reason::Taken(_)) => {
+            // Not ours any more: nothing to release.
+            let why = reason.describe(&config.timing);
+            outside.events.publish(LeaseEvent::Lost, &why);
+            Err(Error::Lost(why))
+        }
+        Some(reason) => {
+            // Renewals stopped at the loss. The group is gone: if the Lease still names us (our
+            // last write may have landed after all), release it so followers need not wait a whole
+            // lease duration.
+            let why = reason.describe(&config.timing);
+            outside.events.publish(LeaseEvent::Lost, &why);
+            if all_gone {
+                hand_over(lease_api, &claimant, config, outside, last).await;
+            }
+            Err(Error::Lost(why))
+        }
+        None if !all_gone => {
+            tracing::error!(
+                pgid = child.pid.as_raw(),
+                "processes the command started survived SIGKILL; not releasing the lease, it will expire"
+            );
+            Ok(Outcome::Child(status))
+        }
+        None => {
+            hand_over(lease_api, &claimant, config, outside, last).await;
+            Ok(Outcome::Child(status))
+        }
     }
-    if !group_gone {
-        tracing::error!(
-            pgid = child.pid.as_raw(),
-            "processes of the command's group survived SIGKILL; not releasing the lease, it will expire"
-        );
-    } else {
-        hand_over(lease_api, &claimant, config, outside, last).await;
-    }
-    Ok(Outcome::Child(status))
 }
 
-/// Stops renewing and the statsd heartbeat; returns the Lease as last held.
-fn stand_down(
-    renewer: JoinHandle<()>,
+/// What runs only while this process leads: the renewer and the statsd heartbeat.
+struct Leading {
+    renewer: Option<JoinHandle<()>>,
     heartbeat: Option<JoinHandle<()>>,
-    state: &watch::Receiver<LeaseState>,
-    metrics: &Metrics,
-) -> Held {
-    renewer.abort();
-    if let Some(heartbeat) = heartbeat {
-        heartbeat.abort();
+    metrics: Arc<Metrics>,
+}
+
+impl Leading {
+    /// Stops renewing and the heartbeat, and reports not-leader. Idempotent.
+    fn stand_down(&mut self) {
+        if let Some(renewer) = self.renewer.take() {
+            renewer.abort();
+            self.metrics.left();
+        }
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.abort();
+        }
     }
-    metrics.left();
-    state.borrow().held().clone()
 }
 
 /// Releases the Lease for the next candidate (unless `--no-release`) and records that it did.
@@ -225,116 +251,103 @@ async fn hand_over(
     }
 }
 
-/// Runs until the command exits. Returns its status, and the reason leadership was lost, if it was.
+/// Runs until the command exits. Returns its status, and the reason leadership was lost, if it
+/// was. Every way the term can end goes through [`Term::end`], and the only timers are the two
+/// [`term::deadlines`].
 async fn lead(
     config: &Config,
     child: Child,
     reaper: &mut Reaper,
     signals: &mut Signals,
     state: &mut watch::Receiver<LeaseState>,
-) -> (ChildStatus, Option<String>) {
+    leading: &mut Leading,
+) -> (ChildStatus, Option<Reason>) {
     let timing = &config.timing;
-    let mut lost: Option<String> = None;
-    // When the grace period of a requested stop ends.
-    let mut grace_ends: Option<Instant> = None;
+    let mut term = Term::default();
     let mut killed = false;
     let mut renewer_done = false;
     let exit = reaper.wait(child);
     tokio::pin!(exit);
-    // Checks the deadlines on CLOCK_BOOTTIME too, which keeps counting while the machine is
+    // Re-evaluates the deadlines against CLOCK_BOOTTIME, which keeps counting while the machine is
     // suspended (see crate::clock).
     let mut suspend_check = tokio::time::interval(timing.retry_period);
     suspend_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let renewed_at = state.borrow().held().renewed_at;
-        let lost_at = renewed_at + timing.renew_deadline;
-        // The safety deadline applies whether or not a stop was requested.
-        let safety_kill = renewed_at + timing.kill_by();
-        let kill_at = grace_ends.map_or(safety_kill, |g| g.min(safety_kill));
-        tokio::select! {
+        let (renewed_at, renewed_at_boot) = {
+            let state = state.borrow();
+            let held = state.held();
+            (held.renewed_at, held.renewed_at_boot)
+        };
+        let (renewal, suspended) = Term::effective_renewal(
+            renewed_at,
+            clock::boot_time().saturating_sub(renewed_at_boot),
+            renewed_at.elapsed(),
+        );
+        let due = term::deadlines(&term, renewal, timing);
+        let act = tokio::select! {
             biased;
-            status = &mut exit => return (status, lost),
-            () = sleep_until(kill_at), if !killed => {
-                if kill_at == safety_kill && lost.is_none() {
-                    lost = Some("no successful renewal before the safety deadline".into());
-                }
-                tracing::warn!(pid = child.pid.as_raw(), "killing the command's process group (SIGKILL)");
-                child.signal_group(Signal::SIGKILL);
-                killed = true;
+            status = &mut exit => return (status, term.lost),
+            () = sleep_until_opt(due.lose_at) => {
+                let reason = if suspended { Reason::Suspended } else { Reason::RenewDeadline };
+                tracing::warn!(reason = %reason.describe(timing), "leadership lost; stopping the command");
+                term.end(reason, Instant::now())
             }
-            changed = state.changed(), if lost.is_none() && !renewer_done => {
+            changed = state.changed(), if !renewer_done => {
                 if changed.is_err() {
-                    // The renewer ended without a verdict; the deadlines still apply.
+                    // The renewer ended (stood down, or after reporting a takeover); the deadlines
+                    // still apply.
                     renewer_done = true;
                     continue;
                 }
-                let verdict = match &*state.borrow() {
-                    LeaseState::Lost { reason, .. } => Some(reason.clone()),
+                let taken = match &*state.borrow() {
+                    LeaseState::Taken { reason, .. } => Some(reason.clone()),
                     LeaseState::Held(_) => None,
                 };
-                if let Some(reason) = verdict {
-                    begin_stop(child, timing.grace_period, &mut grace_ends);
-                    lost = Some(reason);
+                match taken {
+                    Some(reason) => term.end(Reason::Taken(reason), Instant::now()),
+                    None => continue,
                 }
             }
-            () = sleep_until(lost_at), if lost.is_none() => {
-                let reason = format!(
-                    "no successful renewal for {} (--renew-deadline)",
-                    humantime::format_duration(timing.renew_deadline)
-                );
-                tracing::warn!(%reason, "leadership lost; stopping the command");
-                begin_stop(child, timing.grace_period, &mut grace_ends);
-                lost = Some(reason);
+            () = sleep_until(due.kill_at), if !killed => {
+                tracing::warn!(pid = child.pid.as_raw(), "killing the command's process group (SIGKILL)");
+                child.signal_group(Signal::SIGKILL);
+                killed = true;
+                continue;
             }
-            _ = suspend_check.tick() => {
-                let since = clock::boot_time().saturating_sub(state.borrow().held().renewed_at_boot);
-                if since >= timing.kill_by() && !killed {
-                    tracing::warn!(since_renewal = %humantime::format_duration(since), "the machine was suspended past the safety deadline; killing the command's process group (SIGKILL)");
-                    lost.get_or_insert_with(|| "suspended past the safety deadline".into());
-                    child.signal_group(Signal::SIGKILL);
-                    killed = true;
-                } else if since >= timing.renew_deadline && lost.is_none() {
-                    let reason = "the machine was suspended past --renew-deadline".to_string();
-                    tracing::warn!(%reason, "leadership lost; stopping the command");
-                    begin_stop(child, timing.grace_period, &mut grace_ends);
-                    lost = Some(reason);
-                }
-            }
+            _ = suspend_check.tick() => continue,
             sig = signals.recv() => {
-                let stopping = grace_ends.is_some();
                 tracing::info!(signal = sig.as_str(), "forwarding signal to the command's process group");
                 child.signal_group(sig);
-                if matches!(sig, Signal::SIGTERM | Signal::SIGINT) {
-                    if stopping && !killed {
-                        // A second Ctrl-C or SIGTERM: stop waiting for the grace period.
-                        tracing::warn!("second stop signal; killing the command now");
-                        child.signal_group(Signal::SIGKILL);
-                        killed = true;
+                if !matches!(sig, Signal::SIGTERM | Signal::SIGINT) {
+                    continue;
+                }
+                if term.grace_from.is_some() {
+                    tracing::warn!("second stop signal; killing the command now");
+                    term.end(Reason::Insisted, Instant::now())
+                } else {
+                    // The signal itself was the SIGTERM; only wake a stopped command.
+                    let mut act = term.end(Reason::Asked, Instant::now());
+                    if act.terminate {
+                        child.signal_group(Signal::SIGCONT);
+                        act.terminate = false;
                     }
-                    grace_ends.get_or_insert(Instant::now() + timing.grace_period);
+                    act
                 }
             }
+        };
+        if act.lose {
+            // Stop renewing at the loss: a renewal landing now would make others wait a whole
+            // lease duration, and /leader, is_leader and statsd must say "not leader" at once.
+            leading.stand_down();
+            logging::set_holder(None);
+            if let Some(reason) = &term.lost {
+                leading.metrics.lost(reason.label());
+            }
         }
-    }
-}
-
-fn begin_stop(child: Child, grace: Duration, grace_ends: &mut Option<Instant>) {
-    child.signal_group(Signal::SIGTERM);
-    let ends = Instant::now() + grace;
-    *grace_ends = Some(grace_ends.map_or(ends, |g| g.min(ends)));
-}
-
-/// Polls until no process is left in the command's group (the reaper collects the zombies).
-async fn wait_group_gone(child: Child, deadline: Instant) -> bool {
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
-    loop {
-        if !child.group_alive() {
-            return true;
+        if act.terminate {
+            child.signal_group(Signal::SIGTERM);
+            child.signal_group(Signal::SIGCONT);
         }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tick.tick().await;
     }
 }
 
@@ -384,20 +397,23 @@ fn build_command(
     transitions: i32,
 ) -> std::process::Command {
     let mut process = std::process::Command::new(&command.program);
+    // No variable the command sees may be read as an option by a lease-exec it starts: such a
+    // nested lease-exec must be an ordinary new candidate, never one that resumes our identity.
+    for name in crate::cli::option_variables() {
+        process.env_remove(name);
+    }
     process
         .arg0(&command.name)
         .args(&command.args)
-        .env("LEASE_EXEC_LEASE", &config.lease)
-        .env("LEASE_EXEC_NAMESPACE", namespace)
-        .env("LEASE_EXEC_IDENTITY", &config.identity)
-        .env("LEASE_EXEC_TRANSITIONS", transitions.to_string())
+        .env(crate::cli::HELD_LEASE, &config.lease)
+        .env(crate::cli::HELD_NAMESPACE, namespace)
+        .env(crate::cli::HELD_IDENTITY, &config.identity)
+        .env(crate::cli::HELD_TRANSITIONS, transitions.to_string())
         .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
     process
 }
-
-use std::os::unix::process::CommandExt;
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {

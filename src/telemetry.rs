@@ -32,6 +32,7 @@ pub struct Metrics {
     renewal_failures: Counter,
     renewal_duration: Histogram,
     child_running: Gauge,
+    losses: Family<Vec<(String, String)>, Counter>,
     /// Renewals are failing right now (since the last success).
     failing: AtomicBool,
 }
@@ -46,6 +47,7 @@ impl Metrics {
         let renewal_failures = Counter::default();
         let renewal_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let child_running = Gauge::default();
+        let losses = Family::<Vec<(String, String)>, Counter>::default();
         let info = Family::<Vec<(String, String)>, Gauge>::default();
         info.get_or_create(&vec![
             ("lease".into(), lease.into()),
@@ -64,6 +66,11 @@ impl Metrics {
             transitions.clone(),
         );
         registry.register("renewals", "Successful renewals", renewals.clone());
+        registry.register(
+            "leadership_losses",
+            "Terms that ended with leadership lost, by reason (renew_deadline, suspended, taken)",
+            losses.clone(),
+        );
         registry.register(
             "renewal_failures",
             "Failed renewal attempts",
@@ -87,6 +94,7 @@ impl Metrics {
         Arc::new(Metrics {
             registry,
             is_leader,
+            losses,
             transitions,
             renewals,
             renewal_failures,
@@ -106,6 +114,13 @@ impl Metrics {
     /// This process no longer holds the lease.
     pub fn left(&self) {
         self.is_leader.set(0);
+    }
+
+    /// Leadership was lost for `reason` (see [`crate::term::Reason::label`]).
+    pub fn lost(&self, reason: &str) {
+        self.losses
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
     }
 
     /// The command started (`true`) or ended.

@@ -138,7 +138,10 @@ async fn a_watch_answered_410_gone_recovers_with_a_fresh_read() {
     let running = slow_poller(&world);
     following(&world, &running).await;
     let reads = world.server.total("get");
-    // Compaction: the follower's resourceVersion is now too old; its next watch gets 410.
+    // Other objects move the store's revision on; then compaction makes the follower's position
+    // (and the Lease's own resourceVersion, unchanged since) too old: its next watch gets 410, and
+    // a watch from the Lease's resourceVersion after a re-read would too.
+    world.server.put_lease(NS, "unrelated", json!({"spec": {}}));
     world.server.compact();
     wait_for(QUICK, "a fresh read after 410", || {
         world.server.total("get") > reads

@@ -17,8 +17,9 @@
 use std::collections::HashSet;
 use std::io;
 use std::os::unix::process::CommandExt;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Mutex, OnceLock};
 
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
@@ -39,6 +40,17 @@ pub const FORWARDED: [Signal; 6] = [
     Signal::SIGUSR2,
 ];
 
+/// Held while spawning and while reaping: see the module documentation.
+static REAP_LOCK: Mutex<()> = Mutex::new(());
+
+/// Commands spawned so far; read and written under [`REAP_LOCK`].
+static SPAWNS: AtomicU64 = AtomicU64::new(0);
+
+fn reap_lock() -> std::sync::MutexGuard<'static, ()> {
+    // A panic while holding the lock leaves nothing half-done that reaping depends on.
+    REAP_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A running command: its pid, which is also its process group id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Child {
@@ -46,6 +58,9 @@ pub struct Child {
     pub pid: Pid,
     /// The command's group was made the terminal's foreground group.
     pub has_terminal: bool,
+    /// The value of [`SPAWNS`] after this command was spawned: statuses reaped before carry a
+    /// smaller one.
+    spawned: u64,
 }
 
 impl Child {
@@ -78,7 +93,7 @@ impl Child {
 /// What the spawner thread is asked to do.
 struct SpawnRequest {
     command: std::process::Command,
-    reply: oneshot::Sender<io::Result<Pid>>,
+    reply: oneshot::Sender<io::Result<(Pid, u64)>>,
 }
 
 /// The long-lived spawner thread's inbox.
@@ -94,12 +109,16 @@ fn spawner() -> &'static std_mpsc::Sender<SpawnRequest> {
                 // itself dies.
                 for request in rx {
                     let SpawnRequest { mut command, reply } = request;
+                    // Under the lock, the reaper cannot reap a child whose exec failed before
+                    // std's spawn has waited for it.
+                    let lock = reap_lock();
                     let result = command.spawn().map(|child| {
                         let pid = Pid::from_raw(child.id() as i32);
                         // Dropping std's handle neither waits nor kills: the Reaper owns waitpid.
                         drop(child);
-                        pid
+                        (pid, SPAWNS.fetch_add(1, Ordering::SeqCst) + 1)
                     });
+                    drop(lock);
                     let _ = reply.send(result);
                 }
             })
@@ -160,10 +179,14 @@ pub async fn spawn(mut command: std::process::Command) -> io::Result<Child> {
     spawner()
         .send(SpawnRequest { command, reply })
         .map_err(|_| io::Error::other("the spawner thread is gone"))?;
-    let pid = answer
+    let (pid, spawned) = answer
         .await
         .map_err(|_| io::Error::other("the spawner thread is gone"))??;
-    Ok(Child { pid, has_terminal })
+    Ok(Child {
+        pid,
+        has_terminal,
+        spawned,
+    })
 }
 
 /// Makes this process a child subreaper, so orphaned grandchildren are re-parented to it and can be
@@ -178,8 +201,11 @@ pub fn become_subreaper() {
 
 /// The one owner of `waitpid`. Reports every reaped process as `(pid, status)`.
 pub struct Reaper {
-    exits: mpsc::UnboundedReceiver<(Pid, ChildStatus)>,
+    exits: mpsc::UnboundedReceiver<Reaped>,
 }
+
+/// One reaped process, and [`SPAWNS`] when it was reaped.
+type Reaped = (Pid, ChildStatus, u64);
 
 impl Reaper {
     /// Starts reaping. Call before spawning anything, so no SIGCHLD is missed.
@@ -202,8 +228,10 @@ impl Reaper {
     pub async fn wait(&mut self, child: Child) -> ChildStatus {
         loop {
             match self.exits.recv().await {
-                Some((pid, status)) if pid == child.pid => return status,
-                Some((pid, status)) => {
+                Some((pid, status, spawns)) if pid == child.pid && spawns >= child.spawned => {
+                    return status;
+                }
+                Some((pid, status, _)) => {
                     tracing::debug!(pid = pid.as_raw(), %status, "reaped a descendant")
                 }
                 None => std::future::pending().await,
@@ -213,29 +241,31 @@ impl Reaper {
 }
 
 /// Reaps every exited child that is not in our own process group.
-fn reap_all(tx: &mpsc::UnboundedSender<(Pid, ChildStatus)>) {
+fn reap_all(tx: &mpsc::UnboundedSender<Reaped>) {
+    let _lock = reap_lock();
+    let spawns = SPAWNS.load(Ordering::SeqCst);
     let own_group = nix::unistd::getpgrp();
     let Some(children) = own_children() else {
         // Without /proc/<pid>/task/<tid>/children, fall back to reaping anything.
-        reap(Pid::from_raw(-1), tx);
+        reap(Pid::from_raw(-1), spawns, tx);
         return;
     };
     for pid in children {
         match nix::unistd::getpgid(Some(pid)) {
             Ok(group) if group == own_group => continue,
-            _ => reap(pid, tx),
+            _ => reap(pid, spawns, tx),
         }
     }
 }
 
-fn reap(which: Pid, tx: &mpsc::UnboundedSender<(Pid, ChildStatus)>) {
+fn reap(which: Pid, spawns: u64, tx: &mpsc::UnboundedSender<Reaped>) {
     loop {
         match waitpid(which, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) => {
-                let _ = tx.send((pid, ChildStatus::Exited(code)));
+                let _ = tx.send((pid, ChildStatus::Exited(code), spawns));
             }
             Ok(WaitStatus::Signaled(pid, signal, _)) => {
-                let _ = tx.send((pid, ChildStatus::Signaled(signal as i32)));
+                let _ = tx.send((pid, ChildStatus::Signaled(signal as i32), spawns));
             }
             Ok(WaitStatus::StillAlive) | Err(_) => return,
             Ok(_) => {}
@@ -243,6 +273,50 @@ fn reap(which: Pid, tx: &mpsc::UnboundedSender<(Pid, ChildStatus)>) {
         if which.as_raw() > 0 {
             return;
         }
+    }
+}
+
+/// Kills what the command left behind and waits until it is gone, at most until `deadline`:
+/// the command's process group, and every child of ours outside our own process group (the
+/// command's descendants that left its group are re-parented to us, PID 1 or child subreaper).
+/// As PID 1 of a PID namespace, every process in the namespace (`kill(-1)`), whatever its parent.
+/// Returns whether everything is gone.
+///
+/// What escapes when lease-exec is not PID 1: processes that are not its descendants (started by
+/// `kubectl exec`, or by a service manager on the worker's request), and descendants re-parented
+/// to another subreaper below us.
+pub async fn kill_leftovers(child: Child, deadline: tokio::time::Instant) -> bool {
+    let pid1 = nix::unistd::getpid().as_raw() == 1;
+    let own_group = nix::unistd::getpgrp();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(5));
+    let mut named = HashSet::new();
+    loop {
+        child.signal_group(Signal::SIGKILL);
+        if pid1 {
+            // Every process of the namespace but ourselves.
+            let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
+        }
+        let leftovers: Vec<Pid> = own_children()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|pid| nix::unistd::getpgid(Some(*pid)).is_ok_and(|g| g != own_group))
+            .collect();
+        for pid in &leftovers {
+            if *pid != child.pid && named.insert(*pid) {
+                tracing::warn!(
+                    pid = pid.as_raw(),
+                    "killing a process the command left outside its group"
+                );
+            }
+            let _ = nix::sys::signal::kill(*pid, Signal::SIGKILL);
+        }
+        if leftovers.is_empty() && !child.group_alive() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tick.tick().await;
     }
 }
 

@@ -71,44 +71,6 @@ impl Record {
     }
 }
 
-/// Remembers the last record seen and when it was first seen.
-#[derive(Debug, Default, Clone)]
-pub struct Observer {
-    last: Option<(Record, Instant)>,
-}
-
-impl Observer {
-    /// Records an observation; returns when this version of the record was first observed.
-    pub fn observe(&mut self, record: Record, now: Instant) -> Instant {
-        match &self.last {
-            Some((last, at)) if *last == record => *at,
-            _ => {
-                self.last = Some((record, now));
-                now
-            }
-        }
-    }
-
-    /// Observes `lease` at `now` and decides what to do with it.
-    pub fn judge(
-        &mut self,
-        lease: &Lease,
-        now: Instant,
-        identity: &str,
-        fallback: Duration,
-    ) -> (Record, Decision) {
-        let record = Record::of(lease);
-        let observed_at = self.observe(record.clone(), now);
-        let decision = decide(&record, observed_at, now, identity, fallback);
-        (record, decision)
-    }
-
-    /// Forgets what was seen (after the Lease is deleted).
-    pub fn reset(&mut self) {
-        self.last = None;
-    }
-}
-
 /// What to do with a Lease that exists.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -175,8 +137,10 @@ impl Claimant<'_> {
         i32::try_from(self.timing.lease_duration.as_secs()).unwrap_or(i32::MAX)
     }
 
-    /// A new Lease naming us, for a create.
-    pub fn create(&self, name: &str, namespace: &str, now: Timestamp) -> Lease {
+    /// A new Lease naming us, for a create. `transitions` is the fencing token: 0 for a Lease
+    /// never seen, else one more than the last `leaseTransitions` observed (see
+    /// [`super::campaign`]), so it never goes backwards when a Lease is deleted and re-created.
+    pub fn create(&self, name: &str, namespace: &str, transitions: i32, now: Timestamp) -> Lease {
         let mut metadata = ObjectMeta {
             name: Some(name.to_string()),
             namespace: Some(namespace.to_string()),
@@ -190,7 +154,7 @@ impl Claimant<'_> {
                 lease_duration_seconds: Some(self.duration_secs()),
                 acquire_time: Some(MicroTime(now)),
                 renew_time: Some(MicroTime(now)),
-                lease_transitions: Some(0),
+                lease_transitions: Some(transitions),
                 ..LeaseSpec::default()
             }),
         }
@@ -307,28 +271,6 @@ mod tests {
     }
 
     #[test]
-    fn expiry_restarts_when_the_record_changes() {
-        let t0 = Instant::now();
-        let mut obs = Observer::default();
-        let mut l = lease(Some("other"), Some(10), 0);
-        assert_eq!(obs.observe(Record::of(&l), t0), t0);
-        // Unchanged record: observation time stays.
-        assert_eq!(obs.observe(Record::of(&l), t0 + Duration::from_secs(5)), t0);
-        // A renewal: the clock restarts from this observation.
-        l.spec.as_mut().unwrap().renew_time = Some(MicroTime(Timestamp::from_second(60).unwrap()));
-        let t1 = t0 + Duration::from_secs(8);
-        assert_eq!(obs.observe(Record::of(&l), t1), t1);
-        let d = decide(
-            &Record::of(&l),
-            t1,
-            t0 + Duration::from_secs(12),
-            "me",
-            FALLBACK,
-        );
-        assert!(matches!(d, Decision::Wait { .. }));
-    }
-
-    #[test]
     fn released_and_missing_spec_are_free() {
         let t0 = Instant::now();
         for l in [
@@ -442,7 +384,7 @@ mod tests {
             owner: None,
         };
         let ts: Timestamp = "2026-11-24T10:00:00.123456789Z".parse().unwrap();
-        let json = serde_json::to_value(me.create("l", "ns", ts)).unwrap();
+        let json = serde_json::to_value(me.create("l", "ns", 0, ts)).unwrap();
         assert_eq!(json["spec"]["renewTime"], "2026-11-24T10:00:00.123456Z");
         assert_eq!(json["spec"]["leaseTransitions"], 0);
     }

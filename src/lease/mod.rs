@@ -1,11 +1,12 @@
-//! The Lease: pure decisions ([`decide`]), bounded API calls ([`api`]), and the two loops that act
-//! on them: [`acquire`] (waiting until we hold it) and [`renew`] (keeping it while the command runs).
+//! The Lease: pure decisions ([`decide`]) and the acquisition state machine ([`campaign`]), bounded
+//! API calls ([`api`]), and the two loops that act on them: [`acquire`] (waiting until we hold it)
+//! and [`renew`] (keeping it while the command runs).
 
 pub mod acquire;
 pub mod api;
+pub mod campaign;
 pub mod decide;
-pub mod follow;
 pub mod renew;
 
 pub use api::{ApiError, LeaseApi};
-pub use decide::{Claimant, Decision, Observer, Record};
+pub use decide::{Claimant, Decision, Record};

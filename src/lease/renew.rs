@@ -1,13 +1,26 @@
 //! Keeping the Lease: renew every retry period with a conditional update, publish each success on a
-//! `watch` channel, and report when another holder shows up.
+//! `watch` channel, and report at once when another holder shows up.
 //!
 //! The renewer does not decide when renewals have failed for too long: the supervisor derives both
 //! the renew deadline and the kill deadline from the published `renewed_at`, so a renewer stuck in
 //! a request can never delay the decision.
+//!
+//! Besides renewing, the leader watches its own Lease ([`Guard`]). A takeover without expiry (an
+//! operator or another client overwriting the holder, or clearing it) means another worker may
+//! already run: it is published as [`LeaseState::Taken`] within milliseconds, not at the next
+//! renewal, and the supervisor kills the command's group at once. A deletion makes the renewer
+//! write at once, which re-creates the Lease if nothing else exists (candidates that saw the
+//! deleted record honour it until its term ends, see [`super::campaign`]).
 
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
+use kube::api::WatchEvent;
 use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::time::{Instant, sleep_until};
 
 use super::acquire::Held;
 use super::api::{ApiError, LeaseApi};
@@ -19,8 +32,9 @@ use crate::config::Timing;
 pub enum LeaseState {
     /// We hold it; the last successful write started at `held.renewed_at`.
     Held(Held),
-    /// The API shows another holder.
-    Lost {
+    /// The API shows another holder, or the holder cleared by someone else: another worker may
+    /// already run.
+    Taken {
         /// Who or what took it.
         reason: String,
         /// The last state we held.
@@ -32,7 +46,7 @@ impl LeaseState {
     /// The last successful write.
     pub fn held(&self) -> &Held {
         match self {
-            LeaseState::Held(held) | LeaseState::Lost { last: held, .. } => held,
+            LeaseState::Held(held) | LeaseState::Taken { last: held, .. } => held,
         }
     }
 }
@@ -59,7 +73,7 @@ impl Owned {
     }
 }
 
-/// Renews until another holder shows up (then publishes [`LeaseState::Lost`] and returns) or until
+/// Renews until another holder shows up (then publishes [`LeaseState::Taken`] and returns) or until
 /// the task is dropped.
 pub async fn renew(
     api: LeaseApi,
@@ -73,8 +87,23 @@ pub async fn renew(
     let mut held = held;
     let mut next = held.renewed_at + timing.retry_period;
     let mut failing = 0u32;
+    let mut guard = Guard::default();
     loop {
-        tokio::time::sleep_until(next).await;
+        tokio::select! {
+            () = sleep_until(next) => {}
+            seen = guard.next(&api, &held, &timing, &claimant) => match seen {
+                Seen::Taken(reason) => {
+                    taken(&state, reason, held);
+                    return;
+                }
+                Seen::Deleted => {
+                    // Write now: the update finds nothing and re-creates the Lease.
+                    next = Instant::now();
+                    continue;
+                }
+                Seen::Nothing => continue,
+            }
+        }
         let started = Instant::now();
         let started_boot = crate::clock::boot_time();
         let deadline = held.renewed_at + timing.renew_deadline;
@@ -82,11 +111,7 @@ pub async fn renew(
         let timeout = timing
             .request_timeout()
             .min(deadline.saturating_duration_since(started))
-            .max(
-                timing
-                    .retry_period
-                    .min(std::time::Duration::from_millis(100)),
-            );
+            .max(timing.retry_period.min(Duration::from_millis(100)));
         let result = write(&api, &claimant, &held, timeout).await;
         metrics.renewal(
             matches!(result, Ok(_) | Err(Failure::Refreshed(_))),
@@ -107,9 +132,7 @@ pub async fn renew(
                 next = started + timing.retry_period;
             }
             Err(Failure::Taken(reason)) => {
-                tracing::warn!(%reason, "leadership lost");
-                crate::logging::set_holder(None);
-                let _ = state.send(LeaseState::Lost { reason, last: held });
+                taken(&state, reason, held);
                 return;
             }
             Err(Failure::Retry(error)) => {
@@ -136,8 +159,117 @@ pub async fn renew(
     }
 }
 
-fn round_ms(d: std::time::Duration) -> std::time::Duration {
-    std::time::Duration::from_millis(d.as_millis() as u64)
+fn taken(state: &watch::Sender<LeaseState>, reason: String, last: Held) {
+    tracing::warn!(%reason, "leadership lost: the lease was taken");
+    crate::logging::set_holder(None);
+    let _ = state.send(LeaseState::Taken { reason, last });
+}
+
+/// What the leader's watch of its own Lease saw.
+enum Seen {
+    /// Another holder, or the holder cleared by someone else.
+    Taken(String),
+    /// The Lease was deleted.
+    Deleted,
+    /// Nothing that matters (our own renewals, bookmarks, a re-opened stream).
+    Nothing,
+}
+
+type EventStream = BoxStream<'static, Result<WatchEvent<Lease>, ApiError>>;
+
+/// The leader's watch of its own Lease. It only speeds up detection: the renew and kill deadlines
+/// never depend on it, so a watch that fails or is refused changes nothing but latency.
+#[derive(Default)]
+struct Guard {
+    stream: Option<EventStream>,
+    /// Do not re-open before this (after a failure).
+    reopen_at: Option<Instant>,
+    failures: u32,
+    /// Watching is refused here: renewals alone detect takeovers.
+    refused: bool,
+}
+
+impl Guard {
+    /// The next thing seen. Cancel-safe between events: `select!` may drop it at any point.
+    async fn next(
+        &mut self,
+        api: &LeaseApi,
+        held: &Held,
+        timing: &crate::config::Timing,
+        me: &Claimant<'_>,
+    ) -> Seen {
+        if self.refused {
+            return std::future::pending().await;
+        }
+        if self.stream.is_none() {
+            if let Some(at) = self.reopen_at {
+                sleep_until(at).await;
+            }
+            let rv = held
+                .lease
+                .metadata
+                .resource_version
+                .clone()
+                .unwrap_or_default();
+            match api.watch(&rv, timing.request_timeout()).await {
+                Ok(stream) => {
+                    self.stream = Some(stream);
+                    self.reopen_at = None;
+                }
+                Err(e @ (ApiError::Denied { .. } | ApiError::NotFound)) => {
+                    tracing::debug!(error = %e, "cannot watch the held lease; takeovers are noticed at the next renewal");
+                    self.refused = true;
+                    return Seen::Nothing;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot watch the held lease; retrying");
+                    self.failed(timing);
+                    return Seen::Nothing;
+                }
+            }
+        }
+        let event = self.stream.as_mut().expect("opened above").next().await;
+        match event {
+            Some(Ok(WatchEvent::Added(lease) | WatchEvent::Modified(lease))) => {
+                self.failures = 0;
+                match Record::of(&lease).holder {
+                    Some(holder) if holder == me.identity => Seen::Nothing,
+                    Some(holder) => Seen::Taken(format!("the lease is now held by {holder}")),
+                    None => Seen::Taken("the lease was released by someone else".into()),
+                }
+            }
+            Some(Ok(WatchEvent::Deleted(_))) => {
+                tracing::warn!("the lease was deleted while held; re-creating it");
+                Seen::Deleted
+            }
+            Some(Ok(WatchEvent::Bookmark(_))) => Seen::Nothing,
+            Some(Ok(WatchEvent::Error(status))) => {
+                // 410 included: re-open from our last write's resourceVersion, which is newer.
+                tracing::debug!(code = status.code, message = %status.message, "the held lease's watch ended");
+                self.failed(timing);
+                Seen::Nothing
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "the held lease's watch failed");
+                self.failed(timing);
+                Seen::Nothing
+            }
+            None => {
+                self.stream = None;
+                Seen::Nothing
+            }
+        }
+    }
+
+    fn failed(&mut self, timing: &crate::config::Timing) {
+        self.stream = None;
+        self.failures += 1;
+        self.reopen_at = Some(Instant::now() + super::campaign::backoff(timing, self.failures));
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
 }
 
 enum Failure {
@@ -146,15 +278,15 @@ enum Failure {
     /// Transient: try again next period.
     Retry(ApiError),
     /// Still ours, with a newer resourceVersion.
-    Refreshed(Box<k8s_openapi::api::coordination::v1::Lease>),
+    Refreshed(Box<Lease>),
 }
 
 async fn write(
     api: &LeaseApi,
     me: &Claimant<'_>,
     held: &Held,
-    timeout: std::time::Duration,
-) -> Result<k8s_openapi::api::coordination::v1::Lease, Failure> {
+    timeout: Duration,
+) -> Result<Lease, Failure> {
     match api
         .replace(&me.renew(&held.lease, Timestamp::now()), timeout)
         .await
@@ -168,30 +300,34 @@ async fn write(
                     "the lease was released by someone else".into(),
                 )),
             },
-            Ok(None) => recreate(api, me, timeout).await,
+            Ok(None) => recreate(api, me, held, timeout).await,
             Err(e) => Err(Failure::Retry(e)),
         },
-        Err(ApiError::NotFound) => recreate(api, me, timeout).await,
+        Err(ApiError::NotFound) => recreate(api, me, held, timeout).await,
         Err(e) => Err(Failure::Retry(e)),
     }
 }
 
-/// The Lease was deleted while we held it: re-create it if it is still free.
+/// The Lease was deleted while we held it: re-create it if nothing else exists, keeping our
+/// term's `leaseTransitions`. If someone else created it first, it is theirs: the command dies.
 async fn recreate(
     api: &LeaseApi,
     me: &Claimant<'_>,
-    timeout: std::time::Duration,
-) -> Result<k8s_openapi::api::coordination::v1::Lease, Failure> {
+    held: &Held,
+    timeout: Duration,
+) -> Result<Lease, Failure> {
+    let transitions = held.transitions();
     match api
         .create(
-            &me.create(api.name(), api.namespace(), Timestamp::now()),
+            &me.create(api.name(), api.namespace(), transitions, Timestamp::now()),
             timeout,
         )
         .await
     {
         Ok(lease) => {
             tracing::warn!(
-                "the lease was deleted while held; re-created it (leaseTransitions restarts at 0)"
+                transitions,
+                "the lease was deleted while held; re-created it"
             );
             Ok(lease)
         }

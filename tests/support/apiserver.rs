@@ -180,10 +180,11 @@ current-context: memory
         let _ = self.close_watches.send(());
     }
 
-    /// Makes every resourceVersion up to now too old for a watch (410 Gone), as etcd compaction does.
+    /// Makes every resourceVersion older than the current one too old for a watch (410 Gone), as
+    /// etcd compaction at the current revision does: a watch from the current revision still works.
     pub fn compact(&self) {
         let mut inner = self.inner.lock().unwrap();
-        inner.compacted_below = inner.rv + 1;
+        inner.compacted_below = inner.rv;
         inner.history.clear();
         drop(inner);
         self.close_watches();

@@ -210,7 +210,7 @@ journal, run_for, code = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 ignore_term = len(sys.argv) > 4 and sys.argv[4] == "ignore-term"
 def record(what):
     line = "%s %d %d %s %s\n" % (what, os.getpid(), time.monotonic_ns(),
-        os.environ.get("LEASE_EXEC_IDENTITY", "-"), os.environ.get("LEASE_EXEC_TRANSITIONS", "-"))
+        os.environ.get("LEASE_EXEC_HELD_IDENTITY", "-"), os.environ.get("LEASE_EXEC_TRANSITIONS", "-"))
     fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.write(fd, line.encode())
     os.close(fd)

@@ -1,0 +1,673 @@
+//! The acquisition state machine: every rule for *when* to create, claim, read or wait, in one
+//! place, without I/O. The loops in [`super::acquire`] only feed it what the API said (a read, a
+//! watch event, the result of a write, a timer) and carry out what it asks.
+//!
+//! ```text
+//!   Read(lease or 404) ─┐                                       ┌─▶ Create { transitions }
+//!   Changed(lease) ─────┤   view of the Lease                   ├─▶ Claim { current }
+//!   Deleted(lease) ─────┤   last record + when first seen       ├─▶ Read { at }
+//!   Bookmark(rv) ───────┼──▶ term end of a deleted holder ──────┤
+//!   Expired (410) ──────┤   resourceVersion to watch from       └─▶ Wait { until }
+//!   Lost / Failed ──────┤   failures, resyncs, lost claims
+//!   Tick ───────────────┘
+//! ```
+//!
+//! The rules, each tied to a way the Lease changes hands:
+//! - **Expiry**: a record held by someone else is taken over once it has been seen unchanged for
+//!   its `leaseDurationSeconds`, on the local monotonic clock, from when *this process* first saw
+//!   it (never from `renewTime`: clocks of different nodes disagree). The claim is conditioned on
+//!   that record's resourceVersion, so exactly one candidate wins.
+//! - **Release** (holder cleared): claimed at once, conditioned on the resourceVersion.
+//! - **Deletion while held** (a user, the garbage collector): the deleted record is honoured as if
+//!   it were still there. Nobody is created or claimed before its term ends (observed time + its
+//!   duration), whichever way the deletion is learnt: a DELETED event, a 404 on a poll, a 404 on the
+//!   re-read after a broken watch. That holder's own lease-exec kills its command by then, so a
+//!   new worker cannot overlap it.
+//! - **Server restart, compaction, 410**: a re-read replaces the observation only when the record
+//!   differs; an unchanged record keeps the time it was first seen. A 404 after a record was
+//!   observed is a deletion (above), never a plain absence.
+//! - **Fencing**: a Lease created after a deletion continues `leaseTransitions` from the last
+//!   record observed, so the token never goes backwards for a candidate that saw it.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use tokio::time::Instant;
+
+use super::decide::{Decision, Record, decide};
+use crate::config::Timing;
+
+/// What the API told us, or that a timer fired.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A GET answered: the Lease, or `None` for 404.
+    Read(Option<Lease>),
+    /// A watch event: the Lease was added or modified.
+    Changed(Lease),
+    /// A watch event: the Lease was deleted; its last state.
+    Deleted(Lease),
+    /// A watch bookmark: the resourceVersion reached.
+    Bookmark(String),
+    /// The watch's resourceVersion is too old (410 Gone): the view may be stale.
+    Expired,
+    /// Our create or claim lost to another writer (409, AlreadyExists, or 404 on the claim).
+    Lost,
+    /// A request failed in a way worth retrying.
+    Failed,
+    /// A deadline the machine asked for passed.
+    Tick,
+}
+
+/// What to do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Create the Lease naming us, with this `leaseTransitions`.
+    Create {
+        /// The fencing token to write: the last observed `leaseTransitions` + 1, or 0.
+        transitions: i32,
+    },
+    /// Write our claim on `current`, conditioned on its resourceVersion.
+    Claim {
+        /// The Lease as observed.
+        current: Box<Lease>,
+        /// Why it may be claimed.
+        decision: Decision,
+    },
+    /// Read the Lease (GET) at this time; a watch, if any, is re-established from the read.
+    Read {
+        /// Not before.
+        at: Instant,
+    },
+    /// Nothing to do until this time (then [`Input::Tick`]) or the next event. A watching feeder
+    /// watches from [`Campaign::resource_version`]; a polling feeder reads again within a retry
+    /// period.
+    Wait {
+        /// `None`: until something changes.
+        until: Option<Instant>,
+    },
+}
+
+/// What we know of the Lease.
+#[derive(Debug, Clone)]
+enum View {
+    /// Nothing trustworthy: read it.
+    Unknown,
+    /// It does not exist.
+    Absent,
+    /// As last read or seen in an event.
+    Present(Box<Lease>),
+}
+
+/// The acquisition state machine. See the module documentation for the rules.
+#[derive(Debug, Clone)]
+pub struct Campaign {
+    identity: String,
+    timing: Timing,
+    view: View,
+    /// The last record observed and when this version of it was first observed. Kept across
+    /// deletions, 404s and re-reads.
+    observed: Option<(Record, Instant)>,
+    /// No create or claim before this: the term of a holder whose Lease was deleted.
+    deleted_term_end: Option<Instant>,
+    /// Where a watch resumes: the newest resourceVersion seen (object, deletion or bookmark).
+    resource_version: Option<String>,
+    /// A claim on this resourceVersion lost: wait for a newer one, or re-read at this time.
+    lost: Option<(String, Instant)>,
+    /// When the next read may happen (backoff after failures).
+    read_at: Option<Instant>,
+    /// Consecutive failed requests.
+    failures: u32,
+    /// Consecutive 410s without a watch event in between.
+    expirations: u32,
+    /// A 410 said our position is too old: a read's resourceVersion (the object's last change,
+    /// which can be older than the server's watch window) is no place to resume; watch from the
+    /// current state until an event or bookmark gives a position again.
+    position_expired: bool,
+}
+
+impl Campaign {
+    /// A campaign for `identity`, which knows nothing of the Lease yet.
+    pub fn new(identity: &str, timing: Timing) -> Campaign {
+        Campaign {
+            identity: identity.to_string(),
+            timing,
+            view: View::Unknown,
+            observed: None,
+            deleted_term_end: None,
+            resource_version: None,
+            lost: None,
+            read_at: None,
+            failures: 0,
+            expirations: 0,
+            position_expired: false,
+        }
+    }
+
+    /// The resourceVersion to watch from (`None`: nothing seen yet; watch from the current state).
+    pub fn resource_version(&self) -> Option<&str> {
+        self.resource_version.as_deref()
+    }
+
+    /// The record we are waiting on, if another identity holds it.
+    pub fn waiting_on(&self) -> Option<&Record> {
+        match &self.view {
+            View::Present(_) => self
+                .observed
+                .as_ref()
+                .map(|(r, _)| r)
+                .filter(|r| r.holder.as_deref().is_some_and(|h| h != self.identity)),
+            _ => None,
+        }
+    }
+
+    /// Consecutive failures so far (for logging).
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// When a deleted holder's term ends, if one is being honoured.
+    pub fn deleted_term_end(&self) -> Option<Instant> {
+        self.deleted_term_end
+    }
+
+    /// Feeds one input observed at `now` and returns what to do next.
+    pub fn step(&mut self, input: Input, now: Instant) -> Action {
+        match input {
+            Input::Read(Some(lease)) => {
+                self.failures = 0;
+                self.read_at = None;
+                let position_expired = self.position_expired;
+                self.present(lease, now);
+                if position_expired {
+                    self.resource_version = None;
+                }
+            }
+            Input::Changed(lease) => {
+                self.expirations = 0;
+                self.position_expired = false;
+                self.present(lease, now);
+            }
+            Input::Read(None) => {
+                self.failures = 0;
+                self.read_at = None;
+                self.absent(None, now);
+            }
+            Input::Deleted(lease) => {
+                self.expirations = 0;
+                self.position_expired = false;
+                self.absent(Some(lease), now);
+            }
+            Input::Bookmark(rv) => {
+                self.expirations = 0;
+                self.position_expired = false;
+                self.resource_version = Some(rv);
+            }
+            Input::Expired => {
+                self.expirations += 1;
+                // The first 410 is normal (compaction): read at once. Repeated ones without an
+                // event in between (a server that cannot serve this watch) back off.
+                let delay = match self.expirations {
+                    1 => Duration::ZERO,
+                    n => backoff(&self.timing, n - 1),
+                };
+                self.resource_version = None;
+                self.position_expired = true;
+                self.unknown(now + delay);
+            }
+            Input::Lost => {
+                let rv = match &self.view {
+                    View::Present(lease) => lease.metadata.resource_version.clone(),
+                    _ => None,
+                };
+                // The winner's write shows up as an event or on the next read; if nothing shows
+                // up by a retry period, our view is stale: read again then.
+                let recheck = now + self.timing.retry_period;
+                match rv {
+                    Some(rv) => self.lost = Some((rv, recheck)),
+                    None => self.unknown(recheck),
+                }
+            }
+            Input::Failed => {
+                self.failures += 1;
+                let delay = backoff(&self.timing, self.failures);
+                self.unknown(now + delay);
+            }
+            Input::Tick => {}
+        }
+        self.next(now)
+    }
+
+    fn present(&mut self, lease: Lease, now: Instant) {
+        let record = Record::of(&lease);
+        match &self.observed {
+            Some((last, _)) if *last == record => {}
+            _ => self.observed = Some((record, now)),
+        }
+        if let Some(rv) = &lease.metadata.resource_version {
+            self.resource_version = Some(rv.clone());
+        }
+        self.view = View::Present(Box::new(lease));
+    }
+
+    fn absent(&mut self, deleted: Option<Lease>, now: Instant) {
+        if let Some(lease) = deleted {
+            let record = Record::of(&lease);
+            match &self.observed {
+                Some((last, _)) if *last == record => {}
+                _ => self.observed = Some((record, now)),
+            }
+            if let Some(rv) = &lease.metadata.resource_version {
+                self.resource_version = Some(rv.clone());
+            }
+        }
+        // Honour the last observed holder as if its Lease were still there.
+        if let Some((record, observed_at)) = &self.observed
+            && record.holder.as_deref().is_some_and(|h| h != self.identity)
+        {
+            let (duration, _) = record.effective_duration(self.timing.lease_duration);
+            let end = observed_at
+                .checked_add(duration)
+                .unwrap_or(now + crate::config::MAX_DURATION);
+            if end > now {
+                self.deleted_term_end = Some(self.deleted_term_end.map_or(end, |e| e.max(end)));
+            }
+        }
+        self.view = View::Absent;
+    }
+
+    fn unknown(&mut self, read_at: Instant) {
+        self.view = View::Unknown;
+        self.lost = None;
+        self.read_at = Some(read_at);
+    }
+
+    /// What to do with what we know, at `now`.
+    fn next(&mut self, now: Instant) -> Action {
+        if self.deleted_term_end.is_some_and(|end| now >= end) {
+            self.deleted_term_end = None;
+        }
+        let gate = self.deleted_term_end;
+        match &self.view {
+            View::Unknown => Action::Read {
+                at: self.read_at.unwrap_or(now).max(now),
+            },
+            View::Absent => match gate {
+                Some(end) => Action::Wait { until: Some(end) },
+                None => Action::Create {
+                    transitions: self
+                        .observed
+                        .as_ref()
+                        .map_or(0, |(r, _)| r.transitions.saturating_add(1)),
+                },
+            },
+            View::Present(lease) => {
+                let Some((record, observed_at)) = &self.observed else {
+                    unreachable!("a present Lease is always observed");
+                };
+                match decide(
+                    record,
+                    *observed_at,
+                    now,
+                    &self.identity,
+                    self.timing.lease_duration,
+                ) {
+                    Decision::Wait { expires_at, .. } => Action::Wait {
+                        until: Some(expires_at.unwrap_or(now + self.timing.retry_period)),
+                    },
+                    decision => {
+                        let rv = lease.metadata.resource_version.as_deref();
+                        if let Some((lost_rv, recheck)) = &self.lost
+                            && Some(lost_rv.as_str()) == rv
+                        {
+                            if now >= *recheck {
+                                self.unknown(now);
+                                return Action::Read { at: now };
+                            }
+                            return Action::Wait {
+                                until: Some(*recheck),
+                            };
+                        }
+                        if let Some(end) = gate {
+                            return Action::Wait { until: Some(end) };
+                        }
+                        Action::Claim {
+                            current: lease.clone(),
+                            decision,
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Delay before the next attempt after `failures` consecutive transient errors while waiting:
+/// doubling from the retry period, capped at the lease duration (a handoff cannot be noticed faster
+/// than that anyway) and at 30 s.
+pub fn backoff(timing: &Timing, failures: u32) -> Duration {
+    let cap = timing
+        .lease_duration
+        .min(Duration::from_secs(30))
+        .max(timing.retry_period);
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    timing.retry_period.saturating_mul(factor).min(cap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+    use k8s_openapi::jiff::Timestamp;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn lease(holder: Option<&str>, duration: i32, transitions: i32, rv: &str) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                name: Some("l".into()),
+                resource_version: Some(rv.into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(str::to_string),
+                lease_duration_seconds: Some(duration),
+                lease_transitions: Some(transitions),
+                renew_time: Some(MicroTime(
+                    Timestamp::from_second(i64::from(transitions)).unwrap(),
+                )),
+                ..LeaseSpec::default()
+            }),
+        }
+    }
+
+    fn campaign() -> Campaign {
+        Campaign::new("me", Timing::default())
+    }
+
+    fn is_claim(action: &Action, rv: &str) -> bool {
+        matches!(action, Action::Claim { current, .. } if current.metadata.resource_version.as_deref() == Some(rv))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn starts_by_reading() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        assert_eq!(c.step(Input::Tick, t0), Action::Read { at: t0 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_absent_lease_never_seen_is_created_at_once_from_zero() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        assert_eq!(
+            c.step(Input::Read(None), t0),
+            Action::Create { transitions: 0 }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_lease_is_claimed_when_unchanged_for_its_duration() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        let held = lease(Some("other"), 10, 3, "5");
+        assert_eq!(
+            c.step(Input::Read(Some(held.clone())), t0),
+            Action::Wait {
+                until: Some(t0 + 10 * S)
+            }
+        );
+        // Seen again unchanged (a re-read after a restart): the first observation counts.
+        assert_eq!(
+            c.step(Input::Read(Some(held.clone())), t0 + 9 * S),
+            Action::Wait {
+                until: Some(t0 + 10 * S)
+            }
+        );
+        assert!(is_claim(&c.step(Input::Tick, t0 + 10 * S), "5"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_restarts_the_expiry_clock() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(Some("other"), 10, 3, "5"))), t0);
+        let mut renewed = lease(Some("other"), 10, 3, "6");
+        renewed.spec.as_mut().unwrap().renew_time =
+            Some(MicroTime(Timestamp::from_second(99).unwrap()));
+        assert_eq!(
+            c.step(Input::Changed(renewed), t0 + 8 * S),
+            Action::Wait {
+                until: Some(t0 + 18 * S)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_lease_is_claimed_at_once() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(Some("other"), 10, 3, "5"))), t0);
+        assert!(is_claim(
+            &c.step(Input::Changed(lease(None, 1, 3, "6")), t0 + S),
+            "6"
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_deleted_while_held_is_honoured_on_every_path() {
+        let t0 = Instant::now();
+        let held = lease(Some("other"), 10, 7, "5");
+        // Watch: a DELETED event.
+        let mut c = campaign();
+        c.step(Input::Read(Some(held.clone())), t0);
+        assert_eq!(
+            c.step(Input::Deleted(lease(Some("other"), 10, 7, "9")), t0 + 2 * S),
+            Action::Wait {
+                until: Some(t0 + 10 * S)
+            }
+        );
+        // Polling: a 404 on the next read.
+        let mut c = campaign();
+        c.step(Input::Read(Some(held.clone())), t0);
+        assert_eq!(
+            c.step(Input::Read(None), t0 + 2 * S),
+            Action::Wait {
+                until: Some(t0 + 10 * S)
+            }
+        );
+        // A broken watch (410, then errors) and a re-read that finds nothing.
+        let mut c = campaign();
+        c.step(Input::Read(Some(held.clone())), t0);
+        assert_eq!(c.step(Input::Expired, t0 + S), Action::Read { at: t0 + S });
+        assert!(matches!(c.step(Input::Failed, t0 + S), Action::Read { .. }));
+        assert_eq!(
+            c.step(Input::Read(None), t0 + 4 * S),
+            Action::Wait {
+                until: Some(t0 + 10 * S)
+            }
+        );
+        // Further 404s keep the deadline; at its end, the Lease is created continuing the token.
+        assert_eq!(
+            c.step(Input::Read(None), t0 + 6 * S),
+            Action::Wait {
+                until: Some(t0 + 10 * S)
+            }
+        );
+        assert_eq!(
+            c.step(Input::Tick, t0 + 10 * S),
+            Action::Create { transitions: 8 }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deleted_holder_is_honoured_even_if_someone_else_recreates_and_releases() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(Some("other"), 10, 1, "5"))), t0);
+        c.step(Input::Deleted(lease(Some("other"), 10, 1, "6")), t0 + S);
+        // Someone who never saw the old record created it and released it at once.
+        assert_eq!(
+            c.step(Input::Changed(lease(None, 1, 0, "8")), t0 + 2 * S),
+            Action::Wait {
+                until: Some(t0 + 10 * S)
+            }
+        );
+        assert!(is_claim(&c.step(Input::Tick, t0 + 10 * S), "8"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deleted_released_or_expired_lease_is_created_at_once() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(None, 1, 4, "5"))), t0);
+        assert_eq!(
+            c.step(Input::Deleted(lease(None, 1, 4, "6")), t0 + S),
+            Action::Create { transitions: 5 }
+        );
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(Some("other"), 10, 4, "5"))), t0);
+        assert_eq!(
+            c.step(Input::Read(None), t0 + 11 * S),
+            Action::Create { transitions: 5 }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn our_own_deleted_record_does_not_hold_us_back() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(Some("me"), 10, 2, "5"))), t0);
+        assert_eq!(
+            c.step(Input::Read(None), t0 + S),
+            Action::Create { transitions: 3 }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_claim_waits_for_news_then_rereads() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        assert!(is_claim(
+            &c.step(Input::Read(Some(lease(None, 1, 3, "5"))), t0),
+            "5"
+        ));
+        let retry = Timing::default().retry_period;
+        assert_eq!(
+            c.step(Input::Lost, t0),
+            Action::Wait {
+                until: Some(t0 + retry)
+            }
+        );
+        // No news by then: read again.
+        assert_eq!(
+            c.step(Input::Tick, t0 + retry),
+            Action::Read { at: t0 + retry }
+        );
+        // Or the winner shows up: wait on it.
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(None, 1, 3, "5"))), t0);
+        c.step(Input::Lost, t0);
+        assert_eq!(
+            c.step(
+                Input::Changed(lease(Some("winner"), 15, 4, "6")),
+                t0 + S / 100
+            ),
+            Action::Wait {
+                until: Some(t0 + S / 100 + 15 * S)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_create_rereads_after_a_retry_period() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        c.step(Input::Read(None), t0);
+        let retry = Timing::default().retry_period;
+        assert_eq!(c.step(Input::Lost, t0), Action::Read { at: t0 + retry });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_and_a_read_resets_them() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        assert_eq!(c.step(Input::Failed, t0), Action::Read { at: t0 + 2 * S });
+        assert_eq!(c.step(Input::Failed, t0), Action::Read { at: t0 + 4 * S });
+        c.step(Input::Read(Some(lease(Some("other"), 10, 0, "1"))), t0);
+        assert_eq!(c.failures(), 0);
+        assert_eq!(c.step(Input::Failed, t0), Action::Read { at: t0 + 2 * S });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_410s_back_off_until_an_event_arrives() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(Some("other"), 10, 0, "1"))), t0);
+        assert_eq!(c.step(Input::Expired, t0), Action::Read { at: t0 });
+        c.step(Input::Read(Some(lease(Some("other"), 10, 0, "1"))), t0);
+        assert_eq!(c.step(Input::Expired, t0), Action::Read { at: t0 + 2 * S });
+        c.step(Input::Read(Some(lease(Some("other"), 10, 0, "1"))), t0);
+        assert_eq!(c.step(Input::Expired, t0), Action::Read { at: t0 + 4 * S });
+        c.step(Input::Bookmark("3".into()), t0);
+        assert_eq!(c.step(Input::Expired, t0), Action::Read { at: t0 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_410_the_watch_starts_from_the_current_state_not_the_objects_old_version() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(Some("other"), 10, 0, "5"))), t0);
+        assert_eq!(c.resource_version(), Some("5"));
+        c.step(Input::Expired, t0);
+        // The re-read shows the same object, last changed at "5": too old to watch from.
+        c.step(Input::Read(Some(lease(Some("other"), 10, 0, "5"))), t0);
+        assert_eq!(c.resource_version(), None);
+        // The first event of the new watch gives a position again.
+        c.step(Input::Bookmark("90".into()), t0);
+        assert_eq!(c.resource_version(), Some("90"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bookmarks_move_the_watch_position_and_objects_do_not_move_it_back() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(Some("other"), 10, 0, "5"))), t0);
+        assert_eq!(c.resource_version(), Some("5"));
+        c.step(Input::Bookmark("40".into()), t0 + S);
+        assert_eq!(c.resource_version(), Some("40"));
+        // A timer firing re-evaluates the same object: the bookmark's position stays.
+        c.step(Input::Tick, t0 + 2 * S);
+        assert_eq!(c.resource_version(), Some("40"));
+        c.step(
+            Input::Deleted(lease(Some("other"), 10, 0, "41")),
+            t0 + 3 * S,
+        );
+        assert_eq!(c.resource_version(), Some("41"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn our_own_record_is_resumed() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        let action = c.step(Input::Read(Some(lease(Some("me"), 15, 2, "5"))), t0);
+        assert!(
+            matches!(
+                &action,
+                Action::Claim {
+                    decision: Decision::Resume,
+                    ..
+                }
+            ),
+            "{action:?}"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_lease_duration() {
+        let t = Timing::default();
+        let delays: Vec<_> = (1..=6).map(|n| backoff(&t, n).as_secs()).collect();
+        assert_eq!(delays, [2, 4, 8, 15, 15, 15]);
+        assert_eq!(backoff(&t, 1000), Duration::from_secs(15));
+    }
+}

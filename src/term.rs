@@ -1,0 +1,352 @@
+//! How a term of leadership ends: every reason, and the two deadlines that follow from it, in one
+//! pure function ([`deadlines`]) without processes or I/O.
+//!
+//! While leading, two instants are derived from the start of the last successful renewal
+//! (`renewed_at`, monotonic clock):
+//! - `lose_at = renewed_at + renew_deadline`: leadership counts as lost; renewing stops and the
+//!   command gets SIGTERM (and SIGCONT, so a stopped command can act on it).
+//! - `kill_at ≤ renewed_at + lease_duration − safety_margin`: the command's group gets SIGKILL,
+//!   whatever else happened. Nobody else can take an *expired* Lease over before
+//!   `renewed_at + lease_duration` (see [`crate::config::Timing`]), so the command is dead first.
+//!
+//! A takeover without expiry (another holder written over ours, or ours cleared by someone else)
+//! gives no such head start: the other worker may already run, so `kill_at` is the moment it was
+//! seen. A second SIGTERM/SIGINT also kills at once. A requested stop (the first SIGTERM/SIGINT)
+//! and a lost leadership give the command `--grace-period`, cut short by the safety deadline.
+//!
+//! Suspend: CLOCK_MONOTONIC stops while the machine sleeps, other nodes' clocks do not. The
+//! supervisor measures how much longer CLOCK_BOOTTIME says it has been since the renewal, and moves
+//! `renewed_at` back by that much ([`Term::effective_renewal`]); the same rules then apply.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::Timing;
+
+/// Why a term is ending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// A stop signal (SIGTERM, SIGINT) was received and forwarded: grace period, then SIGKILL.
+    Asked,
+    /// Another stop signal while stopping: SIGKILL now.
+    Insisted,
+    /// No successful renewal for `--renew-deadline`.
+    RenewDeadline,
+    /// The machine was suspended long enough for the renew deadline to pass.
+    Suspended,
+    /// Another identity holds the Lease, or it was cleared by someone else: SIGKILL now.
+    Taken(String),
+}
+
+impl Reason {
+    /// Whether leadership is over (as opposed to a stop the command was asked for while leading).
+    pub fn loses(&self) -> bool {
+        matches!(
+            self,
+            Reason::RenewDeadline | Reason::Suspended | Reason::Taken(_)
+        )
+    }
+
+    /// The label counted in metrics and written in logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Reason::Asked => "signal",
+            Reason::Insisted => "second_signal",
+            Reason::RenewDeadline => "renew_deadline",
+            Reason::Suspended => "suspended",
+            Reason::Taken(_) => "taken",
+        }
+    }
+
+    /// Why leadership was lost, for the last log line and the Event.
+    pub fn describe(&self, timing: &Timing) -> String {
+        match self {
+            Reason::Asked | Reason::Insisted => "stopped by a signal".into(),
+            Reason::RenewDeadline => format!(
+                "no successful renewal for {} (--renew-deadline)",
+                humantime::format_duration(timing.renew_deadline)
+            ),
+            Reason::Suspended => {
+                "the machine was suspended past --renew-deadline since the last renewal".into()
+            }
+            Reason::Taken(why) => why.clone(),
+        }
+    }
+}
+
+/// How much longer CLOCK_BOOTTIME must run ahead of CLOCK_MONOTONIC since the renewal before it
+/// counts as a suspend: the two clocks are read a few microseconds apart, and only a suspend makes
+/// them differ by more.
+pub const SUSPEND_THRESHOLD: Duration = Duration::from_millis(50);
+
+/// The state of the current term: what has happened that ends it.
+#[derive(Debug, Clone, Default)]
+pub struct Term {
+    /// When the grace period started (first stop signal, or leadership lost).
+    pub grace_from: Option<Instant>,
+    /// When an immediate kill was called for (taken, second signal).
+    pub kill_from: Option<Instant>,
+    /// Why leadership was lost, if it was.
+    pub lost: Option<Reason>,
+}
+
+/// The two instants the supervisor sleeps until.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// Leadership counts as lost at this time, unless it already is.
+    pub lose_at: Option<Instant>,
+    /// The command's group gets SIGKILL at this time.
+    pub kill_at: Instant,
+}
+
+/// What the supervisor must do at once when a reason applies. SIGKILL is not here: it follows
+/// from [`deadlines`] (`kill_at` is now for a takeover or a second signal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Act {
+    /// Stop renewing and report not-leader (metrics, probes, statsd).
+    pub lose: bool,
+    /// SIGTERM (and SIGCONT) to the command's group: its grace period starts.
+    pub terminate: bool,
+}
+
+impl Term {
+    /// Records that `reason` applies from `now`, and says what to do about it at once.
+    pub fn end(&mut self, reason: Reason, now: Instant) -> Act {
+        let mut act = Act::default();
+        match reason {
+            Reason::Asked => {
+                act.terminate = self.grace_from.is_none();
+                self.grace_from.get_or_insert(now);
+            }
+            Reason::Insisted => {
+                self.kill_from.get_or_insert(now);
+            }
+            Reason::RenewDeadline | Reason::Suspended => {
+                if self.lost.is_none() {
+                    self.lost = Some(reason);
+                    act.lose = true;
+                    act.terminate = self.grace_from.is_none();
+                    self.grace_from.get_or_insert(now);
+                }
+            }
+            Reason::Taken(_) => {
+                self.kill_from.get_or_insert(now);
+                if self.lost.is_none() {
+                    self.lost = Some(reason);
+                    act.lose = true;
+                }
+            }
+        }
+        act
+    }
+
+    /// `renewed_at` moved back by the time the machine spent suspended since then: the renewal as
+    /// other nodes' clocks see it, and whether there was a suspend. `boot_since` and `mono_since`
+    /// are the time since the renewal on CLOCK_BOOTTIME and on CLOCK_MONOTONIC.
+    pub fn effective_renewal(
+        renewed_at: Instant,
+        boot_since: Duration,
+        mono_since: Duration,
+    ) -> (Instant, bool) {
+        let suspended = boot_since.saturating_sub(mono_since);
+        if suspended < SUSPEND_THRESHOLD {
+            return (renewed_at, false);
+        }
+        (
+            renewed_at.checked_sub(suspended).unwrap_or(renewed_at),
+            true,
+        )
+    }
+}
+
+/// The deadlines of a term, from the state of the term and the last renewal (moved back for a
+/// suspend, see [`Term::effective_renewal`]).
+///
+/// `kill_at` is never later than `renewed_at + lease_duration − safety_margin`, whatever the
+/// reason; it is the moment of the takeover or of the second signal when there was one; else the
+/// end of the grace period, when one runs.
+pub fn deadlines(term: &Term, renewed_at: Instant, timing: &Timing) -> Deadlines {
+    let safety = renewed_at + timing.kill_by();
+    let mut kill_at = safety;
+    if let Some(from) = term.grace_from {
+        kill_at = kill_at.min(from + timing.grace_period);
+    }
+    if let Some(from) = term.kill_from {
+        kill_at = kill_at.min(from);
+    }
+    Deadlines {
+        lose_at: term
+            .lost
+            .is_none()
+            .then(|| renewed_at + timing.renew_deadline),
+        kill_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn timing() -> Timing {
+        Timing::default() // 15 s lease, 10 s deadline, 2 s retry, 5 s grace; kill_by 14.5 s
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_leading_the_deadlines_come_from_the_last_renewal() {
+        let r = Instant::now();
+        let d = deadlines(&Term::default(), r, &timing());
+        assert_eq!(d.lose_at, Some(r + Duration::from_secs(10)));
+        assert_eq!(d.kill_at, r + 14_500 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_signal_gives_the_grace_period_cut_by_the_safety_deadline() {
+        let r = Instant::now();
+        let mut term = Term::default();
+        let act = term.end(Reason::Asked, r + Duration::from_secs(1));
+        assert_eq!(
+            act,
+            Act {
+                lose: false,
+                terminate: true
+            }
+        );
+        let d = deadlines(&term, r, &timing());
+        assert_eq!(d.kill_at, r + Duration::from_secs(6));
+        // Renewals go on while the command stops: a late stop is cut by the safety deadline.
+        assert_eq!(d.lose_at, Some(r + Duration::from_secs(10)));
+        let mut term = Term::default();
+        term.end(Reason::Asked, r + Duration::from_secs(12));
+        assert_eq!(deadlines(&term, r, &timing()).kill_at, r + 14_500 * MS);
+        // A second signal kills at once; so does another stop signal, only once.
+        assert_eq!(
+            term.end(Reason::Asked, r + Duration::from_secs(13)),
+            Act::default()
+        );
+        term.end(Reason::Insisted, r + Duration::from_secs(13));
+        assert_eq!(
+            deadlines(&term, r, &timing()).kill_at,
+            r + Duration::from_secs(13)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missed_renew_deadline_stops_renewing_then_terminates_with_grace() {
+        let r = Instant::now();
+        let mut term = Term::default();
+        let at = r + Duration::from_secs(10);
+        assert_eq!(
+            term.end(Reason::RenewDeadline, at),
+            Act {
+                lose: true,
+                terminate: true
+            }
+        );
+        let d = deadlines(&term, r, &timing());
+        assert_eq!(d.lose_at, None);
+        // Grace 5 s would end at 15 s, past the safety deadline: 14.5 s wins.
+        assert_eq!(d.kill_at, r + 14_500 * MS);
+        // Lost once only.
+        assert_eq!(term.end(Reason::Suspended, at), Act::default());
+        assert_eq!(term.lost, Some(Reason::RenewDeadline));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn losing_while_already_stopping_keeps_the_running_grace_period() {
+        let r = Instant::now();
+        let mut term = Term::default();
+        term.end(Reason::Asked, r + Duration::from_secs(1));
+        assert_eq!(
+            term.end(Reason::RenewDeadline, r + Duration::from_secs(10)),
+            Act {
+                lose: true,
+                terminate: false
+            }
+        );
+        assert_eq!(
+            deadlines(&term, r, &timing()).kill_at,
+            r + Duration::from_secs(6)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_takeover_kills_at_once_without_grace() {
+        let r = Instant::now();
+        let mut term = Term::default();
+        let seen = r + Duration::from_secs(3);
+        let act = term.end(Reason::Taken("the lease is now held by x".into()), seen);
+        assert_eq!(
+            act,
+            Act {
+                lose: true,
+                terminate: false
+            }
+        );
+        let d = deadlines(&term, r, &timing());
+        assert_eq!(d.kill_at, seen);
+        assert_eq!(d.lose_at, None);
+        // Also while a grace period already runs.
+        let mut term = Term::default();
+        term.end(Reason::RenewDeadline, r + Duration::from_secs(10));
+        term.end(Reason::Taken("x".into()), r + Duration::from_secs(11));
+        assert_eq!(
+            deadlines(&term, r, &timing()).kill_at,
+            r + Duration::from_secs(11)
+        );
+        assert_eq!(term.lost, Some(Reason::RenewDeadline));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn kill_is_never_later_than_the_safety_deadline() {
+        let r = Instant::now();
+        let t = timing();
+        for reason in [
+            Reason::Asked,
+            Reason::RenewDeadline,
+            Reason::Suspended,
+            Reason::Insisted,
+            Reason::Taken("x".into()),
+        ] {
+            for at in [0, 5_000, 10_000, 14_000, 20_000] {
+                let mut term = Term::default();
+                term.end(reason.clone(), r + at * MS);
+                assert!(
+                    deadlines(&term, r, &t).kill_at <= r + t.kill_by(),
+                    "{reason:?} at {at} ms"
+                );
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_suspend_moves_the_renewal_back_and_only_a_suspend_does() {
+        let r = Instant::now() + Duration::from_secs(100);
+        // API down, no suspend: both clocks agree; the renewal stays where it was.
+        assert_eq!(
+            Term::effective_renewal(r, Duration::from_secs(10), Duration::from_secs(10) - MS),
+            (r, false)
+        );
+        // Suspended for 20 s after 3 s of running: 23 s since the renewal on the boot clock.
+        let (moved, suspended) =
+            Term::effective_renewal(r, Duration::from_secs(23), Duration::from_secs(3));
+        assert!(suspended);
+        assert_eq!(moved, r - Duration::from_secs(20));
+        let d = deadlines(&Term::default(), moved, &timing());
+        assert!(
+            d.kill_at < r + Duration::from_secs(3),
+            "kill at once on resume"
+        );
+    }
+
+    #[test]
+    fn only_losses_lose() {
+        assert!(!Reason::Asked.loses());
+        assert!(!Reason::Insisted.loses());
+        assert!(Reason::RenewDeadline.loses());
+        assert!(Reason::Suspended.loses());
+        assert!(Reason::Taken(String::new()).loses());
+    }
+}
