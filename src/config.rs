@@ -508,7 +508,38 @@ fn check_executable(path: &Path, name: &OsStr) -> Result<PathBuf, ConfigError> {
             why: "permission denied: it lacks the executable bit",
         });
     }
+    if is_foreign_elf(path) {
+        return Err(ConfigError::CommandNotExecutable {
+            path: path.to_owned(),
+            why: "it is a program for another processor architecture",
+        });
+    }
     Ok(path.to_owned())
+}
+
+/// Whether `path` is an ELF program for another machine. exec would fail with ENOEXEC, and
+/// execvp would then hand the binary to `/bin/sh` as if it were a script.
+fn is_foreign_elf(path: &Path) -> bool {
+    use std::io::Read;
+    // e_machine of the programs this build runs (and of those its kernel commonly also runs).
+    let native: &[u16] = if cfg!(target_arch = "x86_64") {
+        &[62, 3] // EM_X86_64, EM_386
+    } else if cfg!(target_arch = "aarch64") {
+        &[183, 40] // EM_AARCH64, EM_ARM
+    } else {
+        return false;
+    };
+    let mut header = [0u8; 20];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut header));
+    if read.is_err() || header[..4] != *b"\x7fELF" {
+        return false;
+    }
+    let machine = match header[5] {
+        1 => u16::from_le_bytes([header[18], header[19]]),
+        2 => u16::from_be_bytes([header[18], header[19]]),
+        _ => return true,
+    };
+    !native.contains(&machine)
 }
 
 #[cfg(test)]

@@ -157,14 +157,25 @@ impl Metrics {
     }
 }
 
+/// Pause after a failed `accept` on the metrics port.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
 /// Binds `addr` (before anything else is touched, so a taken port is a start-up error) and serves
 /// `/metrics`, `/healthz` and `/leader`.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors (EMFILE/ENFILE) or memory: the error repeats until
+                    // something is freed, so pause instead of spinning on it and starving the
+                    // supervisor on this single-threaded runtime.
+                    tracing::debug!(error = %e, "cannot accept a metrics connection");
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                    continue;
+                }
             };
             let metrics = metrics.clone();
             tokio::spawn(async move {

@@ -176,3 +176,174 @@ async fn ctrl_c_on_the_terminal_stops_the_command_and_exits_130() {
     assert!(!alive(fg));
     assert_eq!(world.server.holder(NS, "job"), None, "released");
 }
+
+/// Processes whose command line is exactly `argv`, anywhere on the machine.
+fn processes_running(argv: &[&str]) -> Vec<i32> {
+    let wanted: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted))
+        .collect()
+}
+
+/// A unique `sleep` argument, so a leftover of this test is told apart from anything else.
+fn unique_sleep() -> String {
+    format!("3{}.{}", std::process::id(), rand_suffix())
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_left_the_group_is_killed_before_the_lease_is_released() {
+    let world = World::start().await;
+    let daemon = unique_sleep();
+    // The daemon starts its own session: SIGKILL to the command's group does not reach it.
+    let script = format!("setsid sleep {daemon} & sleep 0.2; exit 4");
+    let (code, log) = sh(&world, &script).run(LIMIT).await;
+    assert_eq!(code, 4, "{log}");
+    let left = processes_running(&["sleep", &daemon]);
+    assert!(
+        left.is_empty(),
+        "the daemon {left:?} outlived lease-exec; log:\n{log}"
+    );
+    assert!(log.contains("outside its group"), "{log}");
+    assert_eq!(world.server.holder(NS, "job"), None, "released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_pid_1_a_daemon_left_behind_is_killed_and_lease_exec_exits_after_a_loss() {
+    let world = World::start().await;
+    let (daemon, command) = (unique_sleep(), unique_sleep());
+    let mut args: Vec<String> = ["--pid", "--fork", "--mount-proc", BIN]
+        .map(String::from)
+        .to_vec();
+    args.extend(FAST.iter().map(|s| s.to_string()));
+    args.extend(["--identity", "me", "job", "--", "sh", "-c"].map(String::from));
+    args.push(format!("setsid sleep {daemon} & exec sleep {command}"));
+    let mut child = tokio::process::Command::new("unshare")
+        .args(&args)
+        .env("KUBECONFIG", &world.kubeconfig)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for(LIMIT, "the command and its daemon", || {
+        !processes_running(&["sleep", &daemon]).is_empty()
+            && !processes_running(&["sleep", &command]).is_empty()
+    })
+    .await;
+    world.server.steal(NS, "job", "other", 30);
+    let status = tokio::time::timeout(LIMIT, child.wait())
+        .await
+        .expect("lease-exec as PID 1 exits after the loss")
+        .unwrap();
+    let mut log = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .await
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(i32::from(lease_exec::exit::LOST)),
+        "{log}"
+    );
+    assert!(
+        processes_running(&["sleep", &daemon]).is_empty(),
+        "the daemon survived; log:\n{log}"
+    );
+    assert!(processes_running(&["sleep", &command]).is_empty(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_command_is_continued_so_it_can_act_on_sigterm() {
+    let world = World::start().await;
+    let mut running = world.contender("job", "me", -1.0, 0).spawn();
+    let pid = world.wait_leading().await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+    running.signal(Signal::SIGTERM);
+    // The worker's own SIGTERM handler exits 128+15; a worker left stopped would be SIGKILLed
+    // at the end of the grace period (137).
+    assert_eq!(running.wait(LIMIT).await, 143, "{}", running.stderr());
+    assert!(
+        world
+            .journal_entries()
+            .iter()
+            .any(|e| e.what == "stop" && e.pid == pid)
+    );
+}
+
+/// Files exec cannot run directly: (path, expected exit code). A text file without `#!` is run by
+/// `/bin/sh`, as execvp and every shell do, so it exits with its own code. A binary for another
+/// architecture is refused before the Lease is touched; a missing interpreter is found only by
+/// exec, after the Lease was acquired, and must leave it released.
+fn unrunnable(world: &World) -> Vec<(std::path::PathBuf, u8)> {
+    use std::os::unix::fs::PermissionsExt;
+    // An ELF header for another architecture (AArch64 when on x86-64, x86-64 elsewhere).
+    let mut elf = vec![0u8; 64];
+    elf[..7].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1]);
+    elf[16] = 2; // ET_EXEC
+    elf[18] = if cfg!(target_arch = "x86_64") {
+        0xb7
+    } else {
+        0x3e
+    };
+    let cases: [(&str, Vec<u8>, u8); 3] = [
+        ("no-shebang", b"exit 3\n".to_vec(), 3),
+        (
+            "missing-interpreter",
+            b"#!/nonexistent/interpreter\n".to_vec(),
+            127,
+        ),
+        ("other-architecture", elf, 126),
+    ];
+    cases
+        .into_iter()
+        .map(|(name, content, code)| {
+            let path = world.path(name);
+            std::fs::write(&path, content).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            (path, code)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_exec_cannot_run_gives_its_exit_code_and_a_released_lease_every_time() {
+    let world = World::start().await;
+    let cases = unrunnable(&world);
+    for round in 0..10 {
+        for (path, expected) in &cases {
+            let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+            args.extend(["--identity", "me", "job", "--"].map(String::from));
+            args.push(path.display().to_string());
+            let (code, log) = world.lease_exec(args).run(LIMIT).await;
+            assert_eq!(
+                code,
+                i32::from(*expected),
+                "round {round}, {}: {log}",
+                path.display()
+            );
+            assert_eq!(
+                world.server.holder(NS, "job"),
+                None,
+                "round {round}, {}: not released; log:\n{log}",
+                path.display()
+            );
+        }
+    }
+}
