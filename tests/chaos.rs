@@ -1,6 +1,8 @@
 //! Exclusion under chaos: several contenders whose workers journal `start`/`stop` with
 //! CLOCK_MONOTONIC, while a driver SIGKILLs and SIGTERMs contenders (restarting them, as a kubelet
-//! would) and switches API faults on and off. No two workers' running intervals may overlap.
+//! would), switches API faults on and off, and changes the Lease's hands without expiry: deletes
+//! it while held, overwrites its holder as an operator would, and runs workers that start a
+//! lease-exec of their own on the same Lease. No two workers' running intervals may overlap.
 //!
 //! The short run is part of the suite; the long one is run by hand:
 //!
@@ -40,19 +42,39 @@ struct Tally {
     sigterms: usize,
     restarts: usize,
     faults: HashMap<&'static str, usize>,
+    deletions: usize,
+    overwrites: usize,
+    nested: usize,
 }
 
 async fn chaos(contenders: usize, length: Duration, seed: u64) {
+    // First, so that a failure anywhere below can be replayed.
+    println!("chaos seed {seed} (replay with CHAOS_SEED={seed})");
     let world = World::start().await;
     let mut rng = Rng(seed | 1);
     let mut tally = Tally::default();
     let run_for = |rng: &mut Rng| 0.3 + rng.below(2500) as f64 / 1000.0;
     let mut generation = 0usize;
+    let mut nested = 0usize;
     let mut spawn = |rng: &mut Rng, slot: usize| {
         generation += 1;
-        world
-            .contender("job", &format!("c{slot}-{generation}"), run_for(rng), 0)
-            .spawn()
+        let identity = format!("c{slot}-{generation}");
+        if rng.below(4) == 0 {
+            // The worker starts a lease-exec of its own on the same Lease beside its own work:
+            // an ordinary new candidate, killed with its parent's group.
+            nested += 1;
+            let run = run_for(rng);
+            let worker = format!(
+                "python3 {} {} {run} 0",
+                world.worker().display(),
+                world.journal().display()
+            );
+            let script = format!("{BIN} {} job -- {worker} & exec {worker}", FAST.join(" "));
+            let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+            args.extend(["--identity", &identity, "job", "--", "sh", "-c", &script].map(String::from));
+            return world.lease_exec(args).spawn();
+        }
+        world.contender("job", &identity, run_for(rng), 0).spawn()
     };
     let mut running: Vec<Running> = (0..contenders).map(|i| spawn(&mut rng, i)).collect();
 
@@ -122,6 +144,19 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
                 *tally.faults.entry("slow").or_default() += 1;
                 fault_until = Instant::now() + rng.millis(500, 2000);
             }
+            5 => {
+                // A user or the garbage collector deletes the Lease, held or not.
+                if world.server.delete_lease(NS, "job") {
+                    tally.deletions += 1;
+                }
+            }
+            6 => {
+                // An operator writes another holder over whoever holds it.
+                world
+                    .server
+                    .steal(NS, "job", "operator", 1 + rng.below(2) as i64);
+                tally.overwrites += 1;
+            }
             _ => {}
         }
     }
@@ -139,6 +174,7 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
     // did not close ends no later than this.
     watcher.abort();
     let ended_ns = mono_ns();
+    tally.nested = nested;
 
     let entries = world.journal_entries();
     let deaths = deaths.lock().unwrap().clone();
@@ -155,7 +191,8 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
     let total_ns = spans.last().unwrap().2 - began_ns;
     println!(
         "chaos seed {seed}: {contenders} contenders, {:.0} s: {} worker runs, {} handoffs, \
-         {} SIGKILL, {} SIGTERM, {} restarts, faults {:?}; no overlap; worker down {:.1} s of {:.1} s ({:.1}%)",
+         {} SIGKILL, {} SIGTERM, {} restarts, faults {:?}, {} deletions, {} overwrites, \
+         {} nested lease-execs; no overlap; worker down {:.1} s of {:.1} s ({:.1}%)",
         length.as_secs_f64(),
         spans.len(),
         spans.len() - 1,
@@ -163,6 +200,9 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
         tally.sigterms,
         tally.restarts,
         tally.faults,
+        tally.deletions,
+        tally.overwrites,
+        tally.nested,
         down_ns as f64 / 1e9,
         total_ns as f64 / 1e9,
         100.0 * down_ns as f64 / total_ns as f64,
