@@ -259,3 +259,49 @@ async fn observability_addresses_are_checked() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pod_owner_needs_the_downward_api_and_the_pods_namespace() {
+    let world = World::start().await;
+    rejected(
+        &world,
+        world.lease_exec(["--owner-pod", "job", "--", "true"]),
+        exit::USAGE,
+        "POD_NAME and POD_UID",
+    )
+    .await;
+    rejected(
+        &world,
+        world
+            .lease_exec(["--owner-pod", "-n", "other", "job", "--", "true"])
+            .env("POD_NAME", "pod-a")
+            .env("POD_UID", "uid-a")
+            .env("POD_NAMESPACE", NS),
+        exit::USAGE,
+        "cannot cross namespaces",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_for_another_architecture_is_refused_up_front() {
+    use std::os::unix::fs::PermissionsExt;
+    let world = World::start().await;
+    let mut elf = vec![0u8; 64];
+    elf[..7].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1]);
+    elf[18] = if cfg!(target_arch = "x86_64") {
+        0xb7
+    } else {
+        0x3e
+    };
+    let path = world.path("foreign");
+    std::fs::write(&path, elf).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    rejected(
+        &world,
+        world.lease_exec(["job".into(), "--".into(), path.display().to_string()]),
+        exit::NOT_EXECUTABLE,
+        "another processor architecture",
+    )
+    .await;
+}

@@ -71,7 +71,9 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
             );
             let script = format!("{BIN} {} job -- {worker} & exec {worker}", FAST.join(" "));
             let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
-            args.extend(["--identity", &identity, "job", "--", "sh", "-c", &script].map(String::from));
+            args.extend(
+                ["--identity", &identity, "job", "--", "sh", "-c", &script].map(String::from),
+            );
             return world.lease_exec(args).spawn();
         }
         world.contender("job", &identity, run_for(rng), 0).spawn()

@@ -217,3 +217,31 @@ async fn two_and_three_contenders_never_overlap() {
         assert!(tokens.windows(2).all(|w| w[1] > w[0]), "{tokens:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pod_owner_is_written_only_with_owner_pod() {
+    let world = World::start().await;
+    let pod = |command: TestCommand| {
+        command
+            .env("POD_NAME", "pod-a")
+            .env("POD_UID", "uid-a")
+            .env("POD_NAMESPACE", NS)
+    };
+    let (code, log) = pod(world.lease_exec(["--no-release", "job", "--", "true"]))
+        .run(LIMIT)
+        .await;
+    assert_eq!(code, 0, "{log}");
+    let lease = world.server.lease(NS, "job").unwrap();
+    assert!(lease["metadata"]["ownerReferences"].is_null(), "{lease}");
+    world.server.delete_lease(NS, "job");
+    let (code, log) = pod(world.lease_exec(["--owner-pod", "--no-release", "job", "--", "true"]))
+        .run(LIMIT)
+        .await;
+    assert_eq!(code, 0, "{log}");
+    let lease = world.server.lease(NS, "job").unwrap();
+    assert_eq!(
+        lease["metadata"]["ownerReferences"],
+        json!([{"apiVersion": "v1", "kind": "Pod", "name": "pod-a", "uid": "uid-a"}]),
+        "{lease}"
+    );
+}
