@@ -273,11 +273,11 @@ func run() int {
 	code, ran := w.code, w.cmd != nil || w.done != nil
 	w.mu.Unlock()
 	switch {
-	case requested && ran:
-		return code
-	case requested:
-		return 0
-	default:
-		return exitLost
+	case requested && !ran:
+		code = 0
+	case !requested:
+		code = exitLost
 	}
+	logf("exiting code=%d", code)
+	return code
 }
