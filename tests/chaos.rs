@@ -146,12 +146,8 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
                 *tally.faults.entry("slow").or_default() += 1;
                 fault_until = Instant::now() + rng.millis(500, 2000);
             }
-            5 => {
-                // A user or the garbage collector deletes the Lease, held or not.
-                if world.server.delete_lease(NS, "job") {
-                    tally.deletions += 1;
-                }
-            }
+            // A user or the garbage collector deletes the Lease, held or not.
+            5 if world.server.delete_lease(NS, "job") => tally.deletions += 1,
             6 => {
                 // An operator writes another holder over whoever holds it.
                 world

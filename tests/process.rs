@@ -221,12 +221,36 @@ async fn a_daemon_that_left_the_group_is_killed_before_the_lease_is_released() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn as_pid_1_a_daemon_left_behind_is_killed_and_lease_exec_exits_after_a_loss() {
+async fn as_pid_1_a_daemon_left_behind_is_killed_and_lease_exec_exits_after_a_takeover() {
+    as_pid_1_after_a_loss(true, |world| {
+        world.server.steal(NS, "job", "other", 30);
+    })
+    .await;
+}
+
+/// Without `--mount-proc`, `/proc` shows the outer PID namespace: `/proc/self` is not lease-exec
+/// as it sees itself, and its children cannot be found there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_pid_1_without_its_own_proc_the_command_is_reaped_and_lease_exec_exits() {
+    as_pid_1_after_a_loss(false, |world| {
+        world.server.steal(NS, "job", "other", 30);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_pid_1_a_daemon_left_behind_is_killed_and_lease_exec_exits_when_the_api_goes_away() {
+    as_pid_1_after_a_loss(true, |world| world.server.set_mode(Mode::Hang)).await;
+}
+
+async fn as_pid_1_after_a_loss(mount_proc: bool, lose: impl Fn(&World)) {
     let world = World::start().await;
     let (daemon, command) = (unique_sleep(), unique_sleep());
-    let mut args: Vec<String> = ["--pid", "--fork", "--mount-proc", BIN]
-        .map(String::from)
-        .to_vec();
+    let mut args: Vec<String> = ["--pid", "--fork"].map(String::from).to_vec();
+    if mount_proc {
+        args.push("--mount-proc".into());
+    }
+    args.push(BIN.into());
     args.extend(FAST.iter().map(|s| s.to_string()));
     args.extend(["--identity", "me", "job", "--", "sh", "-c"].map(String::from));
     args.push(format!("setsid sleep {daemon} & exec sleep {command}"));
@@ -243,7 +267,7 @@ async fn as_pid_1_a_daemon_left_behind_is_killed_and_lease_exec_exits_after_a_lo
             && !processes_running(&["sleep", &command]).is_empty()
     })
     .await;
-    world.server.steal(NS, "job", "other", 30);
+    lose(&world);
     let status = tokio::time::timeout(LIMIT, child.wait())
         .await
         .expect("lease-exec as PID 1 exits after the loss")

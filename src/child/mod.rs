@@ -320,8 +320,14 @@ pub async fn kill_leftovers(child: Child, deadline: tokio::time::Instant) -> boo
     }
 }
 
-/// Our direct children, from `/proc/self/task/*/children`.
+/// Our direct children, from `/proc/self/task/*/children`. `None` when `/proc` cannot tell: a kernel
+/// without those files, or a `/proc` mounted for another PID namespace (`unshare --pid --fork`
+/// without `--mount-proc`), whose pids mean nothing to `waitpid` here.
 fn own_children() -> Option<HashSet<Pid>> {
+    let proc_self = std::fs::read_link("/proc/self").ok()?;
+    if proc_self.to_str()?.parse::<i32>().ok()? != nix::unistd::getpid().as_raw() {
+        return None;
+    }
     let mut pids = HashSet::new();
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         // A thread may exit while we scan: skip it. A kernel without CONFIG_PROC_CHILDREN has no
