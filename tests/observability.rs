@@ -11,12 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
+/// A port nobody else takes before lease-exec binds it (see `apiserver::free_port`).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    apiserver::free_port()
 }
 
 /// `GET path` over HTTP/1.0; returns (status, body).
