@@ -818,22 +818,38 @@ async fn a_watch_from_before_the_kept_history_is_gone() {
 }
 
 #[tokio::test]
-async fn a_watch_from_a_resource_version_not_reached_yet_waits_for_it() {
+async fn a_watch_from_a_resource_version_not_reached_yet_starts_at_once() {
     let server = ApiServer::start().await;
     let now = server.steal(NS, "job", "a", 10);
-    let mut watch = Watch::start(&server, &format!("resourceVersion={}", now + 1)).await;
-    // The watch starts once the server reaches its resourceVersion, and sends what follows it.
-    assert_eq!(server.steal(NS, "job", "b", 10), now + 1);
-    let next = server.steal(NS, "job", "c", 10);
+    let mut watch = Watch::start(&server, &format!("resourceVersion={}", now + 2)).await;
+    wait_for(LIMIT, "the watch to open", || server.open_watches() == 1).await;
+    // It gets what follows its resourceVersion, not what leads up to it.
+    server.steal(NS, "job", "b", 10);
+    server.steal(NS, "job", "c", 10);
+    let next = server.steal(NS, "job", "d", 10);
     let event = watch.next().await;
     assert_eq!(rv_of(&event), next);
 
-    // Never reached: an error after the watch cache's 3 s.
-    let mut never = Watch::start(&server, &format!("resourceVersion={}", now + 1000)).await;
+    // A watch-list request waits up to 3 s for it, then fails.
+    let mut never = Watch::start(
+        &server,
+        &format!(
+            "sendInitialEvents=true&resourceVersionMatch=NotOlderThan&resourceVersion={}",
+            now + 1000
+        ),
+    )
+    .await;
     let error = never.next().await;
     assert_eq!(error["type"], "ERROR");
     assert_eq!(error["object"]["code"], 504);
     assert_eq!(error["object"]["reason"], "Timeout");
+    assert!(
+        error["object"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Timeout: Too large resource version"),
+        "{error}"
+    );
     assert_eq!(
         error["object"]["details"]["causes"][0]["reason"],
         "ResourceVersionTooLarge"
@@ -914,17 +930,18 @@ async fn bookmarks_come_periodically_when_allowed() {
     server.steal(NS, "job", "a", 10);
     server.set_bookmark_interval(Duration::from_millis(200));
     let rv = server.resource_version();
-    let mut watch = Watch::start(
-        &server,
-        &format!("resourceVersion={rv}&allowWatchBookmarks=true"),
-    )
-    .await;
+    let query = format!("resourceVersion={rv}&allowWatchBookmarks=true");
+    let mut watch = Watch::start(&server, &query).await;
+    // None at the watch's own resourceVersion.
+    watch.quiet_for(Duration::from_millis(600)).await;
+    // A write this watch does not see still moves the bookmarks on.
+    let elsewhere = server.steal("elsewhere", "other", "x", 10);
     for _ in 0..2 {
         let event = watch.next().await;
         assert_eq!(event["type"], "BOOKMARK", "{event}");
         assert_eq!(event["object"]["kind"], "Lease");
         assert_eq!(event["object"]["apiVersion"], "coordination.k8s.io/v1");
-        assert_eq!(rv_of(&event), server.resource_version());
+        assert_eq!(rv_of(&event), elsewhere);
     }
     // Not asked for: none.
     let mut plain = Watch::start(&server, &format!("resourceVersion={rv}")).await;
@@ -957,27 +974,66 @@ async fn bookmark_now_sends_one_after_the_events_before_it() {
 #[tokio::test]
 async fn send_initial_events_ends_them_with_a_bookmark() {
     let server = ApiServer::start().await;
-    server.steal(NS, "job", "a", 10);
+    let old = server.steal(NS, "job", "a", 10);
+    let now = server.steal(NS, "job", "b", 10);
     server.set_bookmark_interval(Duration::ZERO);
+    server.set_history_limit(1);
+    // Whatever the resourceVersion (too old for a plain watch here), the current state.
     let mut watch = Watch::start(
         &server,
-        "sendInitialEvents=true&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan&resourceVersion=",
+        &format!("sendInitialEvents=true&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan&resourceVersion={old}"),
     )
     .await;
-    assert_eq!(watch.next().await["type"], "ADDED");
+    let added = watch.next().await;
+    assert_eq!(
+        (added["type"].as_str(), rv_of(&added)),
+        (Some("ADDED"), now)
+    );
     let end = watch.next().await;
     assert_eq!(end["type"], "BOOKMARK");
     assert_eq!(
         end["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
         "true"
     );
+    // Without bookmarks allowed, no bookmark.
+    let mut quiet = Watch::start(
+        &server,
+        "sendInitialEvents=true&resourceVersionMatch=NotOlderThan",
+    )
+    .await;
+    assert_eq!(quiet.next().await["type"], "ADDED");
+    quiet.quiet_for(Duration::from_millis(300)).await;
+    // sendInitialEvents=false from "0": no state, only what follows.
+    let mut none = Watch::start(
+        &server,
+        "sendInitialEvents=false&resourceVersionMatch=NotOlderThan&resourceVersion=0",
+    )
+    .await;
+    wait_for(LIMIT, "the watches to open", || server.open_watches() == 3).await;
+    let next = server.steal(NS, "job", "c", 10);
+    assert_eq!(rv_of(&none.next().await), next);
+
     let reply = get(
         &server,
         &format!("{LEASES}?watch=true&sendInitialEvents=true"),
     )
     .await;
     let status = reply.status(422, "Invalid");
-    assert_eq!(status["details"]["causes"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        status["details"]["causes"][0]["field"],
+        "resourceVersionMatch"
+    );
+    let reply = get(
+        &server,
+        &format!("{LEASES}?watch=true&resourceVersionMatch=Exact"),
+    )
+    .await;
+    let status = reply.status(422, "Invalid");
+    assert_eq!(
+        status["details"]["causes"].as_array().unwrap().len(),
+        2,
+        "{status}"
+    );
 }
 
 // ---- Faults ----

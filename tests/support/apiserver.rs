@@ -35,13 +35,16 @@
 //! - Watches (the watch cache): from "" or "0", ADDED events for the current state first; from a
 //!   resourceVersion, the events after it, or — when it is older than the kept history — a 200
 //!   stream with one ERROR event (410 Expired, "too old resource version"); from a resourceVersion
-//!   not reached yet, a wait of up to 3 s, then an ERROR event (504, ResourceVersionTooLarge).
+//!   not reached yet, nothing until the server passes it. `sendInitialEvents=true` (a watch-list
+//!   request) sends the current state whatever the resourceVersion, then, with
+//!   `allowWatchBookmarks=true`, the `k8s.io/initial-events-end` bookmark; it waits up to 3 s for
+//!   a resourceVersion not reached, then sends an ERROR event (504, ResourceVersionTooLarge).
 //!   History is trimmed by count and age ([`ApiServer::set_history_limit`],
-//!   [`ApiServer::set_history_window`]). A watcher more than 1024 events behind is closed, as the
-//!   watch cache closes watchers that cannot keep up. `allowWatchBookmarks=true` brings BOOKMARK
-//!   events every [`ApiServer::set_bookmark_interval`] and on [`ApiServer::bookmark_now`];
-//!   `sendInitialEvents=true` ends the initial events with the `k8s.io/initial-events-end`
-//!   bookmark; `timeoutSeconds` ends the stream.
+//!   [`ApiServer::set_history_window`]). A watcher more than 1024 events (of any Lease) behind is
+//!   closed without an error, as the watch cache closes watchers that cannot keep up.
+//!   `allowWatchBookmarks=true` brings BOOKMARK events at the latest resourceVersion every
+//!   [`ApiServer::set_bookmark_interval`] and on [`ApiServer::bookmark_now`], never at or below
+//!   the one the watch started from; `timeoutSeconds` ends the stream.
 //! - Faults: refuse connections (the port stays reserved), hang (open watches pause and deliver
 //!   what happened once the hang ends), answer a chosen status with the body the real server
 //!   sends for it, delay answers, deny chosen verbs.
@@ -69,8 +72,8 @@ const API_VERSION: &str = "coordination.k8s.io/v1";
 const MAX_BODY: usize = 3 * 1024 * 1024;
 /// How many events a watcher may fall behind before it is closed.
 const WATCHER_BUFFER: usize = 1024;
-/// How long a watch from a resourceVersion the server has not reached waits for it (the watch
-/// cache's `blockTimeout`).
+/// How long a watch-list request from a resourceVersion the server has not reached waits for it
+/// (the watch cache's `blockTimeout`).
 const FUTURE_RV_WAIT: Duration = Duration::from_secs(3);
 /// Default history: at most this many events…
 pub const DEFAULT_HISTORY_LIMIT: usize = 1000;
@@ -79,8 +82,9 @@ pub const DEFAULT_HISTORY_LIMIT: usize = 1000;
 pub const DEFAULT_HISTORY_WINDOW: Duration = Duration::from_secs(75);
 /// The watch cache's smallest capacity: this many events are kept however old they are.
 const HISTORY_KEPT_ANYWAY: usize = 100;
-/// Default time between BOOKMARK events. The real server sends one about every minute; a second
-/// makes every test that watches also exercise bookmark handling.
+/// Default time between BOOKMARK events. The real server sends one about every minute (and one
+/// 2 s before the watch's timeout); a second makes every test that watches long enough, while
+/// something writes, also exercise bookmark handling.
 pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the server does with each request.
@@ -114,7 +118,7 @@ pub struct Seen {
 /// A successful write, for timing assertions.
 #[derive(Debug, Clone)]
 pub struct Write {
-    /// Verb.
+    /// Verb of the request (a PUT that created the Lease is an `update`).
     pub verb: &'static str,
     /// Holder identity after the write.
     pub holder: Option<String>,
@@ -1080,28 +1084,30 @@ current-context: memory
         };
         let flag = |key: &str| matches!(query(uri, key).as_deref(), Some("true" | "1"));
         let bookmarks = flag("allowWatchBookmarks");
-        let initial = flag("sendInitialEvents");
+        let initial = query(uri, "sendInitialEvents").map(|v| matches!(v.as_str(), "true" | "1"));
         let rv_match = query(uri, "resourceVersionMatch").unwrap_or_default();
-        // ValidateListOptions for watches.
+        // apimachinery's validateWatchOptions.
         let mut errors = Vec::new();
-        if query(uri, "sendInitialEvents").is_some() {
-            if !bookmarks {
+        if initial.is_some() && rv_match != "NotOlderThan" {
+            errors.push(FieldError::forbidden(
+                "resourceVersionMatch",
+                "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+            ));
+        }
+        if !rv_match.is_empty() {
+            if initial.is_none() {
                 errors.push(FieldError::forbidden(
-                    "allowWatchBookmarks",
-                    "allowWatchBookmarks must be set to true when sendInitialEvents is specified",
+                    "resourceVersionMatch",
+                    "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
                 ));
             }
             if rv_match != "NotOlderThan" {
-                errors.push(FieldError::forbidden(
+                errors.push(FieldError::not_supported(
                     "resourceVersionMatch",
-                    "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+                    &format!("{rv_match:?}"),
+                    &["NotOlderThan"],
                 ));
             }
-        } else if !rv_match.is_empty() {
-            errors.push(FieldError::forbidden(
-                "resourceVersionMatch",
-                "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
-            ));
         }
         if !errors.is_empty() {
             return invalid("meta.k8s.io", "ListOptions", "", &errors);
@@ -1138,16 +1144,16 @@ current-context: memory
         };
         let matches = |e: &WatchEvent| wanted(&e.namespace, &e.name);
 
-        // A resourceVersion the server has not reached: wait for it a while.
+        let watch_list = spec.initial == Some(true);
+        // Only a watch-list request (sendInitialEvents=true) waits for a resourceVersion the
+        // server has not reached, and fails after a while; a plain watch from one starts at once
+        // and gets what follows it.
         let wait_until = started + FUTURE_RV_WAIT;
-        loop {
-            let current = self.inner.lock().unwrap().rv;
-            if spec.from <= current {
-                break;
-            }
+        while watch_list && spec.from > self.resource_version() {
             if tokio::time::Instant::now() >= wait_until {
+                let current = self.resource_version();
                 let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                    "message": format!("Too large resource version: {}, current: {current}", spec.from),
+                    "message": format!("Timeout: Too large resource version: {}, current: {current}", spec.from),
                     "reason": "Timeout", "code": 504,
                     "details": {"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}], "retryAfterSeconds": 1}});
                 let _ = tx
@@ -1166,8 +1172,11 @@ current-context: memory
         let start = {
             let mut inner = self.inner.lock().unwrap();
             trim_history(&mut inner);
-            let starts_from_now = spec.from == 0 || spec.initial;
-            if !starts_from_now && spec.from < inner.oldest_watchable {
+            // The current state first: from "" or "0" (unless sendInitialEvents=false), and for
+            // a watch-list request whatever the resourceVersion (so never 410).
+            let from_state = watch_list || (spec.from == 0 && spec.initial != Some(false));
+            let from_now = from_state || spec.from == 0;
+            if !from_now && spec.from < inner.oldest_watchable {
                 Err(
                     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                     "message": format!("too old resource version: {} ({})", spec.from, inner.oldest_watchable),
@@ -1175,16 +1184,16 @@ current-context: memory
                 )
             } else {
                 let mut backlog: Vec<Value> = Vec::new();
-                if starts_from_now {
+                if from_state {
                     for ((n, name), object) in &inner.leases {
                         if wanted(n, name) {
                             backlog.push(json!({"type": "ADDED", "object": object}));
                         }
                     }
-                    if spec.initial {
+                    if watch_list && spec.bookmarks {
                         backlog.push(bookmark(inner.rv, true));
                     }
-                } else {
+                } else if !from_now {
                     backlog.extend(
                         inner
                             .history
@@ -1193,13 +1202,13 @@ current-context: memory
                             .map(|e| json!({"type": e.kind, "object": e.object})),
                     );
                 }
-                let last = if starts_from_now {
-                    inner.rv
-                } else {
-                    spec.from.max(inner.history.back().map_or(0, |e| e.rv))
-                };
+                // The watcher's resourceVersion: it sends nothing at or below it, bookmarks
+                // included.
+                let start_rv = if from_now { inner.rv } else { spec.from };
+                let last = start_rv.max(inner.history.back().map_or(0, |e| e.rv));
                 Ok((
                     backlog,
+                    start_rv,
                     last,
                     self.watch_tx.subscribe(),
                     inner.watch_closures,
@@ -1207,7 +1216,7 @@ current-context: memory
                 ))
             }
         };
-        let (backlog, mut last, mut rx, closures, mut bookmark_requests) = match start {
+        let (backlog, start_rv, mut last, mut rx, closures, mut bookmark_requests) = match start {
             Ok(start) => start,
             Err(status) => {
                 let _ = tx
@@ -1274,11 +1283,8 @@ current-context: memory
                         Err(_) => return,
                     }
                 }
-                if tx
-                    .send(line(bookmark(current.max(last), false)))
-                    .await
-                    .is_err()
-                {
+                let at = current.max(last);
+                if at > start_rv && tx.send(line(bookmark(at, false))).await.is_err() {
                     return;
                 }
                 continue;
@@ -1334,8 +1340,11 @@ fn trim_history(inner: &mut Inner) {
         if !(over_limit || stale) {
             break;
         }
-        inner.oldest_watchable = inner.oldest_watchable.max(front.rv);
+        let dropped = front.rv;
         inner.history.pop_front();
+        // As the watch cache reckons: a watch may start one before the oldest kept event.
+        let floor = inner.history.front().map_or(dropped, |e| e.rv - 1);
+        inner.oldest_watchable = inner.oldest_watchable.max(floor);
     }
 }
 
@@ -1345,7 +1354,8 @@ struct WatchSpec {
     from: u64,
     timeout: Option<Duration>,
     bookmarks: bool,
-    initial: bool,
+    /// `sendInitialEvents`, when given.
+    initial: Option<bool>,
 }
 
 /// Counts an open watch stream while it lives.
@@ -1879,10 +1889,15 @@ fn invalid(group: &str, kind: &str, name: &str, errors: &[FieldError]) -> Respon
 fn fault(code: u16, retry_after: Option<u64>, route: &Route, verb: &str) -> Response<Body> {
     let (resource, group, name, ns) = route.target();
     let qualified = format!("{resource}.{group}");
-    let details = |extra: Value| {
-        let mut d = json!({"group": group, "kind": resource});
-        if let Some(name) = name {
-            d["name"] = json!(name);
+    // Errors about a resource (NewForbidden, NewNotFound, NewConflict, …) name it in their
+    // details; server errors (NewInternalError, NewServiceUnavailable, NewTimeoutError) do not.
+    let details = |about_resource: bool, extra: Value| {
+        let mut d = json!({});
+        if about_resource {
+            d = json!({"group": group, "kind": resource});
+            if let Some(name) = name {
+                d["name"] = json!(name);
+            }
         }
         if let Some(secs) = retry_after {
             d["retryAfterSeconds"] = json!(secs);
@@ -1892,7 +1907,7 @@ fn fault(code: u16, retry_after: Option<u64>, route: &Route, verb: &str) -> Resp
                 d[k] = v;
             }
         }
-        Some(d)
+        (d != json!({})).then_some(d)
     };
     let mut response = match code {
         400 => status_response(
@@ -1921,7 +1936,7 @@ fn fault(code: u16, retry_after: Option<u64>, route: &Route, verb: &str) -> Resp
                 &format!(
                     "{subject}: User \"system:serviceaccount:default:test\" cannot {verb} resource {resource:?} in API group {group:?}{scope}"
                 ),
-                details(Value::Null),
+                details(true, Value::Null),
             )
         }
         404 => status_with(
@@ -1931,7 +1946,7 @@ fn fault(code: u16, retry_after: Option<u64>, route: &Route, verb: &str) -> Resp
                 Some(name) => format!("{qualified} {name:?} not found"),
                 None => "the server could not find the requested resource".to_string(),
             },
-            details(Value::Null),
+            details(true, Value::Null),
         ),
         405 => status_response(
             405,
@@ -1945,7 +1960,7 @@ fn fault(code: u16, retry_after: Option<u64>, route: &Route, verb: &str) -> Resp
                 "Operation cannot be fulfilled on {qualified} {:?}: {OPTIMISTIC_LOCK}",
                 name.unwrap_or("")
             ),
-            details(Value::Null),
+            details(true, Value::Null),
         ),
         410 => status_response(410, "Expired", "too old resource version: 1 (100)"),
         413 => status_response(
@@ -1957,7 +1972,7 @@ fn fault(code: u16, retry_after: Option<u64>, route: &Route, verb: &str) -> Resp
             422,
             "Invalid",
             &format!("{qualified} {:?} is invalid", name.unwrap_or("")),
-            details(json!({"causes": []})),
+            details(true, json!({"causes": []})),
         ),
         // The priority-and-fairness (and max-in-flight) filter answers in plain text, always with
         // a Retry-After.
@@ -1979,19 +1994,19 @@ fn fault(code: u16, retry_after: Option<u64>, route: &Route, verb: &str) -> Resp
             500,
             "InternalError",
             "Internal error occurred: injected fault",
-            details(json!({"causes": [{"message": "injected fault"}]})),
+            details(false, json!({"causes": [{"message": "injected fault"}]})),
         ),
         503 => status_with(
             503,
             "ServiceUnavailable",
             "the server is currently unable to handle the request",
-            details(Value::Null),
+            details(false, Value::Null),
         ),
         504 => status_with(
             504,
             "Timeout",
             "Timeout: request did not complete within requested timeout - context deadline exceeded",
-            details(Value::Null),
+            details(false, Value::Null),
         ),
         code => status_response(
             code,
