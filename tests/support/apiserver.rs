@@ -1,23 +1,91 @@
 //! An in-memory Kubernetes API server for coordination.k8s.io/v1 Leases, on 127.0.0.1.
 //!
-//! Real HTTP, real `resourceVersion` semantics (409 AlreadyExists on create, 409 Conflict on a stale
-//! update, 404, 422 for an update without a resourceVersion), merge and strategic-merge patch,
-//! `Status` error bodies, watch streams, discovery documents good enough for `kubectl`, request
-//! counting, and fault switches: refuse connections, hang, answer a chosen status, delay answers,
-//! deny chosen verbs.
+//! It answers and fails the way kube-apiserver (etcd behind it, the watch cache in front of
+//! watches) does wherever lease-exec's behaviour depends on it. Each rule names the code it
+//! models (k8s.io/apiserver `registry/generic/registry/store.go` is "the store",
+//! `storage/etcd3/store.go` is "etcd3", `storage/cacher` is "the watch cache"):
+//!
+//! - Bodies are decoded as typed Leases: malformed JSON, a wrong kind or a field of the wrong type
+//!   is 400 BadRequest; unknown fields are dropped, omitted fields are omitted, `spec` is always
+//!   there and MicroTimes are written with microseconds, as the typed Go object serializes.
+//! - Create (POST): 400 if the body's namespace differs from the URL's; 422 Invalid for a missing
+//!   or malformed name or an invalid spec; 500 for a `resourceVersion` in the body ("resourceVersion
+//!   should not be set on objects to be created", an error etcd3 returns untyped); 409
+//!   AlreadyExists. The server sets uid and creationTimestamp.
+//! - Update (PUT): 400 unless the body's name equals the URL's. A `metadata.uid` in the body is a
+//!   precondition (the handler's `DefaultUpdatedObjectInfo`): it must be the stored object's uid,
+//!   else 409 Conflict "Precondition failed: UID in precondition: …" — also when the Lease no longer
+//!   exists. Leases allow create-on-update (`AllowCreateOnUpdate` is true in
+//!   pkg/registry/coordination/lease/strategy.go), so a PUT to a missing Lease without a uid
+//!   creates it (201), whatever resourceVersion it carries: the store only compares the
+//!   resourceVersion against an existing object, and etcd3 clears it (`PrepareObjectForStorage`)
+//!   before the create. On an existing Lease: no resourceVersion is 422 Invalid
+//!   ("metadata.resourceVersion: Invalid value: 0x0: must be specified for an update", because the
+//!   lease strategy's `AllowUnconditionalUpdate` is false); another resourceVersion is 409 Conflict.
+//! - Patch: merge and strategic-merge (the same thing for a Lease), 404 on a missing Lease, 409 on
+//!   a resourceVersion in the patch that is not the stored one, 422 on an invalid result.
+//! - Validation is `ValidateLease`/`ValidateLeaseUpdate` of pkg/apis/coordination/validation:
+//!   `metadata.name` a DNS-1123 subdomain (on create), `spec.leaseDurationSeconds` > 0,
+//!   `spec.leaseTransitions` >= 0, `spec.strategy` a known strategy or a qualified name,
+//!   `spec.preferredHolder` only with a strategy. `spec.holderIdentity` has no rule there (only
+//!   the 3 MiB request body limit, 413, bounds it).
+//! - A write that changes nothing keeps the resourceVersion and sends no watch event (etcd3's
+//!   `GuaranteedUpdate` skips writing identical bytes), and is not a [`Write`].
+//! - DELETED events carry the object's last state under the deletion's resourceVersion.
+//! - Watches (the watch cache): from "" or "0", ADDED events for the current state first; from a
+//!   resourceVersion, the events after it, or — when it is older than the kept history — a 200
+//!   stream with one ERROR event (410 Expired, "too old resource version"); from a resourceVersion
+//!   not reached yet, nothing until the server passes it. `sendInitialEvents=true` (a watch-list
+//!   request) sends the current state whatever the resourceVersion, then, with
+//!   `allowWatchBookmarks=true`, the `k8s.io/initial-events-end` bookmark; it waits up to 3 s for
+//!   a resourceVersion not reached, then sends an ERROR event (504, ResourceVersionTooLarge).
+//!   History is trimmed by count and age ([`ApiServer::set_history_limit`],
+//!   [`ApiServer::set_history_window`]). A watcher more than 1024 events (of any Lease) behind is
+//!   closed without an error, as the watch cache closes watchers that cannot keep up.
+//!   `allowWatchBookmarks=true` brings BOOKMARK events at the latest resourceVersion every
+//!   [`ApiServer::set_bookmark_interval`] and on [`ApiServer::bookmark_now`], never at or below
+//!   the one the watch started from; `timeoutSeconds` ends the stream.
+//! - Faults: refuse connections (the port stays reserved), hang (open watches pause and deliver
+//!   what happened once the hang ends), answer a chosen status with the body the real server
+//!   sends for it, delay answers, deny chosen verbs.
+//!
+//! Not modelled: managedFields, generation, dryRun, label selectors, JSON patch and apply patch
+//! (415), protobuf, finalizers and graceful deletion.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::sync::{Notify, broadcast};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{broadcast, mpsc, watch};
+
+const GROUP: &str = "coordination.k8s.io";
+const API_VERSION: &str = "coordination.k8s.io/v1";
+/// kube-apiserver's limit on a request body (`MaxRequestBodyBytes`, 3 MiB).
+const MAX_BODY: usize = 3 * 1024 * 1024;
+/// How many events a watcher may fall behind before it is closed.
+const WATCHER_BUFFER: usize = 1024;
+/// How long a watch-list request from a resourceVersion the server has not reached waits for it
+/// (the watch cache's `blockTimeout`).
+const FUTURE_RV_WAIT: Duration = Duration::from_secs(3);
+/// Default history: at most this many events…
+pub const DEFAULT_HISTORY_LIMIT: usize = 1000;
+/// …and, beyond [`HISTORY_KEPT_ANYWAY`] events, none older than this (the watch cache's
+/// `eventFreshDuration`: it grows to keep 75 s of events, and drops older ones when full).
+pub const DEFAULT_HISTORY_WINDOW: Duration = Duration::from_secs(75);
+/// The watch cache's smallest capacity: this many events are kept however old they are.
+const HISTORY_KEPT_ANYWAY: usize = 100;
+/// Default time between BOOKMARK events. The real server sends one about every minute (and one
+/// 2 s before the watch's timeout); a second makes every test that watches long enough, while
+/// something writes, also exercise bookmark handling.
+pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the server does with each request.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -25,11 +93,14 @@ pub enum Mode {
     /// Serve normally.
     #[default]
     Normal,
-    /// Close the listening socket and every open connection: connections are refused.
+    /// Stop listening and reset every open connection: new connections are refused. The port stays
+    /// reserved, so nothing else can take it meanwhile.
     Refuse,
-    /// Accept requests and never answer them (open watches stop sending events too).
+    /// Accept requests and never answer them. Open watches pause; when the hang ends they deliver
+    /// what happened meanwhile (or close, if they fell too far behind).
     Hang,
-    /// Answer every Lease request with this status code, and an optional `Retry-After` in seconds.
+    /// Answer every Lease request with this status code and the body kube-apiserver sends with it,
+    /// and an optional `Retry-After` in seconds. Open watches are closed.
     Status(u16, Option<u64>),
 }
 
@@ -47,7 +118,7 @@ pub struct Seen {
 /// A successful write, for timing assertions.
 #[derive(Debug, Clone)]
 pub struct Write {
-    /// Verb.
+    /// Verb of the request (a PUT that created the Lease is an `update`).
     pub verb: &'static str,
     /// Holder identity after the write.
     pub holder: Option<String>,
@@ -66,6 +137,7 @@ struct WatchEvent {
     name: String,
     rv: u64,
     object: Value,
+    at: Instant,
 }
 
 struct Inner {
@@ -77,9 +149,18 @@ struct Inner {
     deny: HashMap<&'static str, u16>,
     seen: Vec<Seen>,
     writes: Vec<Write>,
-    history: Vec<WatchEvent>,
-    /// Watches asking for a resourceVersion at or below this get 410 Gone.
-    compacted_below: u64,
+    history: VecDeque<WatchEvent>,
+    /// A watch from a resourceVersion below this gets 410 Gone: some event after it is no longer
+    /// kept.
+    oldest_watchable: u64,
+    history_limit: usize,
+    history_window: Duration,
+    bookmark_interval: Duration,
+    /// Bumped by `bookmark_now`.
+    bookmark_requests: u64,
+    /// Bumped whenever every open watch must end.
+    watch_closures: u64,
+    open_watches: usize,
 }
 
 /// Handle to a running server. Dropping it stops nothing; the test's runtime ends it.
@@ -87,20 +168,37 @@ struct Inner {
 pub struct ApiServer {
     inner: Arc<Mutex<Inner>>,
     addr: SocketAddr,
-    mode_changed: Arc<Notify>,
+    /// Watch events, one buffer per open watch.
     watch_tx: broadcast::Sender<WatchEvent>,
-    close_watches: broadcast::Sender<()>,
+    /// Pinged on every change open watches and the accept loop react to.
+    changes: watch::Sender<()>,
+}
+
+/// Binds the server's port: `SO_REUSEPORT`, so it can share the port with the reservation.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 impl ApiServer {
     /// Starts on 127.0.0.1 with an ephemeral port, on the current tokio runtime.
     pub async fn start() -> ApiServer {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
+        // A bound socket that never listens keeps the port reserved for the server's whole life:
+        // in Refuse mode the listener is closed (connections are refused) and later bound again,
+        // and no other socket can take the port in between (only another SO_REUSEPORT socket of
+        // this user could, and none asks for this port).
+        let reserve = TcpSocket::new_v4().expect("socket");
+        reserve.set_reuseport(true).expect("SO_REUSEPORT");
+        reserve
+            .bind("127.0.0.1:0".parse().unwrap())
             .expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().unwrap();
-        let (watch_tx, _) = broadcast::channel(1024);
-        let (close_watches, _) = broadcast::channel(16);
+        let addr = reserve.local_addr().unwrap();
+        let listener = listen(addr).expect("listen on the reserved port");
+        let (watch_tx, _) = broadcast::channel(WATCHER_BUFFER);
+        let (changes, _) = watch::channel(());
         let server = ApiServer {
             inner: Arc::new(Mutex::new(Inner {
                 leases: BTreeMap::new(),
@@ -111,21 +209,31 @@ impl ApiServer {
                 deny: HashMap::new(),
                 seen: Vec::new(),
                 writes: Vec::new(),
-                history: Vec::new(),
-                compacted_below: 0,
+                history: VecDeque::new(),
+                oldest_watchable: 100,
+                history_limit: DEFAULT_HISTORY_LIMIT,
+                history_window: DEFAULT_HISTORY_WINDOW,
+                bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
+                bookmark_requests: 0,
+                watch_closures: 0,
+                open_watches: 0,
             })),
             addr,
-            mode_changed: Arc::new(Notify::new()),
             watch_tx,
-            close_watches,
+            changes,
         };
-        tokio::spawn(server.clone().accept_loop(listener));
+        tokio::spawn(server.clone().accept_loop(reserve, listener));
         server
     }
 
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// A kubeconfig pointing at this server, with `namespace` as the context's namespace.
@@ -153,11 +261,23 @@ current-context: memory
         )
     }
 
-    /// Switches the fault mode.
+    fn notify(&self) {
+        self.changes.send_replace(());
+    }
+
+    /// Switches the fault mode. Entering `Hang` pauses open watches (leaving it for `Normal`
+    /// resumes them); entering `Status` closes them; `Refuse` resets every connection.
     pub fn set_mode(&self, mode: Mode) {
-        self.inner.lock().unwrap().mode = mode;
-        self.mode_changed.notify_waiters();
-        let _ = self.close_watches.send(());
+        let mut inner = self.inner.lock().unwrap();
+        if inner.mode == mode {
+            return;
+        }
+        if matches!(mode, Mode::Status(..)) {
+            inner.watch_closures += 1;
+        }
+        inner.mode = mode;
+        drop(inner);
+        self.notify();
     }
 
     /// Delays every answer by `delay`.
@@ -165,7 +285,10 @@ current-context: memory
         self.inner.lock().unwrap().delay = delay;
     }
 
-    /// Answers `verb` (get, list, watch, create, update, patch, delete, create-event) with `code`.
+    /// Answers `verb` (get, list, watch, create, update, patch, delete, create-event, patch-event)
+    /// with `code`, and the body kube-apiserver sends with it (for 401 and 403, the authorizer's).
+    /// Denying `create` also denies a PUT that would create the Lease, as the real server checks
+    /// both verbs for create-on-update.
     pub fn deny(&self, verb: &'static str, code: u16) {
         self.inner.lock().unwrap().deny.insert(verb, code);
     }
@@ -175,19 +298,63 @@ current-context: memory
         self.inner.lock().unwrap().deny.remove(verb);
     }
 
-    /// Closes every open watch stream.
+    /// Closes every open watch stream (a hung server closes them when the hang ends).
     pub fn close_watches(&self) {
-        let _ = self.close_watches.send(());
+        self.inner.lock().unwrap().watch_closures += 1;
+        self.notify();
     }
 
-    /// Makes every resourceVersion older than the current one too old for a watch (410 Gone), as
-    /// etcd compaction at the current revision does: a watch from the current revision still works.
+    /// Makes every resourceVersion older than the current one too old for a watch (410 Gone) and
+    /// closes open watches, as etcd compaction at the current revision does: a watch from the
+    /// current resourceVersion still works.
     pub fn compact(&self) {
         let mut inner = self.inner.lock().unwrap();
-        inner.compacted_below = inner.rv;
+        inner.oldest_watchable = inner.rv;
         inner.history.clear();
+        inner.watch_closures += 1;
         drop(inner);
-        self.close_watches();
+        self.notify();
+    }
+
+    /// Keeps at most `events` watch events: a watch from a resourceVersion before the oldest
+    /// kept event gets 410 Gone. Default [`DEFAULT_HISTORY_LIMIT`].
+    pub fn set_history_limit(&self, events: usize) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.history_limit = events;
+        trim_history(&mut inner);
+    }
+
+    /// Drops watch events older than `window` once more than 100 are kept (the watch cache's
+    /// policy; `Duration::ZERO` with a small [`ApiServer::set_history_limit`] keeps just that many).
+    /// Default [`DEFAULT_HISTORY_WINDOW`].
+    pub fn set_history_window(&self, window: Duration) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.history_window = window;
+        trim_history(&mut inner);
+    }
+
+    /// Time between BOOKMARK events on watches that allow them; `Duration::ZERO` sends none but
+    /// those of [`ApiServer::bookmark_now`]. Default [`DEFAULT_BOOKMARK_INTERVAL`].
+    pub fn set_bookmark_interval(&self, interval: Duration) {
+        self.inner.lock().unwrap().bookmark_interval = interval;
+        self.notify();
+    }
+
+    /// Sends a BOOKMARK at the current resourceVersion on every open watch that allows them, after
+    /// the events before it.
+    pub fn bookmark_now(&self) {
+        self.inner.lock().unwrap().bookmark_requests += 1;
+        self.notify();
+    }
+
+    /// The latest resourceVersion (etcd's revision: writes to Events count too).
+    pub fn resource_version(&self) -> u64 {
+        self.inner.lock().unwrap().rv
+    }
+
+    /// Watch streams open now.
+    pub fn open_watches(&self) -> usize {
+        self.inner.lock().unwrap().open_watches
     }
 
     /// The stored Lease, as JSON.
@@ -210,18 +377,44 @@ current-context: memory
         })
     }
 
-    /// Stores `object` as the Lease, bypassing all checks (as another writer would), with a new
-    /// resourceVersion. Returns that resourceVersion.
+    /// Stores `object` as the Lease, bypassing all checks and validation (as another writer
+    /// would, or to plant a Lease the real server would refuse), with a new resourceVersion.
+    /// Returns that resourceVersion.
     pub fn put_lease(&self, namespace: &str, name: &str, object: Value) -> u64 {
         let mut inner = self.inner.lock().unwrap();
         self.store(&mut inner, namespace, name, object, None);
         inner.rv
     }
 
-    /// Stores `object` as the Lease `namespace/name` under a new resourceVersion, keeping the
-    /// stored uid and creation time, records it as a client write when `verb` is given, and
-    /// publishes the watch event. Returns what was stored.
+    /// Stores `object` as the Lease `namespace/name` as it is, but for its name, namespace, uid
+    /// and creation time (kept from the stored Lease), under a new resourceVersion.
     fn store(
+        &self,
+        inner: &mut Inner,
+        ns: &str,
+        name: &str,
+        mut object: Value,
+        verb: Option<&'static str>,
+    ) -> Value {
+        let previous = inner.leases.get(&(ns.to_string(), name.to_string()));
+        if !object["metadata"].is_object() {
+            object["metadata"] = json!({});
+        }
+        object["metadata"]["name"] = json!(name);
+        match previous {
+            Some(previous) => {
+                object["metadata"]["uid"] = previous["metadata"]["uid"].clone();
+                object["metadata"]["creationTimestamp"] =
+                    previous["metadata"]["creationTimestamp"].clone();
+            }
+            None => stamp_new(&mut object, inner.rv + 1),
+        }
+        self.commit(inner, ns, name, object, verb)
+    }
+
+    /// Commits `object` (prepared but for its resourceVersion) under a new resourceVersion,
+    /// records it as a client write when `verb` is given, and publishes the watch event.
+    fn commit(
         &self,
         inner: &mut Inner,
         ns: &str,
@@ -231,19 +424,17 @@ current-context: memory
     ) -> Value {
         inner.rv += 1;
         let rv = inner.rv;
-        let key = (ns.to_string(), name.to_string());
-        let previous = inner.leases.get(&key).cloned();
-        if !object["metadata"].is_object() {
-            object["metadata"] = json!({});
+        if object.get("apiVersion").and_then(Value::as_str).is_none() {
+            object["apiVersion"] = json!(API_VERSION);
         }
-        object["metadata"]["name"] = json!(name);
-        if let Some(previous) = &previous {
-            object["metadata"]["uid"] = previous["metadata"]["uid"].clone();
-            object["metadata"]["creationTimestamp"] =
-                previous["metadata"]["creationTimestamp"].clone();
+        if object.get("kind").and_then(Value::as_str).is_none() {
+            object["kind"] = json!("Lease");
         }
-        stamp(&mut object, ns, rv, previous.is_none());
-        inner.leases.insert(key, object.clone());
+        object["metadata"]["namespace"] = json!(ns);
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let previous = inner
+            .leases
+            .insert((ns.to_string(), name.to_string()), object.clone());
         if let Some(verb) = verb {
             self.record_write(inner, verb, &object);
         }
@@ -278,20 +469,23 @@ current-context: memory
         )
     }
 
-    /// Deletes the Lease, as garbage collection or a person would.
+    /// Deletes the Lease, as garbage collection or a person would. The DELETED event carries the
+    /// last state under the deletion's resourceVersion.
     pub fn delete_lease(&self, namespace: &str, name: &str) -> bool {
         let mut inner = self.inner.lock().unwrap();
-        let removed = inner
-            .leases
-            .remove(&(namespace.to_string(), name.to_string()));
-        if let Some(object) = removed {
-            inner.rv += 1;
-            let rv = inner.rv;
-            self.publish(&mut inner, "DELETED", namespace, name, rv, object);
-            true
-        } else {
-            false
+        self.remove(&mut inner, namespace, name).is_some()
+    }
+
+    fn remove(&self, inner: &mut Inner, ns: &str, name: &str) -> Option<Value> {
+        let mut object = inner.leases.remove(&(ns.to_string(), name.to_string()))?;
+        inner.rv += 1;
+        let rv = inner.rv;
+        if !object["metadata"].is_object() {
+            object["metadata"] = json!({});
         }
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.publish(inner, "DELETED", ns, name, rv, object.clone());
+        Some(object)
     }
 
     /// Every request seen so far.
@@ -332,7 +526,7 @@ current-context: memory
             .count()
     }
 
-    /// Every successful write to a Lease.
+    /// Every successful write to a Lease through the API (a write that changed nothing is none).
     pub fn writes(&self) -> Vec<Write> {
         self.inner.lock().unwrap().writes.clone()
     }
@@ -365,67 +559,81 @@ current-context: memory
             name: name.to_string(),
             rv,
             object,
+            at: Instant::now(),
         };
-        inner.history.push(event.clone());
+        inner.history.push_back(event.clone());
+        trim_history(inner);
+        // Sent under the lock: whoever reads `rv` under the lock then finds every event up to it
+        // in its buffer.
         let _ = self.watch_tx.send(event);
+        self.notify();
     }
 
-    async fn accept_loop(self, mut listener: TcpListener) {
+    async fn accept_loop(self, reserve: TcpSocket, listener: TcpListener) {
+        let _reserve = reserve;
+        let mut listener = Some(listener);
+        let mut changes = self.changes.subscribe();
         let mut connections: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         loop {
-            let refusing = self.inner.lock().unwrap().mode == Mode::Refuse;
-            if refusing {
-                drop(listener);
-                for c in connections.drain(..) {
-                    c.abort();
-                }
-                loop {
-                    let notified = self.mode_changed.notified();
-                    if self.inner.lock().unwrap().mode != Mode::Refuse {
-                        break;
+            if self.inner.lock().unwrap().mode == Mode::Refuse {
+                if listener.take().is_some() {
+                    for c in connections.drain(..) {
+                        c.abort();
                     }
-                    notified.await;
                 }
-                listener = loop {
-                    match TcpListener::bind(self.addr).await {
-                        Ok(l) => break l,
-                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                    }
-                };
+                if changes.changed().await.is_err() {
+                    return;
+                }
                 continue;
             }
-            let notified = self.mode_changed.notified();
+            let current = match listener.take() {
+                Some(l) => l,
+                None => match listen(self.addr) {
+                    Ok(l) => l,
+                    Err(e) => panic!("cannot listen on {} again: {e}", self.addr),
+                },
+            };
             tokio::select! {
-                accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
-                    let server = self.clone();
-                    connections.retain(|c| !c.is_finished());
-                    connections.push(tokio::spawn(async move {
-                        let io = hyper_util::rt::TokioIo::new(stream);
-                        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                            let server = server.clone();
-                            async move { Ok::<_, Infallible>(server.handle(req).await) }
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, service)
-                            .await;
-                    }));
+                accepted = current.accept() => {
+                    if let Ok((stream, _)) = accepted {
+                        let server = self.clone();
+                        connections.retain(|c| !c.is_finished());
+                        connections.push(tokio::spawn(async move {
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                                let server = server.clone();
+                                async move { Ok::<_, Infallible>(server.handle(req).await) }
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(io, service)
+                                .await;
+                        }));
+                    }
                 }
-                () = notified => {}
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
             }
+            listener = Some(current);
         }
     }
 
     async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
         use http_body_util::BodyExt;
         let (parts, body) = req.into_parts();
-        let body = match body.collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => Bytes::new(),
+        let (body, too_large) = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+            Ok(b) => (b.to_bytes(), false),
+            Err(e) => (
+                Bytes::new(),
+                e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some(),
+            ),
         };
         let route = Route::parse(&parts.method, &parts.uri);
         let verb = route.verb();
-        let (mode, delay, denied) = {
+        let (mode, delay, denied, denied_create) = {
             let mut inner = self.inner.lock().unwrap();
             inner.seen.push(Seen {
                 verb,
@@ -433,7 +641,8 @@ current-context: memory
                 at: Instant::now(),
             });
             let denied = inner.deny.get(verb).copied();
-            (inner.mode.clone(), inner.delay, denied)
+            let denied_create = inner.deny.get("create").copied();
+            (inner.mode.clone(), inner.delay, denied, denied_create)
         };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -442,40 +651,22 @@ current-context: memory
         match mode {
             Mode::Hang if is_api => std::future::pending::<()>().await,
             Mode::Status(code, retry_after) if is_api => {
-                let mut response = status_response(code, "ServiceUnavailable", "injected fault");
-                if let Some(secs) = retry_after {
-                    response.headers_mut().insert(
-                        "retry-after",
-                        HeaderValue::from_str(&secs.to_string()).unwrap(),
-                    );
-                }
-                return response;
+                return fault(code, retry_after, &route, verb);
             }
             _ => {}
         }
         if let Some(code) = denied {
-            let (reason, message) = if code == 401 {
-                ("Unauthorized", "Unauthorized".to_string())
-            } else {
-                (
-                    "Forbidden",
-                    format!(
-                        "leases.coordination.k8s.io is forbidden: User \"system:serviceaccount:default:test\" cannot {verb} resource \"leases\" in API group \"coordination.k8s.io\""
-                    ),
-                )
-            };
-            return status_response(code, reason, &message);
+            return fault(code, None, &route, verb);
         }
-        // Every route that takes a body takes JSON: parse it once, here.
-        let body = if body.is_empty() {
-            Value::Null
-        } else {
-            match serde_json::from_slice::<Value>(&body) {
-                Ok(value) => value,
-                Err(_) => return status_response(400, "BadRequest", "body is not JSON"),
-            }
-        };
-        self.route(route, &parts.headers, &parts.uri, body).await
+        if too_large {
+            return status_response(
+                413,
+                "RequestEntityTooLarge",
+                &format!("Request entity too large: limit is {MAX_BODY}"),
+            );
+        }
+        self.route(route, &parts.headers, &parts.uri, &body, denied_create)
+            .await
     }
 
     async fn route(
@@ -483,135 +674,67 @@ current-context: memory
         route: Route,
         headers: &HeaderMap,
         uri: &Uri,
-        body: Value,
+        body: &[u8],
+        denied_create: Option<u16>,
     ) -> Response<Body> {
         match route {
             Route::Discovery(doc) => json_response(200, doc),
-            Route::NotFound => status_response(
+            Route::NotFound => status_with(
                 404,
                 "NotFound",
                 "the server could not find the requested resource",
+                Some(json!({})),
             ),
             Route::Get { ns, name } => match self.lease(&ns, &name) {
                 Some(obj) => json_response(200, obj),
                 None => not_found(&name),
             },
             Route::List { ns, watch: false } => {
+                let selector = match Selector::parse(uri) {
+                    Ok(s) => s,
+                    Err(response) => return *response,
+                };
                 let inner = self.inner.lock().unwrap();
-                let selector = field_selector_name(uri);
                 let items: Vec<Value> = inner
                     .leases
                     .iter()
                     .filter(|((n, name), _)| {
-                        ns.as_deref().is_none_or(|ns| ns == n)
-                            && selector.as_deref().is_none_or(|s| s == name)
+                        ns.as_deref().is_none_or(|ns| ns == n) && selector.matches(n, name)
                     })
                     .map(|(_, v)| v.clone())
                     .collect();
                 json_response(
                     200,
-                    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList", "metadata": {"resourceVersion": inner.rv.to_string()}, "items": items}),
+                    json!({"apiVersion": API_VERSION, "kind": "LeaseList", "metadata": {"resourceVersion": inner.rv.to_string()}, "items": items}),
                 )
             }
             Route::List { ns, watch: true } => self.watch(ns, uri),
-            Route::Create { ns } => {
-                let object = body;
-                let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
-                    return status_response(422, "Invalid", "metadata.name: Required value");
-                };
-                let mut inner = self.inner.lock().unwrap();
-                let key = (ns.clone(), name.clone());
-                if inner.leases.contains_key(&key) {
-                    return status_response(
-                        409,
-                        "AlreadyExists",
-                        &format!("leases.coordination.k8s.io \"{name}\" already exists"),
-                    );
-                }
-                json_response(
-                    201,
-                    self.store(&mut inner, &ns, &name, object, Some("create")),
-                )
-            }
-            Route::Update { ns, name } => {
-                let object = body;
-                let mut inner = self.inner.lock().unwrap();
-                let key = (ns.clone(), name.clone());
-                let Some(current) = inner.leases.get(&key).cloned() else {
-                    return not_found(&name);
-                };
-                let Some(sent_rv) = object["metadata"]["resourceVersion"]
-                    .as_str()
-                    .map(str::to_string)
-                else {
-                    return status_response(
-                        422,
-                        "Invalid",
-                        "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update",
-                    );
-                };
-                if current["metadata"]["resourceVersion"].as_str() != Some(sent_rv.as_str()) {
-                    return conflict(&name);
-                }
-                json_response(
-                    200,
-                    self.store(&mut inner, &ns, &name, object, Some("update")),
-                )
-            }
-            Route::Patch { ns, name } => {
-                let content_type = headers
-                    .get("content-type")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                if !(content_type.starts_with("application/merge-patch+json")
-                    || content_type.starts_with("application/strategic-merge-patch+json"))
-                {
-                    return status_response(
-                        415,
-                        "UnsupportedMediaType",
-                        "only merge and strategic-merge patches are served",
-                    );
-                }
-                let patch = body;
-                let mut inner = self.inner.lock().unwrap();
-                let key = (ns.clone(), name.clone());
-                let Some(mut object) = inner.leases.get(&key).cloned() else {
-                    return not_found(&name);
-                };
-                if let Some(rv) = patch["metadata"]["resourceVersion"].as_str()
-                    && object["metadata"]["resourceVersion"].as_str() != Some(rv)
-                {
-                    return conflict(&name);
-                }
-                // A Lease has no list fields with a patch merge key that matters here; strategic
-                // merge behaves as a JSON merge patch for it.
-                merge_patch(&mut object, &patch);
-                json_response(
-                    200,
-                    self.store(&mut inner, &ns, &name, object, Some("patch")),
-                )
-            }
-            Route::Delete { ns, name } => {
-                if self.delete_lease(&ns, &name) {
-                    json_response(
-                        200,
-                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": {"name": name, "group": "coordination.k8s.io", "kind": "leases"}}),
-                    )
-                } else {
-                    not_found(&name)
-                }
-            }
+            Route::Create { ns } => self.create(&ns, body),
+            Route::Update { ns, name } => self.update(&ns, &name, body, denied_create),
+            Route::Patch { ns, name } => self.patch(&ns, &name, headers, body),
+            Route::Delete { ns, name } => self.delete(&ns, &name, body),
             Route::CreateEvent { ns } => {
-                let mut object = body;
+                let mut object = match parse_json(body) {
+                    Ok(v) => v,
+                    Err(response) => return *response,
+                };
                 let mut inner = self.inner.lock().unwrap();
                 inner.rv += 1;
                 let rv = inner.rv;
-                stamp(&mut object, &ns, rv, true);
+                if !object["metadata"].is_object() {
+                    object["metadata"] = json!({});
+                }
+                stamp_new(&mut object, rv);
+                object["metadata"]["namespace"] = json!(ns);
+                object["metadata"]["resourceVersion"] = json!(rv.to_string());
                 inner.events.push(object.clone());
                 json_response(201, object)
             }
             Route::PatchEvent { name } => {
-                let patch = body;
+                let patch = match parse_json(body) {
+                    Ok(v) => v,
+                    Err(response) => return *response,
+                };
                 let mut inner = self.inner.lock().unwrap();
                 let Some(event) = inner
                     .events
@@ -630,6 +753,308 @@ current-context: memory
         }
     }
 
+    /// POST: the store's `create` and etcd3's `Create`.
+    fn create(&self, ns: &str, body: &[u8]) -> Response<Body> {
+        let mut object = match decode_lease(body) {
+            Ok(o) => o,
+            Err(response) => return *response,
+        };
+        let meta = &object["metadata"];
+        if meta["namespace"]
+            .as_str()
+            .is_some_and(|n| !n.is_empty() && n != ns)
+        {
+            return bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            );
+        }
+        let mut name = meta["name"].as_str().unwrap_or("").to_string();
+        let mut inner = self.inner.lock().unwrap();
+        if name.is_empty()
+            && let Some(prefix) = meta["generateName"].as_str().filter(|p| !p.is_empty())
+        {
+            name = format!("{prefix}{}", generated_suffix(inner.rv + 1));
+            object["metadata"]["name"] = json!(name);
+        }
+        if name.is_empty() {
+            return invalid(
+                GROUP,
+                "Lease",
+                "",
+                &[FieldError::required(
+                    "metadata.name",
+                    "name or generateName is required",
+                )],
+            );
+        }
+        let mut errors = name_errors(&name);
+        errors.extend(spec_errors(&object["spec"]));
+        if !errors.is_empty() {
+            return invalid(GROUP, "Lease", &name, &errors);
+        }
+        // etcd3 refuses a resourceVersion on create with an untyped error: 500, no reason.
+        match parse_rv(&object["metadata"]["resourceVersion"]) {
+            Ok(0) => {}
+            Ok(_) => {
+                return status_response(
+                    500,
+                    "",
+                    "resourceVersion should not be set on objects to be created",
+                );
+            }
+            Err(message) => return status_response(500, "", &message),
+        }
+        if inner.leases.contains_key(&(ns.to_string(), name.clone())) {
+            return already_exists(&name);
+        }
+        stamp_new(&mut object, inner.rv + 1);
+        json_response(
+            201,
+            self.commit(&mut inner, ns, &name, object, Some("create")),
+        )
+    }
+
+    /// PUT: the update handler's name check, the store's `Update` (create-on-update included) and
+    /// etcd3's `GuaranteedUpdate` (UID precondition, no-op short cut).
+    fn update(
+        &self,
+        ns: &str,
+        name: &str,
+        body: &[u8],
+        denied_create: Option<u16>,
+    ) -> Response<Body> {
+        let mut object = match decode_lease(body) {
+            Ok(o) => o,
+            Err(response) => return *response,
+        };
+        let meta = &object["metadata"];
+        let body_name = meta["name"].as_str().unwrap_or("");
+        if body_name.is_empty() {
+            return bad_request(&format!(
+                "the name of the object ({name} based on URL) was undeterminable: name must be provided"
+            ));
+        }
+        if body_name != name {
+            return bad_request(&format!(
+                "the name of the object ({body_name}) does not match the name on the URL ({name})"
+            ));
+        }
+        if let Some(body_ns) = meta["namespace"].as_str().filter(|n| !n.is_empty())
+            && body_ns != ns
+        {
+            return bad_request(&format!(
+                "the namespace of the object ({body_ns}) does not match the namespace on the request ({ns})"
+            ));
+        }
+        let sent_uid = meta["uid"].as_str().unwrap_or("").to_string();
+        let mut inner = self.inner.lock().unwrap();
+        let current = inner
+            .leases
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned();
+        if !sent_uid.is_empty() {
+            let stored = current
+                .as_ref()
+                .and_then(|c| c["metadata"]["uid"].as_str())
+                .unwrap_or("");
+            if sent_uid != stored {
+                return conflict(
+                    name,
+                    &format!(
+                        "StorageError: invalid object, Code: 4, Key: /registry/leases/{ns}/{name}, ResourceVersion: 0, AdditionalErrorMsg: Precondition failed: UID in precondition: {sent_uid}, UID in object meta: {stored}"
+                    ),
+                );
+            }
+        }
+        let Some(current) = current else {
+            // Create-on-update: the resourceVersion in the body does not matter (see the module
+            // documentation); creating needs the create verb too.
+            if let Some(code) = denied_create {
+                return fault(code, None, &Route::Create { ns: ns.to_string() }, "create");
+            }
+            let mut errors = name_errors(name);
+            errors.extend(spec_errors(&object["spec"]));
+            if !errors.is_empty() {
+                return invalid(GROUP, "Lease", name, &errors);
+            }
+            stamp_new(&mut object, inner.rv + 1);
+            return json_response(
+                201,
+                self.commit(&mut inner, ns, name, object, Some("update")),
+            );
+        };
+        let sent_rv = match parse_rv(&object["metadata"]["resourceVersion"]) {
+            Ok(rv) => rv,
+            Err(message) => return status_response(500, "", &message),
+        };
+        if sent_rv == 0 {
+            // The store's own error, with the resource (not the kind) as its "kind".
+            return invalid(
+                GROUP,
+                "leases",
+                name,
+                &[FieldError::invalid(
+                    "metadata.resourceVersion",
+                    "0x0",
+                    "must be specified for an update",
+                )],
+            );
+        }
+        if Some(sent_rv) != parse_rv(&current["metadata"]["resourceVersion"]).ok() {
+            return conflict(name, OPTIMISTIC_LOCK);
+        }
+        self.finish_update(&mut inner, ns, name, object, &current, "update")
+    }
+
+    /// PATCH: merge or strategic-merge onto the stored Lease, then the store's `Update`.
+    fn patch(&self, ns: &str, name: &str, headers: &HeaderMap, body: &[u8]) -> Response<Body> {
+        let content_type = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !(content_type.starts_with("application/merge-patch+json")
+            || content_type.starts_with("application/strategic-merge-patch+json"))
+        {
+            return status_response(
+                415,
+                "UnsupportedMediaType",
+                &format!(
+                    "the body of the request was in an unknown format - accepted media types include: application/merge-patch+json, application/strategic-merge-patch+json (this test server serves no others; got {content_type:?})"
+                ),
+            );
+        }
+        let patch = match parse_json(body) {
+            Ok(v) => v,
+            Err(response) => return *response,
+        };
+        let mut inner = self.inner.lock().unwrap();
+        let Some(current) = inner
+            .leases
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+        else {
+            return not_found(name);
+        };
+        if let Some(rv) = patch["metadata"]["resourceVersion"].as_str()
+            && current["metadata"]["resourceVersion"].as_str() != Some(rv)
+        {
+            return conflict(name, OPTIMISTIC_LOCK);
+        }
+        // A Lease has no list fields with a patch merge key: strategic merge behaves as a JSON
+        // merge patch for it.
+        let mut patched = current.clone();
+        merge_patch(&mut patched, &patch);
+        let patched_text = patched.to_string();
+        let object = match normalize_lease(patched) {
+            Ok(o) => o,
+            Err(e) => {
+                return invalid(
+                    "",
+                    "",
+                    "",
+                    &[FieldError::invalid(
+                        "patch",
+                        &format!("{patched_text:?}"),
+                        &e,
+                    )],
+                );
+            }
+        };
+        let mut errors = Vec::new();
+        for field in ["name", "uid"] {
+            let new = object["metadata"][field].as_str().unwrap_or("");
+            let old = current["metadata"][field].as_str().unwrap_or("");
+            if !new.is_empty() && new != old {
+                errors.push(FieldError::invalid(
+                    &format!("metadata.{field}"),
+                    &format!("{new:?}"),
+                    "field is immutable",
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            return invalid(GROUP, "Lease", name, &errors);
+        }
+        if object["metadata"]["namespace"]
+            .as_str()
+            .is_some_and(|n| !n.is_empty() && n != ns)
+        {
+            return bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            );
+        }
+        self.finish_update(&mut inner, ns, name, object, &current, "patch")
+    }
+
+    /// The common end of an update: the store's `BeforeUpdate` (uid and creation time kept),
+    /// `ValidateLeaseUpdate`, etcd3's no-op short cut, the write.
+    fn finish_update(
+        &self,
+        inner: &mut Inner,
+        ns: &str,
+        name: &str,
+        mut object: Value,
+        current: &Value,
+        verb: &'static str,
+    ) -> Response<Body> {
+        if object["metadata"]["uid"].as_str().is_none_or(str::is_empty) {
+            object["metadata"]["uid"] = current["metadata"]["uid"].clone();
+        }
+        object["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
+        object["metadata"]["namespace"] = json!(ns);
+        let errors = spec_errors(&object["spec"]);
+        if !errors.is_empty() {
+            return invalid(GROUP, "Lease", name, &errors);
+        }
+        let mut unchanged = current.clone();
+        if let Some(meta) = unchanged["metadata"].as_object_mut() {
+            meta.remove("resourceVersion");
+        }
+        if let Some(meta) = object["metadata"].as_object_mut() {
+            meta.remove("resourceVersion");
+        }
+        if object == unchanged {
+            return json_response(200, current.clone());
+        }
+        json_response(200, self.commit(inner, ns, name, object, Some(verb)))
+    }
+
+    /// DELETE, with the preconditions of a DeleteOptions body.
+    fn delete(&self, ns: &str, name: &str, body: &[u8]) -> Response<Body> {
+        let options = if body.is_empty() {
+            Value::Null
+        } else {
+            match parse_json(body) {
+                Ok(v) => v,
+                Err(response) => return *response,
+            }
+        };
+        let mut inner = self.inner.lock().unwrap();
+        let Some(current) = inner.leases.get(&(ns.to_string(), name.to_string())) else {
+            return not_found(name);
+        };
+        let preconditions = &options["preconditions"];
+        for (field, label) in [("uid", "UID"), ("resourceVersion", "ResourceVersion")] {
+            if let Some(wanted) = preconditions[field].as_str() {
+                let actual = current["metadata"][field].as_str().unwrap_or("");
+                if wanted != actual {
+                    return conflict(
+                        name,
+                        &format!(
+                            "StorageError: invalid object, Code: 4, Key: /registry/leases/{ns}/{name}, ResourceVersion: 0, AdditionalErrorMsg: Precondition failed: {label} in precondition: {wanted}, {label} in object meta: {actual}"
+                        ),
+                    );
+                }
+            }
+        }
+        let removed = self.remove(&mut inner, ns, name).expect("present above");
+        json_response(
+            200,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                   "details": {"name": name, "group": GROUP, "kind": "leases", "uid": removed["metadata"]["uid"]}}),
+        )
+    }
+
     fn record_write(&self, inner: &mut Inner, verb: &'static str, object: &Value) {
         inner.writes.push(Write {
             verb,
@@ -644,103 +1069,383 @@ current-context: memory
     }
 
     fn watch(&self, ns: Option<String>, uri: &Uri) -> Response<Body> {
-        let selector = field_selector_name(uri);
-        let from: u64 = query(uri, "resourceVersion")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let selector = match Selector::parse(uri) {
+            Ok(s) => s,
+            Err(response) => return *response,
+        };
+        let from = match query(uri, "resourceVersion").as_deref() {
+            None | Some("") => 0,
+            Some(text) => match text.parse::<u64>() {
+                Ok(rv) => rv,
+                Err(e) => {
+                    return bad_request(&format!("invalid resource version: {e}"));
+                }
+            },
+        };
+        let flag = |key: &str| matches!(query(uri, key).as_deref(), Some("true" | "1"));
+        let bookmarks = flag("allowWatchBookmarks");
+        let initial = query(uri, "sendInitialEvents").map(|v| matches!(v.as_str(), "true" | "1"));
+        let rv_match = query(uri, "resourceVersionMatch").unwrap_or_default();
+        // apimachinery's validateWatchOptions.
+        let mut errors = Vec::new();
+        if initial.is_some() && rv_match != "NotOlderThan" {
+            errors.push(FieldError::forbidden(
+                "resourceVersionMatch",
+                "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+            ));
+        }
+        if !rv_match.is_empty() {
+            if initial.is_none() {
+                errors.push(FieldError::forbidden(
+                    "resourceVersionMatch",
+                    "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+                ));
+            }
+            if rv_match != "NotOlderThan" {
+                errors.push(FieldError::not_supported(
+                    "resourceVersionMatch",
+                    &format!("{rv_match:?}"),
+                    &["NotOlderThan"],
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            return invalid("meta.k8s.io", "ListOptions", "", &errors);
+        }
         let timeout = query(uri, "timeoutSeconds")
             .and_then(|v| v.parse().ok())
             .map(Duration::from_secs);
-        let matches = {
-            let ns = ns.clone();
-            let selector = selector.clone();
-            move |e: &WatchEvent| {
-                ns.as_deref().is_none_or(|n| n == e.namespace)
-                    && selector.as_deref().is_none_or(|s| s == e.name)
-            }
-        };
-        let mut rx = self.watch_tx.subscribe();
-        let mut close = self.close_watches.subscribe();
-        let (backlog, gone) = {
-            let inner = self.inner.lock().unwrap();
-            if from != 0 && from < inner.compacted_below {
-                (Vec::new(), true)
-            } else {
-                let backlog: Vec<WatchEvent> = inner
-                    .history
-                    .iter()
-                    .filter(|e| e.rv > from && matches(e))
-                    .cloned()
-                    .collect();
-                (backlog, false)
-            }
+        let spec = WatchSpec {
+            ns,
+            selector,
+            from,
+            timeout,
+            bookmarks,
+            initial,
         };
         let server = self.clone();
-        let stream = async_stream(move |tx| async move {
-            if gone {
-                let _ = tx.send(line(json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410}}))).await;
-                return;
-            }
-            let mut last = from;
-            for e in backlog {
-                last = e.rv;
-                if tx
-                    .send(line(json!({"type": e.kind, "object": e.object})))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-            loop {
-                let sleep = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    event = rx.recv() => match event {
-                        Ok(e) if e.rv > last && matches(&e) => {
-                            last = e.rv;
-                            if server.inner.lock().unwrap().mode == Mode::Hang {
-                                continue;
-                            }
-                            if tx.send(line(json!({"type": e.kind, "object": e.object}))).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(broadcast::error::RecvError::Lagged(_)) => return,
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
-                    _ = close.recv() => {
-                        if server.inner.lock().unwrap().mode == Mode::Hang {
-                            // A hung server keeps the stream open and silent.
-                            std::future::pending::<()>().await;
-                        }
-                        return;
-                    }
-                    () = sleep => return,
-                }
-            }
-        });
+        let stream = async_stream(move |tx| server.stream_watch(tx, spec));
         Response::builder()
             .status(200)
             .header("content-type", "application/json")
             .body(stream)
             .unwrap()
     }
+
+    /// Feeds one watch stream until it ends: the watch cache's `Watch` and `cacheWatcher`.
+    async fn stream_watch(self, tx: mpsc::Sender<Bytes>, spec: WatchSpec) {
+        let _open = OpenWatch::new(&self);
+        let mut changes = self.changes.subscribe();
+        let started = tokio::time::Instant::now();
+        let deadline = spec.timeout.map(|t| started + t);
+        let wanted = |namespace: &str, name: &str| {
+            spec.ns.as_deref().is_none_or(|n| n == namespace)
+                && spec.selector.matches(namespace, name)
+        };
+        let matches = |e: &WatchEvent| wanted(&e.namespace, &e.name);
+
+        let watch_list = spec.initial == Some(true);
+        // Only a watch-list request (sendInitialEvents=true) waits for a resourceVersion the
+        // server has not reached, and fails after a while; a plain watch from one starts at once
+        // and gets what follows it.
+        let wait_until = started + FUTURE_RV_WAIT;
+        while watch_list && spec.from > self.resource_version() {
+            if tokio::time::Instant::now() >= wait_until {
+                let current = self.resource_version();
+                let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": format!("Timeout: Too large resource version: {}, current: {current}", spec.from),
+                    "reason": "Timeout", "code": 504,
+                    "details": {"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}], "retryAfterSeconds": 1}});
+                let _ = tx
+                    .send(line(json!({"type": "ERROR", "object": status})))
+                    .await;
+                return;
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep_until(wait_until) => {}
+                () = tx.closed() => return,
+            }
+        }
+
+        // The starting point, the events before it, and a buffer for the events after it.
+        let start = {
+            let mut inner = self.inner.lock().unwrap();
+            trim_history(&mut inner);
+            // The current state first: from "" or "0" (unless sendInitialEvents=false), and for
+            // a watch-list request whatever the resourceVersion (so never 410).
+            let from_state = watch_list || (spec.from == 0 && spec.initial != Some(false));
+            let from_now = from_state || spec.from == 0;
+            if !from_now && spec.from < inner.oldest_watchable {
+                Err(
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": format!("too old resource version: {} ({})", spec.from, inner.oldest_watchable),
+                    "reason": "Expired", "code": 410}),
+                )
+            } else {
+                let mut backlog: Vec<Value> = Vec::new();
+                if from_state {
+                    for ((n, name), object) in &inner.leases {
+                        if wanted(n, name) {
+                            backlog.push(json!({"type": "ADDED", "object": object}));
+                        }
+                    }
+                    if watch_list && spec.bookmarks {
+                        backlog.push(bookmark(inner.rv, true));
+                    }
+                } else if !from_now {
+                    backlog.extend(
+                        inner
+                            .history
+                            .iter()
+                            .filter(|e| e.rv > spec.from && matches(e))
+                            .map(|e| json!({"type": e.kind, "object": e.object})),
+                    );
+                }
+                // The watcher's resourceVersion: it sends nothing at or below it, bookmarks
+                // included.
+                let start_rv = if from_now { inner.rv } else { spec.from };
+                let last = start_rv.max(inner.history.back().map_or(0, |e| e.rv));
+                Ok((
+                    backlog,
+                    start_rv,
+                    last,
+                    self.watch_tx.subscribe(),
+                    inner.watch_closures,
+                    inner.bookmark_requests,
+                ))
+            }
+        };
+        let (backlog, start_rv, mut last, mut rx, closures, mut bookmark_requests) = match start {
+            Ok(start) => start,
+            Err(status) => {
+                let _ = tx
+                    .send(line(json!({"type": "ERROR", "object": status})))
+                    .await;
+                return;
+            }
+        };
+        for event in backlog {
+            if tx.send(line(event)).await.is_err() {
+                return;
+            }
+        }
+
+        let mut last_bookmark = tokio::time::Instant::now();
+        // Events received as a hang began: they go out when it ends.
+        let mut held: VecDeque<WatchEvent> = VecDeque::new();
+        loop {
+            let (hung, closed, requested, interval) = {
+                let inner = self.inner.lock().unwrap();
+                (
+                    inner.mode == Mode::Hang,
+                    inner.watch_closures != closures,
+                    inner.bookmark_requests,
+                    inner.bookmark_interval,
+                )
+            };
+            if hung {
+                // Nothing goes out, and nothing is taken from this watcher's buffer: events wait
+                // there (and the watcher is closed if it overflows).
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                }
+                continue;
+            }
+            let now = tokio::time::Instant::now();
+            if closed || deadline.is_some_and(|d| now >= d) {
+                return;
+            }
+            while let Some(e) = held.pop_front() {
+                if !deliver(&tx, &mut last, &e, matches(&e)).await {
+                    return;
+                }
+            }
+            let next_bookmark =
+                (spec.bookmarks && !interval.is_zero()).then(|| last_bookmark + interval);
+            if spec.bookmarks
+                && (requested != bookmark_requests || next_bookmark.is_some_and(|b| now >= b))
+            {
+                bookmark_requests = requested;
+                last_bookmark = now;
+                // Every event up to `current` is in the buffer already: send those first, so the
+                // bookmark's promise (nothing up to it left to see) holds.
+                let current = self.inner.lock().unwrap().rv;
+                loop {
+                    match rx.try_recv() {
+                        Ok(e) => {
+                            if !deliver(&tx, &mut last, &e, matches(&e)).await {
+                                return;
+                            }
+                        }
+                        Err(broadcast::error::TryRecvError::Empty) => break,
+                        Err(_) => return,
+                    }
+                }
+                let at = current.max(last);
+                if at > start_rv && tx.send(line(bookmark(at, false))).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let wake = match (deadline, next_bookmark) {
+                (Some(d), Some(b)) => Some(d.min(b)),
+                (d, b) => d.or(b),
+            };
+            tokio::select! {
+                event = rx.recv() => match event {
+                    Ok(e) => {
+                        if self.inner.lock().unwrap().mode == Mode::Hang {
+                            held.push_back(e);
+                        } else if !deliver(&tx, &mut last, &e, matches(&e)).await {
+                            return;
+                        }
+                    }
+                    // Too far behind: the watch cache closes such a watcher; the client watches
+                    // again from its last resourceVersion.
+                    Err(_) => return,
+                },
+                changed = changes.changed() => if changed.is_err() { return },
+                () = sleep_opt(wake) => {}
+                () = tx.closed() => return,
+            }
+        }
+    }
+}
+
+/// Sends `e` on a watch stream unless it was already passed (`last`) or is not `wanted`; false
+/// once the client is gone.
+async fn deliver(tx: &mpsc::Sender<Bytes>, last: &mut u64, e: &WatchEvent, wanted: bool) -> bool {
+    if e.rv <= *last {
+        return true;
+    }
+    *last = e.rv;
+    !wanted
+        || tx
+            .send(line(json!({"type": e.kind, "object": e.object})))
+            .await
+            .is_ok()
+}
+
+/// Drops the oldest watch events beyond the limit, and those older than the window beyond the
+/// ones always kept; watches from before a dropped event get 410 Gone.
+fn trim_history(inner: &mut Inner) {
+    let now = Instant::now();
+    while let Some(front) = inner.history.front() {
+        let len = inner.history.len();
+        let over_limit = len > inner.history_limit;
+        let stale = len > HISTORY_KEPT_ANYWAY.min(inner.history_limit)
+            && now.duration_since(front.at) > inner.history_window;
+        if !(over_limit || stale) {
+            break;
+        }
+        let dropped = front.rv;
+        inner.history.pop_front();
+        // As the watch cache reckons: a watch may start one before the oldest kept event.
+        let floor = inner.history.front().map_or(dropped, |e| e.rv - 1);
+        inner.oldest_watchable = inner.oldest_watchable.max(floor);
+    }
+}
+
+struct WatchSpec {
+    ns: Option<String>,
+    selector: Selector,
+    from: u64,
+    timeout: Option<Duration>,
+    bookmarks: bool,
+    /// `sendInitialEvents`, when given.
+    initial: Option<bool>,
+}
+
+/// Counts an open watch stream while it lives.
+struct OpenWatch(Arc<Mutex<Inner>>);
+
+impl OpenWatch {
+    fn new(server: &ApiServer) -> OpenWatch {
+        server.inner.lock().unwrap().open_watches += 1;
+        OpenWatch(server.inner.clone())
+    }
+}
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        if let Ok(mut inner) = self.0.lock() {
+            inner.open_watches -= 1;
+        }
+    }
+}
+
+/// A BOOKMARK event as the watch cache sends it: an empty Lease but for its resourceVersion.
+fn bookmark(rv: u64, initial_events_end: bool) -> Value {
+    let mut metadata = json!({"resourceVersion": rv.to_string(), "creationTimestamp": null});
+    if initial_events_end {
+        metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+    }
+    json!({"type": "BOOKMARK", "object": {"kind": "Lease", "apiVersion": API_VERSION, "metadata": metadata, "spec": {}}})
+}
+
+async fn sleep_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A field selector on Leases: only `metadata.name` and `metadata.namespace` are supported, with
+/// `=`, `==` or `!=`.
+#[derive(Clone, Default)]
+struct Selector {
+    terms: Vec<(String, bool, String)>,
+}
+
+impl Selector {
+    fn parse(uri: &Uri) -> Result<Selector, Reject> {
+        let Some(text) = query(uri, "fieldSelector").filter(|s| !s.is_empty()) else {
+            return Ok(Selector::default());
+        };
+        let mut terms = Vec::new();
+        for term in text.split(',') {
+            let (field, equal, value) = if let Some((f, v)) = term.split_once("!=") {
+                (f, false, v)
+            } else if let Some((f, v)) = term.split_once("==") {
+                (f, true, v)
+            } else if let Some((f, v)) = term.split_once('=') {
+                (f, true, v)
+            } else {
+                return Err(Box::new(bad_request(&format!(
+                    "invalid field selector: invalid selector: '{text}'; can't understand '{term}'"
+                ))));
+            };
+            if field != "metadata.name" && field != "metadata.namespace" {
+                return Err(Box::new(bad_request(&format!(
+                    "field label not supported: {field}"
+                ))));
+            }
+            terms.push((field.to_string(), equal, value.to_string()));
+        }
+        Ok(Selector { terms })
+    }
+
+    fn matches(&self, namespace: &str, name: &str) -> bool {
+        self.terms.iter().all(|(field, equal, value)| {
+            let actual = if field == "metadata.name" {
+                name
+            } else {
+                namespace
+            };
+            (actual == value) == *equal
+        })
+    }
 }
 
 /// A streaming body fed by a task through a channel.
 fn async_stream<F, Fut>(producer: F) -> Body
 where
-    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    F: FnOnce(mpsc::Sender<Bytes>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(producer(tx));
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
@@ -754,23 +1459,27 @@ fn line(value: Value) -> Bytes {
     Bytes::from(text)
 }
 
-fn stamp(object: &mut Value, ns: &str, rv: u64, new: bool) {
-    if object.get("apiVersion").and_then(Value::as_str).is_none() {
-        object["apiVersion"] = json!("coordination.k8s.io/v1");
+/// Sets what the server sets on a new object (`FillObjectMetaSystemFields`): uid and creation
+/// time. `rv` is the resourceVersion it will get, which makes the uid unique.
+fn stamp_new(object: &mut Value, rv: u64) {
+    if !object["metadata"].is_object() {
+        object["metadata"] = json!({});
     }
-    if object.get("kind").and_then(Value::as_str).is_none() {
-        object["kind"] = json!("Lease");
-    }
-    let meta = &mut object["metadata"];
-    if !meta.is_object() {
-        *meta = json!({});
-    }
-    meta["namespace"] = json!(ns);
-    meta["resourceVersion"] = json!(rv.to_string());
-    if new {
-        meta["uid"] = json!(format!("00000000-0000-0000-0000-{rv:012}"));
-        meta["creationTimestamp"] = json!(second_now());
-    }
+    object["metadata"]["uid"] = json!(format!("00000000-0000-0000-0000-{rv:012}"));
+    object["metadata"]["creationTimestamp"] = json!(second_now());
+}
+
+/// The 5 characters `generateName` gets, from the alphabet the real server uses.
+fn generated_suffix(seed: u64) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut n = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (0..5)
+        .map(|_| {
+            let c = ALPHABET[(n % ALPHABET.len() as u64) as usize] as char;
+            n /= ALPHABET.len() as u64;
+            c
+        })
+        .collect()
 }
 
 /// RFC 7386 JSON merge patch.
@@ -791,6 +1500,263 @@ fn merge_patch(target: &mut Value, patch: &Value) {
         }
         other => *target = other.clone(),
     }
+}
+
+/// A request body as JSON: 400 BadRequest if it is not.
+fn parse_json(body: &[u8]) -> Result<Value, Reject> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(bad_request(&format!(
+            "couldn't get version/kind; json parse error: {e}"
+        )))
+    })
+}
+
+/// A Lease request body as the server decodes it: JSON (400 otherwise), of kind Lease in
+/// coordination.k8s.io/v1 when it says (400 otherwise), typed (400 on a field of the wrong type).
+fn decode_lease(body: &[u8]) -> Result<Value, Reject> {
+    let value = parse_json(body)?;
+    if let Some(kind) = value.get("kind").and_then(Value::as_str)
+        && kind != "Lease"
+    {
+        return Err(Box::new(bad_request(&format!(
+            "the object provided is unrecognized (must be of type Lease): kind {kind:?}"
+        ))));
+    }
+    if let Some(version) = value.get("apiVersion").and_then(Value::as_str)
+        && version != API_VERSION
+    {
+        return Err(Box::new(bad_request(&format!(
+            "the API version in the data ({version}) does not match the expected API version ({API_VERSION})"
+        ))));
+    }
+    normalize_lease(value).map_err(|e| {
+        Box::new(bad_request(&format!(
+            "Lease in version \"v1\" cannot be handled as a Lease: {e}"
+        )))
+    })
+}
+
+/// Decodes `value` as a typed Lease and writes it back as the Go type serializes: unknown and
+/// null fields dropped, empty metadata lists and maps omitted, `spec` always present, MicroTimes
+/// with microseconds.
+fn normalize_lease(mut value: Value) -> Result<Value, String> {
+    if let Some(map) = value.as_object_mut() {
+        map.entry("apiVersion").or_insert(json!(API_VERSION));
+        map.entry("kind").or_insert(json!("Lease"));
+    }
+    let lease: k8s_openapi::api::coordination::v1::Lease =
+        serde_json::from_value(value).map_err(|e| e.to_string())?;
+    let mut out = serde_json::to_value(&lease).map_err(|e| e.to_string())?;
+    if let Some(meta) = out["metadata"].as_object_mut() {
+        meta.retain(|_, v| match v {
+            Value::Null => false,
+            Value::Array(a) => !a.is_empty(),
+            Value::Object(o) => !o.is_empty(),
+            Value::String(s) => !s.is_empty(),
+            _ => true,
+        });
+    } else {
+        out["metadata"] = json!({});
+    }
+    if !out["spec"].is_object() {
+        out["spec"] = json!({});
+    }
+    Ok(out)
+}
+
+/// A resourceVersion as the versioner reads it: empty is 0, anything but digits an untyped error.
+fn parse_rv(value: &Value) -> Result<u64, String> {
+    match value.as_str() {
+        None | Some("") => Ok(0),
+        Some(text) => text
+            .parse()
+            .map_err(|_| format!("strconv.ParseUint: parsing {text:?}: invalid syntax")),
+    }
+}
+
+/// One entry of a field.ErrorList.
+#[derive(Debug, Clone)]
+pub struct FieldError {
+    /// The field path.
+    pub field: String,
+    /// The cause reason (FieldValueInvalid, …).
+    pub reason: &'static str,
+    /// What `ErrorBody()` prints.
+    pub body: String,
+}
+
+impl FieldError {
+    fn invalid(field: &str, value: &str, detail: &str) -> FieldError {
+        FieldError {
+            field: field.to_string(),
+            reason: "FieldValueInvalid",
+            body: format!("Invalid value: {value}: {detail}"),
+        }
+    }
+
+    fn required(field: &str, detail: &str) -> FieldError {
+        FieldError {
+            field: field.to_string(),
+            reason: "FieldValueRequired",
+            body: format!("Required value: {detail}"),
+        }
+    }
+
+    fn forbidden(field: &str, detail: &str) -> FieldError {
+        FieldError {
+            field: field.to_string(),
+            reason: "FieldValueForbidden",
+            body: format!("Forbidden: {detail}"),
+        }
+    }
+
+    fn not_supported(field: &str, value: &str, supported: &[&str]) -> FieldError {
+        let list: Vec<String> = supported.iter().map(|s| format!("{s:?}")).collect();
+        FieldError {
+            field: field.to_string(),
+            reason: "FieldValueNotSupported",
+            body: format!(
+                "Unsupported value: {value}: supported values: {}",
+                list.join(", ")
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.body)
+    }
+}
+
+const DNS1123_SUBDOMAIN_MESSAGE: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
+const QUALIFIED_NAME_MESSAGE: &str = "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName', or 'my.name', or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')";
+/// The one Kubernetes-defined coordinated leader election strategy.
+const LEASE_STRATEGIES: [&str; 1] = ["OldestEmulationVersion"];
+
+/// `IsDNS1123Subdomain`.
+pub fn dns1123_subdomain_errors(value: &str) -> Vec<String> {
+    let mut errors = Vec::new();
+    if value.len() > 253 {
+        errors.push("must be no more than 253 characters".to_string());
+    }
+    let label = |l: &str| {
+        let b = l.as_bytes();
+        !b.is_empty()
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-'
+    };
+    if !value.split('.').all(label) {
+        errors.push(DNS1123_SUBDOMAIN_MESSAGE.to_string());
+    }
+    errors
+}
+
+/// `IsQualifiedName`.
+pub fn qualified_name_errors(value: &str) -> Vec<String> {
+    let parts: Vec<&str> = value.split('/').collect();
+    let mut errors = Vec::new();
+    let name = match parts.as_slice() {
+        [name] => *name,
+        [prefix, name] => {
+            if prefix.is_empty() {
+                errors.push("prefix part must be non-empty".to_string());
+            } else {
+                errors.extend(
+                    dns1123_subdomain_errors(prefix)
+                        .into_iter()
+                        .map(|m| format!("prefix part {m}")),
+                );
+            }
+            *name
+        }
+        _ => {
+            return vec![format!(
+                "a qualified name {QUALIFIED_NAME_MESSAGE} with an optional DNS subdomain prefix and '/' (e.g. 'example.com/MyName')"
+            )];
+        }
+    };
+    if name.is_empty() {
+        errors.push("name part must be non-empty".to_string());
+    } else if name.len() > 63 {
+        errors.push("name part must be no more than 63 characters".to_string());
+    }
+    let b = name.as_bytes();
+    let valid = !b.is_empty()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric();
+    if !valid {
+        errors.push(format!("name part {QUALIFIED_NAME_MESSAGE}"));
+    }
+    errors
+}
+
+/// `ValidateObjectMeta` on a new Lease's name (`NameIsDNSSubdomain`).
+fn name_errors(name: &str) -> Vec<FieldError> {
+    dns1123_subdomain_errors(name)
+        .iter()
+        .map(|m| FieldError::invalid("metadata.name", &format!("{name:?}"), m))
+        .collect()
+}
+
+/// `ValidateLeaseSpec`.
+pub fn spec_errors(spec: &Value) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    if let Some(n) = spec["leaseDurationSeconds"].as_i64()
+        && n <= 0
+    {
+        errors.push(FieldError::invalid(
+            "spec.leaseDurationSeconds",
+            &n.to_string(),
+            "must be greater than 0",
+        ));
+    }
+    if let Some(n) = spec["leaseTransitions"].as_i64()
+        && n < 0
+    {
+        errors.push(FieldError::invalid(
+            "spec.leaseTransitions",
+            &n.to_string(),
+            "must be greater than or equal to 0",
+        ));
+    }
+    let strategy = spec["strategy"].as_str();
+    if let Some(strategy) = strategy {
+        // The real code appends "strategy" to a path that already ends in it.
+        let field = "spec.strategy.strategy";
+        if !strategy.contains('/') {
+            if !LEASE_STRATEGIES.contains(&strategy) {
+                errors.push(FieldError::not_supported(
+                    field,
+                    &format!("{strategy:?}"),
+                    &LEASE_STRATEGIES,
+                ));
+            }
+        } else {
+            for message in qualified_name_errors(strategy) {
+                errors.push(FieldError::invalid(
+                    field,
+                    &format!("{strategy:?}"),
+                    &message,
+                ));
+            }
+        }
+    }
+    if spec["preferredHolder"]
+        .as_str()
+        .is_some_and(|p| !p.is_empty())
+        && strategy.is_none_or(str::is_empty)
+    {
+        errors.push(FieldError::forbidden(
+            "spec.preferredHolder",
+            "may only be specified if `strategy` is defined",
+        ));
+    }
+    errors
 }
 
 fn query(uri: &Uri, key: &str) -> Option<String> {
@@ -819,12 +1785,8 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn field_selector_name(uri: &Uri) -> Option<String> {
-    let selector = query(uri, "fieldSelector")?;
-    selector
-        .split(',')
-        .find_map(|s| s.strip_prefix("metadata.name=").map(str::to_string))
-}
+/// An error answer, boxed (it is large).
+type Reject = Box<Response<Body>>;
 
 fn json_response(code: u16, value: Value) -> Response<Body> {
     Response::builder()
@@ -834,30 +1796,269 @@ fn json_response(code: u16, value: Value) -> Response<Body> {
         .unwrap()
 }
 
-/// A Kubernetes `Status` error body.
+/// A Kubernetes `Status` error body; an empty `reason` is left out (StatusReasonUnknown).
 pub fn status_response(code: u16, reason: &str, message: &str) -> Response<Body> {
-    json_response(
-        code,
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code}),
-    )
+    status_with(code, reason, message, None)
+}
+
+/// A Kubernetes `Status` error body with `details`.
+pub fn status_with(
+    code: u16,
+    reason: &str,
+    message: &str,
+    details: Option<Value>,
+) -> Response<Body> {
+    let mut status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "code": code});
+    if !reason.is_empty() {
+        status["reason"] = json!(reason);
+    }
+    if let Some(details) = details {
+        status["details"] = details;
+    }
+    json_response(code, status)
+}
+
+fn lease_details(name: &str) -> Option<Value> {
+    Some(json!({"name": name, "group": GROUP, "kind": "leases"}))
+}
+
+fn bad_request(message: &str) -> Response<Body> {
+    status_response(400, "BadRequest", message)
 }
 
 fn not_found(name: &str) -> Response<Body> {
-    status_response(
+    status_with(
         404,
         "NotFound",
         &format!("leases.coordination.k8s.io \"{name}\" not found"),
+        lease_details(name),
     )
 }
 
-fn conflict(name: &str) -> Response<Body> {
-    status_response(
+fn already_exists(name: &str) -> Response<Body> {
+    status_with(
+        409,
+        "AlreadyExists",
+        &format!("leases.coordination.k8s.io \"{name}\" already exists"),
+        lease_details(name),
+    )
+}
+
+/// The store's `OptimisticLockErrorMsg`.
+const OPTIMISTIC_LOCK: &str =
+    "the object has been modified; please apply your changes to the latest version and try again";
+
+fn conflict(name: &str, why: &str) -> Response<Body> {
+    status_with(
         409,
         "Conflict",
-        &format!(
-            "Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
-        ),
+        &format!("Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": {why}"),
+        lease_details(name),
     )
+}
+
+/// `NewInvalid`: 422 with one cause per field error.
+fn invalid(group: &str, kind: &str, name: &str, errors: &[FieldError]) -> Response<Body> {
+    let qualified = match (kind, group) {
+        ("", _) => String::new(),
+        (kind, "") => kind.to_string(),
+        (kind, group) => format!("{kind}.{group}"),
+    };
+    let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let list = if list.len() == 1 {
+        list[0].clone()
+    } else {
+        format!("[{}]", list.join(", "))
+    };
+    let mut details = json!({"causes": errors.iter().map(|e| json!({"reason": e.reason, "message": e.body, "field": e.field})).collect::<Vec<_>>()});
+    for (key, value) in [("name", name), ("group", group), ("kind", kind)] {
+        if !value.is_empty() {
+            details[key] = json!(value);
+        }
+    }
+    status_with(
+        422,
+        "Invalid",
+        &format!("{qualified} {name:?} is invalid: {list}"),
+        Some(details),
+    )
+}
+
+/// The answer kube-apiserver gives with `code` to a request on `route`: the reason, message and
+/// details its own errors carry, and for 429 the priority-and-fairness filter's plain-text answer.
+fn fault(code: u16, retry_after: Option<u64>, route: &Route, verb: &str) -> Response<Body> {
+    let (resource, group, name, ns) = route.target();
+    let qualified = format!("{resource}.{group}");
+    // Errors about a resource (NewForbidden, NewNotFound, NewConflict, …) name it in their
+    // details; server errors (NewInternalError, NewServiceUnavailable, NewTimeoutError) do not.
+    let details = |about_resource: bool, extra: Value| {
+        let mut d = json!({});
+        if about_resource {
+            d = json!({"group": group, "kind": resource});
+            if let Some(name) = name {
+                d["name"] = json!(name);
+            }
+        }
+        if let Some(secs) = retry_after {
+            d["retryAfterSeconds"] = json!(secs);
+        }
+        if let Value::Object(extra) = extra {
+            for (k, v) in extra {
+                d[k] = v;
+            }
+        }
+        (d != json!({})).then_some(d)
+    };
+    let mut response = match code {
+        400 => status_response(
+            400,
+            "BadRequest",
+            "the server rejected our request for an unknown reason",
+        ),
+        401 => status_response(401, "Unauthorized", "Unauthorized"),
+        403 => {
+            let verb = match verb {
+                "create-event" => "create",
+                "patch-event" => "patch",
+                v => v,
+            };
+            let subject = match name {
+                Some(name) => format!("{qualified} {name:?} is forbidden"),
+                None => format!("{qualified} is forbidden"),
+            };
+            let scope = match ns {
+                Some(ns) => format!(" in the namespace {ns:?}"),
+                None => " at the cluster scope".to_string(),
+            };
+            status_with(
+                403,
+                "Forbidden",
+                &format!(
+                    "{subject}: User \"system:serviceaccount:default:test\" cannot {verb} resource {resource:?} in API group {group:?}{scope}"
+                ),
+                details(true, Value::Null),
+            )
+        }
+        404 => status_with(
+            404,
+            "NotFound",
+            &match name {
+                Some(name) => format!("{qualified} {name:?} not found"),
+                None => "the server could not find the requested resource".to_string(),
+            },
+            details(true, Value::Null),
+        ),
+        405 => status_response(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        ),
+        409 => status_with(
+            409,
+            "Conflict",
+            &format!(
+                "Operation cannot be fulfilled on {qualified} {:?}: {OPTIMISTIC_LOCK}",
+                name.unwrap_or("")
+            ),
+            details(true, Value::Null),
+        ),
+        410 => status_response(410, "Expired", "too old resource version: 1 (100)"),
+        413 => status_response(
+            413,
+            "RequestEntityTooLarge",
+            &format!("Request entity too large: limit is {MAX_BODY}"),
+        ),
+        422 => status_with(
+            422,
+            "Invalid",
+            &format!("{qualified} {:?} is invalid", name.unwrap_or("")),
+            details(true, json!({"causes": []})),
+        ),
+        // The priority-and-fairness (and max-in-flight) filter answers in plain text, always with
+        // a Retry-After.
+        429 => {
+            let mut response = Response::builder()
+                .status(429)
+                .header("content-type", "text/plain; charset=utf-8")
+                .header("x-content-type-options", "nosniff")
+                .body(Body::from("Too many requests, please try again later.\n"))
+                .unwrap();
+            let secs = retry_after.unwrap_or(1);
+            response.headers_mut().insert(
+                "retry-after",
+                HeaderValue::from_str(&secs.to_string()).unwrap(),
+            );
+            return response;
+        }
+        500 => status_with(
+            500,
+            "InternalError",
+            "Internal error occurred: injected fault",
+            details(false, json!({"causes": [{"message": "injected fault"}]})),
+        ),
+        503 => status_with(
+            503,
+            "ServiceUnavailable",
+            "the server is currently unable to handle the request",
+            details(false, Value::Null),
+        ),
+        504 => status_with(
+            504,
+            "Timeout",
+            "Timeout: request did not complete within requested timeout - context deadline exceeded",
+            details(false, Value::Null),
+        ),
+        code => status_response(
+            code,
+            "",
+            &format!(
+                "the server responded with the status code {code} but did not return more information"
+            ),
+        ),
+    };
+    if let Some(secs) = retry_after {
+        response.headers_mut().insert(
+            "retry-after",
+            HeaderValue::from_str(&secs.to_string()).unwrap(),
+        );
+    }
+    response
+}
+
+/// A TCP and UDP port on 127.0.0.1 that is free now and stays free for whoever binds it next.
+///
+/// Binding port 0 and closing the socket (the usual trick) races: until the caller binds the port,
+/// the kernel may hand it to any other socket, since it lies in the ephemeral range (connections
+/// made by the tests, by lease-exec, by another test's server). Ports below
+/// `net.ipv4.ip_local_port_range` are never handed out by the kernel: this takes one of those
+/// (checked free by binding it), and never the same one twice in this process.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low <= LOWEST + 100 {
+        // No room below the ephemeral range here: fall back to asking the kernel.
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    let span = ephemeral_low - LOWEST;
+    // Spread test processes over the range; within one, a counter.
+    let offset = std::process::id().wrapping_mul(2_654_435_761) % span;
+    for _ in 0..span {
+        let port = (LOWEST + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {LOWEST} and {ephemeral_low}");
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock test workers stamp their journal lines with.
@@ -928,6 +2129,21 @@ impl Route {
             Route::Delete { .. } => "delete",
             Route::CreateEvent { .. } => "create-event",
             Route::PatchEvent { .. } => "patch-event",
+        }
+    }
+
+    /// (resource, group, name, namespace) the request is about, for error messages.
+    fn target(&self) -> (&'static str, &'static str, Option<&str>, Option<&str>) {
+        match self {
+            Route::Get { ns, name }
+            | Route::Update { ns, name }
+            | Route::Patch { ns, name }
+            | Route::Delete { ns, name } => ("leases", GROUP, Some(name), Some(ns)),
+            Route::List { ns, .. } => ("leases", GROUP, None, ns.as_deref()),
+            Route::Create { ns } => ("leases", GROUP, None, Some(ns)),
+            Route::CreateEvent { ns } => ("events", "events.k8s.io", None, Some(ns)),
+            Route::PatchEvent { name } => ("events", "events.k8s.io", Some(name), None),
+            Route::Discovery(_) | Route::NotFound => ("leases", GROUP, None, None),
         }
     }
 

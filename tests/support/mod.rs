@@ -387,13 +387,9 @@ pub fn assert_no_overlap(spans: &[(i32, u64, u64)], context: &dyn std::fmt::Disp
     }
 }
 
-/// A port free at the time of the call, for `--metrics-addr`.
+/// A port nobody else takes before lease-exec binds it (see `apiserver::free_port`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    apiserver::free_port()
 }
 
 /// `GET path` over HTTP/1.0; returns (status, body).
