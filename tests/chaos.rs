@@ -177,6 +177,9 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
     let entries = world.journal_entries();
     let deaths = deaths.lock().unwrap().clone();
     let spans = closed_spans(&entries, |pid| deaths.get(&pid).copied(), ended_ns);
+    if let Some([a, b]) = first_overlap(&spans) {
+        println!("{}", logs_mentioning(world.dir.path(), &[a.0, b.0]));
+    }
     assert_no_overlap(&spans, &format!("seed {seed}, {tally:?}"));
     assert!(
         spans.len() >= 2,

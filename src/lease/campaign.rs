@@ -23,6 +23,14 @@
 //!   duration), whichever way the deletion is learnt: a DELETED event, a 404 on a poll, a 404 on the
 //!   re-read after a broken watch. That holder's own lease-exec kills its command by then, so a
 //!   new worker cannot overlap it.
+//! - **Absence is proven only by an unbroken watch.** A DELETED event on a watch that saw every
+//!   change carries the Lease's last state: if that was released, it is created at once. A 404 on a
+//!   read says nothing of what happened since the last observation (or ever, for a Lease never
+//!   seen): it may have been claimed and then deleted while its holder still runs. So after a 404
+//!   the Lease is created only once it has been absent for one `--lease-duration` (since the first
+//!   404 of this absence), long enough for any holder to re-create it (it does so at once) or to
+//!   be past its own kill deadline. lease-exec never deletes Leases, so this wait happens when a
+//!   Lease name is used for the first time and after someone deletes it.
 //! - **Server restart, compaction, 410**: a re-read replaces the observation only when the record
 //!   differs; an unchanged record keeps the time it was first seen. A 404 after a record was
 //!   observed is a deletion (above), never a plain absence.
@@ -109,6 +117,8 @@ pub struct Campaign {
     observed: Option<(Record, Instant)>,
     /// No create or claim before this: the term of a holder whose Lease was deleted.
     deleted_term_end: Option<Instant>,
+    /// When the Lease was first found absent, in the current absence (reset when it is seen).
+    absent_since: Option<Instant>,
     /// Where a watch resumes: the newest resourceVersion seen (object, deletion or bookmark).
     resource_version: Option<String>,
     /// A claim on this resourceVersion lost: wait for a newer one, or re-read at this time.
@@ -134,6 +144,7 @@ impl Campaign {
             view: View::Unknown,
             observed: None,
             deleted_term_end: None,
+            absent_since: None,
             resource_version: None,
             lost: None,
             read_at: None,
@@ -246,10 +257,18 @@ impl Campaign {
         if let Some(rv) = &lease.metadata.resource_version {
             self.resource_version = Some(rv.clone());
         }
+        self.absent_since = None;
         self.view = View::Present(Box::new(lease));
     }
 
     fn absent(&mut self, deleted: Option<Lease>, now: Instant) {
+        let absent_since = *self.absent_since.get_or_insert(now);
+        if deleted.is_none() {
+            // A 404 on a read: nothing tells what the Lease was before it was deleted, nor when.
+            // Any holder's last renewal came before this absence began, so one lease duration from
+            // then covers its term (holders of this Lease use the same --lease-duration).
+            self.hold_off_until(absent_since + self.timing.lease_duration, now);
+        }
         if let Some(lease) = deleted {
             let record = Record::of(&lease);
             match &self.observed {
@@ -268,11 +287,16 @@ impl Campaign {
             let end = observed_at
                 .checked_add(duration)
                 .unwrap_or(now + crate::config::MAX_DURATION);
-            if end > now {
-                self.deleted_term_end = Some(self.deleted_term_end.map_or(end, |e| e.max(end)));
-            }
+            self.hold_off_until(end, now);
         }
         self.view = View::Absent;
+    }
+
+    /// No create or claim before `end`.
+    fn hold_off_until(&mut self, end: Instant, now: Instant) {
+        if end > now {
+            self.deleted_term_end = Some(self.deleted_term_end.map_or(end, |e| e.max(end)));
+        }
     }
 
     fn unknown(&mut self, read_at: Instant) {
@@ -397,12 +421,51 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_absent_lease_never_seen_is_created_at_once_from_zero() {
+    async fn a_lease_read_as_absent_is_created_after_one_lease_duration_of_absence() {
         let t0 = Instant::now();
         let mut c = campaign();
+        let wait = Action::Wait {
+            until: Some(t0 + 15 * S),
+        };
+        assert_eq!(c.step(Input::Read(None), t0), wait);
+        // Polls that keep finding nothing do not push it back.
+        assert_eq!(c.step(Input::Read(None), t0 + 5 * S), wait);
         assert_eq!(
-            c.step(Input::Read(None), t0),
+            c.step(Input::Read(None), t0 + 15 * S),
             Action::Create { transitions: 0 }
+        );
+        // If a holder re-creates it meanwhile, it is waited on like any holder.
+        let mut c = campaign();
+        c.step(Input::Read(None), t0);
+        assert_eq!(
+            c.step(Input::Changed(lease(Some("other"), 10, 3, "9")), t0 + S),
+            Action::Wait {
+                until: Some(t0 + 11 * S)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_404_after_seeing_it_released_still_waits_but_a_watched_deletion_does_not() {
+        let t0 = Instant::now();
+        // Polling: between the read that showed it released and the 404, someone may have claimed
+        // it and been deleted while running.
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(None, 1, 4, "5"))), t0);
+        c.step(Input::Lost, t0);
+        assert_eq!(
+            c.step(Input::Read(None), t0 + 3 * S),
+            Action::Wait {
+                until: Some(t0 + 18 * S)
+            }
+        );
+        // Watching: the DELETED event carries the last state, released.
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(None, 1, 4, "5"))), t0);
+        c.step(Input::Lost, t0);
+        assert_eq!(
+            c.step(Input::Deleted(lease(None, 1, 4, "6")), t0 + 3 * S),
+            Action::Create { transitions: 5 }
         );
     }
 
@@ -457,47 +520,38 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lease_deleted_while_held_is_honoured_on_every_path() {
         let t0 = Instant::now();
-        let held = lease(Some("other"), 10, 7, "5");
+        // A holder with a 30 s term: longer than our own 15 s absence rule.
+        let held = lease(Some("other"), 30, 7, "5");
+        let until = |secs: u32| Action::Wait {
+            until: Some(t0 + secs * S),
+        };
         // Watch: a DELETED event.
         let mut c = campaign();
         c.step(Input::Read(Some(held.clone())), t0);
         assert_eq!(
-            c.step(Input::Deleted(lease(Some("other"), 10, 7, "9")), t0 + 2 * S),
-            Action::Wait {
-                until: Some(t0 + 10 * S)
-            }
+            c.step(Input::Deleted(lease(Some("other"), 30, 7, "9")), t0 + 2 * S),
+            until(30)
         );
         // Polling: a 404 on the next read.
         let mut c = campaign();
         c.step(Input::Read(Some(held.clone())), t0);
-        assert_eq!(
-            c.step(Input::Read(None), t0 + 2 * S),
-            Action::Wait {
-                until: Some(t0 + 10 * S)
-            }
-        );
+        assert_eq!(c.step(Input::Read(None), t0 + 2 * S), until(30));
         // A broken watch (410, then errors) and a re-read that finds nothing.
         let mut c = campaign();
         c.step(Input::Read(Some(held.clone())), t0);
         assert_eq!(c.step(Input::Expired, t0 + S), Action::Read { at: t0 + S });
         assert!(matches!(c.step(Input::Failed, t0 + S), Action::Read { .. }));
-        assert_eq!(
-            c.step(Input::Read(None), t0 + 4 * S),
-            Action::Wait {
-                until: Some(t0 + 10 * S)
-            }
-        );
+        assert_eq!(c.step(Input::Read(None), t0 + 4 * S), until(30));
         // Further 404s keep the deadline; at its end, the Lease is created continuing the token.
+        assert_eq!(c.step(Input::Read(None), t0 + 6 * S), until(30));
         assert_eq!(
-            c.step(Input::Read(None), t0 + 6 * S),
-            Action::Wait {
-                until: Some(t0 + 10 * S)
-            }
-        );
-        assert_eq!(
-            c.step(Input::Tick, t0 + 10 * S),
+            c.step(Input::Tick, t0 + 30 * S),
             Action::Create { transitions: 8 }
         );
+        // A holder with a shorter term than ours: a 404 still waits for our absence rule.
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(Some("other"), 5, 7, "5"))), t0);
+        assert_eq!(c.step(Input::Read(None), t0 + 2 * S), until(17));
     }
 
     #[tokio::test(start_paused = true)]
@@ -517,7 +571,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_deleted_released_or_expired_lease_is_created_at_once() {
+    async fn a_deleted_released_or_expired_lease_is_created_at_once_when_the_watch_saw_it() {
         let t0 = Instant::now();
         let mut c = campaign();
         c.step(Input::Read(Some(lease(None, 1, 4, "5"))), t0);
@@ -528,7 +582,10 @@ mod tests {
         let mut c = campaign();
         c.step(Input::Read(Some(lease(Some("other"), 10, 4, "5"))), t0);
         assert_eq!(
-            c.step(Input::Read(None), t0 + 11 * S),
+            c.step(
+                Input::Deleted(lease(Some("other"), 10, 4, "6")),
+                t0 + 11 * S
+            ),
             Action::Create { transitions: 5 }
         );
     }
@@ -539,7 +596,7 @@ mod tests {
         let mut c = campaign();
         c.step(Input::Read(Some(lease(Some("me"), 10, 2, "5"))), t0);
         assert_eq!(
-            c.step(Input::Read(None), t0 + S),
+            c.step(Input::Deleted(lease(Some("me"), 10, 2, "6")), t0 + S),
             Action::Create { transitions: 3 }
         );
     }
@@ -583,7 +640,8 @@ mod tests {
     async fn a_lost_create_rereads_after_a_retry_period() {
         let t0 = Instant::now();
         let mut c = campaign();
-        c.step(Input::Read(None), t0);
+        c.step(Input::Read(Some(lease(None, 1, 0, "1"))), t0);
+        c.step(Input::Deleted(lease(None, 1, 0, "2")), t0);
         let retry = Timing::default().retry_period;
         assert_eq!(c.step(Input::Lost, t0), Action::Read { at: t0 + retry });
     }

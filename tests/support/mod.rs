@@ -371,6 +371,37 @@ pub fn closed_spans(
     spans
 }
 
+/// The first two spans that overlap, if any.
+pub fn first_overlap(spans: &[(i32, u64, u64)]) -> Option<[(i32, u64, u64); 2]> {
+    spans
+        .windows(2)
+        .find(|pair| pair[1].1 < pair[0].2)
+        .map(|pair| [pair[0], pair[1]])
+}
+
+/// The lease-exec logs in `dir` that mention any of `pids`, for a failure message.
+pub fn logs_mentioning(dir: &Path, pids: &[i32]) -> String {
+    let mut out = String::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    for file in files {
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if !(name.starts_with("lease-exec-") && name.ends_with(".log")) {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&std::fs::read(&file).unwrap_or_default()).into_owned();
+        if pids.iter().any(|p| text.contains(&format!("pid={p} "))) {
+            out.push_str(&format!("--- {name}\n{text}"));
+        }
+    }
+    out
+}
+
 /// Asserts no two spans overlap; `context` goes into the failure message.
 pub fn assert_no_overlap(spans: &[(i32, u64, u64)], context: &dyn std::fmt::Display) {
     for pair in spans.windows(2) {
