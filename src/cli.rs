@@ -103,8 +103,8 @@ pub struct Cli {
 
     /// Name this Pod (POD_NAME, POD_UID) as the Lease's owner while holding it, so the garbage
     /// collector deletes the Lease with the Pod. Off by default: a force-deleted Pod's container
-    /// may still run while its Lease is collected, and a candidate that never saw the Lease then
-    /// creates it at once. Only in the Pod's own namespace.
+    /// may still run while its Lease is collected, so candidates then wait a lease duration before
+    /// creating it again. Only in the Pod's own namespace.
     #[arg(long, env = "LEASE_EXEC_OWNER_POD", help_heading = "Lease")]
     pub owner_pod: bool,
 
