@@ -122,9 +122,15 @@ pub struct Cli {
     #[arg(long, env = "LEASE_EXEC_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration, help_heading = "Timing")]
     pub renew_deadline: Duration,
 
-    /// Renew interval, and retry interval while waiting
+    /// Retry interval: between renewals after one failed, and between attempts while waiting
     #[arg(long, env = "LEASE_EXEC_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration, help_heading = "Timing")]
     pub retry_period: Duration,
+
+    /// Interval between renewals while they succeed [default: a third of --lease-duration, at most
+    /// half of --renew-deadline, at least --retry-period]. Failed renewals are retried every
+    /// --retry-period; the deadlines do not depend on it.
+    #[arg(long, env = "LEASE_EXEC_RENEW_INTERVAL", value_parser = parse_duration, help_heading = "Timing")]
+    pub renew_interval: Option<Duration>,
 
     /// Time the command gets between SIGTERM and SIGKILL. On lost leadership it is cut short so the
     /// command is dead before the Lease can expire for others.

@@ -112,8 +112,10 @@ pub struct Timing {
     pub lease_duration: Duration,
     /// How long renewals may fail before leadership counts as lost.
     pub renew_deadline: Duration,
-    /// Renew interval and retry interval while waiting.
+    /// Retry interval: between renewals after one failed, and while waiting.
     pub retry_period: Duration,
+    /// Interval between renewals while they succeed.
+    pub renew_interval: Duration,
     /// SIGTERM → SIGKILL grace.
     pub grace_period: Duration,
     /// Give up waiting after this long.
@@ -126,6 +128,7 @@ impl Default for Timing {
             lease_duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),
             retry_period: Duration::from_secs(2),
+            renew_interval: Duration::from_secs(5),
             grace_period: Duration::from_secs(5),
             wait_timeout: None,
         }
@@ -153,6 +156,19 @@ impl Timing {
     /// `lease_duration - safety_margin`.
     pub fn kill_by(&self) -> Duration {
         self.lease_duration.saturating_sub(self.safety_margin())
+    }
+
+    /// The default `--renew-interval`: a third of the lease duration (5 s by default), so a leader
+    /// costs the API server 12 requests a minute instead of 30, but never longer than half the
+    /// renew deadline (two tries before it) nor shorter than the retry period.
+    pub fn default_renew_interval(
+        lease_duration: Duration,
+        renew_deadline: Duration,
+        retry_period: Duration,
+    ) -> Duration {
+        (lease_duration / 3)
+            .min(renew_deadline / 2)
+            .max(retry_period)
     }
 
     /// Timeout of one API request. Long enough to tolerate a slow API server, short enough that a
@@ -201,6 +217,14 @@ impl Timing {
         if self.retry_period >= self.renew_deadline {
             return Err(ConfigError::Timing(format!(
                 "--retry-period ({}) must be shorter than --renew-deadline ({}): the rule is retry-period < renew-deadline < lease-duration",
+                humantime::format_duration(self.retry_period),
+                humantime::format_duration(self.renew_deadline)
+            )));
+        }
+        if self.renew_interval < self.retry_period || self.renew_interval >= self.renew_deadline {
+            return Err(ConfigError::Timing(format!(
+                "--renew-interval ({}) must be at least --retry-period ({}) and shorter than --renew-deadline ({})",
+                humantime::format_duration(self.renew_interval),
                 humantime::format_duration(self.retry_period),
                 humantime::format_duration(self.renew_deadline)
             )));
@@ -280,6 +304,13 @@ impl Config {
             lease_duration: cli.lease_duration,
             renew_deadline: cli.renew_deadline,
             retry_period: cli.retry_period,
+            renew_interval: cli.renew_interval.unwrap_or_else(|| {
+                Timing::default_renew_interval(
+                    cli.lease_duration,
+                    cli.renew_deadline,
+                    cli.retry_period,
+                )
+            }),
             grace_period: cli.grace_period,
             wait_timeout: cli.wait_timeout,
         };
@@ -594,6 +625,9 @@ mod tests {
             &["--wait-timeout", "0s"],
             // 14.6s > 15s - 500ms: no time left to stop the command.
             &["--renew-deadline", "14600ms"],
+            // Renewing less often than retrying, or not before the deadline.
+            &["--renew-interval", "1s"],
+            &["--renew-interval", "10s"],
         ];
         for extra in bad {
             let mut args = extra.to_vec();
@@ -620,11 +654,36 @@ mod tests {
     }
 
     #[test]
+    fn leaders_renew_every_third_of_the_lease_by_default() {
+        let c = config(&["l", "--", "true"]).unwrap();
+        assert_eq!(c.timing.renew_interval, Duration::from_secs(5));
+        // Never later than half the renew deadline, never more often than the retry period.
+        let c = config(&["--renew-deadline", "4s", "l", "--", "true"]).unwrap();
+        assert_eq!(c.timing.renew_interval, Duration::from_secs(2));
+        let c = config(&[
+            "--lease-duration",
+            "3s",
+            "--renew-deadline",
+            "2s",
+            "--retry-period",
+            "900ms",
+            "l",
+            "--",
+            "true",
+        ])
+        .unwrap();
+        assert_eq!(c.timing.renew_interval, Duration::from_millis(1000));
+        let c = config(&["--renew-interval", "2s", "l", "--", "true"]).unwrap();
+        assert_eq!(c.timing.renew_interval, Duration::from_secs(2));
+    }
+
+    #[test]
     fn short_leases_keep_a_margin() {
         let t = Timing {
             lease_duration: Duration::from_secs(1),
             renew_deadline: Duration::from_millis(700),
             retry_period: Duration::from_millis(100),
+            renew_interval: Duration::from_millis(333),
             ..Timing::default()
         };
         assert_eq!(t.safety_margin(), Duration::from_millis(220));

@@ -245,3 +245,26 @@ async fn the_pod_owner_is_written_only_with_owner_pod() {
         "{lease}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_renews_every_renew_interval_not_every_retry_period() {
+    let world = World::start().await;
+    // FAST: retry 250 ms; renew interval by default min(2 s / 3, 1 s / 2) = 500 ms.
+    let mut running = world.contender("job", "me", -1.0, 0).spawn();
+    world.wait_leading().await;
+    let first = world.server.writes().len();
+    let since = std::time::Instant::now();
+    wait_for(LIMIT, "3 s of leading", || {
+        since.elapsed() >= Duration::from_secs(3)
+    })
+    .await;
+    let renewals = world.server.writes().len() - first;
+    // 6 at 500 ms; 12 at the retry period.
+    assert!(
+        (4..=8).contains(&renewals),
+        "{renewals} renewals in 3 s; log:\n{}",
+        running.stderr()
+    );
+    running.signal(Signal::SIGTERM);
+    running.wait(LIMIT).await;
+}

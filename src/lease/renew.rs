@@ -85,7 +85,9 @@ pub async fn renew(
     let claimant = me.claimant();
     let timing = me.timing;
     let mut held = held;
-    let mut next = held.renewed_at + timing.retry_period;
+    // While renewals succeed, every --renew-interval; after a failure, every --retry-period. The
+    // renew and kill deadlines are the supervisor's, from the last success: they do not move.
+    let mut next = held.renewed_at + timing.renew_interval;
     let mut failing = 0u32;
     let mut guard = Guard::default();
     loop {
@@ -129,7 +131,7 @@ pub async fn renew(
                     renewed_at_boot: started_boot,
                 };
                 let _ = state.send(LeaseState::Held(held.clone()));
-                next = started + timing.retry_period;
+                next = started + timing.renew_interval;
             }
             Err(Failure::Taken(reason)) => {
                 taken(&state, reason, held);
