@@ -268,3 +268,16 @@ async fn a_leader_renews_every_renew_interval_not_every_retry_period() {
     running.signal(Signal::SIGTERM);
     running.wait(LIMIT).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_namespace_exits_125_naming_it() {
+    let world = World::start().await;
+    // The real API server answers a create in a namespace that does not exist with 404.
+    world.server.deny("create", 404);
+    let (code, log) = world
+        .lease_exec([&FAST[..], &["-n", "nowhere", "job", "--", "true"]].concat())
+        .run(LIMIT)
+        .await;
+    assert_eq!(code, i32::from(exit::FAILED), "{log}");
+    assert!(log.contains("namespace \"nowhere\" does not exist"), "{log}");
+}

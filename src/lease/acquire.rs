@@ -301,7 +301,7 @@ impl Narrator {
         what: &str,
     ) -> Result<Input, ApiError> {
         match e {
-            ApiError::Denied { .. } => Err(e),
+            ApiError::Denied { .. } | ApiError::NoNamespace(_) => Err(e),
             ApiError::Conflict | ApiError::AlreadyExists | ApiError::NotFound => Ok(Input::Lost),
             e => {
                 self.failing = true;
@@ -332,7 +332,11 @@ async fn create(
     let started = Instant::now();
     let started_boot = crate::clock::boot_time();
     let lease = me.create(api.name(), api.namespace(), transitions, Timestamp::now());
-    let lease = api.create(&lease, timing.request_timeout()).await?;
+    let lease = match api.create(&lease, timing.request_timeout()).await {
+        // A create answered 404: the namespace itself is missing. Waiting would never end.
+        Err(ApiError::NotFound) => Err(ApiError::NoNamespace(api.namespace().to_string())),
+        other => other,
+    }?;
     tracing::info!(transitions, "created the lease");
     Ok(Held::written(lease, started, started_boot))
 }

@@ -52,6 +52,11 @@ pub enum ApiError {
         /// The server's message.
         message: String,
     },
+    /// 404 on create: the namespace does not exist. Not retried.
+    #[error(
+        "namespace {0:?} does not exist: create it, or pass -n with the namespace the Lease belongs in"
+    )]
+    NoNamespace(String),
     /// No answer in time.
     #[error("no answer from the API server within {}", humantime::format_duration(*.0))]
     Timeout(Duration),

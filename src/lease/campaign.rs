@@ -119,6 +119,8 @@ pub struct Campaign {
     deleted_term_end: Option<Instant>,
     /// When the Lease was first found absent, in the current absence (reset when it is seen).
     absent_since: Option<Instant>,
+    /// `metadata.uid` of the Lease last seen, to notice one deleted and re-created unseen.
+    uid: Option<String>,
     /// Where a watch resumes: the newest resourceVersion seen (object, deletion or bookmark).
     resource_version: Option<String>,
     /// A claim on this resourceVersion lost: wait for a newer one, or re-read at this time.
@@ -145,6 +147,7 @@ impl Campaign {
             observed: None,
             deleted_term_end: None,
             absent_since: None,
+            uid: None,
             resource_version: None,
             lost: None,
             read_at: None,
@@ -187,6 +190,11 @@ impl Campaign {
             Input::Read(Some(lease)) => {
                 self.failures = 0;
                 self.read_at = None;
+                if self.replaced(&lease) {
+                    // Deleted and created again since we last looked: whoever held the old one
+                    // may still run, exactly as after a 404.
+                    self.absent(None, now);
+                }
                 let position_expired = self.position_expired;
                 self.present(lease, now);
                 if position_expired {
@@ -258,16 +266,22 @@ impl Campaign {
             self.resource_version = Some(rv.clone());
         }
         self.absent_since = None;
+        self.uid.clone_from(&lease.metadata.uid);
         self.view = View::Present(Box::new(lease));
     }
 
     fn absent(&mut self, deleted: Option<Lease>, now: Instant) {
         let absent_since = *self.absent_since.get_or_insert(now);
+        self.uid = None;
         if deleted.is_none() {
-            // A 404 on a read: nothing tells what the Lease was before it was deleted, nor when.
-            // Any holder's last renewal came before this absence began, so one lease duration from
-            // then covers its term (holders of this Lease use the same --lease-duration).
-            self.hold_off_until(absent_since + self.timing.lease_duration, now);
+            // A 404 on a read: nothing tells what the Lease was before it was deleted, nor when;
+            // its holder may have renewed since we last saw it. Any holder's last renewal came
+            // before this absence began, so one lease duration from then covers its term: ours,
+            // or the last record's if longer (holders of one Lease should share --lease-duration).
+            let seen = self.observed.as_ref().map_or(Duration::ZERO, |(r, _)| {
+                r.effective_duration(self.timing.lease_duration).0
+            });
+            self.hold_off_until(absent_since + self.timing.lease_duration.max(seen), now);
         }
         if let Some(lease) = deleted {
             let record = Record::of(&lease);
@@ -297,6 +311,11 @@ impl Campaign {
         if end > now {
             self.deleted_term_end = Some(self.deleted_term_end.map_or(end, |e| e.max(end)));
         }
+    }
+
+    /// Whether `lease` is another object than the one last seen (a different `metadata.uid`).
+    fn replaced(&self, lease: &Lease) -> bool {
+        matches!((&self.uid, &lease.metadata.uid), (Some(last), Some(uid)) if last != uid)
     }
 
     fn unknown(&mut self, read_at: Instant) {
@@ -390,6 +409,7 @@ mod tests {
         Lease {
             metadata: ObjectMeta {
                 name: Some("l".into()),
+                uid: Some("uid-1".into()),
                 resource_version: Some(rv.into()),
                 ..ObjectMeta::default()
             },
@@ -532,26 +552,59 @@ mod tests {
             c.step(Input::Deleted(lease(Some("other"), 30, 7, "9")), t0 + 2 * S),
             until(30)
         );
-        // Polling: a 404 on the next read.
+        // Polling: a 404 on the next read. The holder may have renewed unseen since t0, so its
+        // full term counts from when the absence was found.
         let mut c = campaign();
         c.step(Input::Read(Some(held.clone())), t0);
-        assert_eq!(c.step(Input::Read(None), t0 + 2 * S), until(30));
+        assert_eq!(c.step(Input::Read(None), t0 + 2 * S), until(32));
         // A broken watch (410, then errors) and a re-read that finds nothing.
         let mut c = campaign();
         c.step(Input::Read(Some(held.clone())), t0);
         assert_eq!(c.step(Input::Expired, t0 + S), Action::Read { at: t0 + S });
         assert!(matches!(c.step(Input::Failed, t0 + S), Action::Read { .. }));
-        assert_eq!(c.step(Input::Read(None), t0 + 4 * S), until(30));
+        assert_eq!(c.step(Input::Read(None), t0 + 4 * S), until(34));
         // Further 404s keep the deadline; at its end, the Lease is created continuing the token.
-        assert_eq!(c.step(Input::Read(None), t0 + 6 * S), until(30));
+        assert_eq!(c.step(Input::Read(None), t0 + 6 * S), until(34));
         assert_eq!(
-            c.step(Input::Tick, t0 + 30 * S),
+            c.step(Input::Tick, t0 + 34 * S),
             Action::Create { transitions: 8 }
         );
         // A holder with a shorter term than ours: a 404 still waits for our absence rule.
         let mut c = campaign();
         c.step(Input::Read(Some(lease(Some("other"), 5, 7, "5"))), t0);
         assert_eq!(c.step(Input::Read(None), t0 + 2 * S), until(17));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_404_honours_the_longer_of_our_duration_and_the_last_records() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        // Seen at t0 with a 40 s term; the holder may have renewed unseen since.
+        c.step(Input::Read(Some(lease(Some("other"), 40, 1, "5"))), t0);
+        c.step(Input::Failed, t0 + 20 * S);
+        assert_eq!(
+            c.step(Input::Read(None), t0 + 22 * S),
+            Action::Wait {
+                until: Some(t0 + 62 * S)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_deleted_and_recreated_unseen_is_treated_as_a_deletion() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(Some("other"), 10, 1, "5"))), t0);
+        c.step(Input::Failed, t0 + S);
+        // Re-read: another object (new uid), released by a candidate that never saw the old one.
+        let mut recreated = lease(None, 1, 0, "9");
+        recreated.metadata.uid = Some("uid-2".into());
+        assert_eq!(
+            c.step(Input::Read(Some(recreated)), t0 + 3 * S),
+            Action::Wait {
+                until: Some(t0 + 18 * S)
+            }
+        );
     }
 
     #[tokio::test(start_paused = true)]
