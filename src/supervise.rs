@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tracing::Instrument;
 
-use crate::child::{self, Child, Reaper, Signals};
+use crate::child::{self, Child, Reaper, Signals, Watchdog};
 use crate::clock;
 use crate::config::{Command, Config};
 use crate::error::{Error, Outcome};
@@ -42,6 +42,8 @@ pub async fn run(config: &Config, command: &Command) -> Result<Outcome, Error> {
         .map_err(|e| Error::Fatal(format!("cannot install signal handlers: {e}")))?;
     let mut reaper =
         Reaper::start().map_err(|e| Error::Fatal(format!("cannot watch for child exits: {e}")))?;
+    let watchdog = Watchdog::start()
+        .map_err(|e| Error::Fatal(format!("cannot start the watchdog thread: {e}")))?;
     child::become_subreaper();
 
     let (client, lease_api) = api::connect(config).await.map_err(Error::Access)?;
@@ -76,7 +78,7 @@ pub async fn run(config: &Config, command: &Command) -> Result<Outcome, Error> {
         &lease_api,
         &outside,
         &mut signals,
-        &mut reaper,
+        (&mut reaper, &watchdog),
     )
     .instrument(span)
     .await;
@@ -99,7 +101,7 @@ async fn hold(
     lease_api: &LeaseApi,
     outside: &Outside,
     signals: &mut Signals,
-    reaper: &mut Reaper,
+    (reaper, watchdog): (&mut Reaper, &Watchdog),
 ) -> Result<Outcome, Error> {
     let owned = Owned {
         identity: config.identity.clone(),
@@ -170,7 +172,15 @@ async fn hold(
     outside.metrics.child(true);
     tracing::info!(pid = child.pid.as_raw(), command = ?command.name, transitions = held.transitions(), "acquired the lease; command started");
 
-    let (status, lost) = lead(config, child, reaper, signals, &mut state, &mut leading).await;
+    let (status, lost) = lead(
+        config,
+        child,
+        (reaper, watchdog),
+        signals,
+        &mut state,
+        &mut leading,
+    )
+    .await;
     tracing::info!(%status, "command exited");
 
     // The command is gone. Before the Lease can be handed over, nothing it started may remain:
@@ -179,6 +189,7 @@ async fn hold(
     child.reclaim_terminal();
     child.signal_group(Signal::SIGKILL);
     let all_gone = child::kill_leftovers(child, Instant::now() + GROUP_EXIT_TIMEOUT).await;
+    watchdog.disarm();
     outside.metrics.child(false);
     leading.stand_down();
     let last = state.borrow().held().clone();
@@ -257,7 +268,7 @@ async fn hand_over(
 async fn lead(
     config: &Config,
     child: Child,
-    reaper: &mut Reaper,
+    (reaper, watchdog): (&mut Reaper, &Watchdog),
     signals: &mut Signals,
     state: &mut watch::Receiver<LeaseState>,
     leading: &mut Leading,
@@ -284,6 +295,12 @@ async fn lead(
             renewed_at.elapsed(),
         );
         let due = term::deadlines(&term, renewal, timing);
+        // The same kill deadline, enforced from another thread on CLOCK_BOOTTIME: it holds even
+        // if this thread is stuck (a blocked stderr) or the machine slept past it.
+        watchdog.arm(
+            child,
+            clock::boot_time() + due.kill_at.saturating_duration_since(Instant::now()),
+        );
         let act = tokio::select! {
             biased;
             status = &mut exit => return (status, term.lost),
@@ -309,9 +326,10 @@ async fn lead(
                 }
             }
             () = sleep_until(due.kill_at), if !killed => {
-                tracing::warn!(pid = child.pid.as_raw(), "killing the command's process group (SIGKILL)");
-                child.signal_group(Signal::SIGKILL);
+                // Kill first, log after: the log may block.
+                child::kill_all(child);
                 killed = true;
+                tracing::warn!(pid = child.pid.as_raw(), "killed the command's process group and leftovers (SIGKILL)");
                 continue;
             }
             _ = suspend_check.tick() => continue,

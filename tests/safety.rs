@@ -334,3 +334,49 @@ async fn after_a_loss_renewing_stops_and_the_lease_is_released_once_the_command_
         "the API went away, no suspend:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stuck_writing_its_log_still_kills_its_command_in_time() {
+    let world = World::start().await;
+    // lease-exec's stderr is a pipe nobody reads, and the command fills it: lease-exec's next log
+    // line blocks its async runtime, timers and renewals included.
+    let script = format!(
+        "head -c 200000 /dev/zero >&2 & exec python3 {} {} -1 0",
+        world.worker().display(),
+        world.journal().display()
+    );
+    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+    args.extend(["--identity", "stuck", "job", "--", "sh", "-c", &script].map(String::from));
+    let mut stuck = tokio::process::Command::new(BIN);
+    stuck
+        .args(&args)
+        .env("KUBECONFIG", &world.kubeconfig)
+        .env("RUST_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut stuck = stuck.spawn().unwrap();
+    let _never_read = stuck.stderr.take();
+    wait_for(LIMIT, "the stuck leader's worker", || {
+        !world.starts().is_empty()
+    })
+    .await;
+    let stuck_worker = world.starts()[0].pid;
+    // Its renewals stop; the Lease expires and another candidate takes over.
+    let mut next = world.contender("job", "next", -1.0, 0).spawn();
+    let mut overlapped = false;
+    wait_for(LIMIT, "the next worker", || {
+        let started = world.starts().len() >= 2;
+        overlapped |= started && alive(stuck_worker);
+        started
+    })
+    .await;
+    assert!(
+        !overlapped,
+        "the stuck leader's worker still ran when the next one started; log:\n{}",
+        next.stderr()
+    );
+    next.signal(Signal::SIGTERM);
+    next.wait(LIMIT).await;
+}

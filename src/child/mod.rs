@@ -246,7 +246,7 @@ fn reap_all(tx: &mpsc::UnboundedSender<Reaped>) {
     let spawns = SPAWNS.load(Ordering::SeqCst);
     let own_group = nix::unistd::getpgrp();
     let Some(children) = own_children() else {
-        // Without /proc/<pid>/task/<tid>/children, fall back to reaping anything.
+        // A /proc of another PID namespace cannot tell our children: reap anything.
         reap(Pid::from_raw(-1), spawns, tx);
         return;
     };
@@ -276,41 +276,59 @@ fn reap(which: Pid, spawns: u64, tx: &mpsc::UnboundedSender<Reaped>) {
     }
 }
 
-/// Kills what the command left behind and waits until it is gone, at most until `deadline`:
-/// the command's process group, and every child of ours outside our own process group (the
-/// command's descendants that left its group are re-parented to us, PID 1 or child subreaper).
-/// As PID 1 of a PID namespace, every process in the namespace (`kill(-1)`), whatever its parent.
-/// Returns whether everything is gone.
+/// SIGKILL to everything the command may have left running, at once, without waiting or logging
+/// (it runs on the [`Watchdog`] thread too): the command's process group, every child of ours
+/// outside our own process group (descendants that left the group are re-parented to us, PID 1 or
+/// child subreaper), and as PID 1 of a PID namespace every process in it (`kill(-1)`). Returns the
+/// leftovers outside the group that were signalled, or `None` when they cannot be seen.
+pub fn kill_all(child: Child) -> Option<Vec<Pid>> {
+    let _ = killpg(child.pid, Signal::SIGKILL);
+    if nix::unistd::getpid().as_raw() == 1 {
+        // Every process of the namespace but ourselves.
+        let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
+    }
+    let own_group = nix::unistd::getpgrp();
+    let leftovers: Vec<Pid> = own_children()?
+        .into_iter()
+        .filter(|pid| nix::unistd::getpgid(Some(*pid)).is_ok_and(|g| g != own_group))
+        .collect();
+    for pid in &leftovers {
+        let _ = nix::sys::signal::kill(*pid, Signal::SIGKILL);
+    }
+    Some(leftovers)
+}
+
+/// Kills what the command left behind ([`kill_all`]) until it is gone, at most until `deadline`.
+/// Returns whether everything is known to be gone: when leftovers cannot be seen (no usable
+/// `/proc`), only PID 1 can tell (nothing is left to signal in its namespace).
 ///
 /// What escapes when lease-exec is not PID 1: processes that are not its descendants (started by
 /// `kubectl exec`, or by a service manager on the worker's request), and descendants re-parented
 /// to another subreaper below us.
 pub async fn kill_leftovers(child: Child, deadline: tokio::time::Instant) -> bool {
     let pid1 = nix::unistd::getpid().as_raw() == 1;
-    let own_group = nix::unistd::getpgrp();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(5));
     let mut named = HashSet::new();
     loop {
-        child.signal_group(Signal::SIGKILL);
-        if pid1 {
-            // Every process of the namespace but ourselves.
-            let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
-        }
-        let leftovers: Vec<Pid> = own_children()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|pid| nix::unistd::getpgid(Some(*pid)).is_ok_and(|g| g != own_group))
-            .collect();
-        for pid in &leftovers {
-            if *pid != child.pid && named.insert(*pid) {
-                tracing::warn!(
-                    pid = pid.as_raw(),
-                    "killing a process the command left outside its group"
-                );
+        let gone = match kill_all(child) {
+            Some(leftovers) => {
+                for pid in &leftovers {
+                    if *pid != child.pid && named.insert(*pid) {
+                        tracing::warn!(
+                            pid = pid.as_raw(),
+                            "killed a process the command left outside its group"
+                        );
+                    }
+                }
+                leftovers.is_empty() && !child.group_alive()
             }
-            let _ = nix::sys::signal::kill(*pid, Signal::SIGKILL);
-        }
-        if leftovers.is_empty() && !child.group_alive() {
+            None if pid1 => matches!(
+                nix::sys::signal::kill(Pid::from_raw(-1), None),
+                Err(Errno::ESRCH)
+            ),
+            None => false,
+        };
+        if gone {
             return true;
         }
         if tokio::time::Instant::now() >= deadline {
@@ -320,18 +338,146 @@ pub async fn kill_leftovers(child: Child, deadline: tokio::time::Instant) -> boo
     }
 }
 
+/// Enforces the kill deadline from a thread of its own, on CLOCK_BOOTTIME.
+///
+/// The supervisor's timers run on the async runtime's one thread, on CLOCK_MONOTONIC. If that
+/// thread is stuck (a write to a stderr pipe nobody reads, a slow `/proc`), or the machine was
+/// suspended (CLOCK_MONOTONIC stops; others' clocks do not), those timers fire late, while the
+/// Lease expires for everyone else on time. The watchdog needs neither: the supervisor arms it with
+/// the same deadline on every change, and it [`kill_all`]s at that instant of CLOCK_BOOTTIME
+/// (checked at least every [`Watchdog::TICK`]) whatever the runtime is doing.
+#[derive(Clone)]
+pub struct Watchdog {
+    shared: std::sync::Arc<(Mutex<Armed>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+struct Armed {
+    child: Option<Child>,
+    /// CLOCK_BOOTTIME instant.
+    deadline: Option<std::time::Duration>,
+    fired: bool,
+}
+
+impl Watchdog {
+    /// How often the armed watchdog reads CLOCK_BOOTTIME (condition-variable timeouts run on the
+    /// monotonic clock, which stops during suspend).
+    pub const TICK: std::time::Duration = std::time::Duration::from_millis(50);
+
+    /// Starts the thread, disarmed.
+    pub fn start() -> io::Result<Watchdog> {
+        let watchdog = Watchdog {
+            shared: std::sync::Arc::default(),
+        };
+        let shared = watchdog.shared.clone();
+        std::thread::Builder::new()
+            .name("lease-exec-watchdog".into())
+            .spawn(move || {
+                let (lock, wake) = &*shared;
+                let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    let wait = match (armed.child, armed.deadline, armed.fired) {
+                        (Some(child), Some(deadline), false) => {
+                            let now = crate::clock::boot_time();
+                            if now >= deadline {
+                                // No logging here: stderr may be what is stuck.
+                                kill_all(child);
+                                armed.fired = true;
+                                continue;
+                            }
+                            Some((deadline - now).min(Self::TICK))
+                        }
+                        _ => None,
+                    };
+                    armed = match wait {
+                        Some(wait) => {
+                            wake.wait_timeout(armed, wait)
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0
+                        }
+                        None => wake.wait(armed).unwrap_or_else(|e| e.into_inner()),
+                    };
+                }
+            })?;
+        Ok(watchdog)
+    }
+
+    /// Kill `child` (and its leftovers) at `deadline`, a CLOCK_BOOTTIME instant, unless re-armed
+    /// or disarmed before.
+    pub fn arm(&self, child: Child, deadline: std::time::Duration) {
+        let (lock, wake) = &*self.shared;
+        let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if armed.child != Some(child) {
+            armed.fired = false;
+        }
+        armed.child = Some(child);
+        armed.deadline = Some(deadline);
+        wake.notify_one();
+    }
+
+    /// Whether it killed.
+    pub fn fired(&self) -> bool {
+        self.shared
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fired
+    }
+
+    /// Stop watching (the command is gone).
+    pub fn disarm(&self) {
+        let (lock, wake) = &*self.shared;
+        let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
+        *armed = Armed::default();
+        wake.notify_one();
+    }
+}
+
 /// Our direct children, from `/proc/self/task/*/children`. `None` when `/proc` cannot tell: a kernel
 /// without those files, or a `/proc` mounted for another PID namespace (`unshare --pid --fork`
 /// without `--mount-proc`), whose pids mean nothing to `waitpid` here.
 fn own_children() -> Option<HashSet<Pid>> {
+    let me = nix::unistd::getpid();
     let proc_self = std::fs::read_link("/proc/self").ok()?;
-    if proc_self.to_str()?.parse::<i32>().ok()? != nix::unistd::getpid().as_raw() {
+    if proc_self.to_str()?.parse::<i32>().ok()? != me.as_raw() {
         return None;
     }
+    from_task_children().or_else(|| children_by_parent(me))
+}
+
+/// Every process whose parent is `parent`, from `/proc/<pid>/stat` (slower than the `children`
+/// files, which a kernel without CONFIG_PROC_CHILDREN lacks).
+fn children_by_parent(parent: Pid) -> Option<HashSet<Pid>> {
+    let mut pids = HashSet::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the command name (which may contain spaces) are: state ppid ...
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(parent.as_raw()) {
+            pids.insert(Pid::from_raw(pid));
+        }
+    }
+    Some(pids)
+}
+
+/// Our direct children from `/proc/self/task/*/children`, `None` if the kernel has no such files.
+fn from_task_children() -> Option<HashSet<Pid>> {
     let mut pids = HashSet::new();
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         // A thread may exit while we scan: skip it. A kernel without CONFIG_PROC_CHILDREN has no
-        // such file at all: the caller then falls back to waitpid(-1).
+        // such file at all: the caller then scans /proc/<pid>/stat instead.
         let text = match std::fs::read_to_string(task.path().join("children")) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && pids.is_empty() => {
