@@ -25,7 +25,7 @@ use crate::error::{Error, Outcome};
 use crate::exit::ChildStatus;
 use crate::lease::acquire::{Feed, Held, acquire};
 use crate::lease::api::{self, ApiError, LeaseApi};
-use crate::lease::renew::{LeaseState, Owned, renew};
+use crate::lease::renew::{LeaseState, Owned, guard, renew};
 use crate::lease::{Claimant, Record};
 use crate::logging;
 use crate::telemetry::{self, Events, LeaseEvent, Metrics, Statsd};
@@ -124,10 +124,12 @@ async fn hold(
     let held = tokio::select! {
         held = acquire(lease_api, &claimant, &config.timing, feed) => held.map_err(Error::Api)?,
         () = sleep_until_opt(wait_deadline) => {
+            abandon(lease_api, &claimant, config).await;
             return Err(Error::WaitTimeout(config.timing.wait_timeout.unwrap_or_default()));
         }
         sig = wait_for_stop(signals) => {
             tracing::info!(signal = sig.as_str(), "stopping before the lease was acquired");
+            abandon(lease_api, &claimant, config).await;
             return Ok(Outcome::Interrupted(sig as i32));
         }
     };
@@ -138,14 +140,27 @@ async fn hold(
 
     // Leading: renew in the background, run the command.
     let (state_tx, mut state) = watch::channel(LeaseState::Held(held.clone()));
+    let state_tx = Arc::new(state_tx);
+    let write_now = Arc::new(tokio::sync::Notify::new());
     let mut leading = Leading {
         renewer: Some(tokio::spawn(
             renew(
                 lease_api.clone(),
                 owned.clone(),
                 held.clone(),
-                state_tx,
+                state_tx.clone(),
+                write_now.clone(),
                 outside.metrics.clone(),
+            )
+            .in_current_span(),
+        )),
+        guard: Some(tokio::spawn(
+            guard(
+                lease_api.clone(),
+                config.identity.clone(),
+                config.timing,
+                state_tx,
+                write_now,
             )
             .in_current_span(),
         )),
@@ -157,10 +172,15 @@ async fn hold(
     };
     let process = build_command(config, command, namespace, held.transitions());
     let child = match child::spawn(process).await {
-        Ok(child) => child,
+        Ok(child) => {
+            // Armed before anything else can block this thread (the next log line included):
+            // the command dies by the acquiring write's safety deadline at the latest.
+            watchdog.arm(child, held.renewed_at_boot + config.timing.kill_by());
+            child
+        }
         Err(e) => {
             // Nothing ran: release at once so the next candidate need not wait for expiry.
-            leading.stand_down();
+            leading.end();
             let last = state.borrow().held().clone();
             hand_over(lease_api, &claimant, config, outside, last).await;
             return Err(Error::Spawn {
@@ -191,7 +211,7 @@ async fn hold(
     let all_gone = child::kill_leftovers(child, Instant::now() + GROUP_EXIT_TIMEOUT).await;
     watchdog.disarm();
     outside.metrics.child(false);
-    leading.stand_down();
+    leading.end();
     let last = state.borrow().held().clone();
 
     match lost {
@@ -226,15 +246,18 @@ async fn hold(
     }
 }
 
-/// What runs only while this process leads: the renewer and the statsd heartbeat.
+/// What runs only while this process leads: the renewer, the guard watching for takeovers, and
+/// the statsd heartbeat.
 struct Leading {
     renewer: Option<JoinHandle<()>>,
+    guard: Option<JoinHandle<()>>,
     heartbeat: Option<JoinHandle<()>>,
     metrics: Arc<Metrics>,
 }
 
 impl Leading {
-    /// Stops renewing and the heartbeat, and reports not-leader. Idempotent.
+    /// Stops renewing and the heartbeat, and reports not-leader; the guard keeps watching, so a
+    /// takeover during the grace period still kills at once. Idempotent.
     fn stand_down(&mut self) {
         if let Some(renewer) = self.renewer.take() {
             renewer.abort();
@@ -242,6 +265,14 @@ impl Leading {
         }
         if let Some(heartbeat) = self.heartbeat.take() {
             heartbeat.abort();
+        }
+    }
+
+    /// Everything stops: the command is gone.
+    fn end(&mut self) {
+        self.stand_down();
+        if let Some(guard) = self.guard.take() {
+            guard.abort();
         }
     }
 }
@@ -366,6 +397,18 @@ async fn lead(
             child.signal_group(Signal::SIGTERM);
             child.signal_group(Signal::SIGCONT);
         }
+    }
+}
+
+/// Gives up waiting: a create or claim cut short may still have landed on the server, leaving the
+/// Lease naming a process that runs nothing. If it names us, release it.
+async fn abandon(api: &LeaseApi, me: &Claimant<'_>, config: &Config) {
+    if let Ok(Some(lease)) = api.get(config.timing.request_timeout()).await
+        && Record::of(&lease).holder.as_deref() == Some(me.identity)
+        && config.release
+    {
+        let last = Held::written(lease, Instant::now(), clock::boot_time());
+        release(api, me, config, last).await;
     }
 }
 

@@ -363,7 +363,13 @@ async fn a_leader_stuck_writing_its_log_still_kills_its_command_in_time() {
     })
     .await;
     let stuck_worker = world.starts()[0].pid;
-    // Its renewals stop; the Lease expires and another candidate takes over.
+    // Its renewals stop (its stderr fills within the first second); the Lease expires and another
+    // candidate, started a second later, takes over.
+    let started_ns = world.starts()[0].at_ns;
+    wait_for(LIMIT, "a second of the stuck leader", || {
+        mono_ns() > started_ns + SEC
+    })
+    .await;
     let mut next = world.contender("job", "next", -1.0, 0).spawn();
     let mut overlapped = false;
     wait_for(LIMIT, "the next worker", || {
@@ -374,9 +380,54 @@ async fn a_leader_stuck_writing_its_log_still_kills_its_command_in_time() {
     .await;
     assert!(
         !overlapped,
-        "the stuck leader's worker still ran when the next one started; log:\n{}",
+        "the stuck leader's worker still ran when the next one started; journal {:?}; log:\n{}",
+        world.journal_entries(),
         next.stderr()
     );
     next.signal(Signal::SIGTERM);
     next.wait(LIMIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_during_the_grace_period_after_a_loss_still_kills_at_once() {
+    let world = World::start().await;
+    let options = [
+        "--lease-duration",
+        "6s",
+        "--renew-deadline",
+        "2s",
+        "--retry-period",
+        "250ms",
+        "--grace-period",
+        "3s",
+        "--identity",
+        "me",
+        "job",
+    ];
+    let mut running = world
+        .worker_command(&options, -1.0, 0, &["ignore-term"])
+        .spawn();
+    let pid = world.wait_leading().await;
+    // Renewals fail, watches still work.
+    world.server.deny("update", 503);
+    wait_for(LIMIT, "the loss", || {
+        running.stderr().contains("leadership lost")
+    })
+    .await;
+    assert!(alive(pid), "the grace period runs");
+    let taken = mono_ns();
+    world.server.steal(NS, "job", "operator", 30);
+    let mut died = 0;
+    wait_for(LIMIT, "the worker to die", || {
+        died = mono_ns();
+        !alive(pid)
+    })
+    .await;
+    assert!(
+        died - taken < SEC / 2,
+        "the worker lived {} ms after the takeover; log:\n{}",
+        (died - taken) / 1_000_000,
+        running.stderr()
+    );
+    assert_eq!(running.wait(LIMIT).await, i32::from(lease_exec::exit::LOST));
 }

@@ -19,7 +19,9 @@ use futures_util::stream::BoxStream;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::WatchEvent;
-use tokio::sync::watch;
+use std::sync::Arc;
+
+use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, sleep_until};
 
 use super::acquire::Held;
@@ -74,12 +76,13 @@ impl Owned {
 }
 
 /// Renews until another holder shows up (then publishes [`LeaseState::Taken`] and returns) or until
-/// the task is dropped.
+/// the task is dropped. `write_now` (from [`guard`], on a deletion) makes it write at once.
 pub async fn renew(
     api: LeaseApi,
     me: Owned,
     held: Held,
-    state: watch::Sender<LeaseState>,
+    state: Arc<watch::Sender<LeaseState>>,
+    write_now: Arc<Notify>,
     metrics: std::sync::Arc<crate::telemetry::Metrics>,
 ) {
     let claimant = me.claimant();
@@ -89,22 +92,14 @@ pub async fn renew(
     // renew and kill deadlines are the supervisor's, from the last success: they do not move.
     let mut next = held.renewed_at + timing.renew_interval;
     let mut failing = 0u32;
-    let mut guard = Guard::default();
     loop {
         tokio::select! {
             () = sleep_until(next) => {}
-            seen = guard.next(&api, &held, &timing, &claimant) => match seen {
-                Seen::Taken(reason) => {
-                    taken(&state, reason, held);
-                    return;
-                }
-                Seen::Deleted => {
-                    // Write now: the update finds nothing and re-creates the Lease.
-                    next = Instant::now();
-                    continue;
-                }
-                Seen::Nothing => continue,
-            }
+            // A deletion: the update finds nothing and re-creates the Lease.
+            () = write_now.notified() => {}
+        }
+        if matches!(*state.borrow(), LeaseState::Taken { .. }) {
+            return;
         }
         let started = Instant::now();
         let started_boot = crate::clock::boot_time();
@@ -130,7 +125,17 @@ pub async fn renew(
                     renewed_at: started,
                     renewed_at_boot: started_boot,
                 };
-                let _ = state.send(LeaseState::Held(held.clone()));
+                // Never over a takeover the guard already reported.
+                let still_ours = state.send_if_modified(|s| match s {
+                    LeaseState::Held(_) => {
+                        *s = LeaseState::Held(held.clone());
+                        true
+                    }
+                    LeaseState::Taken { .. } => false,
+                });
+                if !still_ours {
+                    return;
+                }
                 next = started + timing.renew_interval;
             }
             Err(Failure::Taken(reason)) => {
@@ -162,9 +167,47 @@ pub async fn renew(
 }
 
 fn taken(state: &watch::Sender<LeaseState>, reason: String, last: Held) {
-    tracing::warn!(%reason, "leadership lost: the lease was taken");
-    crate::logging::set_holder(None);
-    let _ = state.send(LeaseState::Taken { reason, last });
+    let already = state.send_if_modified(|s| match s {
+        LeaseState::Taken { .. } => false,
+        LeaseState::Held(_) => {
+            *s = LeaseState::Taken {
+                reason: reason.clone(),
+                last,
+            };
+            true
+        }
+    });
+    if already {
+        tracing::warn!(%reason, "leadership lost: the lease was taken");
+        crate::logging::set_holder(None);
+    }
+}
+
+/// Watches the held Lease until it is taken (then publishes [`LeaseState::Taken`]) or the task is
+/// dropped; asks the renewer to write at once when it is deleted. It runs on its own, so it keeps
+/// watching after renewing stopped (a loss whose grace period still runs) and a slow watch request
+/// never delays a renewal.
+pub async fn guard(
+    api: LeaseApi,
+    identity: String,
+    timing: crate::config::Timing,
+    state: Arc<watch::Sender<LeaseState>>,
+    write_now: Arc<Notify>,
+) {
+    let mut guard = Guard::default();
+    loop {
+        // Re-opened from our latest write's resourceVersion: every later event is someone's
+        // write after ours, so one naming another holder is a real takeover.
+        let held = state.borrow().held().clone();
+        match guard.next(&api, &held, &timing, &identity).await {
+            Seen::Taken(reason) => {
+                taken(&state, reason, held);
+                return;
+            }
+            Seen::Deleted => write_now.notify_one(),
+            Seen::Nothing => {}
+        }
+    }
 }
 
 /// What the leader's watch of its own Lease saw.
@@ -184,6 +227,8 @@ type EventStream = BoxStream<'static, Result<WatchEvent<Lease>, ApiError>>;
 #[derive(Default)]
 struct Guard {
     stream: Option<EventStream>,
+    /// When the current stream was opened.
+    opened: Option<Instant>,
     /// Do not re-open before this (after a failure).
     reopen_at: Option<Instant>,
     failures: u32,
@@ -192,13 +237,13 @@ struct Guard {
 }
 
 impl Guard {
-    /// The next thing seen. Cancel-safe between events: `select!` may drop it at any point.
+    /// The next thing seen.
     async fn next(
         &mut self,
         api: &LeaseApi,
         held: &Held,
         timing: &crate::config::Timing,
-        me: &Claimant<'_>,
+        identity: &str,
     ) -> Seen {
         if self.refused {
             return std::future::pending().await;
@@ -216,6 +261,7 @@ impl Guard {
             match api.watch(&rv, timing.request_timeout()).await {
                 Ok(stream) => {
                     self.stream = Some(stream);
+                    self.opened = Some(Instant::now());
                     self.reopen_at = None;
                 }
                 Err(e @ (ApiError::Denied { .. } | ApiError::NotFound)) => {
@@ -235,7 +281,7 @@ impl Guard {
             Some(Ok(WatchEvent::Added(lease) | WatchEvent::Modified(lease))) => {
                 self.failures = 0;
                 match Record::of(&lease).holder {
-                    Some(holder) if holder == me.identity => Seen::Nothing,
+                    Some(holder) if holder == identity => Seen::Nothing,
                     Some(holder) => Seen::Taken(format!("the lease is now held by {holder}")),
                     None => Seen::Taken("the lease was released by someone else".into()),
                 }
@@ -257,7 +303,9 @@ impl Guard {
                 Seen::Nothing
             }
             None => {
+                // The server ended the watch; one that ends at once must not become a busy loop.
                 self.stream = None;
+                self.reopen_at = self.opened.map(|at| at + Duration::from_secs(1));
                 Seen::Nothing
             }
         }
