@@ -279,5 +279,8 @@ async fn a_missing_namespace_exits_125_naming_it() {
         .run(LIMIT)
         .await;
     assert_eq!(code, i32::from(exit::FAILED), "{log}");
-    assert!(log.contains("namespace \"nowhere\" does not exist"), "{log}");
+    assert!(
+        log.contains("namespace \"nowhere\" does not exist"),
+        "{log}"
+    );
 }
