@@ -177,3 +177,53 @@ fn the_example_deployment_passes_the_env_the_code_reads() {
         assert!(deployment.contains(probe), "{probe}");
     }
 }
+
+/// `major.minor[.patch]` as a comparable tuple.
+fn version(text: &str) -> (u64, u64, u64) {
+    let mut parts = text.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    )
+}
+
+#[test]
+fn the_declared_rust_version_is_not_below_any_dependencys() {
+    // The packages built here (platform-specific ones for other systems are never downloaded).
+    let rustc = std::process::Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .expect("rustc -vV");
+    let host = String::from_utf8_lossy(&rustc.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .expect("host triple");
+    let output = std::process::Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .args(["--filter-platform", &host])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let packages = metadata["packages"].as_array().unwrap();
+    let ours = packages
+        .iter()
+        .find(|p| p["name"] == "lease-exec")
+        .and_then(|p| p["rust_version"].as_str())
+        .expect("lease-exec declares rust-version");
+    let above: Vec<String> = packages
+        .iter()
+        .filter_map(|p| {
+            let needs = p["rust_version"].as_str()?;
+            (version(needs) > version(ours))
+                .then(|| format!("{} {} needs {needs}", p["name"], p["version"]))
+        })
+        .collect();
+    assert!(above.is_empty(), "rust-version = {ours}, but: {above:?}");
+}
