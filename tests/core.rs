@@ -299,3 +299,56 @@ async fn a_missing_namespace_exits_125_naming_it() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_release_keeps_the_lease_claimed_at_exit() {
+    let world = World::start().await;
+    let mut options: Vec<&str> = FAST.to_vec();
+    options.extend(["--no-release", "--identity", "me", "job"]);
+    let (code, log) = world.worker_command(&options, 0.0, 0, &[]).run(LIMIT).await;
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(
+        world.server.holder(NS, "job").as_deref(),
+        Some("me"),
+        "{log}"
+    );
+    assert!(log.contains("--no-release"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_while_waiting_exit_125_naming_the_verb() {
+    for (verb, code) in [("get", 401), ("create", 403), ("update", 403)] {
+        let world = World::start().await;
+        if verb == "update" {
+            // A released Lease: taking it over is an update.
+            world
+                .server
+                .put_lease(NS, "job", json!({"spec": {"leaseDurationSeconds": 1}}));
+        }
+        world.server.deny(verb, code);
+        let (got, log) = world.contender("job", "me", 0.0, 0).run(LIMIT).await;
+        assert_eq!(got, i32::from(exit::FAILED), "{verb} {code}: {log}");
+        assert!(
+            log.contains(&format!("{verb} leases.coordination.k8s.io")),
+            "{log}"
+        );
+        assert!(log.contains(&format!("({code})")), "{log}");
+        assert!(world.starts().is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_port_in_use_exits_125_before_the_lease_is_touched() {
+    let world = World::start().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let since = std::time::Instant::now();
+    let (code, log) = world
+        .lease_exec([&FAST[..], &["--metrics-addr", &addr, "job", "--", "true"]].concat())
+        .run(LIMIT)
+        .await;
+    assert_eq!(code, i32::from(exit::FAILED), "{log}");
+    assert!(log.contains("--metrics-addr"), "{log}");
+    assert_eq!(world.server.count("create", since), 0, "{log}");
+    assert_eq!(world.server.count("update", since), 0, "{log}");
+}

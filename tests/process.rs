@@ -66,24 +66,46 @@ async fn a_command_killed_by_a_signal_exits_128_plus_n() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_and_usr1_are_forwarded_to_the_command() {
+async fn hup_quit_usr1_and_usr2_reach_every_process_of_the_group() {
     let world = World::start().await;
-    let mut running =
-        sh(&world, "trap 'echo hup >> $DIR/got' HUP; trap 'echo usr1 >> $DIR/got' USR1; echo $$ > $DIR/fg; while :; do sleep 0.05; done")
-            .spawn();
-    wait_for(LIMIT, "the command", || {
-        read_pid(&world.path("fg")).is_some()
+    // The command and a process it started (same group) each record what they get.
+    let traps = |who: &str| {
+        ["HUP", "QUIT", "USR1", "USR2"]
+            .map(|s| format!("trap 'echo {who}-{s} >> $DIR/got' {s};"))
+            .concat()
+    };
+    let script = format!(
+        "sh -c \"{} echo x > $DIR/child_ready; while :; do sleep 0.05; done\" & {} echo $$ > $DIR/fg; while :; do sleep 0.05; done",
+        traps("child"),
+        traps("parent")
+    );
+    let mut running = sh(&world, &script).spawn();
+    wait_for(LIMIT, "the command and its child", || {
+        read_pid(&world.path("fg")).is_some() && world.path("child_ready").exists()
     })
     .await;
-    running.signal(Signal::SIGHUP);
-    running.signal(Signal::SIGUSR1);
+    for sig in [
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        running.signal(sig);
+    }
     let got = world.path("got");
-    wait_for(LIMIT, "both signals to arrive", || {
+    // (A shell's background job ignores SIGQUIT and cannot trap it, so QUIT is checked at the
+    // command only.)
+    wait_for(LIMIT, "every signal at both processes", || {
         let text = std::fs::read_to_string(&got).unwrap_or_default();
-        text.contains("hup") && text.contains("usr1")
+        ["HUP", "QUIT", "USR1", "USR2"]
+            .iter()
+            .all(|s| text.contains(&format!("parent-{s}")))
+            && ["HUP", "USR1", "USR2"]
+                .iter()
+                .all(|s| text.contains(&format!("child-{s}")))
     })
     .await;
-    assert!(!running.exited(), "HUP and USR1 do not stop lease-exec");
+    assert!(!running.exited(), "these signals do not stop lease-exec");
     running.signal(Signal::SIGTERM);
     running.wait(LIMIT).await;
 }
@@ -355,5 +377,67 @@ async fn a_command_exec_cannot_run_gives_its_exit_code_and_a_released_lease_ever
                 path.display()
             );
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_kills_at_once() {
+    let world = World::start().await;
+    let options = [
+        "--lease-duration",
+        "2s",
+        "--renew-deadline",
+        "1s",
+        "--retry-period",
+        "250ms",
+        "--grace-period",
+        "20s",
+        "--identity",
+        "me",
+        "job",
+    ];
+    let mut running = world
+        .worker_command(&options, -1.0, 0, &["ignore-term"])
+        .spawn();
+    let pid = world.wait_leading().await;
+    running.signal(Signal::SIGTERM);
+    wait_for(LIMIT, "the first SIGTERM to reach the worker", || {
+        world.journal_entries().iter().any(|e| e.what == "ignored")
+    })
+    .await;
+    assert!(alive(pid), "the grace period runs");
+    let second = std::time::Instant::now();
+    running.signal(Signal::SIGTERM);
+    wait_for(LIMIT, "the worker to die", || !alive(pid)).await;
+    assert!(
+        second.elapsed() < Duration::from_secs(2),
+        "killed {:?} after the second SIGTERM, not at once (grace 20 s)",
+        second.elapsed()
+    );
+    assert_eq!(running.wait(LIMIT).await, 137, "{}", running.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signalled_while_waiting_exits_128_plus_n() {
+    let world = World::start().await;
+    for (sig, code) in [
+        (Signal::SIGTERM, 143),
+        (Signal::SIGINT, 130),
+        (Signal::SIGHUP, 129),
+    ] {
+        world.server.steal(NS, "job", "other", 60);
+        let mut running = world.contender("job", "me", -1.0, 0).spawn();
+        wait_for(LIMIT, "waiting", || {
+            running.stderr().contains("held by another identity")
+        })
+        .await;
+        running.signal(sig);
+        assert_eq!(
+            running.wait(LIMIT).await,
+            code,
+            "{sig}: {}",
+            running.stderr()
+        );
+        assert!(world.starts().is_empty());
     }
 }
