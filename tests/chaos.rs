@@ -65,7 +65,7 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
             nested += 1;
             let run = run_for(rng);
             let worker = format!(
-                "python3 {} {} {run} 0",
+                "{} {} {run} 0",
                 world.worker().display(),
                 world.journal().display()
             );
@@ -230,4 +230,66 @@ async fn chaos_long() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     chaos(5, Duration::from_secs(60 * minutes), seed()).await;
+}
+
+#[test]
+fn the_overlap_check_flags_a_2_ms_overlap() {
+    let ms = 1_000_000;
+    let entry = |what: &str, pid: i32, at_ns: u64| Entry {
+        what: what.into(),
+        pid,
+        at_ns,
+        identity: "-".into(),
+        transitions: "-".into(),
+    };
+    let journal = [
+        entry("start", 1, 100 * ms),
+        entry("stop", 1, 200 * ms),
+        entry("start", 2, 198 * ms),
+        entry("stop", 2, 300 * ms),
+    ];
+    let spans = closed_spans(&journal, |_| None, 400 * ms);
+    assert_eq!(first_overlap(&spans).map(|[a, b]| (a.0, b.0)), Some((1, 2)));
+    // Back to back is no overlap.
+    let journal = [
+        entry("start", 1, 100 * ms),
+        entry("stop", 1, 200 * ms),
+        entry("start", 2, 200 * ms),
+    ];
+    assert_eq!(
+        first_overlap(&closed_spans(&journal, |_| None, 400 * ms)),
+        None
+    );
+    // A worker that never wrote `stop` is open until its observed death.
+    let journal = [entry("start", 1, 100 * ms), entry("start", 2, 150 * ms)];
+    let spans = closed_spans(&journal, |pid| (pid == 1).then_some(152 * ms), 400 * ms);
+    assert!(first_overlap(&spans).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_forced_together_are_caught() {
+    let world = World::start().await;
+    // No lease-exec: two journaling workers run at once, the second (50 ms) inside the first (1 s).
+    let run = |seconds: &str| {
+        std::process::Command::new(world.worker())
+            .args([world.journal().to_str().unwrap(), seconds, "0"])
+            .spawn()
+            .unwrap()
+    };
+    let mut first = run("1");
+    wait_for(Duration::from_secs(5), "the first worker", || {
+        !world.starts().is_empty()
+    })
+    .await;
+    let mut second = run("0.05");
+    second.wait().unwrap();
+    first.wait().unwrap();
+    let spans = closed_spans(&world.journal_entries(), |_| None, mono_ns());
+    let [a, b] = first_overlap(&spans).expect("the overlap is caught");
+    // The stamps are exact to a few milliseconds: the overlap is the second worker's 50 ms.
+    let overlap_ms = (a.2.min(b.2) - b.1) / 1_000_000;
+    assert!(
+        (45..=75).contains(&overlap_ms),
+        "{overlap_ms} ms: {spans:?}"
+    );
 }

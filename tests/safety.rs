@@ -341,7 +341,7 @@ async fn a_leader_stuck_writing_its_log_still_kills_its_command_in_time() {
     // lease-exec's stderr is a pipe nobody reads, and the command fills it: lease-exec's next log
     // line blocks its async runtime, timers and renewals included.
     let script = format!(
-        "head -c 200000 /dev/zero >&2 & exec python3 {} {} -1 0",
+        "head -c 200000 /dev/zero >&2 & exec {} {} -1 0",
         world.worker().display(),
         world.journal().display()
     );

@@ -48,7 +48,7 @@ impl World {
             dir,
             kubeconfig,
         };
-        std::fs::write(world.worker(), WORKER).unwrap();
+        journal_worker();
         world
     }
 
@@ -56,9 +56,9 @@ impl World {
         self.dir.path().join(name)
     }
 
-    /// The recording worker script.
+    /// The journaling worker.
     pub fn worker(&self) -> PathBuf {
-        self.path("worker.py")
+        journal_worker().to_owned()
     }
 
     /// The file the workers append start/stop lines to.
@@ -88,14 +88,14 @@ impl World {
         }
     }
 
-    /// `lease-exec FAST... --identity ID LEASE -- python3 worker.py JOURNAL RUN_FOR EXIT`.
+    /// `lease-exec FAST... --identity ID LEASE -- journal_worker JOURNAL RUN_FOR EXIT`.
     pub fn contender(&self, lease: &str, identity: &str, run_for: f64, exit: i32) -> TestCommand {
         let mut options: Vec<&str> = FAST.to_vec();
         options.extend(["--identity", identity, lease]);
         self.worker_command(&options, run_for, exit, &[])
     }
 
-    /// `lease-exec OPTIONS... -- python3 worker.py JOURNAL RUN_FOR EXIT FLAGS...`: `options` ends
+    /// `lease-exec OPTIONS... -- journal_worker JOURNAL RUN_FOR EXIT FLAGS...`: `options` ends
     /// with the lease name; `run_for` < 0 runs forever; `flags` go to the worker (`ignore-term`).
     pub fn worker_command<S: AsRef<str>>(
         &self,
@@ -107,7 +107,6 @@ impl World {
         let mut args: Vec<String> = options.iter().map(|o| o.as_ref().to_string()).collect();
         args.extend([
             "--".into(),
-            "python3".into(),
             self.worker().display().to_string(),
             self.journal().display().to_string(),
             run_for.to_string(),
@@ -200,6 +199,32 @@ pub fn read_journal(path: &Path) -> Vec<Entry> {
             })
         })
         .collect()
+}
+
+/// The journaling worker (`examples/journal_worker.rs`): stamps `start` with CLOCK_MONOTONIC first
+/// thing after exec, and `stop` immediately before it exits. Built once per test binary, so that a
+/// `cargo test --test X` that did not build the examples still finds it fresh.
+pub fn journal_worker() -> &'static Path {
+    static WORKER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    WORKER.get_or_init(|| {
+        let path = Path::new(BIN)
+            .parent()
+            .expect("the binary's directory")
+            .join("examples/journal_worker");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/journal_worker.rs");
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        // `cargo test` builds the examples first; a `cargo test --test X` may not have.
+        if modified(&path).is_none() || modified(&path) < modified(&source) {
+            let status = std::process::Command::new(env!("CARGO"))
+                .args(["build", "--quiet", "--example", "journal_worker"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("cargo build --example journal_worker");
+            assert!(status.success(), "cannot build the journaling worker");
+        }
+        assert!(path.exists(), "{} missing", path.display());
+        path
+    })
 }
 
 /// A worker that journals `start` and `stop` with CLOCK_MONOTONIC and its pid. Arguments: journal,
