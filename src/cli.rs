@@ -108,6 +108,12 @@ pub struct Cli {
     #[arg(long, env = "LEASE_EXEC_OWNER_POD", help_heading = "Lease")]
     pub owner_pod: bool,
 
+    /// After leadership is lost and the command stopped, wait for the Lease again and re-run the
+    /// command when it is won, instead of exiting 75 (for runs outside a kubelet's restart loop:
+    /// by hand, under systemd, in a script). The command's own exit still ends lease-exec
+    #[arg(long, env = "LEASE_EXEC_RECAMPAIGN", help_heading = "Lease")]
+    pub recampaign: bool,
+
     /// Poll the Lease every retry period while waiting instead of watching it (for API servers or
     /// proxies that break watches)
     #[arg(long, env = "LEASE_EXEC_NO_WATCH", help_heading = "Lease")]

@@ -37,6 +37,8 @@ pub struct Config {
     pub release: bool,
     /// Watch the Lease while waiting (else poll).
     pub watch: bool,
+    /// Campaign again after a loss instead of exiting.
+    pub recampaign: bool,
     /// What to do: run the command, or show the Lease.
     pub action: Action,
     /// Metrics, statsd, events and logs.
@@ -396,6 +398,7 @@ impl Config {
             timing,
             release: !cli.no_release,
             watch: !cli.no_watch,
+            recampaign: cli.recampaign,
             action,
             observability,
             access: Access {

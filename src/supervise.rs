@@ -71,17 +71,32 @@ pub async fn run(config: &Config, command: &Command) -> Result<Outcome, Error> {
         metrics,
     };
     let span = tracing::info_span!("lease", name = %config.lease, namespace = %namespace, identity = %config.identity);
-    let result = hold(
-        config,
-        command,
-        &namespace,
-        &lease_api,
-        &outside,
-        &mut signals,
-        (&mut reaper, &watchdog),
-    )
-    .instrument(span)
-    .await;
+    let mut term = 1u64;
+    let result = loop {
+        let mut clean = true;
+        let result = hold(
+            config,
+            command,
+            (&namespace, &lease_api),
+            &outside,
+            &mut signals,
+            (&mut reaper, &watchdog),
+            &mut clean,
+        )
+        .instrument(span.clone())
+        .await;
+        match result {
+            // Campaign again only once everything of the last term is gone: `hold` returns after
+            // the command's group and leftovers were killed and seen gone (`clean`).
+            Err(Error::Lost(reason)) if config.recampaign && clean => {
+                term += 1;
+                span.in_scope(|| {
+                    tracing::warn!(%reason, term, "leadership lost; campaigning again (--recampaign)")
+                });
+            }
+            result => break result,
+        }
+    };
     outside.events.flush(Duration::from_secs(1)).await;
     result
 }
@@ -94,14 +109,15 @@ struct Outside {
 }
 
 /// Waits for the lease, runs the command while holding it, and stops.
+/// `clean` is cleared when processes the command started survived the kills.
 async fn hold(
     config: &Config,
     command: &Command,
-    namespace: &str,
-    lease_api: &LeaseApi,
+    (namespace, lease_api): (&str, &LeaseApi),
     outside: &Outside,
     signals: &mut Signals,
     (reaper, watchdog): (&mut Reaper, &Watchdog),
+    clean: &mut bool,
 ) -> Result<Outcome, Error> {
     let owned = Owned {
         identity: config.identity.clone(),
@@ -210,6 +226,7 @@ async fn hold(
     child.signal_group(Signal::SIGKILL);
     let all_gone = child::kill_leftovers(child, Instant::now() + GROUP_EXIT_TIMEOUT).await;
     watchdog.disarm();
+    *clean = all_gone;
     outside.metrics.child(false);
     leading.end();
     let last = state.borrow().held().clone();

@@ -21,6 +21,7 @@ complete -c lease-exec -l kubeconfig -d 'Path to a kubeconfig file [default: KUB
 complete -c lease-exec -l context -d 'Kubeconfig context to use [default: the current context]' -r
 complete -c lease-exec -l no-release -d 'Keep the Lease claimed at exit instead of releasing it for the next candidate'
 complete -c lease-exec -l owner-pod -d 'Name this Pod (POD_NAME, POD_UID) as the Lease\'s owner while holding it, so the garbage collector deletes the Lease with the Pod. Off by default: a force-deleted Pod\'s container may still run while its Lease is collected, so candidates then wait a lease duration before creating it again. Only in the Pod\'s own namespace'
+complete -c lease-exec -l recampaign -d 'After leadership is lost and the command stopped, wait for the Lease again and re-run the command when it is won, instead of exiting 75 (for runs outside a kubelet\'s restart loop: by hand, under systemd, in a script). The command\'s own exit still ends lease-exec'
 complete -c lease-exec -l no-watch -d 'Poll the Lease every retry period while waiting instead of watching it (for API servers or proxies that break watches)'
 complete -c lease-exec -l status -d 'Print the Lease as a person wants to read it (holder, renewed, expires, transitions, owner) and exit 0; no command is run'
 complete -c lease-exec -l no-events -d 'Do not record Kubernetes Events on the Lease when it is acquired, lost or released'
