@@ -69,7 +69,12 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
                 world.worker().display(),
                 world.journal().display()
             );
-            let script = format!("{BIN} {} job -- {worker} & exec {worker}", FAST.join(" "));
+            // (Bounded: if its parent lease-exec is SIGKILLed, the parent-death signal reaches only
+            // the worker, and this candidate is orphaned; it must not outlive the test.)
+            let script = format!(
+                "{BIN} --wait-timeout 60s {} job -- {worker} & exec {worker}",
+                FAST.join(" ")
+            );
             let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
             args.extend(
                 ["--identity", &identity, "job", "--", "sh", "-c", &script].map(String::from),
