@@ -136,18 +136,34 @@ async fn statsd_heartbeat_while_leading() {
         ],
     );
     let mut buf = [0u8; 512];
-    for _ in 0..2 {
+    let mut arrivals = Vec::new();
+    for _ in 0..5 {
         let (n, _) = tokio::time::timeout(LIMIT, socket.recv_from(&mut buf))
             .await
             .unwrap()
             .unwrap();
+        arrivals.push(std::time::Instant::now());
         assert_eq!(
             std::str::from_utf8(&buf[..n]).unwrap(),
             "test.leader_running:1|c"
         );
     }
-    running.signal(Signal::SIGTERM);
-    running.wait(LIMIT).await;
+    // Every retry period (250 ms in FAST): four gaps of about 1 s in all, not a burst.
+    let span = arrivals[4] - arrivals[0];
+    assert!(
+        span >= Duration::from_millis(700) && span < Duration::from_millis(2500),
+        "4 heartbeats took {span:?}"
+    );
+    // Taken by another holder: the heartbeat stops at once.
+    world.server.steal(NS, "job", "other", 30);
+    assert_eq!(running.wait(LIMIT).await, i32::from(lease_exec::exit::LOST));
+    let mut late = 0;
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(600), socket.recv_from(&mut buf)).await
+    {
+        late += 1;
+    }
+    assert!(late <= 1, "{late} heartbeats after the loss");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
