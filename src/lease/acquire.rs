@@ -96,14 +96,7 @@ pub async fn acquire(
                     w.stream = None;
                 }
                 sleep_until(at).await;
-                last_read = Instant::now();
-                match api.get(timing.request_timeout()).await {
-                    Ok(lease) => {
-                        narrator.reachable(&campaign);
-                        Input::Read(lease)
-                    }
-                    Err(e) => narrator.failed(e, &campaign, timing, "read")?,
-                }
+                read(api, timing, &campaign, &mut narrator, &mut last_read).await?
             }
             Action::Wait { until } => {
                 narrator.waiting(&campaign, timing);
@@ -130,14 +123,7 @@ pub async fn acquire(
                             }
                             _ => {
                                 sleep_until(poll_at).await;
-                                last_read = Instant::now();
-                                match api.get(timing.request_timeout()).await {
-                                    Ok(lease) => {
-                                        narrator.reachable(&campaign);
-                                        Input::Read(lease)
-                                    }
-                                    Err(e) => narrator.failed(e, &campaign, timing, "read")?,
-                                }
+                                read(api, timing, &campaign, &mut narrator, &mut last_read).await?
                             }
                         }
                     }
@@ -145,6 +131,24 @@ pub async fn acquire(
             }
         };
         action = campaign.step(input, Instant::now());
+    }
+}
+
+/// One GET, as the campaign's input.
+async fn read(
+    api: &LeaseApi,
+    timing: &Timing,
+    campaign: &Campaign,
+    narrator: &mut Narrator,
+    last_read: &mut Instant,
+) -> Result<Input, ApiError> {
+    *last_read = Instant::now();
+    match api.get(timing.request_timeout()).await {
+        Ok(lease) => {
+            narrator.reachable(campaign);
+            Ok(Input::Read(lease))
+        }
+        Err(e) => narrator.failed(e, campaign, timing, "read"),
     }
 }
 
