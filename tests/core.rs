@@ -373,7 +373,10 @@ async fn recampaign_runs_the_command_again_after_a_loss_and_its_own_exit_still_e
     assert!(log.contains("term=2"), "{log}");
     // It ran again only after the operator's 1 s term: the first term's command was long dead.
     let starts = world.starts();
-    assert!(starts[1].at_ns - starts[0].at_ns > 1_000_000_000, "{starts:?}");
+    assert!(
+        starts[1].at_ns - starts[0].at_ns > 1_000_000_000,
+        "{starts:?}"
+    );
     running.signal(Signal::SIGTERM);
     assert_eq!(running.wait(LIMIT).await, 143, "{}", running.stderr());
 
