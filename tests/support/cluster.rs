@@ -21,7 +21,7 @@ use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::support::{BIN, Entry, Running, WORKER, read_journal, wait_for};
+use crate::support::{BIN, Entry, Running, journal_worker, read_journal, wait_for};
 
 /// Directory of an already running control plane.
 pub const ENV_DIR: &str = "LEASE_EXEC_TESTENV";
@@ -390,23 +390,6 @@ pub async fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> O
     }
 }
 
-/// The Python interpreter itself rather than a wrapper such as a pyenv shim (a shell script that
-/// adds 100 ms to every start, which handoff figures would include).
-pub fn python() -> String {
-    static PYTHON: OnceLock<String> = OnceLock::new();
-    PYTHON
-        .get_or_init(|| {
-            std::process::Command::new("python3")
-                .args(["-c", "import sys; print(sys.executable)"])
-                .output()
-                .ok()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .filter(|p| !p.is_empty())
-                .unwrap_or_else(|| "python3".into())
-        })
-        .clone()
-}
-
 /// Times (seconds since the epoch) of the lines of a log that contain `needle`; lease-exec's and
 /// the contender's lines start with an RFC 3339 timestamp.
 pub fn log_times(log: &Path, needle: &str) -> Vec<f64> {
@@ -424,7 +407,7 @@ pub fn log_times(log: &Path, needle: &str) -> Vec<f64> {
 }
 
 /// One test's namespace on a cluster, with a scratch directory, an admin kubeconfig whose context
-/// namespace it is, and the journaling worker.
+/// namespace it is, and the journal the workers write to.
 pub struct Space<'c> {
     pub cluster: &'c Cluster,
     pub ns: String,
@@ -448,7 +431,6 @@ impl<'c> Space<'c> {
             cluster.kubeconfig_text(&ns, &cluster.admin_token()),
         )
         .unwrap();
-        std::fs::write(dir.path().join("worker.py"), WORKER).unwrap();
         Space {
             cluster,
             ns,
@@ -461,10 +443,6 @@ impl<'c> Space<'c> {
         self.dir.path().join(name)
     }
 
-    pub fn worker(&self) -> PathBuf {
-        self.path("worker.py")
-    }
-
     pub fn journal(&self) -> PathBuf {
         self.path("journal")
     }
@@ -473,11 +451,10 @@ impl<'c> Space<'c> {
         read_journal(&self.journal())
     }
 
-    /// `python3 worker.py JOURNAL RUN_FOR 0`: the journaling worker (`run_for` < 0: forever).
+    /// `journal_worker JOURNAL RUN_FOR 0`: the tests' journaling worker (`run_for` < 0: forever).
     pub fn worker_args(&self, run_for: f64) -> Vec<String> {
         vec![
-            python(),
-            self.worker().display().to_string(),
+            journal_worker().display().to_string(),
             self.journal().display().to_string(),
             run_for.to_string(),
             "0".into(),
@@ -546,7 +523,7 @@ impl<'c> Space<'c> {
         command
     }
 
-    /// `lease-exec TIMING --identity ID LEASE -- python3 worker.py JOURNAL RUN_FOR 0`.
+    /// `lease-exec TIMING --identity ID LEASE -- journal_worker JOURNAL RUN_FOR 0`.
     pub fn contender(&self, lease: &str, identity: &str, run_for: f64) -> tokio::process::Command {
         let mut args: Vec<String> = TIMING.iter().map(|s| s.to_string()).collect();
         args.extend([
