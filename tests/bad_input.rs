@@ -144,8 +144,9 @@ async fn a_missing_command_exits_127() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_executable_command_exits_126() {
     let world = World::start().await;
-    // The worker script is written without the executable bit.
-    let script = world.worker();
+    // A script without the executable bit.
+    let script = world.path("not-executable");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
     rejected(
         &world,
         world.lease_exec(["job", "--", script.to_str().unwrap()]),

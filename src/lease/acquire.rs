@@ -269,7 +269,7 @@ impl Narrator {
         {
             tracing::info!(
                 in_ = %humantime::format_duration(round_ms(end.saturating_duration_since(Instant::now()))),
-                "waiting: the lease was deleted while another identity held it; honouring that holder's term"
+                "waiting: the lease is absent (never seen, or deleted); creating it once any holder it may have had is gone"
             );
             self.shown_deleted = Some(end);
         }
