@@ -5,17 +5,20 @@
 //! 1. **Configure** ([`config`]): raw arguments ([`cli`]) become a validated [`config::Config`]:
 //!    durations checked against each other and against the safety rule, the lease name checked,
 //!    the command resolved in `PATH`. Any error here exits 2, 126 or 127 before the API is touched.
-//! 2. **Wait** ([`lease::acquire`]): read the Lease; create it if absent, take it over with a write
-//!    conditioned on its `resourceVersion` if it is released or expired, resume if it names us,
-//!    otherwise wait. Expiry is judged on our monotonic clock from when we first saw the current
-//!    record, never from `renewTime`.
-//! 3. **Lead** ([`supervise`]): spawn the command in its own process group ([`child`]) and renew
-//!    the Lease every retry period ([`lease::renew`]). If no renewal succeeds for the renew deadline,
-//!    or another holder shows up, SIGTERM the group, and SIGKILL it at the latest at
-//!    `last renewal start + lease duration - safety margin`, before anyone else can take over.
+//! 2. **Wait** ([`lease::acquire`], rules in [`lease::campaign`]): read the Lease, then watch it
+//!    (or poll). Claim it with a write conditioned on its `resourceVersion` once released or expired,
+//!    resume it if it names us, create it once it has been absent long enough (a deleted holder may
+//!    still run). Expiry is judged on our monotonic clock from when we first saw the current record,
+//!    never from `renewTime`.
+//! 3. **Lead** ([`supervise`], deadlines in [`term`]): spawn the command in its own process group
+//!    ([`child`]), renew every `--renew-interval` ([`lease::renew`]) and watch the Lease for a
+//!    takeover. If no renewal succeeds for the renew deadline, SIGTERM the group; if another holder
+//!    shows up, SIGKILL it at once; in every case SIGKILL it at the latest at
+//!    `last renewal start + lease duration - safety margin`, before anyone else can take over, also
+//!    from a watchdog thread that does not depend on the async runtime.
 //! 4. **Stop**: when the command exits (or after forwarding SIGTERM and waiting out the grace
-//!    period), kill what is left of its group, then release the Lease so the next candidate takes
-//!    over at once, and exit with the command's status ([`exit`]).
+//!    period), kill what is left of its group and every leftover descendant, then release the Lease
+//!    so the next candidate takes over at once, and exit with the command's status ([`exit`]).
 
 pub mod child;
 pub mod cli;
