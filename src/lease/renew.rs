@@ -5,7 +5,7 @@
 //! the renew deadline and the kill deadline from the published `renewed_at`, so a renewer stuck in
 //! a request can never delay the decision.
 //!
-//! Besides renewing, the leader watches its own Lease ([`Guard`]). A takeover without expiry (an
+//! Besides renewing, the leader watches its own Lease ([`guard`]). A takeover without expiry (an
 //! operator or another client overwriting the holder, or clearing it) means another worker may
 //! already run: it is published as [`LeaseState::Taken`] within milliseconds, not at the next
 //! renewal, and the supervisor kills the command's group at once. A deletion makes the renewer
