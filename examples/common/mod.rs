@@ -2,22 +2,36 @@
 
 use std::path::PathBuf;
 
-/// The lease-exec binary next to this example, built with the same profile.
-pub fn lease_exec_binary() -> PathBuf {
+/// target/<profile> of the running example.
+fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe
-        .parent()
+    exe.parent()
         .and_then(|p| p.parent())
-        .expect("target/<profile>");
-    let binary = profile_dir.join("lease-exec");
+        .expect("target/<profile>")
+        .to_owned()
+}
+
+/// `cargo build` with the running example's profile and `what` (`--bin x`, `--example y`).
+fn cargo_build(what: &[&str]) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let release = profile_dir.ends_with("release");
     let mut build = std::process::Command::new(cargo);
-    build.args(["build", "--quiet", "--bin", "lease-exec"]);
-    if release {
+    build.args(["build", "--quiet"]).args(what);
+    if profile_dir().ends_with("release") {
         build.arg("--release");
     }
     let status = build.status().expect("run cargo build");
-    assert!(status.success(), "cargo build --bin lease-exec failed");
-    binary
+    assert!(status.success(), "cargo build {} failed", what.join(" "));
+}
+
+/// The lease-exec binary next to this example, built with the same profile.
+pub fn lease_exec_binary() -> PathBuf {
+    cargo_build(&["--bin", "lease-exec"]);
+    profile_dir().join("lease-exec")
+}
+
+/// Another example's binary, built with the same profile.
+#[allow(dead_code)] // not every example uses it
+pub fn example_binary(name: &str) -> PathBuf {
+    cargo_build(&["--example", name]);
+    profile_dir().join("examples").join(name)
 }
