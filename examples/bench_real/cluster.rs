@@ -76,29 +76,40 @@ impl Cluster {
     }
 }
 
-/// `apiserver_request_total{resource="leases"}` from the API server's `/metrics`, summed over
-/// codes, by verb. The admin kubeconfig carries the admin token and the CA of the serving
-/// certificate, and names https://127.0.0.1:PORT.
-pub async fn lease_requests(client: &kube::Client) -> BTreeMap<String, f64> {
+/// What the API server's `/metrics` says about Leases: `apiserver_request_total` summed over
+/// codes, by verb, and `apiserver_longrunning_requests` for WATCH, the watches open now. The admin
+/// kubeconfig carries the admin token and the CA of the serving certificate, and names
+/// https://127.0.0.1:PORT.
+pub async fn lease_metrics(client: &kube::Client) -> (BTreeMap<String, f64>, f64) {
     let request = hyper::Request::get("/metrics").body(Vec::new()).unwrap();
     let text = client.request_text(request).await.expect("scrape /metrics");
     let mut by_verb = BTreeMap::new();
+    let mut open_watches = 0.0;
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+        let (total, rest) = if let Some(rest) = line.strip_prefix("apiserver_request_total{") {
+            (true, rest)
+        } else if let Some(rest) = line.strip_prefix("apiserver_longrunning_requests{") {
+            (false, rest)
+        } else {
             continue;
         };
         if !rest.contains(r#"resource="leases""#) {
             continue;
         }
         let (labels, value) = rest.rsplit_once("} ").expect("a sample");
+        let value: f64 = value.parse().unwrap();
         let verb = labels
             .split(',')
             .find_map(|l| l.strip_prefix("verb=\""))
             .and_then(|v| v.strip_suffix('"'))
             .unwrap_or("?");
-        *by_verb.entry(verb.to_string()).or_insert(0.0) += value.parse::<f64>().unwrap();
+        if total {
+            *by_verb.entry(verb.to_string()).or_insert(0.0) += value;
+        } else if verb == "WATCH" {
+            open_watches += value;
+        }
     }
-    by_verb
+    (by_verb, open_watches)
 }
 
 fn leases(client: &kube::Client, namespace: &str) -> Api<Lease> {
