@@ -227,34 +227,6 @@ pub fn journal_worker() -> &'static Path {
     })
 }
 
-/// A worker that journals `start` and `stop` with CLOCK_MONOTONIC and its pid. Arguments: journal,
-/// seconds to run (negative: forever), exit code, and optionally `ignore-term`.
-pub const WORKER: &str = r#"
-import os, signal, sys, time
-journal, run_for, code = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-ignore_term = len(sys.argv) > 4 and sys.argv[4] == "ignore-term"
-def record(what):
-    line = "%s %d %d %s %s\n" % (what, os.getpid(), time.monotonic_ns(),
-        os.environ.get("LEASE_EXEC_HELD_IDENTITY", "-"), os.environ.get("LEASE_EXEC_TRANSITIONS", "-"))
-    fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.write(fd, line.encode())
-    os.close(fd)
-def stop(sig, frame):
-    if ignore_term and sig == signal.SIGTERM:
-        record("ignored")
-        return
-    record("stop")
-    os._exit(128 + sig)
-signal.signal(signal.SIGTERM, stop)
-signal.signal(signal.SIGINT, stop)
-record("start")
-end = time.monotonic() + run_for if run_for >= 0 else None
-while end is None or time.monotonic() < end:
-    time.sleep(0.01)
-record("stop")
-sys.exit(code)
-"#;
-
 /// Builder for a `lease-exec` run.
 pub struct TestCommand {
     pub command: tokio::process::Command,
