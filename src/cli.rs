@@ -128,7 +128,8 @@ pub struct Cli {
     #[arg(long, env = "LEASE_EXEC_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration, help_heading = "Timing")]
     pub renew_deadline: Duration,
 
-    /// Retry interval: between renewals after one failed, and between attempts while waiting
+    /// Retry interval: between renewals after one failed, and between polls while waiting (with
+    /// --no-watch); a broken watch is re-established sooner (within 1 s, at most this)
     #[arg(long, env = "LEASE_EXEC_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration, help_heading = "Timing")]
     pub retry_period: Duration,
 

@@ -255,3 +255,91 @@ async fn followers_race_and_exactly_one_wins() {
         stop(f).await;
     }
 }
+
+/// The follower's requests (every verb) from `since`, as the server saw them.
+fn requests_since(world: &World, since: Instant) -> Vec<Instant> {
+    world
+        .server
+        .seen()
+        .into_iter()
+        .filter(|s| s.at >= since && s.path.contains("/leases"))
+        .map(|s| s.at)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_watch_is_re_established_within_a_second_of_the_api_coming_back() {
+    let world = World::start().await;
+    world.server.steal(NS, "job", "other", 60);
+    let running = slow_poller(&world);
+    following(&world, &running).await;
+    // A 3 s outage: every connection refused, the watch cut.
+    world.server.set_mode(Mode::Refuse);
+    wait_for(LIMIT, "the follower to notice the outage", || {
+        running.stderr().contains("cannot ")
+    })
+    .await;
+    let outage = Instant::now();
+    wait_for(LIMIT, "3 s of outage", || {
+        outage.elapsed() >= Duration::from_secs(3)
+    })
+    .await;
+    let back = Instant::now();
+    world.server.set_mode(Mode::Normal);
+    // Re-established within about a second (1 s cap, jittered; not the 30 s retry period).
+    wait_for(QUICK, "the watch to be re-established", || {
+        world
+            .server
+            .seen()
+            .iter()
+            .any(|s| s.at >= back && s.verb == "watch")
+    })
+    .await;
+    let first = requests_since(&world, back)[0];
+    assert!(
+        first - back <= Duration::from_millis(1500),
+        "first request {:?} after the API came back; log:\n{}",
+        first - back,
+        running.stderr()
+    );
+    // And a release is seen at once, long before a retry period.
+    release(&world);
+    wait_for(QUICK, "the takeover", || started(&world)).await;
+    stop(running).await;
+}
+
+/// Retries while waiting, each answered 429 with `Retry-After: 3`: the gaps between them.
+async fn gaps_under(mode: Mode) -> Vec<Duration> {
+    let world = World::start().await;
+    world.server.steal(NS, "job", "other", 60);
+    let running = slow_poller(&world);
+    following(&world, &running).await;
+    let from = Instant::now();
+    world.server.set_mode(mode);
+    wait_for(LIMIT, "three answered retries", || {
+        requests_since(&world, from).len() >= 4
+    })
+    .await;
+    let seen = requests_since(&world, from);
+    world.server.set_mode(Mode::Normal);
+    let log = running.stderr();
+    assert!(log.contains("Retry-After: 3s"), "{log}");
+    stop(running).await;
+    // The first request is the re-opened watch (the server closed the old one).
+    seen.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_honours_retry_after_from_priority_and_fairness_and_from_a_status() {
+    // The priority-and-fairness filter answers 429 in plain text, with only the header; the
+    // server's own errors carry the delay in the Status too.
+    for mode in [Mode::Status(429, Some(3)), Mode::Status(503, Some(3))] {
+        let gaps = gaps_under(mode.clone()).await;
+        for gap in &gaps {
+            assert!(
+                *gap >= Duration::from_millis(2900) && *gap <= Duration::from_millis(4500),
+                "{mode:?}: retries {gaps:?} apart, not 3 s as the server asked"
+            );
+        }
+    }
+}

@@ -2,7 +2,7 @@ complete -c lease-exec -s n -l namespace -d 'Namespace of the Lease [default: PO
 complete -c lease-exec -l identity -d 'Holder identity written to the Lease [default: POD_NAME (else the hostname) plus a random suffix, unique per process]. A stable identity lets a restarted process resume its leadership at once; it is then your promise that no two live processes share it' -r
 complete -c lease-exec -l lease-duration -d 'leaseDurationSeconds written to the Lease: how long others wait after the last renewal (whole seconds)' -r
 complete -c lease-exec -l renew-deadline -d 'How long renewals may keep failing before leadership counts as lost' -r
-complete -c lease-exec -l retry-period -d 'Retry interval: between renewals after one failed, and between attempts while waiting' -r
+complete -c lease-exec -l retry-period -d 'Retry interval: between renewals after one failed, and between polls while waiting (with --no-watch); a broken watch is re-established sooner (within 1 s, at most this)' -r
 complete -c lease-exec -l renew-interval -d 'Interval between renewals while they succeed [default: a third of --lease-duration, at most half of --renew-deadline, at least --retry-period]. Failed renewals are retried every --retry-period; the deadlines do not depend on it' -r
 complete -c lease-exec -l grace-period -d 'Time the command gets between SIGTERM and SIGKILL. On lost leadership it is cut short so the command is dead before the Lease can expire for others' -r
 complete -c lease-exec -l wait-timeout -d 'Give up (exit 124) if not leader by then [default: wait forever]' -r

@@ -75,6 +75,9 @@ pub async fn acquire(
     feed: Feed,
 ) -> Result<Held, ApiError> {
     let mut campaign = Campaign::new(me.identity, *timing);
+    if feed == Feed::Poll {
+        campaign.polling();
+    }
     let mut narrator = Narrator::default();
     let mut watch = (feed == Feed::Watch).then(Watcher::default);
     let mut last_read = Instant::now();
@@ -83,12 +86,12 @@ pub async fn acquire(
         let input = match action {
             Action::Create { transitions } => match create(api, me, timing, transitions).await {
                 Ok(held) => return Ok(held),
-                Err(e) => narrator.failed(e, &campaign, timing, "create")?,
+                Err(e) => narrator.failed(e, "create")?,
             },
             Action::Claim { current, decision } => {
                 match claim(api, me, timing, &current, &decision).await {
                     Ok(held) => return Ok(held),
-                    Err(e) => narrator.failed(e, &campaign, timing, "claim")?,
+                    Err(e) => narrator.failed(e, "claim")?,
                 }
             }
             Action::Read { at } => {
@@ -106,11 +109,10 @@ pub async fn acquire(
                         Err(WatchEnd::Unavailable(why)) => {
                             tracing::warn!(reason = %why, "cannot watch the lease; polling every retry period instead");
                             watch = None;
+                            campaign.polling();
                             Input::Tick
                         }
-                        Err(WatchEnd::Failed(e)) => {
-                            narrator.failed(e, &campaign, timing, "watch")?
-                        }
+                        Err(WatchEnd::Failed(e)) => narrator.failed(e, "watch")?,
                     },
                     None => {
                         // Polling: wake at the deadline asked for, and read at least every retry
@@ -130,7 +132,9 @@ pub async fn acquire(
                 }
             }
         };
-        action = campaign.step(input, Instant::now());
+        let now = Instant::now();
+        action = campaign.step(input, now);
+        narrator.retrying(&action, &campaign, now);
     }
 }
 
@@ -148,7 +152,7 @@ async fn read(
             narrator.reachable(campaign);
             Ok(Input::Read(lease))
         }
-        Err(e) => narrator.failed(e, campaign, timing, "read"),
+        Err(e) => narrator.failed(e, "read"),
     }
 }
 
@@ -222,7 +226,7 @@ impl Watcher {
                 }
                 Some(Ok(WatchEvent::Error(status))) => {
                     self.stream = None;
-                    Err(WatchEnd::Failed(ApiError::Transient(format!("watch error {}: {}", status.code, status.message))))
+                    Err(WatchEnd::Failed(api.classify("watch", kube::Error::Api(status))))
                 }
                 Some(Err(e)) => {
                     self.stream = None;
@@ -258,6 +262,8 @@ struct Narrator {
     warned_record: Option<Record>,
     shown_deleted: Option<Instant>,
     failing: bool,
+    /// A failure to log once the campaign has said when it retries: what failed, and why.
+    failure: Option<(String, String)>,
 }
 
 impl Narrator {
@@ -297,27 +303,37 @@ impl Narrator {
     }
 
     /// Turns a failed request into the campaign's input, or ends the wait on a refusal.
-    fn failed(
-        &mut self,
-        e: ApiError,
-        campaign: &Campaign,
-        timing: &Timing,
-        what: &str,
-    ) -> Result<Input, ApiError> {
+    fn failed(&mut self, e: ApiError, what: &str) -> Result<Input, ApiError> {
         match e {
             ApiError::Denied { .. } | ApiError::NoNamespace(_) => Err(e),
             ApiError::Conflict | ApiError::AlreadyExists | ApiError::NotFound => Ok(Input::Lost),
             e => {
                 self.failing = true;
-                let attempt = campaign.failures() + 1;
-                tracing::warn!(
-                    error = %e,
-                    attempt,
-                    retry_in = %humantime::format_duration(super::campaign::backoff(timing, attempt)),
-                    "cannot {what} the lease; retrying"
-                );
-                Ok(Input::Failed)
+                let retry_after = e.retry_after();
+                self.failure = Some((what.to_string(), e.to_string()));
+                Ok(Input::Failed { retry_after })
             }
+        }
+    }
+
+    /// Logs the failure just fed to the campaign, with when it is retried.
+    fn retrying(&mut self, action: &Action, campaign: &Campaign, now: Instant) {
+        let Some((what, error)) = self.failure.take() else {
+            return;
+        };
+        let at = match action {
+            Action::Read { at } => *at,
+            Action::Wait { until: Some(at) } => *at,
+            _ => now,
+        };
+        // A watching follower retries every second or so during an outage: log the 1st, 2nd,
+        // 4th, 8th… failure in a row, the others at debug level.
+        let attempt = campaign.failures();
+        let retry_in = humantime::format_duration(round_ms(at.saturating_duration_since(now)));
+        if attempt.is_power_of_two() {
+            tracing::warn!(error, attempt, retry_in = %retry_in, "cannot {what} the lease; retrying");
+        } else {
+            tracing::debug!(error, attempt, retry_in = %retry_in, "cannot {what} the lease; retrying");
         }
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams, WatchEvent, WatchParams};
+use kube::client::DynBody;
 use kube::{Client, Config};
 
 use crate::config::Access;
@@ -63,6 +64,14 @@ pub enum ApiError {
     /// Connection failures, 5xx and 429: worth retrying.
     #[error("{0}")]
     Transient(String),
+    /// 429 or 5xx with a Retry-After: the server asked not to be asked again before then.
+    #[error("{message} (Retry-After: {}s)", .retry_after.as_secs())]
+    Busy {
+        /// What the server said.
+        message: String,
+        /// How long it asked us to wait.
+        retry_after: Duration,
+    },
     /// The server answered with something we cannot use (another 4xx, an unparsable body).
     #[error("{0}")]
     Rejected(String),
@@ -190,7 +199,8 @@ impl LeaseApi {
         }
     }
 
-    fn classify(&self, verb: &'static str, error: kube::Error) -> ApiError {
+    /// Classifies a failed call by what the caller must do about it.
+    pub fn classify(&self, verb: &'static str, error: kube::Error) -> ApiError {
         match error {
             kube::Error::Api(status) => match status.code {
                 404 => ApiError::NotFound,
@@ -203,10 +213,17 @@ impl LeaseApi {
                     namespace: self.namespace.clone(),
                     message: status.message,
                 },
-                429 | 500..=599 => ApiError::Transient(format!(
-                    "API server answered {}: {}",
-                    status.code, status.message
-                )),
+                429 | 500..=599 => {
+                    let message =
+                        format!("API server answered {}: {}", status.code, status.message);
+                    match status.details.as_ref().map(|d| d.retry_after_seconds) {
+                        Some(secs @ 1..) => ApiError::Busy {
+                            message,
+                            retry_after: Duration::from_secs(secs.into()),
+                        },
+                        _ => ApiError::Transient(message),
+                    }
+                }
                 code => {
                     ApiError::Rejected(format!("API server answered {code}: {}", status.message))
                 }
@@ -217,6 +234,68 @@ impl LeaseApi {
             other => ApiError::Transient(format!("cannot reach the API server: {}", chain(&other))),
         }
     }
+}
+
+impl ApiError {
+    /// How long the server asked us to wait before asking again, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::Busy { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+/// Keeps a `Retry-After` that kube would drop. kube turns an error answer into a `Status` from its
+/// body alone; kube-apiserver's own errors carry the delay there (`details.retryAfterSeconds`, the
+/// header is written from it), but its priority-and-fairness and max-in-flight filters answer 429
+/// in plain text with only the header. Such an answer is given the `Status` kube-apiserver would
+/// have written for it, so [`LeaseApi::classify`] sees the delay either way, as client-go's
+/// `SuggestsClientDelay` does. Only the delta-seconds form is read (what kube-apiserver sends).
+fn carry_retry_after(
+    response: hyper::http::Response<Box<DynBody>>,
+) -> hyper::http::Response<Box<DynBody>> {
+    let code = response.status();
+    if !(code == hyper::http::StatusCode::TOO_MANY_REQUESTS || code.is_server_error()) {
+        return response;
+    }
+    let headers = response.headers();
+    let Some(secs) = headers
+        .get(hyper::http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|secs| *secs > 0)
+    else {
+        return response;
+    };
+    let json = headers
+        .get(hyper::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json {
+        return response;
+    }
+    let (mut parts, _) = response.into_parts();
+    let status = serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "code": code.as_u16(),
+        "reason": if code == hyper::http::StatusCode::TOO_MANY_REQUESTS { "TooManyRequests" } else { "ServiceUnavailable" },
+        "message": code.canonical_reason().unwrap_or("server error"),
+        "details": {"retryAfterSeconds": secs},
+    });
+    parts.headers.insert(
+        hyper::http::header::CONTENT_TYPE,
+        hyper::http::HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(hyper::http::header::CONTENT_LENGTH);
+    let body = http_body_util::Full::new(bytes::Bytes::from(status.to_string()));
+    let body: Box<DynBody> = Box::new(http_body_util::BodyExt::map_err(
+        body,
+        |never: std::convert::Infallible| match never {},
+    ));
+    hyper::http::Response::from_parts(parts, body)
 }
 
 type FieldCheck = fn(&serde_json::Value) -> bool;
@@ -363,8 +442,10 @@ pub async fn client(
     config.default_retry = false;
     config.connect_timeout = Some(connect_timeout);
     let namespace = config.default_namespace.clone();
-    let client = Client::try_from(config)
-        .map_err(|e| AccessError(format!("cannot build the API client: {}", chain(&e))))?;
+    let client = kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| AccessError(format!("cannot build the API client: {}", chain(&e))))?
+        .with_layer(&tower::util::MapResponseLayer::new(carry_retry_after))
+        .build();
     Ok((client, namespace))
 }
 

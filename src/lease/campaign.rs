@@ -60,8 +60,11 @@ pub enum Input {
     Expired,
     /// Our create or claim lost to another writer (409, AlreadyExists, or 404 on the claim).
     Lost,
-    /// A request failed in a way worth retrying.
-    Failed,
+    /// A request failed in a way worth retrying; the server may have said when to ask again.
+    Failed {
+        /// The server's Retry-After, if it sent one.
+        retry_after: Option<Duration>,
+    },
     /// A deadline the machine asked for passed.
     Tick,
 }
@@ -135,6 +138,10 @@ pub struct Campaign {
     /// which can be older than the server's watch window) is no place to resume; watch from the
     /// current state until an event or bookmark gives a position again.
     position_expired: bool,
+    /// Whether a watch tells us of changes (else we poll every retry period).
+    watching: bool,
+    /// State of the jitter's random sequence (xorshift64; never 0).
+    rng: u64,
 }
 
 impl Campaign {
@@ -154,7 +161,23 @@ impl Campaign {
             failures: 0,
             expirations: 0,
             position_expired: false,
+            watching: true,
+            rng: rand::random::<u64>() | 1,
         }
+    }
+
+    /// From now on changes are learnt by polling, not watching: failures back off from the retry
+    /// period instead of re-establishing the watch fast.
+    pub fn polling(&mut self) {
+        self.watching = false;
+    }
+
+    /// A number in [0, 1) for jitter.
+    fn jitter(&mut self) -> f64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// The resourceVersion to watch from (`None`: nothing seen yet; watch from the current state).
@@ -246,9 +269,20 @@ impl Campaign {
                     None => self.unknown(recheck),
                 }
             }
-            Input::Failed => {
+            Input::Failed { retry_after } => {
                 self.failures += 1;
-                let delay = backoff(&self.timing, self.failures);
+                let delay = if self.watching {
+                    let jitter = self.jitter();
+                    resync_delay(&self.timing, self.failures, jitter)
+                } else {
+                    backoff(&self.timing, self.failures)
+                };
+                // The server said how much it can bear: never ask sooner than it asked. But never
+                // stay blind to the Lease for more than a lease duration on its word (a
+                // `--wait-timeout` ends the wait anyway when it comes first).
+                let delay = retry_after.map_or(delay, |asked| {
+                    delay.max(asked.min(self.timing.lease_duration))
+                });
                 self.unknown(now + delay);
             }
             Input::Tick => {}
@@ -384,9 +418,30 @@ impl Campaign {
     }
 }
 
-/// Delay before the next attempt after `failures` consecutive transient errors while waiting:
-/// doubling from the retry period, capped at the lease duration (a handoff cannot be noticed faster
-/// than that anyway) and at 30 s.
+/// The first delay before re-establishing a broken watch (before jitter).
+pub const RESYNC_FIRST: Duration = Duration::from_millis(200);
+/// The longest delay between attempts to re-establish a watch (before jitter): a follower sees the
+/// API server again within about this long after it comes back, whatever the retry period.
+pub const RESYNC_CAP: Duration = Duration::from_secs(1);
+
+/// Delay before the next attempt to re-establish a watch after `failures` consecutive transient
+/// errors: doubling from [`RESYNC_FIRST`], capped at [`RESYNC_CAP`] and at the retry period, with
+/// "equal jitter" (between half and all of it, drawn from `jitter` in [0, 1)) so that followers cut
+/// off together do not come back in step. A follower blind to the Lease misses a release, so it
+/// looks again soon; a server that cannot bear it says so with Retry-After, which is honoured on
+/// top of this (see [`Campaign::step`]).
+pub fn resync_delay(timing: &Timing, failures: u32, jitter: f64) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    let full = RESYNC_FIRST
+        .saturating_mul(factor)
+        .min(RESYNC_CAP)
+        .min(timing.retry_period);
+    full / 2 + (full / 2).mul_f64(jitter.clamp(0.0, 1.0))
+}
+
+/// Delay before the next attempt after `failures` consecutive transient errors while polling (and
+/// after repeated 410s): doubling from the retry period, capped at the lease duration (a handoff
+/// cannot be noticed faster than that anyway) and at 30 s.
 pub fn backoff(timing: &Timing, failures: u32) -> Duration {
     let cap = timing
         .lease_duration
@@ -561,7 +616,10 @@ mod tests {
         let mut c = campaign();
         c.step(Input::Read(Some(held.clone())), t0);
         assert_eq!(c.step(Input::Expired, t0 + S), Action::Read { at: t0 + S });
-        assert!(matches!(c.step(Input::Failed, t0 + S), Action::Read { .. }));
+        assert!(matches!(
+            c.step(Input::Failed { retry_after: None }, t0 + S),
+            Action::Read { .. }
+        ));
         assert_eq!(c.step(Input::Read(None), t0 + 4 * S), until(34));
         // Further 404s keep the deadline; at its end, the Lease is created continuing the token.
         assert_eq!(c.step(Input::Read(None), t0 + 6 * S), until(34));
@@ -581,7 +639,7 @@ mod tests {
         let mut c = campaign();
         // Seen at t0 with a 40 s term; the holder may have renewed unseen since.
         c.step(Input::Read(Some(lease(Some("other"), 40, 1, "5"))), t0);
-        c.step(Input::Failed, t0 + 20 * S);
+        c.step(Input::Failed { retry_after: None }, t0 + 20 * S);
         assert_eq!(
             c.step(Input::Read(None), t0 + 22 * S),
             Action::Wait {
@@ -595,7 +653,7 @@ mod tests {
         let t0 = Instant::now();
         let mut c = campaign();
         c.step(Input::Read(Some(lease(Some("other"), 10, 1, "5"))), t0);
-        c.step(Input::Failed, t0 + S);
+        c.step(Input::Failed { retry_after: None }, t0 + S);
         // Re-read: another object (new uid), released by a candidate that never saw the old one.
         let mut recreated = lease(None, 1, 0, "9");
         recreated.metadata.uid = Some("uid-2".into());
@@ -703,11 +761,21 @@ mod tests {
     async fn failures_back_off_and_a_read_resets_them() {
         let t0 = Instant::now();
         let mut c = campaign();
-        assert_eq!(c.step(Input::Failed, t0), Action::Read { at: t0 + 2 * S });
-        assert_eq!(c.step(Input::Failed, t0), Action::Read { at: t0 + 4 * S });
+        c.polling();
+        assert_eq!(
+            c.step(Input::Failed { retry_after: None }, t0),
+            Action::Read { at: t0 + 2 * S }
+        );
+        assert_eq!(
+            c.step(Input::Failed { retry_after: None }, t0),
+            Action::Read { at: t0 + 4 * S }
+        );
         c.step(Input::Read(Some(lease(Some("other"), 10, 0, "1"))), t0);
         assert_eq!(c.failures(), 0);
-        assert_eq!(c.step(Input::Failed, t0), Action::Read { at: t0 + 2 * S });
+        assert_eq!(
+            c.step(Input::Failed { retry_after: None }, t0),
+            Action::Read { at: t0 + 2 * S }
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -780,5 +848,82 @@ mod tests {
         let delays: Vec<_> = (1..=6).map(|n| backoff(&t, n).as_secs()).collect();
         assert_eq!(delays, [2, 4, 8, 15, 15, 15]);
         assert_eq!(backoff(&t, 1000), Duration::from_secs(15));
+    }
+
+    fn failed() -> Input {
+        Input::Failed { retry_after: None }
+    }
+
+    fn read_in(action: Action, now: Instant) -> Duration {
+        match action {
+            Action::Read { at } => at - now,
+            other => panic!("expected a read, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broken_watch_is_re_established_within_a_second_whatever_the_retry_period() {
+        let t0 = Instant::now();
+        let timing = Timing {
+            retry_period: 30 * S,
+            lease_duration: 120 * S,
+            renew_deadline: 60 * S,
+            ..Timing::default()
+        };
+        let mut c = Campaign::new("me", timing);
+        c.step(Input::Read(Some(lease(Some("other"), 10, 0, "1"))), t0);
+        let mut delays = Vec::new();
+        for n in 1..=8u32 {
+            let delay = read_in(c.step(failed(), t0), t0);
+            let full = (RESYNC_FIRST * 2u32.pow(n - 1)).min(RESYNC_CAP);
+            assert!(
+                delay >= full / 2 && delay <= full,
+                "attempt {n}: {delay:?} not within [{:?}, {full:?}]",
+                full / 2
+            );
+            delays.push(delay);
+        }
+        // Jittered: not every follower comes back in step.
+        delays.sort();
+        delays.dedup();
+        assert!(delays.len() > 4, "{delays:?}");
+        // A read resets the schedule.
+        c.step(Input::Read(Some(lease(Some("other"), 10, 0, "1"))), t0);
+        assert!(read_in(c.step(failed(), t0), t0) <= RESYNC_FIRST);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_retry_period_caps_the_watch_resync_and_polling_keeps_the_long_backoff() {
+        let t0 = Instant::now();
+        let timing = Timing {
+            retry_period: S / 4,
+            ..Timing::default()
+        };
+        let mut c = Campaign::new("me", timing);
+        for _ in 0..6 {
+            assert!(read_in(c.step(failed(), t0), t0) <= S / 4);
+        }
+        let mut c = campaign();
+        c.polling();
+        let delays: Vec<_> = (0..4).map(|_| read_in(c.step(failed(), t0), t0)).collect();
+        assert_eq!(delays, [2 * S, 4 * S, 8 * S, 15 * S]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_honoured_up_to_one_lease_duration() {
+        let t0 = Instant::now();
+        let busy = |secs: u64| Input::Failed {
+            retry_after: Some(Duration::from_secs(secs)),
+        };
+        let mut c = campaign();
+        assert_eq!(read_in(c.step(busy(7), t0), t0), 7 * S);
+        // Never blind for longer than a lease duration (15 s) on the server's word.
+        assert_eq!(read_in(c.step(busy(600), t0), t0), 15 * S);
+        // A Retry-After shorter than our own backoff does not shorten it.
+        let mut c = campaign();
+        c.polling();
+        c.step(failed(), t0);
+        c.step(failed(), t0);
+        assert_eq!(read_in(c.step(busy(1), t0), t0), 8 * S);
     }
 }
