@@ -40,8 +40,9 @@ Exit codes:
   <child's>  the command's own exit code; 128+N if it was killed by signal N
   2          usage or configuration error (nothing was touched)
   75         leadership lost, or API server unreachable past --renew-deadline (the command was stopped)
-  124        --wait-timeout reached before the lease was acquired
-  125        lease-exec failed before starting the command (authorization, unusable kubeconfig)
+  124        --wait-timeout reached before the lease was acquired (--handover: before the handover)
+  125        lease-exec failed before starting the command (authorization, unusable kubeconfig;
+             --handover: refused)
   126        the command is not executable
   127        the command was not found";
 
@@ -153,6 +154,28 @@ pub struct Cli {
     #[arg(long, env = "LEASE_EXEC_STATUS", help_heading = "Debugging")]
     pub status: bool,
 
+    /// Ask the Lease's holder to hand it over (sets spec.preferredHolder, as Kubernetes'
+    /// coordinated leader election does), wait for the new holder, and print who took over and how
+    /// long the Lease stayed free; no command is run. Exit 0, 124 after --wait-timeout (the request
+    /// is then withdrawn), 125 if refused
+    #[arg(
+        long,
+        env = "LEASE_EXEC_HANDOVER",
+        conflicts_with = "status",
+        help_heading = "Handover"
+    )]
+    pub handover: bool,
+
+    /// With --handover: the identity to hand the Lease over to [default: any other candidate]
+    #[arg(
+        long,
+        env = "LEASE_EXEC_HANDOVER_TO",
+        value_name = "IDENTITY",
+        requires = "handover",
+        help_heading = "Handover"
+    )]
+    pub to: Option<String>,
+
     /// Output of --status
     #[arg(
         short,
@@ -221,7 +244,7 @@ pub struct Cli {
     pub context: Option<String>,
 }
 
-/// Output format of `--status`.
+/// Output format of `--status` and `--handover`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
     /// For people.

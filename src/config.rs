@@ -56,6 +56,13 @@ pub enum Action {
     Run(Command),
     /// Print the Lease and exit (`--status`).
     Status(OutputFormat),
+    /// Ask the holder to hand the Lease over, wait for the new holder (`--handover`).
+    Handover {
+        /// The identity preferred (`--to`); `None`: any other candidate.
+        to: Option<String>,
+        /// How to print the outcome.
+        format: OutputFormat,
+    },
 }
 
 /// Metrics, statsd, events and logs.
@@ -347,7 +354,29 @@ impl Config {
             None
         };
 
-        let action = if cli.status {
+        let action = if cli.handover {
+            if !cli.command.is_empty() {
+                return Err(ConfigError::Usage(
+                    "--handover asks the holder to hand the lease over and runs nothing: drop the command after `--`".into(),
+                ));
+            }
+            if let Some(to) = &cli.to {
+                if to.trim().is_empty() || to == crate::lease::decide::ANY_OTHER {
+                    return Err(ConfigError::Usage(format!(
+                        "invalid --to {to:?}: name the identity to hand the lease over to, or leave --to out for any other candidate"
+                    )));
+                }
+                if validate_identity(to).is_err() {
+                    return Err(ConfigError::Usage(format!(
+                        "invalid --to {to:?}: an identity has at most 253 characters and no control characters"
+                    )));
+                }
+            }
+            Action::Handover {
+                to: cli.to,
+                format: cli.output,
+            }
+        } else if cli.status {
             if !cli.command.is_empty() {
                 return Err(ConfigError::Usage(
                     "--status shows the lease and runs nothing: drop the command after `--`".into(),
@@ -470,6 +499,12 @@ fn validate_identity(identity: &str) -> Result<(), ConfigError> {
         return Err(ConfigError::Identity(
             identity.to_string(),
             "it must not contain control characters",
+        ));
+    }
+    if identity == crate::lease::decide::ANY_OTHER {
+        return Err(ConfigError::Identity(
+            identity.to_string(),
+            "it means \"any other candidate\" in a handover (spec.preferredHolder); choose another",
         ));
     }
     if identity.len() > 253 {

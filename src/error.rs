@@ -30,6 +30,16 @@ pub enum Error {
     /// `--wait-timeout` passed.
     #[error("not leader after {} (--wait-timeout)", humantime::format_duration(*.0))]
     WaitTimeout(Duration),
+    /// `--handover`: `--wait-timeout` passed before another identity held the Lease.
+    #[error("no handover within {} (--wait-timeout): {holder} still holds the lease; {}", humantime::format_duration(*.waited), if *.withdrawn { "the request was withdrawn" } else { "the request could not be withdrawn" })]
+    HandoverTimeout {
+        /// How long we waited.
+        waited: Duration,
+        /// The holder that did not step down.
+        holder: String,
+        /// Whether the request was taken back.
+        withdrawn: bool,
+    },
     /// Leadership lost; the command was stopped.
     #[error("leadership lost: {0}; the command was stopped")]
     Lost(String),
@@ -55,7 +65,7 @@ pub fn exit_code(result: &Result<Outcome, Error>) -> u8 {
         Err(Error::Config(ConfigError::CommandNotExecutable { .. })) => exit::NOT_EXECUTABLE,
         Err(Error::Config(_)) => exit::USAGE,
         Err(Error::Access(_) | Error::Api(_) | Error::Fatal(_)) => exit::FAILED,
-        Err(Error::WaitTimeout(_)) => exit::WAIT_TIMEOUT,
+        Err(Error::WaitTimeout(_) | Error::HandoverTimeout { .. }) => exit::WAIT_TIMEOUT,
         Err(Error::Lost(_)) => exit::LOST,
         Err(Error::Spawn { error, .. }) => spawn_failure(error),
     }
@@ -93,6 +103,14 @@ mod tests {
         let cases: Vec<(Result<Outcome, Error>, u8)> = vec![
             (Ok(Outcome::Child(ChildStatus::Exited(3))), 3),
             (Ok(Outcome::Interrupted(15)), 143),
+            (
+                Err(Error::HandoverTimeout {
+                    waited: Duration::from_secs(1),
+                    holder: "a".into(),
+                    withdrawn: true,
+                }),
+                exit::WAIT_TIMEOUT,
+            ),
             (Err(ConfigError::Usage("x".into()).into()), exit::USAGE),
             (
                 Err(ConfigError::CommandNotFound("x".into()).into()),

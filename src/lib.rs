@@ -26,6 +26,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod exit;
+pub mod handover;
 pub mod lease;
 pub mod logging;
 pub mod status;
@@ -76,6 +77,9 @@ pub fn main() -> u8 {
         match &config.action {
             config::Action::Run(command) => supervise::run(&config, command).await,
             config::Action::Status(format) => status::run(&config, *format).await,
+            config::Action::Handover { to, format } => {
+                handover::run(&config, to.as_deref(), *format).await
+            }
         }
     });
     report(&result, log_format);

@@ -42,6 +42,10 @@ pub struct Status {
     pub transitions: i32,
     /// The owner Pod's name.
     pub owner_pod: Option<String>,
+    /// `spec.preferredHolder`: a handover is pending to this identity (or `*`, any other).
+    pub preferred: Option<String>,
+    /// `spec.strategy`.
+    pub strategy: Option<String>,
 }
 
 impl Status {
@@ -67,6 +71,8 @@ impl Status {
                 duration_secs: None,
                 transitions: 0,
                 owner_pod: None,
+                preferred: None,
+                strategy: None,
             };
         };
         let record = Record::of(lease);
@@ -101,6 +107,12 @@ impl Status {
                 .flatten()
                 .find(|r| r.kind == "Pod")
                 .map(|r| r.name.clone()),
+            preferred: record.preferred,
+            strategy: lease
+                .spec
+                .as_ref()
+                .and_then(|s| s.strategy.clone())
+                .filter(|s| !s.is_empty()),
         }
     }
 
@@ -119,6 +131,8 @@ impl Status {
             "leaseDurationSeconds": self.duration_secs,
             "leaseTransitions": self.transitions,
             "ownerPod": self.owner_pod,
+            "preferredHolder": self.preferred,
+            "strategy": self.strategy,
         })
     }
 
@@ -159,6 +173,22 @@ impl Status {
             "  owner Pod:    {}\n",
             self.owner_pod.as_deref().unwrap_or("none")
         ));
+        if let Some(preferred) = &self.preferred {
+            let to = if preferred == crate::lease::decide::ANY_OTHER {
+                "any other candidate".to_string()
+            } else {
+                preferred.clone()
+            };
+            let state = if self.holder.is_some() && self.holder.as_ref() != Some(preferred) {
+                "pending"
+            } else {
+                "released for it"
+            };
+            out.push_str(&format!(
+                "  handover:     to {to}, {state} (strategy {})\n",
+                self.strategy.as_deref().unwrap_or("none")
+            ));
+        }
         out
     }
 }
@@ -228,5 +258,26 @@ mod tests {
         assert!(mine.to_text().contains("me (this identity)"));
         let absent = Status::of("l", "ns", None, "me", now);
         assert_eq!(absent.to_json()["state"], "absent");
+    }
+
+    #[test]
+    fn a_pending_handover_is_shown() {
+        let now = Timestamp::from_second(1000).unwrap();
+        let mut l = lease(Some("a"), 995, 15);
+        let spec = l.spec.as_mut().unwrap();
+        spec.preferred_holder = Some("b".into());
+        spec.strategy = Some(crate::lease::decide::HANDOVER_STRATEGY.into());
+        let status = Status::of("l", "ns", Some(&l), "me", now);
+        assert!(
+            status
+                .to_text()
+                .contains("handover:     to b, pending (strategy lease-exec/handover)"),
+            "{}",
+            status.to_text()
+        );
+        assert_eq!(status.to_json()["preferredHolder"], "b");
+        let plain = Status::of("l", "ns", Some(&lease(Some("a"), 995, 15)), "me", now);
+        assert!(!plain.to_text().contains("handover"));
+        assert!(plain.to_json()["preferredHolder"].is_null());
     }
 }

@@ -72,6 +72,7 @@ pub async fn run(config: &Config, command: &Command) -> Result<Outcome, Error> {
     };
     let span = tracing::info_span!("lease", name = %config.lease, namespace = %namespace, identity = %config.identity);
     let mut term = 1u64;
+    let mut handed_over = false;
     let result = loop {
         let mut clean = true;
         let result = hold(
@@ -81,7 +82,7 @@ pub async fn run(config: &Config, command: &Command) -> Result<Outcome, Error> {
             &outside,
             &mut signals,
             (&mut reaper, &watchdog),
-            &mut clean,
+            (&mut clean, &mut handed_over),
         )
         .instrument(span.clone())
         .await;
@@ -109,7 +110,9 @@ struct Outside {
 }
 
 /// Waits for the lease, runs the command while holding it, and stops.
-/// `clean` is cleared when processes the command started survived the kills.
+/// `clean` is cleared when processes the command started survived the kills. `handed_over` says
+/// the last term ended in a handover (so this campaign defers to the others as it asks), and is
+/// set when this one does.
 async fn hold(
     config: &Config,
     command: &Command,
@@ -117,7 +120,7 @@ async fn hold(
     outside: &Outside,
     signals: &mut Signals,
     (reaper, watchdog): (&mut Reaper, &Watchdog),
-    clean: &mut bool,
+    (clean, handed_over): (&mut bool, &mut bool),
 ) -> Result<Outcome, Error> {
     let owned = Owned {
         identity: config.identity.clone(),
@@ -137,8 +140,9 @@ async fn hold(
     } else {
         Feed::Poll
     };
+    let stepped_down = std::mem::take(handed_over);
     let held = tokio::select! {
-        held = acquire(lease_api, &claimant, &config.timing, feed) => held.map_err(Error::Api)?,
+        held = acquire(lease_api, &claimant, &config.timing, feed, stepped_down) => held.map_err(Error::Api)?,
         () = sleep_until_opt(wait_deadline) => {
             abandon(lease_api, &claimant, config).await;
             return Err(Error::WaitTimeout(config.timing.wait_timeout.unwrap_or_default()));
@@ -149,6 +153,15 @@ async fn hold(
             return Ok(Outcome::Interrupted(sig as i32));
         }
     };
+    if let Some(to) = Record::of(&held.lease).handover_from(&config.identity) {
+        // Resumed (the Lease already named this identity) with a handover pending: hand it over
+        // at once, without starting the command.
+        let why = Reason::Handover(to.to_string()).describe(&config.timing);
+        tracing::info!(reason = %why, "a handover is pending; releasing the lease without starting the command");
+        hand_over(lease_api, &claimant, config, outside, held).await;
+        *handed_over = true;
+        return Err(Error::Lost(why));
+    }
     logging::set_holder(Some(&config.identity));
     outside.metrics.acquired();
     outside.events.regarding(&held.lease);
@@ -239,9 +252,11 @@ async fn hold(
             Err(Error::Lost(why))
         }
         Some(reason) => {
-            // Renewals stopped at the loss. The group is gone: if the Lease still names us (our
-            // last write may have landed after all), release it so followers need not wait a whole
-            // lease duration.
+            // Renewals stopped at the loss (or, for a handover, with the command). The group is
+            // gone: if the Lease still names us (our last write may have landed after all),
+            // release it so followers need not wait a whole lease duration. A handover request
+            // stays in the released Lease for the preferred candidate to see.
+            *handed_over = matches!(reason, Reason::Handover(_));
             let why = reason.describe(&config.timing);
             outside.events.publish(LeaseEvent::Lost, &why);
             if all_gone {
@@ -351,7 +366,7 @@ async fn lead(
         );
         let act = tokio::select! {
             biased;
-            status = &mut exit => return (status, term.lost),
+            status = &mut exit => return (status, term.ended_by()),
             () = sleep_until_opt(due.lose_at) => {
                 let reason = if suspended { Reason::Suspended } else { Reason::RenewDeadline };
                 tracing::warn!(reason = %reason.describe(timing), "leadership lost; stopping the command");
@@ -364,12 +379,22 @@ async fn lead(
                     renewer_done = true;
                     continue;
                 }
-                let taken = match &*state.borrow() {
-                    LeaseState::Taken { reason, .. } => Some(reason.clone()),
-                    LeaseState::Held(_) => None,
+                let reason = match &*state.borrow() {
+                    LeaseState::Taken { reason, .. } => Some(Reason::Taken(reason.clone())),
+                    LeaseState::Held(held) => Record::of(&held.lease)
+                        .handover_from(&config.identity)
+                        .map(|to| Reason::Handover(to.to_string())),
                 };
-                match taken {
-                    Some(reason) => term.end(Reason::Taken(reason), Instant::now()),
+                match reason {
+                    Some(reason @ Reason::Handover(_)) => {
+                        let act = term.end(reason.clone(), Instant::now());
+                        if act.terminate {
+                            tracing::info!(reason = %reason.describe(timing), "handing the lease over; stopping the command");
+                            leading.metrics.lost(reason.label());
+                        }
+                        act
+                    }
+                    Some(reason) => term.end(reason, Instant::now()),
                     None => continue,
                 }
             }

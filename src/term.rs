@@ -37,6 +37,10 @@ pub enum Reason {
     Suspended,
     /// Another identity holds the Lease, or it was cleared by someone else: SIGKILL now.
     Taken(String),
+    /// A handover was requested (`spec.preferredHolder` names another identity, or any other):
+    /// the command is stopped as for a stop signal (grace period, renewals go on), then the Lease
+    /// is released for the preferred candidate.
+    Handover(String),
 }
 
 impl Reason {
@@ -56,6 +60,7 @@ impl Reason {
             Reason::RenewDeadline => "renew_deadline",
             Reason::Suspended => "suspended",
             Reason::Taken(_) => "taken",
+            Reason::Handover(_) => "handover",
         }
     }
 
@@ -71,6 +76,12 @@ impl Reason {
                 "the machine was suspended past --renew-deadline since the last renewal".into()
             }
             Reason::Taken(why) => why.clone(),
+            Reason::Handover(to) if to == crate::lease::decide::ANY_OTHER => {
+                "handed over on request (spec.preferredHolder) to any other candidate".into()
+            }
+            Reason::Handover(to) => {
+                format!("handed over on request (spec.preferredHolder) to {to}")
+            }
         }
     }
 }
@@ -89,6 +100,8 @@ pub struct Term {
     pub kill_from: Option<Instant>,
     /// Why leadership was lost, if it was.
     pub lost: Option<Reason>,
+    /// The identity a handover was requested to, if one was.
+    pub handover: Option<String>,
 }
 
 /// The two instants the supervisor sleeps until.
@@ -137,8 +150,26 @@ impl Term {
                     act.lose = true;
                 }
             }
+            // Leadership is not lost: renewals go on through the grace period (the deadlines
+            // stay those of a leader), and the Lease is released once the command is gone.
+            Reason::Handover(to) => {
+                // Already stopping (a signal, a loss): that is how this term ends.
+                if self.grace_from.is_none() && self.kill_from.is_none() {
+                    self.handover = Some(to);
+                    act.terminate = true;
+                    self.grace_from = Some(now);
+                }
+            }
         }
         act
+    }
+
+    /// Why the term ended other than by the command's own exit or a signal: a loss, else a
+    /// handover.
+    pub fn ended_by(&self) -> Option<Reason> {
+        self.lost
+            .clone()
+            .or_else(|| self.handover.clone().map(Reason::Handover))
     }
 
     /// `renewed_at` moved back by the time the machine spent suspended since then: the renewal as
@@ -309,6 +340,7 @@ mod tests {
             Reason::Suspended,
             Reason::Insisted,
             Reason::Taken("x".into()),
+            Reason::Handover("x".into()),
         ] {
             for at in [0, 5_000, 10_000, 14_000, 20_000] {
                 let mut term = Term::default();
@@ -348,5 +380,36 @@ mod tests {
         assert!(Reason::RenewDeadline.loses());
         assert!(Reason::Suspended.loses());
         assert!(Reason::Taken(String::new()).loses());
+        assert!(!Reason::Handover(String::new()).loses());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handover_stops_the_command_with_grace_while_renewals_go_on() {
+        let r = Instant::now();
+        let t = timing();
+        let mut term = Term::default();
+        let at = r + Duration::from_secs(1);
+        let act = term.end(Reason::Handover("b".into()), at);
+        assert_eq!(
+            act,
+            Act {
+                lose: false,
+                terminate: true
+            }
+        );
+        // Still a leader's deadlines: a renewal moves them, the grace period bounds the kill.
+        let d = deadlines(&term, r + Duration::from_secs(3), &t);
+        assert_eq!(d.lose_at, Some(r + Duration::from_secs(13)));
+        assert_eq!(d.kill_at, at + t.grace_period);
+        assert_eq!(term.ended_by(), Some(Reason::Handover("b".into())));
+        // A second request changes nothing; a loss meanwhile is the reason given.
+        assert_eq!(term.end(Reason::Handover("c".into()), at), Act::default());
+        term.end(Reason::RenewDeadline, r + Duration::from_secs(13));
+        assert_eq!(term.ended_by(), Some(Reason::RenewDeadline));
+        // Asked to stop first: the handover is not taken up (the exit is the signal's).
+        let mut term = Term::default();
+        term.end(Reason::Asked, at);
+        assert_eq!(term.end(Reason::Handover("b".into()), at), Act::default());
+        assert_eq!(term.ended_by(), None);
     }
 }

@@ -1160,3 +1160,39 @@ fn free_ports_are_distinct_free_and_outside_the_ephemeral_range() {
         std::net::TcpListener::bind(("127.0.0.1", port)).expect("free");
     }
 }
+
+#[tokio::test]
+async fn without_coordinated_leader_election_strategy_and_preferred_holder_are_dropped() {
+    let server = ApiServer::start().await;
+    server.set_coordinated_leader_election(false);
+    let asked =
+        json!({"holderIdentity": "a", "strategy": "example.com/mine", "preferredHolder": "b"});
+    // On create, and on an update of a Lease that had neither: silently dropped, as
+    // PrepareForCreate/PrepareForUpdate do (not refused).
+    let created = post(&server, &lease("job", asked.clone())).await;
+    assert_eq!(created.status, 201);
+    let spec = &created.json()["spec"];
+    assert!(
+        spec["strategy"].is_null() && spec["preferredHolder"].is_null(),
+        "{spec}"
+    );
+    let mut update = created.json();
+    update["spec"] = asked.clone();
+    let updated = put(&server, "job", &update).await;
+    let spec = &updated.json()["spec"];
+    assert!(
+        spec["strategy"].is_null() && spec["preferredHolder"].is_null(),
+        "{spec}"
+    );
+    // Kept where the stored Lease already had them (written while the feature was on).
+    server.set_coordinated_leader_election(true);
+    let mut update = updated.json();
+    update["spec"] = asked;
+    let kept = put(&server, "job", &update).await;
+    server.set_coordinated_leader_election(false);
+    let mut update = kept.json();
+    update["spec"]["preferredHolder"] = json!("c");
+    let spec = put(&server, "job", &update).await.json()["spec"].clone();
+    assert_eq!(spec["preferredHolder"], "c");
+    assert_eq!(spec["strategy"], "example.com/mine");
+}

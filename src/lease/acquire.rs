@@ -66,15 +66,20 @@ pub enum Feed {
 /// is half-open.
 const WATCH_IDLE: Duration = Duration::from_secs(WATCH_SECONDS as u64 + 30);
 
-/// Blocks until the Lease is held. Returns only [`ApiError::Denied`] or other non-retryable
+/// Blocks until the Lease is held (`stepped_down`: this candidate has just handed it over). Returns
+/// only [`ApiError::Denied`] or other non-retryable
 /// errors; transient failures are logged and retried with backoff.
 pub async fn acquire(
     api: &LeaseApi,
     me: &Claimant<'_>,
     timing: &Timing,
     feed: Feed,
+    stepped_down: bool,
 ) -> Result<Held, ApiError> {
     let mut campaign = Campaign::new(me.identity, *timing);
+    if stepped_down {
+        campaign.after_handover();
+    }
     if feed == Feed::Poll {
         campaign.polling();
     }
@@ -261,6 +266,7 @@ struct Narrator {
     shown_holder: Option<String>,
     warned_record: Option<Record>,
     shown_deleted: Option<Instant>,
+    shown_deferral: Option<Instant>,
     failing: bool,
     /// A failure to log once the campaign has said when it retries: what failed, and why.
     failure: Option<(String, String)>,
@@ -278,6 +284,21 @@ impl Narrator {
                 "waiting: the lease is absent (never seen, or deleted); creating it once any holder it may have had is gone"
             );
             self.shown_deleted = Some(end);
+        }
+        if let Some((to, until)) = campaign.deferring(Instant::now())
+            && self.shown_deferral != Some(until)
+        {
+            let to = if to == super::decide::ANY_OTHER {
+                "any other candidate".to_string()
+            } else {
+                to
+            };
+            tracing::info!(
+                to = %to,
+                compete_in = %humantime::format_duration(round_ms(until.saturating_duration_since(Instant::now()))),
+                "waiting: the lease is being handed over; leaving it to them before competing"
+            );
+            self.shown_deferral = Some(until);
         }
         let Some(record) = campaign.waiting_on() else {
             return;

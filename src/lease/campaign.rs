@@ -140,6 +140,8 @@ pub struct Campaign {
     position_expired: bool,
     /// Whether a watch tells us of changes (else we poll every retry period).
     watching: bool,
+    /// We handed this Lease over ourselves: a handover to any other candidate leaves it to them.
+    stepped_down: bool,
     /// State of the jitter's random sequence (xorshift64; never 0).
     rng: u64,
 }
@@ -162,6 +164,7 @@ impl Campaign {
             expirations: 0,
             position_expired: false,
             watching: true,
+            stepped_down: false,
             rng: rand::random::<u64>() | 1,
         }
     }
@@ -170,6 +173,31 @@ impl Campaign {
     /// period instead of re-establishing the watch fast.
     pub fn polling(&mut self) {
         self.watching = false;
+    }
+
+    /// This candidate has just handed the Lease over (a planned handover): it leaves the Lease to
+    /// the others as the handover asks, "any other candidate" included.
+    pub fn after_handover(&mut self) {
+        self.stepped_down = true;
+    }
+
+    /// A handover we are leaving the Lease to: the preferred holder, and until when.
+    pub fn deferring(&self, now: Instant) -> Option<(String, Instant)> {
+        let (record, observed_at) = self.observed.as_ref()?;
+        if !matches!(self.view, View::Present(_)) {
+            return None;
+        }
+        match decide(
+            record,
+            *observed_at,
+            now,
+            &self.identity,
+            self.timing.lease_duration,
+            self.stepped_down,
+        ) {
+            Decision::Defer { to, until } => Some((to, until)),
+            _ => None,
+        }
     }
 
     /// A number in [0, 1) for jitter.
@@ -387,10 +415,14 @@ impl Campaign {
                     now,
                     &self.identity,
                     self.timing.lease_duration,
+                    self.stepped_down,
                 ) {
                     Decision::Wait { expires_at, .. } => Action::Wait {
                         until: Some(expires_at.unwrap_or(now + self.timing.retry_period)),
                     },
+                    // Being handed over to someone else: theirs for now. Their claim shows up
+                    // as an event (or at the next poll); if none by `until`, compete.
+                    Decision::Defer { until, .. } => Action::Wait { until: Some(until) },
                     decision => {
                         let rv = lease.metadata.resource_version.as_deref();
                         if let Some((lost_rv, recheck)) = &self.lost
@@ -925,5 +957,98 @@ mod tests {
         c.step(failed(), t0);
         c.step(failed(), t0);
         assert_eq!(read_in(c.step(busy(1), t0), t0), 8 * S);
+    }
+
+    fn preferring(mut l: Lease, preferred: &str) -> Lease {
+        let spec = l.spec.as_mut().unwrap();
+        spec.preferred_holder = Some(preferred.into());
+        spec.strategy = Some(crate::lease::decide::HANDOVER_STRATEGY.into());
+        l
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handover_goes_to_the_preferred_candidate_and_the_others_defer_one_term() {
+        let t0 = Instant::now();
+        let held = preferring(lease(Some("old"), 10, 3, "5"), "me");
+        let released = preferring(lease(None, 1, 3, "6"), "me");
+        // The preferred candidate waits for the release like anyone: never early.
+        let mut c = campaign();
+        assert_eq!(
+            c.step(Input::Read(Some(held.clone())), t0),
+            Action::Wait {
+                until: Some(t0 + 10 * S)
+            }
+        );
+        // Released: it claims at once.
+        assert!(is_claim(
+            &c.step(Input::Changed(released.clone()), t0 + S),
+            "6"
+        ));
+        // Another candidate leaves it to the preferred one for one lease duration (15 s)…
+        let mut c = Campaign::new("other", Timing::default());
+        c.step(Input::Read(Some(held)), t0);
+        let defer = Action::Wait {
+            until: Some(t0 + 16 * S),
+        };
+        assert_eq!(c.step(Input::Changed(released.clone()), t0 + S), defer);
+        assert_eq!(c.deferring(t0 + 2 * S).map(|(to, _)| to), Some("me".into()));
+        assert_eq!(c.step(Input::Tick, t0 + 10 * S), defer);
+        // …then competes, if the preferred one never came.
+        assert!(is_claim(&c.step(Input::Tick, t0 + 16 * S), "6"));
+        // If it comes, its claim is waited on like any holder.
+        let mut c = Campaign::new("other", Timing::default());
+        c.step(Input::Changed(released), t0);
+        assert_eq!(
+            c.step(Input::Changed(lease(Some("me"), 15, 4, "7")), t0 + S),
+            Action::Wait {
+                until: Some(t0 + 16 * S)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_lease_being_handed_over_is_deferred_from_its_expiry() {
+        let t0 = Instant::now();
+        let mut c = Campaign::new("other", Timing::default());
+        c.step(
+            Input::Read(Some(preferring(lease(Some("old"), 10, 3, "5"), "me"))),
+            t0,
+        );
+        assert_eq!(
+            c.step(Input::Tick, t0 + 10 * S),
+            Action::Wait {
+                until: Some(t0 + 25 * S)
+            }
+        );
+        assert!(is_claim(&c.step(Input::Tick, t0 + 25 * S), "5"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handover_to_any_other_candidate_defers_only_the_one_who_stepped_down() {
+        let t0 = Instant::now();
+        let released = preferring(lease(None, 1, 3, "6"), crate::lease::decide::ANY_OTHER);
+        let mut c = campaign();
+        assert!(is_claim(
+            &c.step(Input::Read(Some(released.clone())), t0),
+            "6"
+        ));
+        let mut c = campaign();
+        c.after_handover();
+        assert_eq!(
+            c.step(Input::Read(Some(released)), t0),
+            Action::Wait {
+                until: Some(t0 + 15 * S)
+            }
+        );
+        // A handover naming it (a ping-pong) is not deferred.
+        let mut c = campaign();
+        c.after_handover();
+        assert!(is_claim(
+            &c.step(
+                Input::Read(Some(preferring(lease(None, 1, 3, "6"), "me"))),
+                t0
+            ),
+            "6"
+        ));
     }
 }

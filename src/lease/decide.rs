@@ -29,7 +29,19 @@ pub struct Record {
     pub renew_time: Option<Timestamp>,
     /// `spec.acquireTime` as written.
     pub acquire_time: Option<Timestamp>,
+    /// `spec.preferredHolder`; `None` when absent or empty. A handover is requested (see
+    /// [`Record::defers`]).
+    pub preferred: Option<String>,
 }
+
+/// `spec.strategy` lease-exec writes for a handover requested with `--handover` when the Lease has
+/// no strategy of its own: a qualified name, as the API requires of strategies it does not define.
+pub const HANDOVER_STRATEGY: &str = "lease-exec/handover";
+
+/// `spec.preferredHolder` of a handover to any other candidate (`--handover` without `--to`):
+/// no identity is preferred, the holder steps down and defers to the others for one term.
+/// `--identity` refuses it.
+pub const ANY_OTHER: &str = "*";
 
 impl Record {
     /// Reads the record from a Lease.
@@ -43,6 +55,29 @@ impl Record {
             transitions: spec.lease_transitions.unwrap_or(0),
             renew_time: spec.renew_time.as_ref().map(|t| t.0),
             acquire_time: spec.acquire_time.as_ref().map(|t| t.0),
+            preferred: spec.preferred_holder.clone().filter(|p| !p.is_empty()),
+        }
+    }
+
+    /// Whether a handover asks `identity` to leave the Lease to someone else: a preferred holder
+    /// that is another identity, or any other candidate when `identity` is the holder that stepped
+    /// down (`stepped_down`).
+    pub fn defers(&self, identity: &str, stepped_down: bool) -> bool {
+        match self.preferred.as_deref() {
+            None => false,
+            Some(ANY_OTHER) => stepped_down,
+            Some(preferred) => preferred != identity,
+        }
+    }
+
+    /// The identity a holder named `identity` is asked to hand the Lease over to, if any: it names
+    /// us and prefers someone else (or anyone else).
+    pub fn handover_from(&self, identity: &str) -> Option<&str> {
+        match (&self.holder, &self.preferred) {
+            (Some(holder), Some(preferred)) if holder == identity && preferred != identity => {
+                Some(preferred)
+            }
+            _ => None,
         }
     }
 
@@ -81,6 +116,14 @@ pub enum Decision {
         /// The previous holder, when the Lease expired rather than being released.
         expired_holder: Option<String>,
     },
+    /// Released or expired, but being handed over to someone else: leave it to them until
+    /// `until` (one `--lease-duration` after it became free in our eyes; they may be gone).
+    Defer {
+        /// The preferred holder (or [`ANY_OTHER`]).
+        to: String,
+        /// When we may compete for it.
+        until: Instant,
+    },
     /// Someone else holds it.
     Wait {
         /// The holder.
@@ -92,31 +135,47 @@ pub enum Decision {
 }
 
 /// Decides what to do with a Lease record first observed (in this version) at `observed_at`.
+/// `stepped_down`: we handed this Lease over ourselves (see [`Record::defers`]).
+///
+/// A handover never lets anyone claim a held Lease early: the preferred holder waits for the
+/// release (or the expiry) like everyone; the others wait one `--lease-duration` (`fallback`)
+/// longer, so the preferred one gets it if it is alive.
 pub fn decide(
     record: &Record,
     observed_at: Instant,
     now: Instant,
     identity: &str,
     fallback: Duration,
+    stepped_down: bool,
 ) -> Decision {
-    let Some(holder) = &record.holder else {
-        return Decision::TakeOver {
-            expired_holder: None,
-        };
+    let free_since = match &record.holder {
+        None => Some(observed_at),
+        Some(holder) if holder == identity => return Decision::Resume,
+        Some(holder) => {
+            let (duration, _) = record.effective_duration(fallback);
+            let expires_at = observed_at.checked_add(duration);
+            match expires_at {
+                Some(at) if now >= at => Some(at),
+                _ => {
+                    return Decision::Wait {
+                        holder: holder.clone(),
+                        expires_at,
+                    };
+                }
+            }
+        }
     };
-    if holder == identity {
-        return Decision::Resume;
+    if record.defers(identity, stepped_down)
+        && let Some(until) = free_since.and_then(|t| t.checked_add(fallback))
+        && now < until
+    {
+        return Decision::Defer {
+            to: record.preferred.clone().unwrap_or_default(),
+            until,
+        };
     }
-    let (duration, _) = record.effective_duration(fallback);
-    let expires_at = observed_at.checked_add(duration);
-    match expires_at {
-        Some(at) if now >= at => Decision::TakeOver {
-            expired_holder: Some(holder.clone()),
-        },
-        _ => Decision::Wait {
-            holder: holder.clone(),
-            expires_at,
-        },
+    Decision::TakeOver {
+        expired_holder: record.holder.clone(),
     }
 }
 
@@ -170,6 +229,13 @@ impl Claimant<'_> {
         if record.holder.as_deref() != Some(self.identity) {
             spec.acquire_time = Some(MicroTime(now));
             spec.lease_transitions = Some(record.transitions.saturating_add(1));
+            // A handover ends with the new holder: the preferred one, or anyone after the
+            // preferred one let it pass. A request left in place would make this new term
+            // end at once. Another strategy (the API's own) stays.
+            spec.preferred_holder = None;
+            if spec.strategy.as_deref() == Some(HANDOVER_STRATEGY) {
+                spec.strategy = None;
+            }
         } else if spec.acquire_time.is_none() {
             spec.acquire_time = Some(MicroTime(now));
         }
@@ -191,7 +257,8 @@ impl Claimant<'_> {
     }
 
     /// `current` released, client-go style: holder cleared, duration 1 s, transitions kept, so the
-    /// next candidate can take over at once.
+    /// next candidate can take over at once. `strategy` and `preferredHolder` are kept: after a
+    /// handover they tell the candidates who is preferred.
     pub fn release(&self, current: &Lease, now: Timestamp) -> Lease {
         let mut lease = current.clone();
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
@@ -253,7 +320,7 @@ mod tests {
     fn live_holder_means_wait_until_observed_plus_duration() {
         let t0 = Instant::now();
         let r = Record::of(&lease(Some("other"), Some(10), 3));
-        let d = decide(&r, t0, t0 + Duration::from_secs(9), "me", FALLBACK);
+        let d = decide(&r, t0, t0 + Duration::from_secs(9), "me", FALLBACK, false);
         assert_eq!(
             d,
             Decision::Wait {
@@ -261,7 +328,7 @@ mod tests {
                 expires_at: Some(t0 + Duration::from_secs(10))
             }
         );
-        let d = decide(&r, t0, t0 + Duration::from_secs(10), "me", FALLBACK);
+        let d = decide(&r, t0, t0 + Duration::from_secs(10), "me", FALLBACK, false);
         assert_eq!(
             d,
             Decision::TakeOver {
@@ -281,7 +348,7 @@ mod tests {
                 ..lease(None, None, 0)
             },
         ] {
-            let d = decide(&Record::of(&l), t0, t0, "me", FALLBACK);
+            let d = decide(&Record::of(&l), t0, t0, "me", FALLBACK, false);
             assert_eq!(
                 d,
                 Decision::TakeOver {
@@ -295,7 +362,7 @@ mod tests {
     fn own_identity_resumes() {
         let t0 = Instant::now();
         let r = Record::of(&lease(Some("me"), Some(15), 2));
-        assert_eq!(decide(&r, t0, t0, "me", FALLBACK), Decision::Resume);
+        assert_eq!(decide(&r, t0, t0, "me", FALLBACK, false), Decision::Resume);
     }
 
     #[test]
@@ -307,7 +374,7 @@ mod tests {
             assert_eq!(d, FALLBACK);
             assert!(warning.unwrap().contains("spec.leaseDurationSeconds"));
             assert!(matches!(
-                decide(&r, t0, t0 + Duration::from_secs(14), "me", FALLBACK),
+                decide(&r, t0, t0 + Duration::from_secs(14), "me", FALLBACK, false),
                 Decision::Wait { .. }
             ));
         }
@@ -317,7 +384,14 @@ mod tests {
     fn huge_duration_is_honoured() {
         let t0 = Instant::now();
         let r = Record::of(&lease(Some("other"), Some(i32::MAX), 0));
-        let d = decide(&r, t0, t0 + Duration::from_secs(86_400), "me", FALLBACK);
+        let d = decide(
+            &r,
+            t0,
+            t0 + Duration::from_secs(86_400),
+            "me",
+            FALLBACK,
+            false,
+        );
         assert!(matches!(d, Decision::Wait { .. }));
     }
 
@@ -387,5 +461,45 @@ mod tests {
         let json = serde_json::to_value(me.create("l", "ns", 0, ts)).unwrap();
         assert_eq!(json["spec"]["renewTime"], "2026-11-24T10:00:00.123456Z");
         assert_eq!(json["spec"]["leaseTransitions"], 0);
+    }
+
+    #[test]
+    fn a_new_holder_ends_the_handover_and_a_resume_or_release_keeps_it() {
+        let timing = Timing::default();
+        let me = Claimant {
+            identity: "me",
+            timing: &timing,
+            owner: None,
+        };
+        let with = |holder: Option<&str>, strategy: &str| {
+            let mut l = lease(holder, Some(15), 2);
+            let spec = l.spec.as_mut().unwrap();
+            spec.strategy = Some(strategy.into());
+            spec.preferred_holder = Some("me".into());
+            l
+        };
+        let now = Timestamp::UNIX_EPOCH;
+        // Taken by the preferred candidate: our own strategy goes, the API's stays.
+        let spec = me.claim(&with(None, HANDOVER_STRATEGY), now).spec.unwrap();
+        assert_eq!((spec.strategy, spec.preferred_holder), (None, None));
+        let spec = me
+            .claim(&with(None, "OldestEmulationVersion"), now)
+            .spec
+            .unwrap();
+        assert_eq!(spec.strategy.as_deref(), Some("OldestEmulationVersion"));
+        assert_eq!(spec.preferred_holder, None);
+        // A renewal and a release keep the request for the candidates to see.
+        let other = Claimant {
+            identity: "other",
+            ..me.clone()
+        };
+        let held = with(Some("other"), HANDOVER_STRATEGY);
+        assert_eq!(Record::of(&held).handover_from("other"), Some("me"));
+        assert_eq!(Record::of(&held).handover_from("me"), None);
+        for kept in [other.renew(&held, now), other.release(&held, now)] {
+            let spec = kept.spec.unwrap();
+            assert_eq!(spec.preferred_holder.as_deref(), Some("me"));
+            assert_eq!(spec.strategy.as_deref(), Some(HANDOVER_STRATEGY));
+        }
     }
 }

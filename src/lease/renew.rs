@@ -205,6 +205,19 @@ pub async fn guard(
                 return;
             }
             Seen::Deleted => write_now.notify_one(),
+            Seen::Handover(lease) => {
+                // Still ours, with a handover requested: published for the supervisor, with the
+                // renewal time unchanged (this is someone else's write, not a renewal).
+                state.send_if_modified(|s| match s {
+                    LeaseState::Held(held)
+                        if Record::of(&held.lease).handover_from(&identity).is_none() =>
+                    {
+                        held.lease = *lease;
+                        true
+                    }
+                    _ => false,
+                });
+            }
             Seen::Nothing => {}
         }
     }
@@ -216,6 +229,8 @@ enum Seen {
     Taken(String),
     /// The Lease was deleted.
     Deleted,
+    /// Still ours, but a handover to another identity is requested (`spec.preferredHolder`).
+    Handover(Box<Lease>),
     /// Nothing that matters (our own renewals, bookmarks, a re-opened stream).
     Nothing,
 }
@@ -280,7 +295,11 @@ impl Guard {
         match event {
             Some(Ok(WatchEvent::Added(lease) | WatchEvent::Modified(lease))) => {
                 self.failures = 0;
-                match Record::of(&lease).holder {
+                let record = Record::of(&lease);
+                match record.holder {
+                    Some(_) if record.handover_from(identity).is_some() => {
+                        Seen::Handover(Box::new(lease))
+                    }
                     Some(holder) if holder == identity => Seen::Nothing,
                     Some(holder) => Seen::Taken(format!("the lease is now held by {holder}")),
                     None => Seen::Taken("the lease was released by someone else".into()),

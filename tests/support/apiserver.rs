@@ -161,6 +161,9 @@ struct Inner {
     /// Bumped whenever every open watch must end.
     watch_closures: u64,
     open_watches: usize,
+    /// The CoordinatedLeaderElection feature gate: when off, `spec.strategy` and
+    /// `spec.preferredHolder` are dropped (pkg/registry/coordination/lease/strategy.go).
+    coordinated: bool,
 }
 
 /// Handle to a running server. Dropping it stops nothing; the test's runtime ends it.
@@ -217,6 +220,7 @@ impl ApiServer {
                 bookmark_requests: 0,
                 watch_closures: 0,
                 open_watches: 0,
+                coordinated: true,
             })),
             addr,
             watch_tx,
@@ -281,6 +285,11 @@ current-context: memory
     }
 
     /// Delays every answer by `delay`.
+    pub fn set_coordinated_leader_election(&self, on: bool) {
+        self.inner.lock().unwrap().coordinated = on;
+    }
+
+    /// Delays every answer.
     pub fn set_delay(&self, delay: Duration) {
         self.inner.lock().unwrap().delay = delay;
     }
@@ -787,6 +796,7 @@ current-context: memory
                 )],
             );
         }
+        prepare(&inner, &mut object, None);
         let mut errors = name_errors(&name);
         errors.extend(spec_errors(&object["spec"]));
         if !errors.is_empty() {
@@ -872,6 +882,7 @@ current-context: memory
             if let Some(code) = denied_create {
                 return fault(code, None, &Route::Create { ns: ns.to_string() }, "create");
             }
+            prepare(&inner, &mut object, None);
             let mut errors = name_errors(name);
             errors.extend(spec_errors(&object["spec"]));
             if !errors.is_empty() {
@@ -1002,6 +1013,7 @@ current-context: memory
         }
         object["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
         object["metadata"]["namespace"] = json!(ns);
+        prepare(inner, &mut object, Some(current));
         let errors = spec_errors(&object["spec"]);
         if !errors.is_empty() {
             return invalid(GROUP, "Lease", name, &errors);
@@ -1882,6 +1894,21 @@ fn invalid(group: &str, kind: &str, name: &str, errors: &[FieldError]) -> Respon
         &format!("{qualified} {name:?} is invalid: {list}"),
         Some(details),
     )
+}
+
+/// The lease strategy's `PrepareForCreate`/`PrepareForUpdate`: without the CoordinatedLeaderElection
+/// feature, `spec.strategy` and `spec.preferredHolder` are dropped unless the stored Lease already
+/// has them.
+fn prepare(inner: &Inner, object: &mut Value, old: Option<&Value>) {
+    if inner.coordinated {
+        return;
+    }
+    for field in ["strategy", "preferredHolder"] {
+        let kept = old.is_some_and(|o| !o["spec"][field].is_null());
+        if !kept && let Some(spec) = object["spec"].as_object_mut() {
+            spec.remove(field);
+        }
+    }
 }
 
 /// The answer kube-apiserver gives with `code` to a request on `route`: the reason, message and

@@ -1,0 +1,379 @@
+//! `lease-exec --handover LEASE [--to IDENTITY]`: a planned handover, by hand.
+//!
+//! It writes `spec.preferredHolder` (the identity given, or [`ANY_OTHER`]) and, unless the Lease
+//! has one, `spec.strategy` [`HANDOVER_STRATEGY`] (the API accepts a preferred holder only with a
+//! strategy), conditioned on the resourceVersion read. Then it watches the Lease until another
+//! identity holds it and prints who, and how long the Lease was free (from the release to the
+//! claim, both as seen by this process's watch).
+//!
+//! The holder does the rest: a lease-exec holder stops its command as for a stop signal (grace
+//! period, renewals go on), releases the Lease keeping the request, and the preferred candidate
+//! claims it at once; the others leave it to that candidate for one lease duration (see
+//! [`crate::lease::campaign`]). Nothing here can put a second worker anywhere: this process only
+//! ever writes the two request fields, never the holder.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use kube::api::WatchEvent;
+use serde_json::json;
+use tokio::time::{Instant, sleep, sleep_until};
+
+use crate::cli::OutputFormat;
+use crate::config::Config;
+use crate::error::{Error, Outcome};
+use crate::exit::ChildStatus;
+use crate::lease::Record;
+use crate::lease::api::{self, ApiError, LeaseApi};
+use crate::lease::decide::{ANY_OTHER, HANDOVER_STRATEGY};
+
+/// How a handover ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Done {
+    /// The holder asked to step down.
+    pub from: String,
+    /// The new holder.
+    pub to: String,
+    /// `spec.leaseTransitions` of the new term.
+    pub transitions: i32,
+    /// From the release to the claim, as seen here; `None` if no release was seen (the Lease
+    /// expired, or was overwritten).
+    pub free_for: Option<Duration>,
+    /// From the request to the claim.
+    pub after_request: Duration,
+}
+
+/// Requests the handover, waits for it, prints the outcome.
+pub async fn run(
+    config: &Config,
+    to: Option<&str>,
+    format: OutputFormat,
+) -> Result<Outcome, Error> {
+    let (_, lease_api) = api::connect(config).await.map_err(Error::Access)?;
+    let timeout = config.timing.request_timeout();
+    let preferred = to.unwrap_or(ANY_OTHER);
+    let wait_deadline = config.timing.wait_timeout.map(|t| Instant::now() + t);
+    let (requested, from) = request(&lease_api, preferred, timeout).await?;
+    let requested_at = Instant::now();
+    tracing::info!(from = %from, to = %describe(preferred), "handover requested; waiting for the new holder");
+    let done = tokio::select! {
+        done = follow(&lease_api, &requested, &from, preferred, config) => done?,
+        () = sleep_until_opt(wait_deadline) => {
+            let withdrawn = withdraw(&lease_api, &from, preferred, timeout).await;
+            return Err(Error::HandoverTimeout {
+                waited: config.timing.wait_timeout.unwrap_or_default(),
+                holder: from,
+                withdrawn,
+            });
+        }
+    };
+    let done = Done {
+        after_request: done.after_request.min(requested_at.elapsed()),
+        ..done
+    };
+    let lease = format!("{}/{}", lease_api.namespace(), lease_api.name());
+    match format {
+        OutputFormat::Text => println!("{}", text(&lease, preferred, &done)),
+        OutputFormat::Json => println!(
+            "{}",
+            json!({
+                "lease": lease_api.name(),
+                "namespace": lease_api.namespace(),
+                "from": done.from,
+                "to": done.to,
+                "requested": to,
+                "leaseTransitions": done.transitions,
+                "freeMilliseconds": done.free_for.map(|d| d.as_secs_f64() * 1000.0),
+                "afterRequestMilliseconds": done.after_request.as_secs_f64() * 1000.0,
+            })
+        ),
+    }
+    Ok(Outcome::Child(ChildStatus::Exited(0)))
+}
+
+fn describe(preferred: &str) -> String {
+    if preferred == ANY_OTHER {
+        "any other candidate".into()
+    } else {
+        preferred.into()
+    }
+}
+
+/// The line printed for people.
+pub fn text(lease: &str, preferred: &str, done: &Done) -> String {
+    let mut line = format!(
+        "lease {lease} handed over: {} -> {} (leaseTransitions {})",
+        done.from, done.to, done.transitions
+    );
+    match done.free_for {
+        Some(free) => line.push_str(&format!(
+            "; free for {:.1} ms between the release and the claim",
+            free.as_secs_f64() * 1000.0
+        )),
+        None => line.push_str("; no release was seen (it expired or was overwritten)"),
+    }
+    line.push_str(&format!(
+        ", {:.1} ms after the request",
+        done.after_request.as_secs_f64() * 1000.0
+    ));
+    if preferred != ANY_OTHER && preferred != done.to {
+        line.push_str(&format!(
+            "; not {preferred}, which did not take it within a lease duration"
+        ));
+    }
+    line
+}
+
+/// Writes the request on the held Lease. Returns the Lease as written and its holder.
+async fn request(
+    api: &LeaseApi,
+    preferred: &str,
+    timeout: Duration,
+) -> Result<(Lease, String), Error> {
+    let name = format!("{}/{}", api.namespace(), api.name());
+    for _ in 0..5 {
+        let Some(current) = api.get(timeout).await.map_err(Error::Api)? else {
+            return Err(Error::Fatal(format!(
+                "lease {name} does not exist: nothing to hand over"
+            )));
+        };
+        let record = Record::of(&current);
+        let Some(holder) = record.holder else {
+            return Err(Error::Fatal(format!(
+                "lease {name} is not held (released): nothing to hand over, the next candidate takes it at once"
+            )));
+        };
+        if holder == preferred {
+            return Err(Error::Fatal(format!(
+                "{preferred} already holds lease {name}: nothing to hand over"
+            )));
+        }
+        let mut asked = current.clone();
+        let spec = asked.spec.get_or_insert_with(LeaseSpec::default);
+        spec.preferred_holder = Some(preferred.to_string());
+        if spec.strategy.as_deref().is_none_or(str::is_empty) {
+            spec.strategy = Some(HANDOVER_STRATEGY.to_string());
+        }
+        match api.replace(&asked, timeout).await {
+            Ok(written) => {
+                if Record::of(&written).preferred.as_deref() != Some(preferred) {
+                    return Err(Error::Fatal(
+                        "the API server dropped spec.preferredHolder: its CoordinatedLeaderElection feature gate is off (kube-apiserver --feature-gates=CoordinatedLeaderElection=true); without it, stop the holder with SIGTERM instead".into(),
+                    ));
+                }
+                return Ok((written, holder));
+            }
+            Err(ApiError::Conflict) => continue,
+            Err(ApiError::NotFound) => {
+                return Err(Error::Fatal(format!(
+                    "lease {name} was deleted meanwhile: nothing to hand over"
+                )));
+            }
+            Err(e) => return Err(Error::Api(e)),
+        }
+    }
+    Err(Error::Fatal(format!(
+        "lease {name} kept changing under the request; try again"
+    )))
+}
+
+/// What one observation of the Lease means for the handover.
+enum Step {
+    /// Nothing new.
+    Waiting,
+    /// Released (holder cleared).
+    Released,
+    /// Another holder: done.
+    Taken(String, i32),
+}
+
+/// Follows the Lease (watch, else polls) until another identity holds it.
+async fn follow(
+    api: &LeaseApi,
+    requested: &Lease,
+    from: &str,
+    preferred: &str,
+    config: &Config,
+) -> Result<Done, Error> {
+    let started = Instant::now();
+    let timeout = config.timing.request_timeout();
+    let mut released_at: Option<Instant> = None;
+    let mut rv = requested
+        .metadata
+        .resource_version
+        .clone()
+        .unwrap_or_default();
+    let mut watching = true;
+    let observe = |lease: &Lease| -> Result<Step, Error> {
+        let record = Record::of(lease);
+        match record.holder {
+            None => Ok(Step::Released),
+            Some(holder) if holder != from => Ok(Step::Taken(holder, record.transitions)),
+            Some(_) if record.preferred.as_deref() != Some(preferred) => {
+                Err(Error::Fatal(format!(
+                    "{from} still holds the lease and dropped the handover request: it does not take part in handovers (a lease-exec holder does; client-go does with Coordinated=true); stop it with SIGTERM instead"
+                )))
+            }
+            Some(_) => Ok(Step::Waiting),
+        }
+    };
+    loop {
+        let mut seen = Vec::new();
+        if watching {
+            match api.watch(&rv, timeout).await {
+                Ok(mut stream) => {
+                    while let Some(event) = stream.next().await {
+                        match event {
+                            Ok(WatchEvent::Added(lease) | WatchEvent::Modified(lease)) => {
+                                if let Some(v) = &lease.metadata.resource_version {
+                                    rv.clone_from(v);
+                                }
+                                match observe(&lease)? {
+                                    Step::Waiting => {}
+                                    Step::Released => {
+                                        released_at.get_or_insert_with(Instant::now);
+                                    }
+                                    Step::Taken(to, transitions) => {
+                                        return Ok(done(
+                                            from,
+                                            to,
+                                            transitions,
+                                            released_at,
+                                            started,
+                                        ));
+                                    }
+                                }
+                            }
+                            Ok(WatchEvent::Bookmark(b)) => rv = b.metadata.resource_version,
+                            // A deletion: a re-creation shows up as ADDED.
+                            Ok(WatchEvent::Deleted(_)) => {}
+                            // 410 or another error: read, then watch from the current state.
+                            Ok(WatchEvent::Error(_)) | Err(_) => {
+                                rv.clear();
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(ApiError::Denied { .. } | ApiError::NotFound) => {
+                    tracing::info!("cannot watch the lease; polling every retry period");
+                    watching = false;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot watch the lease; retrying");
+                    sleep(config.timing.retry_period.min(Duration::from_secs(1))).await;
+                }
+            }
+        } else {
+            sleep(config.timing.retry_period).await;
+        }
+        if rv.is_empty() || !watching {
+            match api.get(timeout).await {
+                Ok(Some(lease)) => {
+                    rv = lease.metadata.resource_version.clone().unwrap_or_default();
+                    seen.push(lease);
+                }
+                Ok(None) => {}
+                Err(e @ ApiError::Denied { .. }) => return Err(Error::Api(e)),
+                Err(e) => tracing::debug!(error = %e, "cannot read the lease; retrying"),
+            }
+        }
+        for lease in seen {
+            match observe(&lease)? {
+                Step::Waiting => {}
+                Step::Released => {
+                    released_at.get_or_insert_with(Instant::now);
+                }
+                Step::Taken(to, transitions) => {
+                    return Ok(done(from, to, transitions, released_at, started));
+                }
+            }
+        }
+    }
+}
+
+fn done(
+    from: &str,
+    to: String,
+    transitions: i32,
+    released_at: Option<Instant>,
+    started: Instant,
+) -> Done {
+    Done {
+        from: from.to_string(),
+        to,
+        transitions,
+        free_for: released_at.map(|at| at.elapsed()),
+        after_request: started.elapsed(),
+    }
+}
+
+/// Takes the request back if it is still pending (the same holder, our preferred holder).
+/// Returns whether the Lease no longer carries it.
+async fn withdraw(api: &LeaseApi, from: &str, preferred: &str, timeout: Duration) -> bool {
+    for _ in 0..3 {
+        let Ok(Some(current)) = api.get(timeout).await else {
+            return false;
+        };
+        let record = Record::of(&current);
+        if record.holder.as_deref() != Some(from) || record.preferred.as_deref() != Some(preferred)
+        {
+            return true;
+        }
+        let mut withdrawn = current.clone();
+        let spec = withdrawn.spec.get_or_insert_with(LeaseSpec::default);
+        spec.preferred_holder = None;
+        if spec.strategy.as_deref() == Some(HANDOVER_STRATEGY) {
+            spec.strategy = None;
+        }
+        match api.replace(&withdrawn, timeout).await {
+            Ok(_) => return true,
+            Err(ApiError::Conflict) => continue,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_line_says_who_took_over_and_how_long_the_lease_was_free() {
+        let done = Done {
+            from: "a".into(),
+            to: "b".into(),
+            transitions: 4,
+            free_for: Some(Duration::from_micros(8_250)),
+            after_request: Duration::from_millis(5_100),
+        };
+        assert_eq!(
+            text("ns/l", "b", &done),
+            "lease ns/l handed over: a -> b (leaseTransitions 4); free for 8.2 ms between the release and the claim, 5100.0 ms after the request"
+        );
+        let other = Done {
+            to: "c".into(),
+            free_for: None,
+            ..done
+        };
+        let line = text("ns/l", "b", &other);
+        assert!(line.contains("no release was seen"), "{line}");
+        assert!(
+            line.ends_with("not b, which did not take it within a lease duration"),
+            "{line}"
+        );
+        assert!(
+            !text("ns/l", ANY_OTHER, &other).contains("not "),
+            "any other is fine"
+        );
+    }
+}
