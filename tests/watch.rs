@@ -255,3 +255,152 @@ async fn followers_race_and_exactly_one_wins() {
         stop(f).await;
     }
 }
+
+/// The requests a follower makes while every Lease request fails (503), from the failure of its
+/// watch on: `retry_period` and `lease_duration` are its timing, `expected` the gaps between its
+/// attempts that `backoff()` gives. Checks each gap from both sides: never shorter than the
+/// schedule (no timer fires early, and a request's latency only adds to it), and longer by at most
+/// half the step or 400 ms, whichever is less: always short of the next step of the schedule.
+/// Returns with the API answering again and the follower still waiting.
+async fn assert_backoff_while_watching(
+    timing: [&str; 6],
+    expected: &[Duration],
+) -> (World, Running) {
+    let world = World::start().await;
+    world.server.steal(NS, "job", "other", 600);
+    let mut options: Vec<&str> = timing.to_vec();
+    options.extend(["--identity", "follower", "job"]);
+    let mut running = world.worker_command(&options, 0.0, 0, &[]).spawn();
+    following(&world, &running).await;
+    wait_for(LIMIT, "the watch to be open", || {
+        world.server.open_watches() == 1
+    })
+    .await;
+    let since = Instant::now();
+    world.server.set_mode(Mode::Status(503, None));
+    let failing = || -> Vec<apiserver::Seen> {
+        world
+            .server
+            .seen()
+            .into_iter()
+            .filter(|s| s.at >= since)
+            .collect()
+    };
+    let total: Duration = expected.iter().sum();
+    wait_for(
+        total + Duration::from_secs(10),
+        "the attempts of the schedule",
+        || failing().len() > expected.len(),
+    )
+    .await;
+    world.server.set_mode(Mode::Normal);
+    let seen = failing();
+    let log = running.stderr();
+    let verbs: Vec<&str> = seen.iter().map(|s| s.verb).collect();
+    assert_eq!(verbs[0], "watch", "the watch fails first: {verbs:?}");
+    assert!(
+        verbs[1..=expected.len()].iter().all(|v| *v == "get"),
+        "then reads: {verbs:?}"
+    );
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1].at - w[0].at).collect();
+    for (i, (gap, want)) in gaps.iter().zip(expected).enumerate() {
+        let slack = (*want / 2).min(Duration::from_millis(400));
+        assert!(
+            *gap >= *want && *gap <= *want + slack,
+            "attempt {}: {gap:?} after the previous one, expected {want:?} (+{slack:?}); gaps {gaps:?}; log:\n{log}",
+            i + 2
+        );
+    }
+    assert!(!running.exited(), "{log}");
+    (world, running)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_api_while_watching_is_retried_doubling_from_the_retry_period_up_to_the_lease_duration()
+ {
+    let ms = Duration::from_millis;
+    // Retry 250 ms, lease 3 s: 250 ms, 500 ms, 1 s, 2 s, then 3 s (not 4 s), and 3 s again.
+    let (world, mut running) = assert_backoff_while_watching(
+        [
+            "--lease-duration",
+            "3s",
+            "--renew-deadline",
+            "2s",
+            "--retry-period",
+            "250ms",
+        ],
+        &[ms(250), ms(500), ms(1000), ms(2000), ms(3000), ms(3000)],
+    )
+    .await;
+    // Reachable again: the next attempt (within 3 s) reads the Lease, and the follower takes it
+    // over once released.
+    release(&world);
+    assert_eq!(running.wait(LIMIT).await, 0, "{}", running.stderr());
+    assert_eq!(world.starts().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_api_while_watching_is_retried_at_most_every_30_s_with_a_longer_lease() {
+    let s = Duration::from_secs;
+    // Retry 16 s, lease 40 s: 16 s, then 30 s (not 32 s, nor the lease's 40 s).
+    let (_world, running) = assert_backoff_while_watching(
+        [
+            "--lease-duration",
+            "40s",
+            "--renew-deadline",
+            "20s",
+            "--retry-period",
+            "16s",
+        ],
+        &[s(16), s(30)],
+    )
+    .await;
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ended_by_the_server_resumes_from_the_last_bookmark() {
+    let world = World::start().await;
+    world.server.set_bookmark_interval(Duration::ZERO);
+    let held = world.server.steal(NS, "job", "other", 60);
+    let running = slow_poller(&world);
+    following(&world, &running).await;
+    wait_for(LIMIT, "the watch to be open", || {
+        world.server.open_watches() == 1
+    })
+    .await;
+    let watches = || -> Vec<apiserver::Seen> {
+        world
+            .server
+            .seen()
+            .into_iter()
+            .filter(|s| s.verb == "watch")
+            .collect()
+    };
+    let first = watches().pop().unwrap();
+    assert_eq!(first.param("allowWatchBookmarks").as_deref(), Some("true"));
+    assert_eq!(first.param("resourceVersion"), Some(held.to_string()));
+    // Another Lease moves the store on; this watch (of "job" only) sees it only as a bookmark.
+    let elsewhere = world.server.put_lease(NS, "unrelated", json!({"spec": {}}));
+    world.server.bookmark_now();
+    wait_for(LIMIT, "the bookmark to be sent", || {
+        world.server.bookmarks_sent().contains(&elsewhere)
+    })
+    .await;
+    let before = watches().len();
+    world.server.close_watches();
+    wait_for(QUICK, "the watch to be re-opened", || {
+        watches().len() > before
+    })
+    .await;
+    let reopened = watches().pop().unwrap();
+    assert_eq!(
+        reopened.param("resourceVersion"),
+        Some(elsewhere.to_string()),
+        "re-opened from the bookmark's resourceVersion, not the Lease's {held}: {}",
+        reopened.query
+    );
+    release(&world);
+    wait_for(QUICK, "the takeover", || started(&world)).await;
+    stop(running).await;
+}
