@@ -386,3 +386,146 @@ async fn recampaign_runs_the_command_again_after_a_loss_and_its_own_exit_still_e
     let (code, log) = world.worker_command(&options, 0.1, 3, &[]).run(LIMIT).await;
     assert_eq!(code, 3, "{log}");
 }
+
+/// Where the namespace of the Lease can come from, highest precedence first.
+#[derive(Clone, Copy, Default)]
+struct NamespaceSources {
+    flag: Option<&'static str>,
+    option_env: Option<&'static str>,
+    pod_namespace: Option<&'static str>,
+    service_account: Option<&'static str>,
+    /// `None`: the kubeconfig's context names no namespace.
+    context: Option<&'static str>,
+}
+
+/// Runs `lease-exec job -- true` configured by `sources` and returns the namespace of every Lease
+/// it wrote (released Leases wait in each candidate namespace, so it claims one at once).
+///
+/// The service-account namespace file is read from a fixed path, so lease-exec runs in a mount
+/// namespace of its own with an empty tmpfs on `/var/run` (where that file lives, under
+/// `secrets/kubernetes.io/serviceaccount/`), holding the file only when `service_account` is set:
+/// a file of the machine running the tests never counts.
+async fn namespaces_written(world: &World, sources: &NamespaceSources) -> Vec<String> {
+    for ns in [
+        "from-flag",
+        "from-env",
+        "from-pod",
+        "from-sa",
+        "from-context",
+        "default",
+    ] {
+        world
+            .server
+            .put_lease(ns, "job", json!({"spec": {"leaseDurationSeconds": 1}}));
+    }
+    let kubeconfig = world.path("namespaced-kubeconfig");
+    let text = world.server.kubeconfig("NAMESPACE");
+    let text = match sources.context {
+        Some(ns) => text.replace("namespace: NAMESPACE", &format!("namespace: {ns}")),
+        None => text.replace("    namespace: NAMESPACE\n", ""),
+    };
+    assert!(!text.contains("NAMESPACE"), "{text}");
+    std::fs::write(&kubeconfig, text).unwrap();
+    let script = "mount -t tmpfs lease-exec-test /var/run || exit 99; \
+         if [ -n \"$SA_NAMESPACE\" ]; then \
+           mkdir -p /var/run/secrets/kubernetes.io/serviceaccount && \
+           echo \"$SA_NAMESPACE\" > /var/run/secrets/kubernetes.io/serviceaccount/namespace || exit 99; \
+         fi; unset SA_NAMESPACE; exec \"$@\"";
+    let mut args: Vec<String> = ["--mount", "sh", "-c", script, "sh", BIN]
+        .map(String::from)
+        .to_vec();
+    args.extend(FAST.iter().map(|s| s.to_string()));
+    if let Some(ns) = sources.flag {
+        args.extend(["-n".to_string(), ns.to_string()]);
+    }
+    args.extend(["--identity", "me", "job", "--", "true"].map(String::from));
+    let mut command = tokio::process::Command::new("unshare");
+    command
+        .args(&args)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("SA_NAMESPACE", sources.service_account.unwrap_or(""))
+        .env_remove("POD_NAME")
+        .env_remove("POD_UID")
+        .env_remove("POD_NAMESPACE")
+        .env_remove("LEASE_EXEC_NAMESPACE")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(ns) = sources.option_env {
+        command.env("LEASE_EXEC_NAMESPACE", ns);
+    }
+    if let Some(ns) = sources.pod_namespace {
+        command.env("POD_NAMESPACE", ns);
+    }
+    let since = world.server.writes().len();
+    let output = tokio::time::timeout(LIMIT, command.output())
+        .await
+        .expect("lease-exec exits")
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert_ne!(output.status.code(), Some(99), "cannot mount: {log}");
+    assert_eq!(output.status.code(), Some(0), "{log}");
+    let namespaces: Vec<String> = world.server.writes()[since..]
+        .iter()
+        .map(|w| {
+            w.object["metadata"]["namespace"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(!namespaces.is_empty(), "no write; log:\n{log}");
+    namespaces
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_namespace_comes_from_the_flag_the_option_variable_pod_namespace_the_service_account_the_context_then_default()
+ {
+    let world = World::start().await;
+    let all = NamespaceSources {
+        flag: Some("from-flag"),
+        option_env: Some("from-env"),
+        pod_namespace: Some("from-pod"),
+        service_account: Some("from-sa"),
+        context: Some("from-context"),
+    };
+    // Each source wins over every one after it: remove them one at a time.
+    let without_flag = NamespaceSources { flag: None, ..all };
+    let without_env = NamespaceSources {
+        option_env: None,
+        ..without_flag
+    };
+    let without_pod = NamespaceSources {
+        pod_namespace: None,
+        ..without_env
+    };
+    let without_sa = NamespaceSources {
+        service_account: None,
+        ..without_pod
+    };
+    let without_context = NamespaceSources {
+        context: None,
+        ..without_sa
+    };
+    for (expected, sources) in [
+        ("from-flag", all),
+        ("from-env", without_flag),
+        ("from-pod", without_env),
+        ("from-sa", without_pod),
+        ("from-context", without_sa),
+        ("default", without_context),
+    ] {
+        let written = namespaces_written(&world, &sources).await;
+        assert!(
+            written.iter().all(|ns| ns == expected),
+            "expected every write in {expected:?}, got {written:?}"
+        );
+    }
+    // An empty POD_NAMESPACE (a downward-API variable left blank) is no namespace at all.
+    let blank = NamespaceSources {
+        pod_namespace: Some(""),
+        service_account: Some("from-sa"),
+        ..NamespaceSources::default()
+    };
+    let written = namespaces_written(&world, &blank).await;
+    assert!(written.iter().all(|ns| ns == "from-sa"), "{written:?}");
+}

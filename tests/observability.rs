@@ -208,6 +208,59 @@ async fn events_record_acquire_release_and_loss() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_event_becomes_a_series_on_one_event_object() {
+    let world = World::start().await;
+    let mut running = with(&world, "me", &["--recampaign".into()]);
+    // Three terms, the first two ended by an operator taking the Lease for 1 s.
+    for term in 1..=2 {
+        wait_for(LIMIT, "the term's command", || world.starts().len() == term).await;
+        world.wait_leading().await;
+        world.server.steal(NS, "job", "operator", 1);
+    }
+    wait_for(LIMIT, "the third term", || world.starts().len() == 3).await;
+    running.signal(Signal::SIGTERM);
+    running.wait(LIMIT).await;
+    let log = running.stderr();
+    let by_reason = |reason: &str| -> Vec<Value> {
+        world
+            .server
+            .events()
+            .into_iter()
+            .filter(|e| e["reason"] == reason)
+            .collect()
+    };
+    // kube's Recorder creates an event the first time and patches a series into it when the same
+    // event (same reason, action, type, reporter and Lease) happens again.
+    wait_for(LIMIT, "every event to be recorded", || {
+        by_reason("LeaseReleased").len() == 1
+            && by_reason("LeaderElection")
+                .first()
+                .is_some_and(|e| e["series"]["count"] == 3)
+            && by_reason("LeadershipLost")
+                .first()
+                .is_some_and(|e| e["series"]["count"] == 2)
+    })
+    .await;
+    let elected = by_reason("LeaderElection");
+    assert_eq!(
+        elected.len(),
+        1,
+        "one object for three elections: {elected:#?}"
+    );
+    assert_eq!(elected[0]["note"], "me became leader");
+    assert!(
+        elected[0]["series"]["lastObservedTime"].is_string(),
+        "{elected:#?}"
+    );
+    assert_eq!(by_reason("LeadershipLost").len(), 1, "{log}");
+    assert!(by_reason("LeaseReleased")[0]["series"].is_null());
+    // Three creates and three patches (two re-elections, one repeated loss), each accepted by the
+    // server's events.k8s.io update validation.
+    assert_eq!(world.server.total("create-event"), 3, "{log}");
+    assert_eq!(world.server.total("patch-event"), 3, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forbidden_events_are_logged_once_and_ignored() {
     let world = World::start().await;
     world.server.deny("create-event", 403);

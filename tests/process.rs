@@ -42,20 +42,83 @@ async fn stopping_signals_the_whole_process_group() {
     assert_eq!(world.server.holder(NS, "job"), None);
 }
 
+/// Watches `pid` (any process, not only a child) through a pidfd, from a thread that wakes the
+/// moment the process is gone; the thread returns that moment on CLOCK_MONOTONIC. The pidfd is
+/// open before this returns, so the death cannot be missed.
+fn death_watch(pid: i32) -> std::thread::JoinHandle<u64> {
+    use nix::libc;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory is
+    // passed.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(
+        raw >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `raw` is a descriptor just returned to us and owned by nobody else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    std::thread::spawn(move || {
+        // Best effort: a real-time thread is woken ahead of lease-exec and the test server, so the
+        // moment it notes comes as early as the machine allows (a late note could only make a
+        // right order look wrong, never the reverse).
+        let param = libc::sched_param { sched_priority: 10 };
+        // SAFETY: `param` is a valid sched_param for the duration of the call.
+        let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+        let mut poll = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `poll` points to one valid pollfd, and its descriptor stays open meanwhile.
+        while unsafe { libc::poll(&mut poll, 1, -1) } != 1 {}
+        mono_ns()
+    })
+}
+
+/// Runs `sh -c "START; wait for $DIR/go; exit 5"` under lease-exec, where START leaves a process
+/// behind and writes its pid to `$DIR/leftover`. Once the leftover is watched, lets the command
+/// exit, and checks that the leftover died strictly before the server received the release.
+async fn assert_leftover_dies_before_the_release(world: &World, start: &str) -> String {
+    let script = format!("{start}; until [ -e $DIR/go ]; do sleep 0.01; done; exit 5");
+    let mut running = sh(world, &script).spawn();
+    wait_for(LIMIT, "the leftover", || {
+        read_pid(&world.path("leftover")).is_some()
+    })
+    .await;
+    let leftover = read_pid(&world.path("leftover")).unwrap();
+    let death = death_watch(leftover);
+    std::fs::write(world.path("go"), "").unwrap();
+    let code = running.wait(LIMIT).await;
+    let log = running.stderr();
+    assert_eq!(code, 5, "{log}");
+    assert!(!alive(leftover), "the leftover survived lease-exec: {log}");
+    wait_for(LIMIT, "the leftover's death to be noted", || {
+        death.is_finished()
+    })
+    .await;
+    let died_ns = death.join().unwrap();
+    let release = world
+        .server
+        .writes()
+        .into_iter()
+        .rev()
+        .find(|w| w.holder.is_none())
+        .unwrap_or_else(|| panic!("no release; log:\n{log}"));
+    assert!(
+        died_ns < release.at_ns,
+        "the release reached the server {} µs before the leftover died; log:\n{log}",
+        (died_ns - release.at_ns) / 1000
+    );
+    assert_eq!(world.server.holder(NS, "job"), None, "released");
+    log
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leftovers_of_the_group_are_killed_before_the_lease_is_released() {
     let world = World::start().await;
     // The subshell exits at once, orphaning the sleep, which stays in the command's group.
-    let (code, log) = sh(&world, "(sleep 1000 & echo $! > $DIR/orphan); exit 5")
-        .run(LIMIT)
-        .await;
-    assert_eq!(code, 5, "{log}");
-    let orphan = read_pid(&world.path("orphan")).expect("orphan pid");
-    assert!(
-        !alive(orphan),
-        "the orphaned grandchild survived lease-exec"
-    );
-    assert_eq!(world.server.holder(NS, "job"), None, "released");
+    assert_leftover_dies_before_the_release(&world, "(sleep 1000 & echo $! > $DIR/leftover)").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,6 +210,97 @@ async fn as_pid_1_it_reaps_orphans_and_passes_the_exit_code() {
     assert_eq!(world.server.holder(NS, "job"), None, "released");
 }
 
+/// Processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+/// PID 1 of a namespace gets no default action for any signal: only a handler makes SIGTERM do
+/// anything (from inside the namespace or, as here, from its parent namespace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_pid_1_sigterm_stops_the_command_through_its_group_releases_and_exits_143() {
+    let world = World::start().await;
+    let mut args: Vec<String> = ["--pid", "--fork", "--mount-proc", BIN]
+        .map(String::from)
+        .to_vec();
+    args.extend(FAST.iter().map(|s| s.to_string()));
+    args.extend(["--identity", "me", "job", "--", "sh", "-c"].map(String::from));
+    // The command and a process it started (same group) each note the SIGTERM they get; the
+    // command waits for the other to finish, then dies of SIGTERM itself.
+    args.push(
+        "echo $PPID > $DIR/ppid; \
+         sh -c 'trap \"echo child >> $DIR/got; exit 0\" TERM; while :; do sleep 0.05; done' & \
+         trap 'echo command >> $DIR/got; wait; trap - TERM; kill -TERM $$' TERM; \
+         echo > $DIR/ready; wait"
+            .into(),
+    );
+    let mut unshare = tokio::process::Command::new("unshare")
+        .args(&args)
+        .env("KUBECONFIG", &world.kubeconfig)
+        .env("DIR", world.dir.path())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for(LIMIT, "the command", || {
+        world.path("ready").exists() && world.server.holder(NS, "job").is_some()
+    })
+    .await;
+    // lease-exec is unshare's child: PID 1 inside, an ordinary pid out here.
+    let lease_exec = children_of(unshare.id().unwrap());
+    assert_eq!(lease_exec.len(), 1, "{lease_exec:?}");
+    let ppid = std::fs::read_to_string(world.path("ppid")).unwrap();
+    assert_eq!(ppid.trim(), "1", "lease-exec runs as PID 1");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(lease_exec[0]), Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(LIMIT, unshare.wait())
+        .await
+        .expect("lease-exec as PID 1 exits after SIGTERM")
+        .unwrap();
+    let mut log = String::new();
+    use tokio::io::AsyncReadExt;
+    unshare
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(143), "{log}");
+    let got = std::fs::read_to_string(world.path("got")).unwrap_or_default();
+    let mut got: Vec<&str> = got.lines().collect();
+    got.sort();
+    assert_eq!(
+        got,
+        ["child", "command"],
+        "SIGTERM reached the group; log:\n{log}"
+    );
+    assert_eq!(
+        world.server.holder(NS, "job"),
+        None,
+        "released; log:\n{log}"
+    );
+    assert!(
+        world
+            .server
+            .writes()
+            .last()
+            .is_some_and(|w| w.holder.is_none()),
+        "the last write is the release; log:\n{log}"
+    );
+}
+
 /// Runs lease-exec as a session leader on a new pseudo-terminal, as a person would in a shell.
 async fn on_a_terminal(world: &World, script: &str) -> (nix::pty::OpenptyResult, Running) {
     let pty = nix::pty::openpty(None, None).unwrap();
@@ -229,10 +383,10 @@ fn rand_suffix() -> u32 {
 async fn a_daemon_that_left_the_group_is_killed_before_the_lease_is_released() {
     let world = World::start().await;
     let daemon = unique_sleep();
-    // The daemon starts its own session: SIGKILL to the command's group does not reach it.
-    let script = format!("setsid sleep {daemon} & sleep 0.2; exit 4");
-    let (code, log) = sh(&world, &script).run(LIMIT).await;
-    assert_eq!(code, 4, "{log}");
+    // The daemon starts its own session: SIGKILL to the command's group does not reach it. (Not
+    // a group leader, setsid calls setsid(2) and execs sleep in the same process: `$!` is it.)
+    let start = format!("setsid sleep {daemon} & echo $! > $DIR/leftover");
+    let log = assert_leftover_dies_before_the_release(&world, &start).await;
     let left = processes_running(&["sleep", &daemon]);
     assert!(
         left.is_empty(),

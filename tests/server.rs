@@ -975,6 +975,35 @@ async fn bookmark_now_sends_one_after_the_events_before_it() {
 }
 
 #[tokio::test]
+async fn bookmarks_handed_to_watches_are_recorded_and_requests_keep_their_query() {
+    let server = ApiServer::start().await;
+    let start = server.steal(NS, "job", "a", 10);
+    server.set_bookmark_interval(Duration::ZERO);
+    let query = format!(
+        "resourceVersion={start}&allowWatchBookmarks=true&fieldSelector=metadata.name%3Djob"
+    );
+    let mut watch = Watch::start(&server, &query).await;
+    wait_for(LIMIT, "the watch to open", || server.open_watches() == 1).await;
+    let seen = server.seen().pop().expect("the watch request");
+    assert_eq!(seen.verb, "watch");
+    assert_eq!(seen.query, format!("watch=true&{query}"));
+    assert_eq!(seen.param("resourceVersion"), Some(start.to_string()));
+    assert_eq!(
+        seen.param("fieldSelector").as_deref(),
+        Some("metadata.name=job")
+    );
+    assert_eq!(server.bookmarks_sent(), Vec::<u64>::new());
+    let elsewhere = server.steal(NS, "other", "x", 10);
+    server.bookmark_now();
+    let event = watch.next().await;
+    assert_eq!(
+        (event["type"].as_str(), rv_of(&event)),
+        (Some("BOOKMARK"), elsewhere)
+    );
+    assert_eq!(server.bookmarks_sent(), [elsewhere]);
+}
+
+#[tokio::test]
 async fn send_initial_events_ends_them_with_a_bookmark() {
     let server = ApiServer::start().await;
     let old = server.steal(NS, "job", "a", 10);
@@ -1159,6 +1188,144 @@ fn free_ports_are_distinct_free_and_outside_the_ephemeral_range() {
         assert!(port < low, "{port} is in the ephemeral range");
         std::net::TcpListener::bind(("127.0.0.1", port)).expect("free");
     }
+}
+
+// ---- Events ----
+
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+
+/// An Event as kube's `Recorder` creates it about the Lease `job`.
+fn recorded_event(name: &str) -> Value {
+    json!({
+        "apiVersion": "events.k8s.io/v1", "kind": "Event",
+        "metadata": {"name": name, "namespace": NS},
+        "eventTime": "2026-01-02T03:04:05.123456Z",
+        "action": "Acquire", "reason": "LeaderElection", "note": "me became leader",
+        "type": "Normal", "reportingController": "lease-exec", "reportingInstance": "me",
+        "regarding": {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "name": "job", "namespace": NS, "uid": "u"}
+    })
+}
+
+async fn patch_event(server: &ApiServer, path: &str, content_type: &str, patch: &Value) -> Reply {
+    request(
+        server,
+        "PATCH",
+        path,
+        content_type,
+        patch.to_string().as_bytes(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_repeated_event_is_patched_into_a_series_and_the_patch_is_validated() {
+    let server = ApiServer::start().await;
+    let created = request(
+        &server,
+        "POST",
+        EVENTS,
+        "application/json",
+        recorded_event("job.1").to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(created.status, 201);
+    let path = format!("{EVENTS}/job.1");
+    let merge = "application/merge-patch+json";
+    // What the Recorder sends when the same event happens again: the whole event, with a series.
+    let mut again = recorded_event("job.1");
+    again["series"] = json!({"count": 2, "lastObservedTime": "2026-01-02T03:05:00.000001Z"});
+    let patched = patch_event(&server, &path, merge, &again).await;
+    assert_eq!(patched.status, 200, "{}", patched.json());
+    assert_eq!(patched.json()["series"]["count"], 2);
+    assert!(patched.rv().parse::<u64>().unwrap() > created.rv().parse::<u64>().unwrap());
+    assert_eq!(server.events().len(), 1);
+    assert_eq!(server.events()[0]["series"]["count"], 2);
+    // A series must count at least 2 and say when it was last seen.
+    let status = patch_event(
+        &server,
+        &path,
+        merge,
+        &json!({"series": {"count": 1, "lastObservedTime": "2026-01-02T03:06:00.000001Z"}}),
+    )
+    .await
+    .status(422, "Invalid");
+    assert!(
+        status["message"].as_str().unwrap().contains("series.count"),
+        "{status}"
+    );
+    let status = patch_event(
+        &server,
+        &path,
+        merge,
+        &json!({"series": {"count": 3, "lastObservedTime": null}}),
+    )
+    .await
+    .status(422, "Invalid");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("series.lastObservedTime"),
+        "{status}"
+    );
+    // What identifies the event cannot change.
+    for (field, value, named) in [
+        ("note", json!("other"), "message"),
+        ("reason", json!("Other"), "reason"),
+        (
+            "regarding",
+            json!({"kind": "Lease", "name": "x"}),
+            "involvedObject",
+        ),
+        ("reportingInstance", json!("you"), "reportingInstance"),
+        (
+            "eventTime",
+            json!("2026-01-02T03:04:06.123456Z"),
+            "eventTime",
+        ),
+    ] {
+        let status = patch_event(&server, &path, merge, &json!({ field: value }))
+            .await
+            .status(422, "Invalid");
+        assert!(
+            status["message"].as_str().unwrap().contains(named),
+            "{field}: {status}"
+        );
+    }
+    // Below a microsecond, eventTime may differ.
+    let same = patch_event(
+        &server,
+        &path,
+        merge,
+        &json!({"eventTime": "2026-01-02T03:04:05.123456789Z"}),
+    )
+    .await;
+    assert_eq!(same.status, 200, "{}", same.json());
+    assert_eq!(
+        server.events()[0]["series"]["count"],
+        2,
+        "refused patches changed nothing"
+    );
+    // Only merge patches, only in the event's namespace, only an existing event.
+    patch_event(&server, &path, "application/json-patch+json", &json!([]))
+        .await
+        .status(415, "UnsupportedMediaType");
+    let elsewhere = "/apis/events.k8s.io/v1/namespaces/kube-system/events/job.1";
+    patch_event(&server, elsewhere, merge, &again)
+        .await
+        .status(404, "NotFound");
+    patch_event(&server, &format!("{EVENTS}/job.2"), merge, &again)
+        .await
+        .status(404, "NotFound");
+    // A resourceVersion in the patch is a precondition.
+    patch_event(
+        &server,
+        &path,
+        merge,
+        &json!({"metadata": {"resourceVersion": "1"}}),
+    )
+    .await
+    .status(409, "Conflict");
 }
 
 #[tokio::test]

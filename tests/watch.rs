@@ -256,6 +256,223 @@ async fn followers_race_and_exactly_one_wins() {
     }
 }
 
+/// The requests a follower makes while every Lease request fails (503), from the first failure
+/// on: `options` are its timing (and `--no-watch` for a polling follower), `expected` the bounds of
+/// each gap between its attempts, `first` the verb that fails first. Each gap is checked from both
+/// sides; the upper bound has 100 ms added for the request's own latency on a busy machine.
+/// Returns with the API answering again and the follower still waiting.
+async fn assert_retries(
+    options: &[&str],
+    first: &str,
+    expected: &[(Duration, Duration)],
+) -> (World, Running) {
+    let world = World::start().await;
+    world.server.steal(NS, "job", "other", 600);
+    let mut options: Vec<&str> = options.to_vec();
+    options.extend(["--identity", "follower", "job"]);
+    let mut running = world.worker_command(&options, 0.0, 0, &[]).spawn();
+    wait_for(LIMIT, "the follower to wait", || {
+        running.stderr().contains("held by another identity")
+    })
+    .await;
+    if first == "watch" {
+        wait_for(LIMIT, "the watch to be open", || {
+            world.server.open_watches() == 1
+        })
+        .await;
+    }
+    let since = Instant::now();
+    world.server.set_mode(Mode::Status(503, None));
+    let failing = || -> Vec<apiserver::Seen> {
+        world
+            .server
+            .seen()
+            .into_iter()
+            .filter(|s| s.at >= since)
+            .collect()
+    };
+    let total: Duration = expected.iter().map(|(_, most)| *most).sum();
+    // A polling follower's first failure comes at its next poll, up to a retry period later.
+    wait_for(
+        total + Duration::from_secs(30),
+        "the attempts of the schedule",
+        || failing().len() > expected.len(),
+    )
+    .await;
+    world.server.set_mode(Mode::Normal);
+    let seen = failing();
+    let log = running.stderr();
+    let verbs: Vec<&str> = seen.iter().map(|s| s.verb).collect();
+    assert_eq!(verbs[0], first, "what fails first: {verbs:?}");
+    assert!(
+        verbs[1..=expected.len()].iter().all(|v| *v == "get"),
+        "then reads: {verbs:?}"
+    );
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1].at - w[0].at).collect();
+    for (i, (gap, (least, most))) in gaps.iter().zip(expected).enumerate() {
+        let most = *most + Duration::from_millis(100);
+        assert!(
+            gap >= least && *gap <= most,
+            "attempt {}: {gap:?} after the previous one, expected {least:?}..{most:?}; gaps {gaps:?}; log:\n{log}",
+            i + 2
+        );
+    }
+    assert!(!running.exited(), "{log}");
+    (world, running)
+}
+
+/// The watching follower's schedule: 200 ms doubling up to 1 s, capped by the retry period, each
+/// drawn between half and all of it.
+fn resync(steps: &[u64], retry_ms: u64) -> Vec<(Duration, Duration)> {
+    steps
+        .iter()
+        .map(|ms| {
+            let full = Duration::from_millis((*ms).min(1000).min(retry_ms));
+            (full / 2, full)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_api_while_watching_is_retried_within_a_second_whatever_the_retry_period() {
+    // Retry 16 s, lease 40 s: a polling follower would wait 16 s, then 30 s; a watching one
+    // looks again within a second, so it misses no release for longer.
+    let (world, mut running) = assert_retries(
+        &[
+            "--lease-duration",
+            "40s",
+            "--renew-deadline",
+            "20s",
+            "--retry-period",
+            "16s",
+        ],
+        "watch",
+        &resync(&[200, 400, 800, 1600, 3200, 6400], 16_000),
+    )
+    .await;
+    release(&world);
+    assert_eq!(running.wait(LIMIT).await, 0, "{}", running.stderr());
+    assert_eq!(world.starts().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_api_while_watching_is_retried_no_faster_than_a_short_retry_period() {
+    let (world, mut running) = assert_retries(
+        &[
+            "--lease-duration",
+            "3s",
+            "--renew-deadline",
+            "2s",
+            "--retry-period",
+            "250ms",
+        ],
+        "watch",
+        &resync(&[200, 400, 800, 1600], 250),
+    )
+    .await;
+    release(&world);
+    assert_eq!(running.wait(LIMIT).await, 0, "{}", running.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_api_while_polling_is_retried_doubling_from_the_retry_period_up_to_the_lease_duration()
+ {
+    let ms = |n: u64| (Duration::from_millis(n), Duration::from_millis(n + n / 2));
+    // Retry 250 ms, lease 3 s: 250 ms, 500 ms, 1 s, 2 s, then 3 s (not 4 s), and 3 s again.
+    let (world, mut running) = assert_retries(
+        &[
+            "--lease-duration",
+            "3s",
+            "--renew-deadline",
+            "2s",
+            "--retry-period",
+            "250ms",
+            "--no-watch",
+        ],
+        "get",
+        &[ms(250), ms(500), ms(1000), ms(2000), ms(3000), ms(3000)],
+    )
+    .await;
+    // Reachable again: the next attempt (within 3 s) reads the Lease, and the follower takes it
+    // over once released.
+    release(&world);
+    assert_eq!(running.wait(LIMIT).await, 0, "{}", running.stderr());
+    assert_eq!(world.starts().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_api_while_polling_is_retried_at_most_every_30_s_with_a_longer_lease() {
+    let s = |n: u64| {
+        (
+            Duration::from_secs(n),
+            Duration::from_secs(n) + Duration::from_millis(400),
+        )
+    };
+    // Retry 16 s, lease 40 s: 16 s, then 30 s (not 32 s, nor the lease's 40 s).
+    let (_world, running) = assert_retries(
+        &[
+            "--lease-duration",
+            "40s",
+            "--renew-deadline",
+            "20s",
+            "--retry-period",
+            "16s",
+            "--no-watch",
+        ],
+        "get",
+        &[s(16), s(30)],
+    )
+    .await;
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ended_by_the_server_resumes_from_the_last_bookmark() {
+    let world = World::start().await;
+    world.server.set_bookmark_interval(Duration::ZERO);
+    let held = world.server.steal(NS, "job", "other", 60);
+    let running = slow_poller(&world);
+    following(&world, &running).await;
+    wait_for(LIMIT, "the watch to be open", || {
+        world.server.open_watches() == 1
+    })
+    .await;
+    let watches = || -> Vec<apiserver::Seen> {
+        world
+            .server
+            .seen()
+            .into_iter()
+            .filter(|s| s.verb == "watch")
+            .collect()
+    };
+    let first = watches().pop().unwrap();
+    assert_eq!(first.param("allowWatchBookmarks").as_deref(), Some("true"));
+    assert_eq!(first.param("resourceVersion"), Some(held.to_string()));
+    // Another Lease moves the store on; this watch (of "job" only) sees it only as a bookmark.
+    let elsewhere = world.server.put_lease(NS, "unrelated", json!({"spec": {}}));
+    world.server.bookmark_now();
+    wait_for(LIMIT, "the bookmark to be sent", || {
+        world.server.bookmarks_sent().contains(&elsewhere)
+    })
+    .await;
+    let before = watches().len();
+    world.server.close_watches();
+    wait_for(QUICK, "the watch to be re-opened", || {
+        watches().len() > before
+    })
+    .await;
+    let reopened = watches().pop().unwrap();
+    assert_eq!(
+        reopened.param("resourceVersion"),
+        Some(elsewhere.to_string()),
+        "re-opened from the bookmark's resourceVersion, not the Lease's {held}: {}",
+        reopened.query
+    );
+    release(&world);
+    wait_for(QUICK, "the takeover", || started(&world)).await;
+    stop(running).await;
+}
+
 /// The follower's requests (every verb) from `since`, as the server saw them.
 fn requests_since(world: &World, since: Instant) -> Vec<Instant> {
     world

@@ -24,6 +24,12 @@
 //!   lease strategy's `AllowUnconditionalUpdate` is false); another resourceVersion is 409 Conflict.
 //! - Patch: merge and strategic-merge (the same thing for a Lease), 404 on a missing Lease, 409 on
 //!   a resourceVersion in the patch that is not the stored one, 422 on an invalid result.
+//! - Events (events.k8s.io/v1, and core/v1): created as sent; a PATCH (merge or strategic merge,
+//!   415 otherwise) finds the Event in the URL's namespace (404 otherwise) and, through
+//!   events.k8s.io, is validated as `ValidateEventUpdate` does (422 Invalid): `regarding`, `reason`,
+//!   `note`, `type`, `action`, `related`, the reporting controller and instance, and `eventTime`
+//!   (to the microsecond) are immutable, and a changed `series` needs `count` >= 2 and a
+//!   `lastObservedTime`. This is the update kube's `Recorder` sends when an Event repeats.
 //! - Validation is `ValidateLease`/`ValidateLeaseUpdate` of pkg/apis/coordination/validation:
 //!   `metadata.name` a DNS-1123 subdomain (on create), `spec.leaseDurationSeconds` > 0,
 //!   `spec.leaseTransitions` >= 0, `spec.strategy` a known strategy or a qualified name,
@@ -111,8 +117,17 @@ pub struct Seen {
     pub verb: &'static str,
     /// Path.
     pub path: String,
+    /// The query string as sent (empty without one), e.g. `watch=true&resourceVersion=7`.
+    pub query: String,
     /// When it arrived.
     pub at: Instant,
+}
+
+impl Seen {
+    /// The value of `key` in the query, percent-decoded.
+    pub fn param(&self, key: &str) -> Option<String> {
+        query_param(&self.query, key)
+    }
 }
 
 /// A successful write, for timing assertions.
@@ -160,6 +175,8 @@ struct Inner {
     bookmark_requests: u64,
     /// Bumped whenever every open watch must end.
     watch_closures: u64,
+    /// The resourceVersion of every BOOKMARK sent on a watch stream, in order.
+    bookmarks_sent: Vec<u64>,
     open_watches: usize,
     /// The CoordinatedLeaderElection feature gate: when off, `spec.strategy` and
     /// `spec.preferredHolder` are dropped (pkg/registry/coordination/lease/strategy.go).
@@ -219,6 +236,7 @@ impl ApiServer {
                 bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
                 bookmark_requests: 0,
                 watch_closures: 0,
+                bookmarks_sent: Vec::new(),
                 open_watches: 0,
                 coordinated: true,
             })),
@@ -359,6 +377,12 @@ current-context: memory
     /// The latest resourceVersion (etcd's revision: writes to Events count too).
     pub fn resource_version(&self) -> u64 {
         self.inner.lock().unwrap().rv
+    }
+
+    /// The resourceVersion of every periodic or [`ApiServer::bookmark_now`] BOOKMARK handed to a
+    /// watch stream so far, in order (the client reads it before the stream's end).
+    pub fn bookmarks_sent(&self) -> Vec<u64> {
+        self.inner.lock().unwrap().bookmarks_sent.clone()
     }
 
     /// Watch streams open now.
@@ -548,7 +572,7 @@ current-context: memory
             .find(|w| w.holder.as_deref() == Some(holder))
     }
 
-    /// Events (core/v1) created so far.
+    /// Events created so far, as patched since.
     pub fn events(&self) -> Vec<Value> {
         self.inner.lock().unwrap().events.clone()
     }
@@ -647,6 +671,7 @@ current-context: memory
             inner.seen.push(Seen {
                 verb,
                 path: parts.uri.path().to_string(),
+                query: parts.uri.query().unwrap_or("").to_string(),
                 at: Instant::now(),
             });
             let denied = inner.deny.get(verb).copied();
@@ -739,27 +764,68 @@ current-context: memory
                 inner.events.push(object.clone());
                 json_response(201, object)
             }
-            Route::PatchEvent { name } => {
-                let patch = match parse_json(body) {
-                    Ok(v) => v,
-                    Err(response) => return *response,
-                };
-                let mut inner = self.inner.lock().unwrap();
-                let Some(event) = inner
-                    .events
-                    .iter_mut()
-                    .find(|e| e["metadata"]["name"].as_str() == Some(name.as_str()))
-                else {
-                    return status_response(
-                        404,
-                        "NotFound",
-                        &format!("events.events.k8s.io \"{name}\" not found"),
-                    );
-                };
-                merge_patch(event, &patch);
-                json_response(200, event.clone())
+            Route::PatchEvent { ns, name, strict } => {
+                self.patch_event(&ns, &name, headers, body, strict)
             }
         }
+    }
+
+    /// PATCH of an Event: merge or strategic-merge (the same for an Event's fields), then, through
+    /// events.k8s.io/v1 (`strict`), `ValidateEventUpdate` of pkg/apis/core/validation/events.go:
+    /// the identifying fields are immutable, and a series that changed needs a count of at least 2
+    /// and a lastObservedTime. The core/v1 path is not validated further, as there.
+    fn patch_event(
+        &self,
+        ns: &str,
+        name: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+        strict: bool,
+    ) -> Response<Body> {
+        if let Some(refused) = unsupported_patch(headers) {
+            return refused;
+        }
+        let patch = match parse_json(body) {
+            Ok(v) => v,
+            Err(response) => return *response,
+        };
+        let mut inner = self.inner.lock().unwrap();
+        let Some(index) = inner.events.iter().position(|e| {
+            e["metadata"]["namespace"].as_str() == Some(ns)
+                && e["metadata"]["name"].as_str() == Some(name)
+        }) else {
+            return status_with(
+                404,
+                "NotFound",
+                &format!("events.events.k8s.io \"{name}\" not found"),
+                Some(json!({"name": name, "group": "events.k8s.io", "kind": "events"})),
+            );
+        };
+        let current = inner.events[index].clone();
+        if let Some(rv) = patch["metadata"]["resourceVersion"].as_str()
+            && current["metadata"]["resourceVersion"].as_str() != Some(rv)
+        {
+            return status_with(
+                409,
+                "Conflict",
+                &format!(
+                    "Operation cannot be fulfilled on events.events.k8s.io \"{name}\": {OPTIMISTIC_LOCK}"
+                ),
+                Some(json!({"name": name, "group": "events.k8s.io", "kind": "events"})),
+            );
+        }
+        let mut patched = current.clone();
+        merge_patch(&mut patched, &patch);
+        if strict {
+            let errors = event_update_errors(&patched, &current);
+            if !errors.is_empty() {
+                return invalid("events.k8s.io", "Event", name, &errors);
+            }
+        }
+        inner.rv += 1;
+        patched["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+        inner.events[index] = patched.clone();
+        json_response(200, patched)
     }
 
     /// POST: the store's `create` and etcd3's `Create`.
@@ -919,20 +985,8 @@ current-context: memory
 
     /// PATCH: merge or strategic-merge onto the stored Lease, then the store's `Update`.
     fn patch(&self, ns: &str, name: &str, headers: &HeaderMap, body: &[u8]) -> Response<Body> {
-        let content_type = headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !(content_type.starts_with("application/merge-patch+json")
-            || content_type.starts_with("application/strategic-merge-patch+json"))
-        {
-            return status_response(
-                415,
-                "UnsupportedMediaType",
-                &format!(
-                    "the body of the request was in an unknown format - accepted media types include: application/merge-patch+json, application/strategic-merge-patch+json (this test server serves no others; got {content_type:?})"
-                ),
-            );
+        if let Some(refused) = unsupported_patch(headers) {
+            return refused;
         }
         let patch = match parse_json(body) {
             Ok(v) => v,
@@ -1296,8 +1350,11 @@ current-context: memory
                     }
                 }
                 let at = current.max(last);
-                if at > start_rv && tx.send(line(bookmark(at, false))).await.is_err() {
-                    return;
+                if at > start_rv {
+                    if tx.send(line(bookmark(at, false))).await.is_err() {
+                        return;
+                    }
+                    self.inner.lock().unwrap().bookmarks_sent.push(at);
                 }
                 continue;
             }
@@ -1324,6 +1381,89 @@ current-context: memory
             }
         }
     }
+}
+
+/// 415 for a patch that is neither a JSON merge patch nor a strategic merge patch.
+fn unsupported_patch(headers: &HeaderMap) -> Option<Response<Body>> {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let served = content_type.starts_with("application/merge-patch+json")
+        || content_type.starts_with("application/strategic-merge-patch+json");
+    (!served).then(|| {
+        status_response(
+            415,
+            "UnsupportedMediaType",
+            &format!(
+                "the body of the request was in an unknown format - accepted media types include: application/merge-patch+json, application/strategic-merge-patch+json (this test server serves no others; got {content_type:?})"
+            ),
+        )
+    })
+}
+
+/// `ValidateEventUpdate` for events.k8s.io/v1 (the fields that request version can set).
+fn event_update_errors(new: &Value, old: &Value) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let present = |v: &Value| !v.is_null();
+    for field in ["name", "namespace", "uid"] {
+        let (n, o) = (&new["metadata"][field], &old["metadata"][field]);
+        if present(n) && n != o {
+            errors.push(FieldError::invalid(
+                &format!("metadata.{field}"),
+                &n.to_string(),
+                "field is immutable",
+            ));
+        }
+    }
+    if new["series"] != old["series"] && present(&new["series"]) {
+        if new["series"]["count"].as_i64().unwrap_or(0) < 2 {
+            errors.push(FieldError::invalid(
+                "series.count",
+                "\"\"",
+                "should be at least 2",
+            ));
+        }
+        if new["series"]["lastObservedTime"]
+            .as_str()
+            .is_none_or(str::is_empty)
+        {
+            errors.push(FieldError::required("series.lastObservedTime", ""));
+        }
+    }
+    // events.k8s.io/v1 names: regarding is involvedObject, note is message.
+    for (field, path) in [
+        ("regarding", "involvedObject"),
+        ("reason", "reason"),
+        ("note", "message"),
+        ("type", "type"),
+        ("action", "action"),
+        ("related", "related"),
+        ("reportingController", "reportingController"),
+        ("reportingInstance", "reportingInstance"),
+    ] {
+        if new[field] != old[field] {
+            errors.push(FieldError::invalid(
+                path,
+                &new[field].to_string(),
+                "field is immutable",
+            ));
+        }
+    }
+    // eventTime may differ below a microsecond only.
+    let micros = |v: &Value| {
+        v.as_str()
+            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+            .map(|t| t.as_microsecond())
+    };
+    if micros(&new["eventTime"]) != micros(&old["eventTime"]) {
+        errors.push(FieldError::invalid(
+            "eventTime",
+            &new["eventTime"].to_string(),
+            "field is immutable",
+        ));
+    }
+    errors
 }
 
 /// Sends `e` on a watch stream unless it was already passed (`last`) or is not `wanted`; false
@@ -1772,7 +1912,11 @@ pub fn spec_errors(spec: &Value) -> Vec<FieldError> {
 }
 
 fn query(uri: &Uri, key: &str) -> Option<String> {
-    uri.query()?.split('&').find_map(|pair| {
+    query_param(uri.query()?, key)
+}
+
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=')?;
         (k == key).then(|| percent_decode(v))
     })
@@ -2133,14 +2277,38 @@ pub fn format_time(secs: u64, micros: Option<u32>) -> String {
 enum Route {
     Discovery(Value),
     NotFound,
-    Get { ns: String, name: String },
-    List { ns: Option<String>, watch: bool },
-    Create { ns: String },
-    Update { ns: String, name: String },
-    Patch { ns: String, name: String },
-    Delete { ns: String, name: String },
-    CreateEvent { ns: String },
-    PatchEvent { name: String },
+    Get {
+        ns: String,
+        name: String,
+    },
+    List {
+        ns: Option<String>,
+        watch: bool,
+    },
+    Create {
+        ns: String,
+    },
+    Update {
+        ns: String,
+        name: String,
+    },
+    Patch {
+        ns: String,
+        name: String,
+    },
+    Delete {
+        ns: String,
+        name: String,
+    },
+    CreateEvent {
+        ns: String,
+    },
+    /// `strict`: through events.k8s.io/v1, validated as an update there.
+    PatchEvent {
+        ns: String,
+        name: String,
+        strict: bool,
+    },
 }
 
 impl Route {
@@ -2169,7 +2337,7 @@ impl Route {
             Route::List { ns, .. } => ("leases", GROUP, None, ns.as_deref()),
             Route::Create { ns } => ("leases", GROUP, None, Some(ns)),
             Route::CreateEvent { ns } => ("events", "events.k8s.io", None, Some(ns)),
-            Route::PatchEvent { name } => ("events", "events.k8s.io", Some(name), None),
+            Route::PatchEvent { ns, name, .. } => ("events", "events.k8s.io", Some(name), Some(ns)),
             Route::Discovery(_) | Route::NotFound => ("leases", GROUP, None, None),
         }
     }
@@ -2290,20 +2458,26 @@ impl Route {
             | ("POST", ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
                 Route::CreateEvent { ns: ns.to_string() }
             }
-            ("PATCH", ["api", "v1", "namespaces", _, "events", name])
-            | (
+            ("PATCH", ["api", "v1", "namespaces", ns, "events", name]) => Route::PatchEvent {
+                ns: ns.to_string(),
+                name: name.to_string(),
+                strict: false,
+            },
+            (
                 "PATCH",
                 [
                     "apis",
                     "events.k8s.io",
                     "v1",
                     "namespaces",
-                    _,
+                    ns,
                     "events",
                     name,
                 ],
             ) => Route::PatchEvent {
+                ns: ns.to_string(),
                 name: name.to_string(),
+                strict: true,
             },
             _ => Route::NotFound,
         }
