@@ -849,11 +849,97 @@ async fn api_server_restart_compaction_and_a_long_outage() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_sees_a_release_soon_after_the_api_server_comes_back() {
+    // Its own control plane: it stops the API server.
+    let Some(cluster) = Cluster::dedicated("rewatch", &[]).await else {
+        return;
+    };
+    let space = Space::new(&cluster, "rewatch").await;
+    put_lease(&space, "job", Some("other"), 600).await;
+    // A 10 s retry period: a follower that retried its broken watch only every retry period would
+    // notice the release up to 10 s late.
+    let mut args: Vec<String> = [
+        "--lease-duration",
+        "20s",
+        "--renew-deadline",
+        "14s",
+        "--retry-period",
+        "10s",
+        "--identity",
+        "follower",
+        "job",
+        "--",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(space.worker_args(-1.0));
+    let mut follower = space.spawn(space.lease_exec(None, &args));
+    wait_log(
+        &follower,
+        LIMIT,
+        "the follower to wait",
+        "held by another identity",
+    )
+    .await;
+    cluster.control("stop-apiserver", &[]).await;
+    wait_log(
+        &follower,
+        LIMIT,
+        "the follower to notice the outage",
+        "cannot ",
+    )
+    .await;
+    cluster.control("start-apiserver", &[]).await;
+    let released = now_secs();
+    space
+        .kubectl(
+            &[
+                "patch",
+                "lease",
+                "job",
+                "--type",
+                "merge",
+                "-p",
+                r#"{"spec":{"holderIdentity":null,"leaseDurationSeconds":1}}"#,
+            ],
+            None,
+        )
+        .await
+        .expect("release");
+    wait_started(&space, "follower", LIMIT).await;
+    let delay = now_secs() - released;
+    report(&format!(
+        "real tier: API server restarted under a watching follower (retry period 10 s): the release after it was taken within {delay:.2} s"
+    ));
+    assert!(
+        delay < 5.0,
+        "the follower took {delay:.1} s to see the release: its watch was not re-established within about a second:\n{}",
+        follower.stderr()
+    );
+    follower.signal(Signal::SIGTERM);
+    follower.wait(LIMIT).await;
+}
+
 // ------------------------------------------------------------------------------------------------
-// 7. spec.strategy and spec.preferredHolder
+// 7. Planned handover: spec.strategy and spec.preferredHolder
+
+/// `lease-exec ARGS` run to completion: exit code, stdout, stderr.
+async fn run_to_end(space: &Space<'_>, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::time::timeout(LIMIT, space.lease_exec(None, args).output())
+        .await
+        .expect("lease-exec ran too long")
+        .expect("run lease-exec");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn strategy_and_preferred_holder_survive_renewal_and_release() {
+async fn a_planned_handover_goes_to_the_preferred_candidate() {
     // The fields are kept only with the CoordinatedLeaderElection feature (and its API) on.
     let Some(cluster) = Cluster::dedicated(
         "strategy",
@@ -878,38 +964,74 @@ async fn strategy_and_preferred_holder_survive_renewal_and_release() {
         !invalid.ok && invalid.stderr.contains("strategy"),
         "{invalid:?}"
     );
+    // A strategy of the API's own, released: lease-exec keeps it through its terms.
     space
         .kubectl(
             &["create", "-f", "-"],
-            Some("apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: job\nspec:\n  strategy: OldestEmulationVersion\n  preferredHolder: someone-else\n  leaseDurationSeconds: 1\n"),
+            Some("apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: job\nspec:\n  strategy: OldestEmulationVersion\n  leaseDurationSeconds: 1\n"),
         )
         .await
         .expect("create lease");
-    let kept = |l: &Value| {
-        spec_str(l, "strategy") == "OldestEmulationVersion"
-            && spec_str(l, "preferredHolder") == "someone-else"
-    };
-    assert!(kept(&space.lease("job").await.unwrap()));
     let watch = space.watch_lease("job");
-    let mut running = space.spawn(space.contender("job", "plain", 3.0));
-    assert_eq!(running.wait(LIMIT).await, 0, "{}", running.stderr());
-    watch
-        .wait(LIMIT, "the release", |_, l| {
-            holder(l).is_empty() && l["spec"]["leaseTransitions"] == 1
-        })
-        .await;
-    let versions: Vec<Value> = watch.events().into_iter().map(|(_, l)| l).collect();
-    let held: Vec<&Value> = versions.iter().filter(|l| holder(l) == "plain").collect();
-    assert!(held.len() >= 2, "taken over and renewed: {versions:?}");
-    for lease in &versions {
-        assert!(kept(lease), "strategy or preferredHolder lost: {lease}");
+    let mut a = space.spawn(space.contender("job", "a", -1.0));
+    wait_started(&space, "a", LIMIT).await;
+    let b = space.spawn(space.contender("job", "b", -1.0));
+    let c = space.spawn(space.contender("job", "c", -1.0));
+    for (running, what) in [(&b, "b to wait"), (&c, "c to wait")] {
+        wait_log(running, LIMIT, what, "held by another identity").await;
     }
-    assert!(kept(&space.lease("job").await.unwrap()));
+    let (code, out, err) = run_to_end(&space, &["--handover", "--to", "b", "job"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("a -> b"), "{out}");
+    assert_eq!(a.wait(LIMIT).await, 75, "{}", a.stderr());
+    wait_started(&space, "b", LIMIT).await;
+    let spans = closed_spans(&space.entries(), |_| None, mono_ns());
+    assert_no_overlap(&spans, &"handover a -> b on kube-apiserver");
+    let gap = ms(spans[1].1 - spans[0].2);
+    let versions: Vec<Value> = watch.events().into_iter().map(|(_, l)| l).collect();
     assert!(
-        complaints(&running.stderr()).is_empty(),
-        "{}",
-        running.stderr()
+        versions.iter().all(|l| holder(l) != "c"),
+        "c claimed during the handover: {versions:?}"
     );
+    assert!(
+        versions
+            .iter()
+            .any(|l| holder(l) == "a" && spec_str(l, "preferredHolder") == "b"),
+        "the request was never seen: {versions:?}"
+    );
+    assert!(
+        versions
+            .iter()
+            .all(|l| spec_str(l, "strategy") == "OldestEmulationVersion"),
+        "the API's strategy was lost: {versions:?}"
+    );
+    let now = space.lease("job").await.unwrap();
+    assert_eq!(holder(&now), "b");
+    assert_eq!(spec_str(&now, "preferredHolder"), "", "{now}");
+    let (_, status, _) = run_to_end(&space, &["--status", "job"]).await;
+    assert!(!status.contains("handover:"), "{status}");
+    report(&format!(
+        "real tier: planned handover a -> b (3 contenders, c deferred): {gap:.1} ms from a's worker gone to b's started; {}",
+        out.trim()
+    ));
+    for mut running in [b, c] {
+        running.signal(Signal::SIGTERM);
+        running.wait(LIMIT).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_is_refused_naming_the_gate_when_the_api_server_drops_it() {
+    let Some(cluster) = Cluster::shared().await else {
+        return;
+    };
+    let space = Space::new(cluster, "nogate").await;
+    put_lease(&space, "job", Some("holder"), 60).await;
+    let (code, out, err) = run_to_end(&space, &["--handover", "--to", "other", "job"]).await;
+    assert_eq!(code, 125, "{out}{err}");
+    assert!(err.contains("CoordinatedLeaderElection"), "{err}");
+    let lease = space.lease("job").await.unwrap();
+    assert_eq!(spec_str(&lease, "preferredHolder"), "", "{lease}");
 }
 
 // ------------------------------------------------------------------------------------------------
