@@ -1,8 +1,9 @@
 //! Exclusion under chaos: several contenders whose workers journal `start`/`stop` with
 //! CLOCK_MONOTONIC, while a driver SIGKILLs and SIGTERMs contenders (restarting them, as a kubelet
 //! would), switches API faults on and off, and changes the Lease's hands without expiry: deletes
-//! it while held, overwrites its holder as an operator would, and runs workers that start a
-//! lease-exec of their own on the same Lease. No two workers' running intervals may overlap.
+//! it while held, overwrites its holder as an operator would, asks the holder to hand it over
+//! (`spec.preferredHolder`: to a live contender, to any other, to one that is gone), and runs workers
+//! that start a lease-exec of their own on the same Lease. No two workers' running intervals may overlap.
 //!
 //! The short run is part of the suite; the long one is run by hand:
 //!
@@ -44,6 +45,7 @@ struct Tally {
     faults: HashMap<&'static str, usize>,
     deletions: usize,
     overwrites: usize,
+    handovers: usize,
     nested: usize,
 }
 
@@ -56,9 +58,17 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
     let run_for = |rng: &mut Rng| 0.3 + rng.below(2500) as f64 / 1000.0;
     let mut generation = 0usize;
     let mut nested = 0usize;
+    let identities: Arc<Mutex<Vec<String>>> = Arc::default();
     let mut spawn = |rng: &mut Rng, slot: usize| {
         generation += 1;
         let identity = format!("c{slot}-{generation}");
+        {
+            let mut ids = identities.lock().unwrap();
+            if ids.len() <= slot {
+                ids.resize(slot + 1, String::new());
+            }
+            ids[slot].clone_from(&identity);
+        }
         if rng.below(4) == 0 {
             // The worker starts a lease-exec of its own on the same Lease beside its own work:
             // an ordinary new candidate, killed with its parent's group.
@@ -160,6 +170,28 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
                     .steal(NS, "job", "operator", 1 + rng.below(2) as i64);
                 tally.overwrites += 1;
             }
+            7 => {
+                // A handover request on the held Lease, as `lease-exec --handover` writes it.
+                // (Only on a contender's term: one of the operator's never steps down.)
+                if let Some(mut lease) = world.server.lease(NS, "job")
+                    && lease["spec"]["holderIdentity"]
+                        .as_str()
+                        .is_some_and(|h| h.starts_with('c'))
+                {
+                    let to = match rng.below(4) {
+                        0 => "*".to_string(),
+                        1 => "gone".to_string(),
+                        _ => {
+                            let ids = identities.lock().unwrap();
+                            ids[rng.below(ids.len() as u64) as usize].clone()
+                        }
+                    };
+                    lease["spec"]["preferredHolder"] = serde_json::json!(to);
+                    lease["spec"]["strategy"] = serde_json::json!("lease-exec/handover");
+                    world.server.put_lease(NS, "job", lease);
+                    tally.handovers += 1;
+                }
+            }
             _ => {}
         }
     }
@@ -198,7 +230,7 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
     println!(
         "chaos seed {seed}: {contenders} contenders, {:.0} s: {} worker runs, {} handoffs, \
          {} SIGKILL, {} SIGTERM, {} restarts, faults {:?}, {} deletions, {} overwrites, \
-         {} nested lease-execs; no overlap; worker down {:.1} s of {:.1} s ({:.1}%)",
+         {} handover requests, {} nested lease-execs; no overlap; worker down {:.1} s of {:.1} s ({:.1}%)",
         length.as_secs_f64(),
         spans.len(),
         spans.len() - 1,
@@ -208,6 +240,7 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
         tally.faults,
         tally.deletions,
         tally.overwrites,
+        tally.handovers,
         tally.nested,
         down_ns as f64 / 1e9,
         total_ns as f64 / 1e9,
