@@ -4,9 +4,9 @@
 //!
 //!     journal_worker JOURNAL SECONDS EXIT [ignore-term]
 //!
-//! - `start <pid> <CLOCK_MONOTONIC ns> <identity> <transitions>` is appended to JOURNAL first thing,
-//!   before the arguments are even parsed (identity and transitions come from the variables
-//!   lease-exec gives the command).
+//! - `start <pid> <CLOCK_MONOTONIC ns> <identity> <transitions> <lease>` is appended to JOURNAL
+//!   first thing, before the arguments are even parsed (identity, transitions and the Lease held,
+//!   a slot's with `--holders`, come from the variables lease-exec gives the command).
 //! - It runs for SECONDS (forever if negative), then appends `stop <pid> <ns>` and exits with EXIT.
 //! - SIGTERM or SIGINT: appends `stop` and exits 128+N at once; with `ignore-term`, SIGTERM only
 //!   appends `ignored`. SIGKILL leaves no `stop` line: the tests then watch the process from outside.
@@ -62,9 +62,10 @@ fn main() {
     append(
         &journal,
         &format!(
-            "start {pid} {started} {} {}\n",
+            "start {pid} {started} {} {} {}\n",
             env("LEASE_EXEC_HELD_IDENTITY"),
-            env("LEASE_EXEC_TRANSITIONS")
+            env("LEASE_EXEC_TRANSITIONS"),
+            env("LEASE_EXEC_HELD_LEASE")
         ),
     );
     let action = SigAction::new(

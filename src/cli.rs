@@ -32,7 +32,7 @@ Examples:
 
 The command sees LEASE_EXEC_HELD_LEASE, LEASE_EXEC_HELD_NAMESPACE, LEASE_EXEC_HELD_IDENTITY and \
 LEASE_EXEC_TRANSITIONS (the Lease's leaseTransitions after acquiring, a number that grows with \
-every change of holder: usable as a fencing token). The option variables (LEASE_EXEC_LEASE, \
+every change of holder: usable as a fencing token), and with --holders, LEASE_EXEC_SLOT. The option variables (LEASE_EXEC_LEASE, \
 LEASE_EXEC_IDENTITY, ...) are removed from its environment, so a lease-exec it starts is an \
 ordinary new candidate.
 
@@ -54,9 +54,16 @@ pub const HELD_NAMESPACE: &str = "LEASE_EXEC_HELD_NAMESPACE";
 pub const HELD_IDENTITY: &str = "LEASE_EXEC_HELD_IDENTITY";
 /// Given to the command: `leaseTransitions` when acquired (a fencing token).
 pub const HELD_TRANSITIONS: &str = "LEASE_EXEC_TRANSITIONS";
+/// Given to the command with `--holders` N > 1: the slot held, 0 to N-1.
+pub const HELD_SLOT: &str = "LEASE_EXEC_SLOT";
 /// Every variable lease-exec gives the command.
-pub const GIVEN_TO_COMMAND: [&str; 4] =
-    [HELD_LEASE, HELD_NAMESPACE, HELD_IDENTITY, HELD_TRANSITIONS];
+pub const GIVEN_TO_COMMAND: [&str; 5] = [
+    HELD_LEASE,
+    HELD_NAMESPACE,
+    HELD_IDENTITY,
+    HELD_TRANSITIONS,
+    HELD_SLOT,
+];
 
 /// The environment variables read as options: removed from the command's environment.
 pub fn option_variables() -> Vec<String> {
@@ -114,6 +121,19 @@ pub struct Cli {
     /// by hand, under systemd, in a script). The command's own exit still ends lease-exec
     #[arg(long, env = "LEASE_EXEC_RECAMPAIGN", help_heading = "Lease")]
     pub recampaign: bool,
+
+    /// Let up to N copies of the command run at once (a semaphore): N Leases LEASE-0 ...
+    /// LEASE-<N-1>, each held by one process at a time; a candidate waits for all of them and takes
+    /// whichever frees first, never more than one. The command gets LEASE_EXEC_SLOT. 1: the one
+    /// Lease LEASE
+    #[arg(
+        long,
+        env = "LEASE_EXEC_HOLDERS",
+        value_name = "N",
+        default_value_t = 1,
+        help_heading = "Lease"
+    )]
+    pub holders: u32,
 
     /// Poll the Lease every retry period while waiting instead of watching it (for API servers or
     /// proxies that break watches)

@@ -25,8 +25,10 @@ pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// Everything lease-exec needs to run, checked.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Name of the Lease.
+    /// Name of the Lease (with `holders` > 1, the prefix of the slots' Leases).
     pub lease: String,
+    /// How many processes may hold it at once (`--holders`): 1, or that many slot Leases.
+    pub holders: u32,
     /// Namespace of the Lease, if decided before the kubeconfig is read.
     pub namespace: Option<String>,
     /// Holder identity written to the Lease.
@@ -420,8 +422,23 @@ impl Config {
             log_format: cli.log_format,
         };
 
+        if cli.holders == 0 || cli.holders > MAX_HOLDERS {
+            return Err(ConfigError::Usage(format!(
+                "invalid --holders {}: it must be from 1 to {MAX_HOLDERS}",
+                cli.holders
+            )));
+        }
+        let last = slot_name(&lease, cli.holders, cli.holders - 1);
+        if !is_dns_subdomain(&last) {
+            return Err(ConfigError::Usage(format!(
+                "--holders {} makes the Lease names {lease}-0 to {last}, and {last:?} is not a valid name (at most 63 characters between dots): choose a shorter lease name",
+                cli.holders
+            )));
+        }
+
         Ok(Config {
             lease,
+            holders: cli.holders,
             namespace,
             identity,
             timing,
@@ -436,6 +453,28 @@ impl Config {
             },
             owner,
         })
+    }
+}
+
+/// Most slots `--holders` accepts: each is a Lease, and a candidate watches every one.
+pub const MAX_HOLDERS: u32 = 100;
+
+/// The Lease of slot `slot` of `holders` for `lease`: the Lease itself for one holder, else
+/// `lease-<slot>`.
+pub fn slot_name(lease: &str, holders: u32, slot: u32) -> String {
+    if holders <= 1 {
+        lease.to_string()
+    } else {
+        format!("{lease}-{slot}")
+    }
+}
+
+impl Config {
+    /// The Leases a candidate contends for, by slot.
+    pub fn slot_names(&self) -> Vec<String> {
+        (0..self.holders)
+            .map(|slot| slot_name(&self.lease, self.holders, slot))
+            .collect()
     }
 }
 

@@ -201,23 +201,45 @@ fn secs(x: f64) -> String {
     format!("{:.1}s", x.max(0.0))
 }
 
-/// Reads the Lease once and prints it.
+/// Reads the Lease once and prints it; with `--holders` N > 1, every slot's Lease (JSON: an array).
 pub async fn run(config: &Config, format: OutputFormat) -> Result<Outcome, Error> {
-    let (_, lease_api) = api::connect(config).await.map_err(Error::Access)?;
-    let lease = lease_api
-        .get(config.timing.request_timeout())
-        .await
-        .map_err(Error::Api)?;
-    let status = Status::of(
-        &config.lease,
-        lease_api.namespace(),
-        lease.as_ref(),
-        &config.identity,
-        Timestamp::now(),
-    );
-    match format {
-        OutputFormat::Text => print!("{}", status.to_text()),
-        OutputFormat::Json => println!("{}", status.to_json()),
+    let (_, slots) = api::connect_slots(config).await.map_err(Error::Access)?;
+    let mut all = Vec::new();
+    for lease_api in &slots {
+        let lease = lease_api
+            .get(config.timing.request_timeout())
+            .await
+            .map_err(Error::Api)?;
+        all.push(Status::of(
+            lease_api.name(),
+            lease_api.namespace(),
+            lease.as_ref(),
+            &config.identity,
+            Timestamp::now(),
+        ));
+    }
+    match (format, all.as_slice()) {
+        (OutputFormat::Text, _) => {
+            if let [first, ..] = all.as_slice()
+                && all.len() > 1
+            {
+                let held = all.iter().filter(|s| s.state == "held").count();
+                println!(
+                    "Semaphore {}/{}: {held} of {} slots held",
+                    first.namespace,
+                    config.lease,
+                    all.len()
+                );
+            }
+            for status in &all {
+                print!("{}", status.to_text());
+            }
+        }
+        (OutputFormat::Json, [one]) => println!("{}", one.to_json()),
+        (OutputFormat::Json, _) => println!(
+            "{}",
+            Value::Array(all.iter().map(Status::to_json).collect())
+        ),
     }
     Ok(Outcome::Child(crate::exit::ChildStatus::Exited(0)))
 }

@@ -23,7 +23,7 @@ use crate::clock;
 use crate::config::{Command, Config};
 use crate::error::{Error, Outcome};
 use crate::exit::ChildStatus;
-use crate::lease::acquire::{Feed, Held, acquire};
+use crate::lease::acquire::{Feed, Held, acquire_any};
 use crate::lease::api::{self, ApiError, LeaseApi};
 use crate::lease::renew::{LeaseState, Owned, guard, renew};
 use crate::lease::{Claimant, Record};
@@ -46,8 +46,8 @@ pub async fn run(config: &Config, command: &Command) -> Result<Outcome, Error> {
         .map_err(|e| Error::Fatal(format!("cannot start the watchdog thread: {e}")))?;
     child::become_subreaper();
 
-    let (client, lease_api) = api::connect(config).await.map_err(Error::Access)?;
-    let namespace = lease_api.namespace().to_string();
+    let (client, slots) = api::connect_slots(config).await.map_err(Error::Access)?;
+    let namespace = slots[0].namespace().to_string();
     logging::set_context(&config.lease, &namespace, &config.identity);
     let metrics = Metrics::new(&config.lease, &namespace, &config.identity);
     if let Some(addr) = config.observability.metrics_addr {
@@ -78,7 +78,7 @@ pub async fn run(config: &Config, command: &Command) -> Result<Outcome, Error> {
         let result = hold(
             config,
             command,
-            (&namespace, &lease_api),
+            (&namespace, &slots),
             &outside,
             &mut signals,
             (&mut reaper, &watchdog),
@@ -116,7 +116,7 @@ struct Outside {
 async fn hold(
     config: &Config,
     command: &Command,
-    (namespace, lease_api): (&str, &LeaseApi),
+    (namespace, slots): (&str, &[LeaseApi]),
     outside: &Outside,
     signals: &mut Signals,
     (reaper, watchdog): (&mut Reaper, &Watchdog),
@@ -141,18 +141,22 @@ async fn hold(
         Feed::Poll
     };
     let stepped_down = std::mem::take(handed_over);
-    let held = tokio::select! {
-        held = acquire(lease_api, &claimant, &config.timing, feed, stepped_down) => held.map_err(Error::Api)?,
+    let (slot, held) = tokio::select! {
+        won = acquire_any(slots, &claimant, &config.timing, feed, stepped_down) => won.map_err(Error::Api)?,
         () = sleep_until_opt(wait_deadline) => {
-            abandon(lease_api, &claimant, config).await;
+            abandon(slots, &claimant, config).await;
             return Err(Error::WaitTimeout(config.timing.wait_timeout.unwrap_or_default()));
         }
         sig = wait_for_stop(signals) => {
             tracing::info!(signal = sig.as_str(), "stopping before the lease was acquired");
-            abandon(lease_api, &claimant, config).await;
+            abandon(slots, &claimant, config).await;
             return Ok(Outcome::Interrupted(sig as i32));
         }
     };
+    let lease_api = &slots[slot];
+    if slots.len() > 1 {
+        tracing::info!(lease = %lease_api.name(), slot, "won a slot");
+    }
     if let Some(to) = Record::of(&held.lease).handover_from(&config.identity) {
         // Resumed (the Lease already named this identity) with a handover pending: hand it over
         // at once, without starting the command.
@@ -199,7 +203,13 @@ async fn hold(
             .and_then(|s| s.heartbeat(config.timing.retry_period)),
         metrics: outside.metrics.clone(),
     };
-    let process = build_command(config, command, namespace, held.transitions());
+    let process = build_command(
+        config,
+        command,
+        (lease_api.name(), namespace),
+        (slots.len() > 1).then_some(slot),
+        held.transitions(),
+    );
     let child = match child::spawn(process).await {
         Ok(child) => {
             // Armed before anything else can block this thread (the next log line included):
@@ -443,14 +453,16 @@ async fn lead(
 }
 
 /// Gives up waiting: a create or claim cut short may still have landed on the server, leaving the
-/// Lease naming a process that runs nothing. If it names us, release it.
-async fn abandon(api: &LeaseApi, me: &Claimant<'_>, config: &Config) {
-    if let Ok(Some(lease)) = api.get(config.timing.request_timeout()).await
-        && Record::of(&lease).holder.as_deref() == Some(me.identity)
-        && config.release
-    {
-        let last = Held::written(lease, Instant::now(), clock::boot_time());
-        release(api, me, config, last).await;
+/// Lease naming a process that runs nothing. If it names us, release it (every slot).
+async fn abandon(slots: &[LeaseApi], me: &Claimant<'_>, config: &Config) {
+    for api in slots {
+        if let Ok(Some(lease)) = api.get(config.timing.request_timeout()).await
+            && Record::of(&lease).holder.as_deref() == Some(me.identity)
+            && config.release
+        {
+            let last = Held::written(lease, Instant::now(), clock::boot_time());
+            release(api, me, config, last).await;
+        }
     }
 }
 
@@ -496,7 +508,8 @@ async fn release(api: &LeaseApi, me: &Claimant<'_>, config: &Config, last: Held)
 fn build_command(
     config: &Config,
     command: &Command,
-    namespace: &str,
+    (lease, namespace): (&str, &str),
+    slot: Option<usize>,
     transitions: i32,
 ) -> std::process::Command {
     let mut process = std::process::Command::new(&command.program);
@@ -508,13 +521,18 @@ fn build_command(
     process
         .arg0(&command.name)
         .args(&command.args)
-        .env(crate::cli::HELD_LEASE, &config.lease)
+        .env(crate::cli::HELD_LEASE, lease)
         .env(crate::cli::HELD_NAMESPACE, namespace)
         .env(crate::cli::HELD_IDENTITY, &config.identity)
         .env(crate::cli::HELD_TRANSITIONS, transitions.to_string())
         .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
+    match slot {
+        Some(slot) => process.env(crate::cli::HELD_SLOT, slot.to_string()),
+        // Not one of ours: an outer lease-exec's slot would mislead.
+        None => process.env_remove(crate::cli::HELD_SLOT),
+    };
     process
 }
 

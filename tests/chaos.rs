@@ -49,9 +49,19 @@ struct Tally {
     nested: usize,
 }
 
-async fn chaos(contenders: usize, length: Duration, seed: u64) {
+/// `holders` > 1: the contenders share a semaphore of that many slots (`--holders`); the hand-changes
+/// hit a random slot, and the check is per slot, plus never more than `holders` workers at once.
+async fn chaos(contenders: usize, holders: u32, length: Duration, seed: u64) {
     // First, so that a failure anywhere below can be replayed.
     println!("chaos seed {seed} (replay with CHAOS_SEED={seed})");
+    let slots: Vec<String> = if holders == 1 {
+        vec!["job".to_string()]
+    } else {
+        (0..holders).map(|i| format!("job-{i}")).collect()
+    };
+    let holders_arg = holders.to_string();
+    let mut options: Vec<&str> = FAST.to_vec();
+    options.extend(["--holders", &holders_arg]);
     let world = World::start().await;
     let mut rng = Rng(seed | 1);
     let mut tally = Tally::default();
@@ -83,15 +93,17 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
             // the worker, and this candidate is orphaned; it must not outlive the test.)
             let script = format!(
                 "{BIN} --wait-timeout 60s {} job -- {worker} & exec {worker}",
-                FAST.join(" ")
+                options.join(" ")
             );
-            let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+            let mut args: Vec<String> = options.iter().map(|s| s.to_string()).collect();
             args.extend(
                 ["--identity", &identity, "job", "--", "sh", "-c", &script].map(String::from),
             );
             return world.lease_exec(args).spawn();
         }
-        world.contender("job", &identity, run_for(rng), 0).spawn()
+        let mut with: Vec<&str> = options.clone();
+        with.extend(["--identity", &identity, "job"]);
+        world.worker_command(&with, run_for(rng), 0, &[]).spawn()
     };
     let mut running: Vec<Running> = (0..contenders).map(|i| spawn(&mut rng, i)).collect();
 
@@ -162,18 +174,25 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
                 fault_until = Instant::now() + rng.millis(500, 2000);
             }
             // A user or the garbage collector deletes the Lease, held or not.
-            5 if world.server.delete_lease(NS, "job") => tally.deletions += 1,
+            5 if world
+                .server
+                .delete_lease(NS, &slots[rng.below(slots.len() as u64) as usize]) =>
+            {
+                tally.deletions += 1
+            }
             6 => {
                 // An operator writes another holder over whoever holds it.
+                let slot = &slots[rng.below(slots.len() as u64) as usize];
                 world
                     .server
-                    .steal(NS, "job", "operator", 1 + rng.below(2) as i64);
+                    .steal(NS, slot, "operator", 1 + rng.below(2) as i64);
                 tally.overwrites += 1;
             }
             7 => {
+                let slot = &slots[rng.below(slots.len() as u64) as usize];
                 // A handover request on the held Lease, as `lease-exec --handover` writes it.
                 // (Only on a contender's term: one of the operator's never steps down.)
-                if let Some(mut lease) = world.server.lease(NS, "job")
+                if let Some(mut lease) = world.server.lease(NS, slot)
                     && lease["spec"]["holderIdentity"]
                         .as_str()
                         .is_some_and(|h| h.starts_with('c'))
@@ -188,7 +207,7 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
                     };
                     lease["spec"]["preferredHolder"] = serde_json::json!(to);
                     lease["spec"]["strategy"] = serde_json::json!("lease-exec/handover");
-                    world.server.put_lease(NS, "job", lease);
+                    world.server.put_lease(NS, slot, lease);
                     tally.handovers += 1;
                 }
             }
@@ -213,22 +232,47 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
 
     let entries = world.journal_entries();
     let deaths = deaths.lock().unwrap().clone();
-    let spans = closed_spans(&entries, |pid| deaths.get(&pid).copied(), ended_ns);
-    if let Some([a, b]) = first_overlap(&spans) {
-        println!("{}", logs_mentioning(world.dir.path(), &[a.0, b.0]));
+    let all = closed_spans(&entries, |pid| deaths.get(&pid).copied(), ended_ns);
+    let lease_of: HashMap<i32, String> = entries
+        .iter()
+        .filter(|e| e.what == "start")
+        .map(|e| (e.pid, e.lease.clone()))
+        .collect();
+    for slot in &slots {
+        let spans: Vec<_> = all
+            .iter()
+            .copied()
+            .filter(|s| lease_of.get(&s.0) == Some(slot))
+            .collect();
+        if let Some([a, b]) = first_overlap(&spans) {
+            println!("{}", logs_mentioning(world.dir.path(), &[a.0, b.0]));
+        }
+        assert_no_overlap(&spans, &format!("{slot}, seed {seed}, {tally:?}"));
     }
-    assert_no_overlap(&spans, &format!("seed {seed}, {tally:?}"));
+    assert!(
+        all.iter().all(|s| slots.contains(&lease_of[&s.0])),
+        "a worker ran without one of {slots:?}: {lease_of:?}"
+    );
+    let most = max_concurrent(&all);
+    assert!(
+        most <= holders as usize,
+        "seed {seed}: {most} workers ran at once with {holders} slots; {tally:?}"
+    );
+    let spans = all;
     assert!(
         spans.len() >= 2,
         "seed {seed}: too few handoffs to mean anything: {spans:?}"
     );
-    let mut down_ns = spans[0].1 - began_ns;
-    for pair in spans.windows(2) {
-        down_ns += pair[1].1 - pair[0].2;
+    // Time with no worker at all (with several slots: with none of them taken).
+    let mut down_ns = 0;
+    let mut covered_until = began_ns;
+    for span in &spans {
+        down_ns += span.1.saturating_sub(covered_until);
+        covered_until = covered_until.max(span.2);
     }
-    let total_ns = spans.last().unwrap().2 - began_ns;
+    let total_ns = covered_until - began_ns;
     println!(
-        "chaos seed {seed}: {contenders} contenders, {:.0} s: {} worker runs, {} handoffs, \
+        "chaos seed {seed}: {contenders} contenders, {holders} slot(s), at most {most} at once, {:.0} s: {} worker runs, {} handoffs, \
          {} SIGKILL, {} SIGTERM, {} restarts, faults {:?}, {} deletions, {} overwrites, \
          {} handover requests, {} nested lease-execs; no overlap; worker down {:.1} s of {:.1} s ({:.1}%)",
         length.as_secs_f64(),
@@ -248,6 +292,20 @@ async fn chaos(contenders: usize, length: Duration, seed: u64) {
     );
 }
 
+/// The most spans running at one instant (a span's end and the next one's start at the same
+/// nanosecond do not count as both running).
+fn max_concurrent(spans: &[(i32, u64, u64)]) -> usize {
+    let mut edges: Vec<(u64, i32)> = spans.iter().flat_map(|s| [(s.1, 1), (s.2, -1)]).collect();
+    // Ends before starts at the same instant.
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, delta) in edges {
+        now += delta;
+        most = most.max(now);
+    }
+    most as usize
+}
+
 fn seed() -> u64 {
     std::env::var("CHAOS_SEED")
         .ok()
@@ -257,7 +315,12 @@ fn seed() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_short() {
-    chaos(3, Duration::from_secs(20), seed()).await;
+    chaos(3, 1, Duration::from_secs(20), seed()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_semaphore_of_three_with_six_contenders() {
+    chaos(6, 3, Duration::from_secs(20), seed()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,7 +330,14 @@ async fn chaos_long() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
-    chaos(5, Duration::from_secs(60 * minutes), seed()).await;
+    chaos(5, 1, Duration::from_secs(60 * minutes), seed()).await;
+}
+
+#[test]
+fn the_concurrency_check_counts_what_runs_at_one_instant() {
+    assert_eq!(max_concurrent(&[(1, 0, 10), (2, 10, 20), (3, 20, 30)]), 1);
+    assert_eq!(max_concurrent(&[(1, 0, 10), (2, 5, 20), (3, 9, 30)]), 3);
+    assert_eq!(max_concurrent(&[(1, 0, 10), (2, 5, 8), (3, 9, 30)]), 2);
 }
 
 #[test]
@@ -279,6 +349,7 @@ fn the_overlap_check_flags_a_2_ms_overlap() {
         at_ns,
         identity: "-".into(),
         transitions: "-".into(),
+        lease: "-".into(),
     };
     let journal = [
         entry("start", 1, 100 * ms),

@@ -1035,6 +1035,71 @@ async fn a_handover_is_refused_naming_the_gate_when_the_api_server_drops_it() {
 }
 
 // ------------------------------------------------------------------------------------------------
+// 7b. A semaphore: --holders 2 with three contenders
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_semaphore_of_two_slots_among_three_contenders() {
+    let Some(cluster) = Cluster::shared().await else {
+        return;
+    };
+    let space = Space::new(cluster, "semaphore").await;
+    let spawn = |identity: &str, run_for: f64| {
+        let mut args: Vec<String> = TIMING.iter().map(|s| s.to_string()).collect();
+        args.extend(["--holders", "2", "--identity", identity, "sem", "--"].map(String::from));
+        args.extend(space.worker_args(run_for));
+        space.spawn(space.lease_exec(None, &args))
+    };
+    // Two run for good, the third waits; then a fourth round: one of the two finishes (2 s) and
+    // the waiting one takes its slot.
+    let mut a = spawn("a", -1.0);
+    let mut b = spawn("b", 2.0);
+    wait_started(&space, "a", LIMIT).await;
+    wait_started(&space, "b", LIMIT).await;
+    let mut c = spawn("c", -1.0);
+    let out = space
+        .kubectl(&["get", "leases", "-o", "json"], None)
+        .await
+        .json("leases");
+    let mut names: Vec<String> = out["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["sem-0", "sem-1"], "as kubectl sees them");
+    assert_eq!(b.wait(LIMIT).await, 0, "{}", b.stderr());
+    let c_started = wait_started(&space, "c", LIMIT).await;
+    let b_entry = starts(&space.entries())
+        .into_iter()
+        .find(|e| e.identity == "b")
+        .unwrap();
+    assert_eq!(c_started.lease, b_entry.lease, "c took b's slot");
+    let entries = space.entries();
+    let spans = closed_spans(&entries, |_| None, mono_ns());
+    let slot_spans: Vec<_> = spans
+        .iter()
+        .copied()
+        .filter(|s| {
+            entries
+                .iter()
+                .any(|e| e.pid == s.0 && e.lease == b_entry.lease)
+        })
+        .collect();
+    assert_no_overlap(&slot_spans, &"b and c on one slot");
+    let gap = ms(c_started.at_ns - slot_spans[0].2);
+    report(&format!(
+        "real tier: semaphore of 2 slots, 3 contenders: a freed slot ({}) taken by the waiting contender {gap:.1} ms after its worker exited",
+        b_entry.lease
+    ));
+    assert!(gap < 1000.0, "{gap} ms");
+    for r in [&mut a, &mut c] {
+        r.signal(Signal::SIGTERM);
+        r.wait(LIMIT).await;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
 // 8. A mixed pool with client-go's leader election
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]

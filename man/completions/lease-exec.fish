@@ -1,5 +1,6 @@
 complete -c lease-exec -s n -l namespace -d 'Namespace of the Lease [default: POD_NAMESPACE, else the in-cluster service-account namespace, else the kubeconfig context\'s namespace, else `default`]' -r
 complete -c lease-exec -l identity -d 'Holder identity written to the Lease [default: POD_NAME (else the hostname) plus a random suffix, unique per process]. A stable identity lets a restarted process resume its leadership at once; it is then your promise that no two live processes share it' -r
+complete -c lease-exec -l holders -d 'Let up to N copies of the command run at once (a semaphore): N Leases LEASE-0 ... LEASE-<N-1>, each held by one process at a time; a candidate waits for all of them and takes whichever frees first, never more than one. The command gets LEASE_EXEC_SLOT. 1: the one Lease LEASE' -r
 complete -c lease-exec -l lease-duration -d 'leaseDurationSeconds written to the Lease: how long others wait after the last renewal (whole seconds)' -r
 complete -c lease-exec -l renew-deadline -d 'How long renewals may keep failing before leadership counts as lost' -r
 complete -c lease-exec -l retry-period -d 'Retry interval: between renewals after one failed, and between polls while waiting (with --no-watch); a broken watch is re-established sooner (within 1 s, at most this)' -r

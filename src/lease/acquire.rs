@@ -66,6 +66,47 @@ pub enum Feed {
 /// is half-open.
 const WATCH_IDLE: Duration = Duration::from_secs(WATCH_SECONDS as u64 + 30);
 
+/// Lets one write (create or claim) at a time through, among the campaigns for several slots, and
+/// none after one of them won: a process never holds two slots. A campaign reaching a write after
+/// the win waits for good (it is dropped by then).
+#[derive(Debug, Default)]
+pub struct WriteGate {
+    won: tokio::sync::Mutex<bool>,
+}
+
+/// Waits for the first of several Leases (the slots of `--holders`) to be held: one campaign per
+/// slot, each with its own watch, all sharing a [`WriteGate`]. Returns the slot and the Lease held.
+/// When a campaign wins, the others are dropped with no write in flight (the gate), so only that
+/// slot can name us.
+pub async fn acquire_any(
+    apis: &[LeaseApi],
+    me: &Claimant<'_>,
+    timing: &Timing,
+    feed: Feed,
+    stepped_down: bool,
+) -> Result<(usize, Held), ApiError> {
+    use tracing::Instrument;
+    if let [api] = apis {
+        return acquire(api, me, timing, feed, stepped_down, None)
+            .await
+            .map(|held| (0, held));
+    }
+    let gate = WriteGate::default();
+    let campaigns = apis.iter().enumerate().map(|(slot, api)| {
+        let gate = &gate;
+        Box::pin(
+            async move {
+                acquire(api, me, timing, feed, stepped_down, Some(gate))
+                    .await
+                    .map(|held| (slot, held))
+            }
+            .instrument(tracing::info_span!("slot", lease = %api.name())),
+        )
+    });
+    let (result, _, _) = futures_util::future::select_all(campaigns).await;
+    result
+}
+
 /// Blocks until the Lease is held (`stepped_down`: this candidate has just handed it over). Returns
 /// only [`ApiError::Denied`] or other non-retryable
 /// errors; transient failures are logged and retried with backoff.
@@ -75,6 +116,7 @@ pub async fn acquire(
     timing: &Timing,
     feed: Feed,
     stepped_down: bool,
+    gate: Option<&WriteGate>,
 ) -> Result<Held, ApiError> {
     let mut campaign = Campaign::new(me.identity, *timing);
     if stepped_down {
@@ -89,13 +131,17 @@ pub async fn acquire(
     let mut action = campaign.step(Input::Tick, Instant::now());
     loop {
         let input = match action {
-            Action::Create { transitions } => match create(api, me, timing, transitions).await {
-                Ok(held) => return Ok(held),
-                Err(e) => narrator.failed(e, "create")?,
-            },
+            Action::Create { transitions } => {
+                let mut won = enter(gate).await;
+                match create(api, me, timing, transitions).await {
+                    Ok(held) => return Ok(won.win(held)),
+                    Err(e) => narrator.failed(e, "create")?,
+                }
+            }
             Action::Claim { current, decision } => {
+                let mut won = enter(gate).await;
                 match claim(api, me, timing, &current, &decision).await {
-                    Ok(held) => return Ok(held),
+                    Ok(held) => return Ok(won.win(held)),
                     Err(e) => narrator.failed(e, "claim")?,
                 }
             }
@@ -140,6 +186,34 @@ pub async fn acquire(
         let now = Instant::now();
         action = campaign.step(input, now);
         narrator.retrying(&action, &campaign, now);
+    }
+}
+
+/// The right to write, held for the length of one create or claim.
+struct Entered<'a>(Option<tokio::sync::MutexGuard<'a, bool>>);
+
+impl Entered<'_> {
+    /// The write won: no other campaign of this gate writes after it.
+    fn win(&mut self, held: Held) -> Held {
+        if let Some(won) = &mut self.0 {
+            **won = true;
+        }
+        held
+    }
+}
+
+/// Waits for the gate, if any; never returns once another campaign won.
+async fn enter(gate: Option<&WriteGate>) -> Entered<'_> {
+    match gate {
+        None => Entered(None),
+        Some(gate) => {
+            let won = gate.won.lock().await;
+            if *won {
+                drop(won);
+                return std::future::pending().await;
+            }
+            Entered(Some(won))
+        }
     }
 }
 

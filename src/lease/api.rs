@@ -387,6 +387,20 @@ pub async fn connect(config: &crate::config::Config) -> Result<(Client, LeaseApi
     Ok((client, api))
 }
 
+/// Connects to every slot's Lease (one for a single holder, see [`crate::config::Config::slot_names`]),
+/// in slot order, sharing one client.
+pub async fn connect_slots(
+    config: &crate::config::Config,
+) -> Result<(Client, Vec<LeaseApi>), AccessError> {
+    let (client, api) = connect(config).await?;
+    let apis = config
+        .slot_names()
+        .iter()
+        .map(|name| LeaseApi::new(client.clone(), api.namespace(), name))
+        .collect();
+    Ok((client, apis))
+}
+
 /// Builds the client from `--kubeconfig`/`--context`, `KUBECONFIG`, `~/.kube/config` or the
 /// in-cluster config. Returns the client and the namespace the kubeconfig context names.
 ///

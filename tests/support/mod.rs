@@ -183,6 +183,8 @@ pub struct Entry {
     pub at_ns: u64,
     pub identity: String,
     pub transitions: String,
+    /// The Lease its lease-exec held (`LEASE_EXEC_HELD_LEASE`): the slot, with `--holders`.
+    pub lease: String,
 }
 
 pub fn read_journal(path: &Path) -> Vec<Entry> {
@@ -196,6 +198,7 @@ pub fn read_journal(path: &Path) -> Vec<Entry> {
                 at_ns: f.get(2)?.parse().ok()?,
                 identity: f.get(3).unwrap_or(&"").to_string(),
                 transitions: f.get(4).unwrap_or(&"").to_string(),
+                lease: f.get(5).unwrap_or(&"").to_string(),
             })
         })
         .collect()
