@@ -141,7 +141,7 @@ async fn hold(
         Feed::Poll
     };
     let stepped_down = std::mem::take(handed_over);
-    let (slot, held) = tokio::select! {
+    let (slot, held, uncertain) = tokio::select! {
         won = acquire_any(slots, &claimant, &config.timing, feed, stepped_down) => won.map_err(Error::Api)?,
         () = sleep_until_opt(wait_deadline) => {
             abandon(slots, &claimant, config).await;
@@ -156,6 +156,12 @@ async fn hold(
     let lease_api = &slots[slot];
     if slots.len() > 1 {
         tracing::info!(lease = %lease_api.name(), slot, "won a slot");
+    }
+    if !uncertain.is_empty() {
+        // A write of ours to another slot went unanswered and may have landed: that slot must not
+        // stay claimed by a process that runs nothing for it.
+        let others: Vec<LeaseApi> = uncertain.iter().map(|&s| slots[s].clone()).collect();
+        abandon(&others, &claimant, config).await;
     }
     if let Some(to) = Record::of(&held.lease).handover_from(&config.identity) {
         // Resumed (the Lease already named this identity) with a handover pending: hand it over

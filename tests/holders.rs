@@ -218,3 +218,41 @@ async fn bad_holders_exit_2_before_anything_is_touched() {
     }
     assert!(world.server.seen().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_claimed_without_an_answer_is_released_when_another_is_won() {
+    let world = World::start().await;
+    world.server.steal(NS, "job-0", "other", 600);
+    world.server.steal(NS, "job-1", "other", 600);
+    // Claims of job-0 are committed but never answered (a connection lost after the commit).
+    world.server.lose_answers("update", "job-0");
+    let mut waiting = contender(&world, "2", "me");
+    wait_for(LIMIT, "both slots watched", || {
+        world.server.open_watches() == 2
+    })
+    .await;
+    let release = |slot: &str| {
+        world.server.put_lease(
+            NS,
+            slot,
+            json!({"spec": {"leaseDurationSeconds": 1, "leaseTransitions": 1}}),
+        );
+    };
+    release("job-0");
+    wait_for(LIMIT, "the unanswered claim to land", || {
+        world.server.holder(NS, "job-0").as_deref() == Some("me")
+    })
+    .await;
+    release("job-1");
+    wait_for(LIMIT, "the worker", || world.starts().len() == 1).await;
+    assert_eq!(world.starts()[0].lease, "job-1");
+    // job-0 names a process that runs nothing for it: released long before its 10 s expiry.
+    let won = tokio::time::Instant::now();
+    wait_for(Duration::from_secs(8), "job-0 to be released", || {
+        world.server.holder(NS, "job-0").is_none()
+    })
+    .await;
+    eprintln!("job-0 released {:?} after job-1 was won", won.elapsed());
+    waiting.signal(Signal::SIGTERM);
+    waiting.wait(LIMIT).await;
+}

@@ -72,31 +72,35 @@ const WATCH_IDLE: Duration = Duration::from_secs(WATCH_SECONDS as u64 + 30);
 #[derive(Debug, Default)]
 pub struct WriteGate {
     won: tokio::sync::Mutex<bool>,
+    /// Slots whose write failed without an answer (a timeout, a dropped connection): it may have
+    /// landed all the same, naming us.
+    uncertain: std::sync::Mutex<Vec<usize>>,
 }
 
 /// Waits for the first of several Leases (the slots of `--holders`) to be held: one campaign per
-/// slot, each with its own watch, all sharing a [`WriteGate`]. Returns the slot and the Lease held.
-/// When a campaign wins, the others are dropped with no write in flight (the gate), so only that
-/// slot can name us.
+/// slot, each with its own watch, all sharing a [`WriteGate`]. Returns the slot, the Lease held,
+/// and the other slots a write of ours may have landed on unanswered (to be read and released if
+/// they name us). When a campaign wins, the others are dropped with no write in flight (the
+/// gate).
 pub async fn acquire_any(
     apis: &[LeaseApi],
     me: &Claimant<'_>,
     timing: &Timing,
     feed: Feed,
     stepped_down: bool,
-) -> Result<(usize, Held), ApiError> {
+) -> Result<(usize, Held, Vec<usize>), ApiError> {
     use tracing::Instrument;
     if let [api] = apis {
         return acquire(api, me, timing, feed, stepped_down, None)
             .await
-            .map(|held| (0, held));
+            .map(|held| (0, held, Vec::new()));
     }
     let gate = WriteGate::default();
     let campaigns = apis.iter().enumerate().map(|(slot, api)| {
         let gate = &gate;
         Box::pin(
             async move {
-                acquire(api, me, timing, feed, stepped_down, Some(gate))
+                acquire(api, me, timing, feed, stepped_down, Some((gate, slot)))
                     .await
                     .map(|held| (slot, held))
             }
@@ -104,7 +108,12 @@ pub async fn acquire_any(
         )
     });
     let (result, _, _) = futures_util::future::select_all(campaigns).await;
-    result
+    let (slot, held) = result?;
+    let mut uncertain =
+        std::mem::take(&mut *gate.uncertain.lock().unwrap_or_else(|e| e.into_inner()));
+    uncertain.retain(|s| *s != slot);
+    uncertain.dedup();
+    Ok((slot, held, uncertain))
 }
 
 /// Blocks until the Lease is held (`stepped_down`: this candidate has just handed it over). Returns
@@ -116,7 +125,7 @@ pub async fn acquire(
     timing: &Timing,
     feed: Feed,
     stepped_down: bool,
-    gate: Option<&WriteGate>,
+    gate: Option<(&WriteGate, usize)>,
 ) -> Result<Held, ApiError> {
     let mut campaign = Campaign::new(me.identity, *timing);
     if stepped_down {
@@ -135,14 +144,14 @@ pub async fn acquire(
                 let mut won = enter(gate).await;
                 match create(api, me, timing, transitions).await {
                     Ok(held) => return Ok(won.win(held)),
-                    Err(e) => narrator.failed(e, "create")?,
+                    Err(e) => narrator.failed(won.failed(e), "create")?,
                 }
             }
             Action::Claim { current, decision } => {
                 let mut won = enter(gate).await;
                 match claim(api, me, timing, &current, &decision).await {
                     Ok(held) => return Ok(won.win(held)),
-                    Err(e) => narrator.failed(e, "claim")?,
+                    Err(e) => narrator.failed(won.failed(e), "claim")?,
                 }
             }
             Action::Read { at } => {
@@ -190,29 +199,45 @@ pub async fn acquire(
 }
 
 /// The right to write, held for the length of one create or claim.
-struct Entered<'a>(Option<tokio::sync::MutexGuard<'a, bool>>);
+struct Entered<'a>(Option<(tokio::sync::MutexGuard<'a, bool>, &'a WriteGate, usize)>);
 
 impl Entered<'_> {
     /// The write won: no other campaign of this gate writes after it.
     fn win(&mut self, held: Held) -> Held {
-        if let Some(won) = &mut self.0 {
+        if let Some((won, _, _)) = &mut self.0 {
             **won = true;
         }
         held
     }
+
+    /// The write failed; without an answer, it may have landed: the slot is noted.
+    fn failed(&self, e: ApiError) -> ApiError {
+        if let Some((_, gate, slot)) = &self.0
+            && matches!(
+                e,
+                ApiError::Timeout(_) | ApiError::Transient(_) | ApiError::Busy { .. }
+            )
+        {
+            gate.uncertain
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(*slot);
+        }
+        e
+    }
 }
 
 /// Waits for the gate, if any; never returns once another campaign won.
-async fn enter(gate: Option<&WriteGate>) -> Entered<'_> {
+async fn enter(gate: Option<(&WriteGate, usize)>) -> Entered<'_> {
     match gate {
         None => Entered(None),
-        Some(gate) => {
+        Some((gate, slot)) => {
             let won = gate.won.lock().await;
             if *won {
                 drop(won);
                 return std::future::pending().await;
             }
-            Entered(Some(won))
+            Entered(Some((won, gate, slot)))
         }
     }
 }

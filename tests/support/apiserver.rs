@@ -181,6 +181,8 @@ struct Inner {
     /// The CoordinatedLeaderElection feature gate: when off, `spec.strategy` and
     /// `spec.preferredHolder` are dropped (pkg/registry/coordination/lease/strategy.go).
     coordinated: bool,
+    /// `(verb, Lease name)` whose requests are carried out but never answered.
+    lost_answers: Vec<(&'static str, String)>,
 }
 
 /// Handle to a running server. Dropping it stops nothing; the test's runtime ends it.
@@ -239,6 +241,7 @@ impl ApiServer {
                 bookmarks_sent: Vec::new(),
                 open_watches: 0,
                 coordinated: true,
+                lost_answers: Vec::new(),
             })),
             addr,
             watch_tx,
@@ -302,9 +305,19 @@ current-context: memory
         self.notify();
     }
 
-    /// Delays every answer by `delay`.
+    /// Turns the CoordinatedLeaderElection feature gate on (the default) or off.
     pub fn set_coordinated_leader_election(&self, on: bool) {
         self.inner.lock().unwrap().coordinated = on;
+    }
+
+    /// Carries out every `verb` request of the Lease `name` and never answers it: the write is
+    /// committed, the client learns nothing (a connection lost after the commit).
+    pub fn lose_answers(&self, verb: &'static str, name: &str) {
+        self.inner
+            .lock()
+            .unwrap()
+            .lost_answers
+            .push((verb, name.to_string()));
     }
 
     /// Delays every answer.
@@ -699,8 +712,21 @@ current-context: memory
                 &format!("Request entity too large: limit is {MAX_BODY}"),
             );
         }
-        self.route(route, &parts.headers, &parts.uri, &body, denied_create)
-            .await
+        let lost = {
+            let inner = self.inner.lock().unwrap();
+            let name = route.target().2;
+            inner
+                .lost_answers
+                .iter()
+                .any(|(v, n)| *v == verb && Some(n.as_str()) == name)
+        };
+        let response = self
+            .route(route, &parts.headers, &parts.uri, &body, denied_create)
+            .await;
+        if lost {
+            return std::future::pending().await;
+        }
+        response
     }
 
     async fn route(
