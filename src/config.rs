@@ -357,6 +357,12 @@ impl Config {
         };
 
         let action = if cli.handover {
+            if cli.holders > 1 {
+                return Err(ConfigError::Usage(format!(
+                    "--handover hands over one Lease: name the slot instead of --holders, e.g. `lease-exec --handover {}`",
+                    slot_name(&lease, cli.holders, 0)
+                )));
+            }
             if !cli.command.is_empty() {
                 return Err(ConfigError::Usage(
                     "--handover asks the holder to hand the lease over and runs nothing: drop the command after `--`".into(),

@@ -271,6 +271,10 @@ async fn bad_handover_arguments_exit_2_before_anything_is_touched() {
             vec!["--identity", "*", "job", "--", "true"],
             "any other candidate",
         ),
+        (
+            vec!["--handover", "--holders", "3", "job"],
+            "lease-exec --handover job-0",
+        ),
     ] {
         let (code, out, err) = run(&world, &args).await;
         assert_eq!(code, 2, "{args:?}: {out}{err}");
