@@ -6,9 +6,10 @@
 pub const USAGE: u8 = 2;
 /// Leadership lost, or the API server unreachable past the renew deadline. The child was stopped.
 pub const LOST: u8 = 75;
-/// `--wait-timeout` reached before the lease was acquired.
+/// `--wait-timeout` reached before the lease was acquired (or, with `--handover`, the handover).
 pub const WAIT_TIMEOUT: u8 = 124;
-/// lease-exec failed before starting the child (authorization, unusable kubeconfig, ...).
+/// lease-exec failed before starting the child (authorization, unusable kubeconfig, ...), or a
+/// `--handover` was refused.
 pub const FAILED: u8 = 125;
 /// The command exists but cannot be executed.
 pub const NOT_EXECUTABLE: u8 = 126;
@@ -23,8 +24,9 @@ Exit codes:
   <child's>  the command's own exit code; 128+N if it was killed by signal N
   2          usage or configuration error (nothing was touched)
   75         leadership lost, or API server unreachable past --renew-deadline (the command was stopped)
-  124        --wait-timeout reached before the lease was acquired
-  125        lease-exec failed before starting the command (authorization, unusable kubeconfig)
+  124        --wait-timeout reached before the lease was acquired (--handover: before the handover)
+  125        lease-exec failed before starting the command (authorization, unusable kubeconfig;
+             --handover: refused)
   126        the command is not executable
   127        the command was not found";
 
