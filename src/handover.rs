@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::WatchEvent;
 use serde_json::json;
 use tokio::time::{Instant, sleep, sleep_until};
@@ -182,10 +183,10 @@ async fn request(
 enum Step {
     /// Nothing new.
     Waiting,
-    /// Released (holder cleared).
-    Released,
-    /// Another holder: done.
-    Taken(String, i32),
+    /// Released (holder cleared), at this `renewTime` (the releasing holder's clock).
+    Released(Option<Timestamp>),
+    /// Another holder: done. Its `leaseTransitions` and `acquireTime` (its own clock).
+    Taken(String, i32, Option<Timestamp>),
 }
 
 /// Follows the Lease (watch, else polls) until another identity holds it.
@@ -198,7 +199,7 @@ async fn follow(
 ) -> Result<Done, Error> {
     let started = Instant::now();
     let timeout = config.timing.request_timeout();
-    let mut released_at: Option<Instant> = None;
+    let mut released: Option<Released> = None;
     let mut rv = requested
         .metadata
         .resource_version
@@ -208,8 +209,12 @@ async fn follow(
     let observe = |lease: &Lease| -> Result<Step, Error> {
         let record = Record::of(lease);
         match record.holder {
-            None => Ok(Step::Released),
-            Some(holder) if holder != from => Ok(Step::Taken(holder, record.transitions)),
+            None => Ok(Step::Released(record.renew_time)),
+            Some(holder) if holder != from => Ok(Step::Taken(
+                holder,
+                record.transitions,
+                record.acquire_time,
+            )),
             Some(_) if record.preferred.as_deref() != Some(preferred) => {
                 Err(Error::Fatal(format!(
                     "{from} still holds the lease and dropped the handover request: it does not take part in handovers (a lease-exec holder does; client-go does with Coordinated=true); stop it with SIGTERM instead"
@@ -231,15 +236,14 @@ async fn follow(
                                 }
                                 match observe(&lease)? {
                                     Step::Waiting => {}
-                                    Step::Released => {
-                                        released_at.get_or_insert_with(Instant::now);
+                                    Step::Released(at) => {
+                                        released.get_or_insert((Instant::now(), at));
                                     }
-                                    Step::Taken(to, transitions) => {
+                                    Step::Taken(to, transitions, acquired) => {
                                         return Ok(done(
                                             from,
-                                            to,
-                                            transitions,
-                                            released_at,
+                                            (to, transitions, acquired),
+                                            released,
                                             started,
                                         ));
                                     }
@@ -282,29 +286,42 @@ async fn follow(
         for lease in seen {
             match observe(&lease)? {
                 Step::Waiting => {}
-                Step::Released => {
-                    released_at.get_or_insert_with(Instant::now);
+                Step::Released(at) => {
+                    released.get_or_insert((Instant::now(), at));
                 }
-                Step::Taken(to, transitions) => {
-                    return Ok(done(from, to, transitions, released_at, started));
+                Step::Taken(to, transitions, acquired) => {
+                    return Ok(done(from, (to, transitions, acquired), released, started));
                 }
             }
         }
     }
 }
 
+/// When the release was seen here, and its `renewTime`.
+type Released = (Instant, Option<Timestamp>);
+
+/// The outcome. How long the Lease was free is read from the Lease itself: from the release's
+/// `renewTime` (written once the old command's group was gone) to the new holder's `acquireTime`
+/// (written before its command starts), two clocks that a cluster keeps in step. Events can reach
+/// this process batched, so its own watch would under-count; it is the fallback when the stamps are
+/// missing or disagree (a claim stamped before the release).
 fn done(
     from: &str,
-    to: String,
-    transitions: i32,
-    released_at: Option<Instant>,
+    (to, transitions, acquired): (String, i32, Option<Timestamp>),
+    released: Option<Released>,
     started: Instant,
 ) -> Done {
+    let free_for = released.map(|(seen, stamp)| match (stamp, acquired) {
+        (Some(release), Some(claim)) if claim >= release => {
+            Duration::try_from(claim.duration_since(release)).unwrap_or_else(|_| seen.elapsed())
+        }
+        _ => seen.elapsed(),
+    });
     Done {
         from: from.to_string(),
         to,
         transitions,
-        free_for: released_at.map(|at| at.elapsed()),
+        free_for,
         after_request: started.elapsed(),
     }
 }
