@@ -210,11 +210,9 @@ async fn follow(
         let record = Record::of(lease);
         match record.holder {
             None => Ok(Step::Released(record.renew_time)),
-            Some(holder) if holder != from => Ok(Step::Taken(
-                holder,
-                record.transitions,
-                record.acquire_time,
-            )),
+            Some(holder) if holder != from => {
+                Ok(Step::Taken(holder, record.transitions, record.acquire_time))
+            }
             Some(_) if record.preferred.as_deref() != Some(preferred) => {
                 Err(Error::Fatal(format!(
                     "{from} still holds the lease and dropped the handover request: it does not take part in handovers (a lease-exec holder does; client-go does with Coordinated=true); stop it with SIGTERM instead"

@@ -72,9 +72,10 @@ pub async fn run(config: &Config, command: &Command) -> Result<Outcome, Error> {
     };
     let span = tracing::info_span!("lease", name = %config.lease, namespace = %namespace, identity = %config.identity);
     let mut term = 1u64;
-    let mut handed_over = false;
+    let mut carry = Carry::default();
     let result = loop {
-        let mut clean = true;
+        carry.clean = true;
+        carry.asked = false;
         let result = hold(
             config,
             command,
@@ -82,14 +83,15 @@ pub async fn run(config: &Config, command: &Command) -> Result<Outcome, Error> {
             &outside,
             &mut signals,
             (&mut reaper, &watchdog),
-            (&mut clean, &mut handed_over),
+            &mut carry,
         )
         .instrument(span.clone())
         .await;
         match result {
             // Campaign again only once everything of the last term is gone: `hold` returns after
-            // the command's group and leftovers were killed and seen gone (`clean`).
-            Err(Error::Lost(reason)) if config.recampaign && clean => {
+            // the command's group and leftovers were killed and seen gone (`clean`), and not
+            // when a stop signal asked lease-exec to end.
+            Err(Error::Lost(reason)) if config.recampaign && carry.clean && !carry.asked => {
                 term += 1;
                 span.in_scope(|| {
                     tracing::warn!(%reason, term, "leadership lost; campaigning again (--recampaign)")
@@ -109,10 +111,20 @@ struct Outside {
     statsd: Option<Arc<Statsd>>,
 }
 
-/// Waits for the lease, runs the command while holding it, and stops.
-/// `clean` is cleared when processes the command started survived the kills. `handed_over` says
-/// the last term ended in a handover (so this campaign defers to the others as it asks), and is
-/// set when this one does.
+/// What one term tells the next, with `--recampaign`.
+#[derive(Debug, Default)]
+struct Carry {
+    /// Everything the command started was seen gone.
+    clean: bool,
+    /// A stop signal asked lease-exec to end: no new campaign.
+    asked: bool,
+    /// The term ended in a handover: the `leaseTransitions` of the term handed over, so the next
+    /// campaign leaves that record to the others as the request asks (and only that record).
+    handed_over: Option<i32>,
+}
+
+/// Waits for the lease, runs the command while holding it, and stops. Fills `carry` for the next
+/// term, and reads the last one's handover from it.
 async fn hold(
     config: &Config,
     command: &Command,
@@ -120,7 +132,7 @@ async fn hold(
     outside: &Outside,
     signals: &mut Signals,
     (reaper, watchdog): (&mut Reaper, &Watchdog),
-    (clean, handed_over): (&mut bool, &mut bool),
+    carry: &mut Carry,
 ) -> Result<Outcome, Error> {
     let owned = Owned {
         identity: config.identity.clone(),
@@ -140,7 +152,7 @@ async fn hold(
     } else {
         Feed::Poll
     };
-    let stepped_down = std::mem::take(handed_over);
+    let stepped_down = carry.handed_over.take();
     let (slot, held, uncertain) = tokio::select! {
         won = acquire_any(slots, &claimant, &config.timing, feed, stepped_down) => won.map_err(Error::Api)?,
         () = sleep_until_opt(wait_deadline) => {
@@ -168,8 +180,8 @@ async fn hold(
         // at once, without starting the command.
         let why = Reason::Handover(to.to_string()).describe(&config.timing);
         tracing::info!(reason = %why, "a handover is pending; releasing the lease without starting the command");
+        carry.handed_over = Some(held.transitions());
         hand_over(lease_api, &claimant, config, outside, held).await;
-        *handed_over = true;
         return Err(Error::Lost(why));
     }
     logging::set_holder(Some(&config.identity));
@@ -237,7 +249,7 @@ async fn hold(
     outside.metrics.child(true);
     tracing::info!(pid = child.pid.as_raw(), command = ?command.name, transitions = held.transitions(), "acquired the lease; command started");
 
-    let (status, lost) = lead(
+    let (status, lost, asked) = lead(
         config,
         child,
         (reaper, watchdog),
@@ -255,7 +267,8 @@ async fn hold(
     child.signal_group(Signal::SIGKILL);
     let all_gone = child::kill_leftovers(child, Instant::now() + GROUP_EXIT_TIMEOUT).await;
     watchdog.disarm();
-    *clean = all_gone;
+    carry.clean = all_gone;
+    carry.asked = asked;
     outside.metrics.child(false);
     leading.end();
     let last = state.borrow().held().clone();
@@ -272,7 +285,9 @@ async fn hold(
             // gone: if the Lease still names us (our last write may have landed after all),
             // release it so followers need not wait a whole lease duration. A handover request
             // stays in the released Lease for the preferred candidate to see.
-            *handed_over = matches!(reason, Reason::Handover(_));
+            if matches!(reason, Reason::Handover(_)) {
+                carry.handed_over = Some(last.transitions());
+            }
             let why = reason.describe(&config.timing);
             outside.events.publish(LeaseEvent::Lost, &why);
             if all_gone {
@@ -351,7 +366,7 @@ async fn lead(
     signals: &mut Signals,
     state: &mut watch::Receiver<LeaseState>,
     leading: &mut Leading,
-) -> (ChildStatus, Option<Reason>) {
+) -> (ChildStatus, Option<Reason>, bool) {
     let timing = &config.timing;
     let mut term = Term::default();
     let mut killed = false;
@@ -382,7 +397,7 @@ async fn lead(
         );
         let act = tokio::select! {
             biased;
-            status = &mut exit => return (status, term.ended_by()),
+            status = &mut exit => return (status, term.ended_by(), term.was_asked()),
             () = sleep_until_opt(due.lose_at) => {
                 let reason = if suspended { Reason::Suspended } else { Reason::RenewDeadline };
                 tracing::warn!(reason = %reason.describe(timing), "leadership lost; stopping the command");
@@ -428,7 +443,7 @@ async fn lead(
                 if !matches!(sig, Signal::SIGTERM | Signal::SIGINT) {
                     continue;
                 }
-                if term.grace_from.is_some() {
+                if term.was_asked() {
                     tracing::warn!("second stop signal; killing the command now");
                     term.end(Reason::Insisted, Instant::now())
                 } else {

@@ -102,6 +102,8 @@ pub struct Term {
     pub lost: Option<Reason>,
     /// The identity a handover was requested to, if one was.
     pub handover: Option<String>,
+    /// When a stop signal first asked for the end (a later one insists).
+    pub asked: Option<Instant>,
 }
 
 /// The two instants the supervisor sleeps until.
@@ -128,7 +130,10 @@ impl Term {
     pub fn end(&mut self, reason: Reason, now: Instant) -> Act {
         let mut act = Act::default();
         match reason {
+            // A grace period may already run (a loss, a handover): the command keeps it; the
+            // signal itself was forwarded to the group.
             Reason::Asked => {
+                self.asked.get_or_insert(now);
                 act.terminate = self.grace_from.is_none();
                 self.grace_from.get_or_insert(now);
             }
@@ -165,11 +170,19 @@ impl Term {
     }
 
     /// Why the term ended other than by the command's own exit or a signal: a loss, else a
-    /// handover.
+    /// handover that no stop signal superseded.
     pub fn ended_by(&self) -> Option<Reason> {
-        self.lost
-            .clone()
-            .or_else(|| self.handover.clone().map(Reason::Handover))
+        self.lost.clone().or_else(|| {
+            self.handover
+                .clone()
+                .filter(|_| self.asked.is_none())
+                .map(Reason::Handover)
+        })
+    }
+
+    /// Whether a stop signal asked for the end: lease-exec then exits, `--recampaign` or not.
+    pub fn was_asked(&self) -> bool {
+        self.asked.is_some()
     }
 
     /// `renewed_at` moved back by the time the machine spent suspended since then: the renewal as
@@ -411,5 +424,26 @@ mod tests {
         term.end(Reason::Asked, at);
         assert_eq!(term.end(Reason::Handover("b".into()), at), Act::default());
         assert_eq!(term.ended_by(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_signal_during_a_handover_keeps_the_grace_and_ends_the_run() {
+        let r = Instant::now();
+        let t = timing();
+        let mut term = Term::default();
+        let at = r + Duration::from_secs(1);
+        term.end(Reason::Handover("b".into()), at);
+        // The first signal is a request, not an insistence: the grace period runs on.
+        let act = term.end(Reason::Asked, at + Duration::from_millis(300));
+        assert_eq!(act, Act::default());
+        assert_eq!(deadlines(&term, r, &t).kill_at, at + t.grace_period);
+        assert!(term.was_asked());
+        assert_eq!(term.ended_by(), None, "a plain stop: the command's status");
+        // After a loss, the loss is still the reason.
+        let mut term = Term::default();
+        term.end(Reason::RenewDeadline, at);
+        term.end(Reason::Asked, at);
+        assert_eq!(term.ended_by(), Some(Reason::RenewDeadline));
+        assert!(term.was_asked());
     }
 }

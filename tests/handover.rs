@@ -283,3 +283,151 @@ async fn bad_handover_arguments_exit_2_before_anything_is_touched() {
     }
     assert!(world.server.seen().is_empty(), "the API was touched");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_cannot_release_neither_spins_nor_renews_after_a_handover() {
+    let world = World::start().await;
+    let a = {
+        let mut options: Vec<&str> = FAST.to_vec();
+        options.extend(["--no-release", "--recampaign", "--identity", "a", "job"]);
+        world.worker_command(&options, -1.0, 0, &[]).spawn()
+    };
+    world.wait_leading().await;
+    let b = {
+        let mut options: Vec<&str> = FAST.to_vec();
+        options.extend(["--identity", "b", "job"]);
+        world.worker_command(&options, -1.0, 0, &[]).spawn()
+    };
+    following(&b).await;
+    let since = std::time::Instant::now();
+    let (code, out, err) = run(&world, &["--handover", "--to", "b", "job"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    // a stopped its command and kept the Lease claimed (--no-release): it expired for b (2 s),
+    // who took it. a never renewed it after stepping down, nor spun.
+    wait_for(LIMIT, "b's worker", || world.starts().len() == 2).await;
+    assert_eq!(world.starts()[1].identity, "b");
+    let writes = world.server.writes();
+    let stepped = writes
+        .iter()
+        .position(|w| w.object["spec"]["preferredHolder"] == "b")
+        .expect("the request");
+    let after: Vec<_> = writes[stepped + 1..]
+        .iter()
+        .filter(|w| w.holder.as_deref() == Some("a"))
+        .collect();
+    assert!(
+        after.len() <= 2,
+        "a kept writing after stepping down: {} writes; log:\n{}",
+        after.len(),
+        a.stderr()
+    );
+    let gets = world.server.count("get", since);
+    assert!(gets < 50, "{gets} reads since the request: a spun");
+    assert_one_at_a_time(&world, "handover from a --no-release holder");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_handover_keeps_the_grace_period_and_ends_the_run() {
+    let world = World::start().await;
+    let options = [
+        "--lease-duration",
+        "10s",
+        "--renew-deadline",
+        "5s",
+        "--retry-period",
+        "250ms",
+        "--grace-period",
+        "4s",
+        "--recampaign",
+        "--identity",
+        "a",
+        "job",
+    ];
+    let mut a = world
+        .worker_command(&options, -1.0, 0, &["ignore-term"])
+        .spawn();
+    let worker = world.wait_leading().await;
+    // a's worker ignores SIGTERM and dies by SIGKILL, writing no `stop`: note its death from
+    // outside (late by at most the polling interval: overlaps are over-reported, never hidden).
+    let died = std::sync::Arc::new(std::sync::Mutex::new(None::<u64>));
+    let watcher = {
+        let died = died.clone();
+        tokio::spawn(async move {
+            while alive(worker) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            *died.lock().unwrap() = Some(mono_ns());
+        })
+    };
+    let b = {
+        let mut options: Vec<&str> = FAST.to_vec();
+        options.extend(["--identity", "b", "job"]);
+        world.worker_command(&options, -1.0, 0, &[]).spawn()
+    };
+    following(&b).await;
+    let _handover = world.lease_exec(["--handover", "--to", "b", "job"]).spawn();
+    wait_for(LIMIT, "a to hand over", || {
+        a.stderr().contains("handing the lease over")
+    })
+    .await;
+    let asked = std::time::Instant::now();
+    a.signal(nix::sys::signal::Signal::SIGTERM);
+    // The worker ignores SIGTERM: it is killed when the 4 s grace period ends, not at once, and
+    // lease-exec then exits (no new campaign despite --recampaign), releasing for b.
+    let code = a.wait(LIMIT).await;
+    let stopped = asked.elapsed();
+    assert!(!a.stderr().contains("second stop signal"), "{}", a.stderr());
+    assert!(
+        stopped >= Duration::from_millis(2500),
+        "the command lost its grace period: lease-exec exited {stopped:?} after the signal"
+    );
+    assert_eq!(code, 137, "the command's status (SIGKILL): {}", a.stderr());
+    assert!(!a.stderr().contains("campaigning again"), "{}", a.stderr());
+    wait_for(LIMIT, "b's worker", || world.starts().len() == 2).await;
+    watcher.await.unwrap();
+    let died = died.lock().unwrap().expect("a's worker died");
+    let spans = closed_spans(
+        &world.journal_entries(),
+        |pid| (pid == worker).then_some(died),
+        mono_ns(),
+    );
+    assert_no_overlap(&spans, &"SIGTERM during a handover");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_handover_to_any_other_is_not_deferred_by_an_old_step_down() {
+    let world = World::start().await;
+    let with = |identity: &str| {
+        let mut options: Vec<&str> = FAST.to_vec();
+        options.extend(["--recampaign", "--identity", identity, "job"]);
+        world.worker_command(&options, -1.0, 0, &[]).spawn()
+    };
+    let a = with("a");
+    world.wait_leading().await;
+    let b = with("b");
+    following(&b).await;
+    let (code, out, err) = run(&world, &["--handover", "job"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("a -> b"), "{out}");
+    // Now b hands over to any other: a, which stepped down from an older term, takes it at once.
+    let (code, out, err) = run(&world, &["--handover", "job"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("b -> a"), "{out}");
+    let released = world
+        .server
+        .writes()
+        .into_iter()
+        .rfind(|w| w.holder.is_none())
+        .unwrap();
+    let taken = world.server.last_write_by("a").unwrap();
+    assert!(
+        taken.at - released.at < Duration::from_secs(1),
+        "a waited {:?} (a lease duration is 2 s)",
+        taken.at - released.at
+    );
+    assert_one_at_a_time(&world, "two handovers to any other");
+    for mut r in [a, b] {
+        r.signal(nix::sys::signal::Signal::SIGTERM);
+        r.wait(LIMIT).await;
+    }
+}

@@ -87,7 +87,7 @@ pub async fn acquire_any(
     me: &Claimant<'_>,
     timing: &Timing,
     feed: Feed,
-    stepped_down: bool,
+    stepped_down: Option<i32>,
 ) -> Result<(usize, Held, Vec<usize>), ApiError> {
     use tracing::Instrument;
     if let [api] = apis {
@@ -116,20 +116,20 @@ pub async fn acquire_any(
     Ok((slot, held, uncertain))
 }
 
-/// Blocks until the Lease is held (`stepped_down`: this candidate has just handed it over). Returns
-/// only [`ApiError::Denied`] or other non-retryable
+/// Blocks until the Lease is held (`stepped_down`: this candidate has just handed over the term
+/// with these `leaseTransitions`). Returns only [`ApiError::Denied`] or other non-retryable
 /// errors; transient failures are logged and retried with backoff.
 pub async fn acquire(
     api: &LeaseApi,
     me: &Claimant<'_>,
     timing: &Timing,
     feed: Feed,
-    stepped_down: bool,
+    stepped_down: Option<i32>,
     gate: Option<(&WriteGate, usize)>,
 ) -> Result<Held, ApiError> {
     let mut campaign = Campaign::new(me.identity, *timing);
-    if stepped_down {
-        campaign.after_handover();
+    if let Some(transitions) = stepped_down {
+        campaign.after_handover(transitions);
     }
     if feed == Feed::Poll {
         campaign.polling();
@@ -493,7 +493,11 @@ async fn claim(
     let started_boot = crate::clock::boot_time();
     let lease = api
         .replace(
-            &me.claim(current, Timestamp::now()),
+            &me.claim(
+                current,
+                Timestamp::now(),
+                matches!(decision, Decision::TakeOver { .. }),
+            ),
             timing.request_timeout(),
         )
         .await?;

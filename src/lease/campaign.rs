@@ -140,8 +140,10 @@ pub struct Campaign {
     position_expired: bool,
     /// Whether a watch tells us of changes (else we poll every retry period).
     watching: bool,
-    /// We handed this Lease over ourselves: a handover to any other candidate leaves it to them.
-    stepped_down: bool,
+    /// We handed this Lease over ourselves, in the term with this `leaseTransitions`: while the
+    /// record is still that term's, the handover's request applies to us too (to any other
+    /// candidate, or from our own record).
+    stepped_down: Option<i32>,
     /// State of the jitter's random sequence (xorshift64; never 0).
     rng: u64,
 }
@@ -164,7 +166,7 @@ impl Campaign {
             expirations: 0,
             position_expired: false,
             watching: true,
-            stepped_down: false,
+            stepped_down: None,
             rng: rand::random::<u64>() | 1,
         }
     }
@@ -175,10 +177,15 @@ impl Campaign {
         self.watching = false;
     }
 
-    /// This candidate has just handed the Lease over (a planned handover): it leaves the Lease to
-    /// the others as the handover asks, "any other candidate" included.
-    pub fn after_handover(&mut self) {
-        self.stepped_down = true;
+    /// This candidate has just handed the Lease over (a planned handover) at the end of the term
+    /// with `transitions`: it leaves that record to the others as the handover asks, "any other
+    /// candidate" included. A later term (another holder) is an ordinary one.
+    pub fn after_handover(&mut self, transitions: i32) {
+        self.stepped_down = Some(transitions);
+    }
+
+    fn stepped_down_from(&self, record: &Record) -> bool {
+        self.stepped_down == Some(record.transitions)
     }
 
     /// A handover we are leaving the Lease to: the preferred holder, and until when.
@@ -193,7 +200,7 @@ impl Campaign {
             now,
             &self.identity,
             self.timing.lease_duration,
-            self.stepped_down,
+            self.stepped_down_from(record),
         ) {
             Decision::Defer { to, until } => Some((to, until)),
             _ => None,
@@ -320,10 +327,7 @@ impl Campaign {
 
     fn present(&mut self, lease: Lease, now: Instant) {
         let record = Record::of(&lease);
-        match &self.observed {
-            Some((last, _)) if *last == record => {}
-            _ => self.observed = Some((record, now)),
-        }
+        self.observe(record, now);
         if let Some(rv) = &lease.metadata.resource_version {
             self.resource_version = Some(rv.clone());
         }
@@ -347,10 +351,7 @@ impl Campaign {
         }
         if let Some(lease) = deleted {
             let record = Record::of(&lease);
-            match &self.observed {
-                Some((last, _)) if *last == record => {}
-                _ => self.observed = Some((record, now)),
-            }
+            self.observe(record, now);
             if let Some(rv) = &lease.metadata.resource_version {
                 self.resource_version = Some(rv.clone());
             }
@@ -366,6 +367,17 @@ impl Campaign {
             self.hold_off_until(end, now);
         }
         self.view = View::Absent;
+    }
+
+    /// Notes `record`: the time it was first seen is kept while only a handover request changed
+    /// (a request is no renewal: the holder's liveness shows in `renewTime`), so a request never
+    /// pushes an expiry back.
+    fn observe(&mut self, record: Record, now: Instant) {
+        let since = match &self.observed {
+            Some((last, at)) if last.same_renewal(&record) => *at,
+            _ => now,
+        };
+        self.observed = Some((record, since));
     }
 
     /// No create or claim before `end`.
@@ -415,7 +427,7 @@ impl Campaign {
                     now,
                     &self.identity,
                     self.timing.lease_duration,
-                    self.stepped_down,
+                    self.stepped_down_from(record),
                 ) {
                     Decision::Wait { expires_at, .. } => Action::Wait {
                         until: Some(expires_at.unwrap_or(now + self.timing.retry_period)),
@@ -1033,7 +1045,7 @@ mod tests {
             "6"
         ));
         let mut c = campaign();
-        c.after_handover();
+        c.after_handover(3);
         assert_eq!(
             c.step(Input::Read(Some(released)), t0),
             Action::Wait {
@@ -1042,13 +1054,97 @@ mod tests {
         );
         // A handover naming it (a ping-pong) is not deferred.
         let mut c = campaign();
-        c.after_handover();
+        c.after_handover(3);
         assert!(is_claim(
             &c.step(
                 Input::Read(Some(preferring(lease(None, 1, 3, "6"), "me"))),
                 t0
             ),
             "6"
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handover_request_does_not_push_an_expiry_back() {
+        let t0 = Instant::now();
+        let mut c = Campaign::new("other", Timing::default());
+        c.step(Input::Read(Some(lease(Some("old"), 10, 3, "5"))), t0);
+        // The request is written on a record its (dead) holder no longer renews.
+        let asked = preferring(lease(Some("old"), 10, 3, "6"), "me");
+        assert_eq!(
+            c.step(Input::Changed(asked), t0 + 5 * S),
+            Action::Wait {
+                until: Some(t0 + 10 * S)
+            }
+        );
+        // Expired at t0 + 10 s as first seen; then left to "me" for one lease duration.
+        assert_eq!(
+            c.step(Input::Tick, t0 + 10 * S),
+            Action::Wait {
+                until: Some(t0 + 25 * S)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn our_own_record_left_by_a_handover_is_not_resumed() {
+        let t0 = Instant::now();
+        // We stepped down from term 3 but could not release it (--no-release): it still names us.
+        let ours = preferring(lease(Some("me"), 10, 3, "5"), "b");
+        let mut c = campaign();
+        c.after_handover(3);
+        assert_eq!(
+            c.step(Input::Read(Some(ours.clone())), t0),
+            Action::Wait {
+                until: Some(t0 + 10 * S)
+            }
+        );
+        // Expired, and left to b for one lease duration more; then taken back (the request ends).
+        assert_eq!(
+            c.step(Input::Tick, t0 + 10 * S),
+            Action::Wait {
+                until: Some(t0 + 25 * S)
+            }
+        );
+        let action = c.step(Input::Tick, t0 + 25 * S);
+        assert!(
+            matches!(
+                &action,
+                Action::Claim {
+                    decision: Decision::TakeOver { .. },
+                    ..
+                }
+            ),
+            "{action:?}"
+        );
+        // A fresh process with the same identity resumes it (and then hands it over at once).
+        let mut c = campaign();
+        let action = c.step(Input::Read(Some(ours)), t0);
+        assert!(
+            matches!(
+                &action,
+                Action::Claim {
+                    decision: Decision::Resume,
+                    ..
+                }
+            ),
+            "{action:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stepping_down_applies_to_the_term_handed_over_only() {
+        let t0 = Instant::now();
+        let any = crate::lease::decide::ANY_OTHER;
+        let mut c = campaign();
+        c.after_handover(3);
+        // A later term (another holder took it, then handed it over to any other): we compete.
+        assert!(is_claim(
+            &c.step(
+                Input::Read(Some(preferring(lease(None, 1, 4, "9"), any))),
+                t0
+            ),
+            "9"
         ));
     }
 }

@@ -59,6 +59,18 @@ impl Record {
         }
     }
 
+    /// Whether `other` is the same record but for a handover request (`preferredHolder`): no
+    /// renewal, no change of holder.
+    pub fn same_renewal(&self, other: &Record) -> bool {
+        Record {
+            preferred: None,
+            ..self.clone()
+        } == Record {
+            preferred: None,
+            ..other.clone()
+        }
+    }
+
     /// Whether a handover asks `identity` to leave the Lease to someone else: a preferred holder
     /// that is another identity, or any other candidate when `identity` is the holder that stepped
     /// down (`stepped_down`).
@@ -148,9 +160,13 @@ pub fn decide(
     fallback: Duration,
     stepped_down: bool,
 ) -> Decision {
+    // Our own record is resumed, unless we stepped down from it for a handover and could not
+    // release it (`--no-release`, a failed release): then it is left to expire like another's, and
+    // to the preferred candidate for one term more, never renewed by a resume.
+    let leaving = stepped_down && record.handover_from(identity).is_some();
     let free_since = match &record.holder {
         None => Some(observed_at),
-        Some(holder) if holder == identity => return Decision::Resume,
+        Some(holder) if holder == identity && !leaving => return Decision::Resume,
         Some(holder) => {
             let (duration, _) = record.effective_duration(fallback);
             let expires_at = observed_at.checked_add(duration);
@@ -222,20 +238,24 @@ impl Claimant<'_> {
     /// `current` changed to name us, keeping its resourceVersion so the update is conditional.
     /// Resuming (it already names us) keeps `acquireTime` and `leaseTransitions`; any change of
     /// holder, including from a released Lease, increments `leaseTransitions` as client-go does.
-    pub fn claim(&self, current: &Lease, now: Timestamp) -> Lease {
+    /// `take_over`: released or expired (not a resume), which ends any handover request.
+    pub fn claim(&self, current: &Lease, now: Timestamp, take_over: bool) -> Lease {
         let record = Record::of(current);
         let mut lease = current.clone();
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-        if record.holder.as_deref() != Some(self.identity) {
-            spec.acquire_time = Some(MicroTime(now));
-            spec.lease_transitions = Some(record.transitions.saturating_add(1));
+        if take_over {
             // A handover ends with the new holder: the preferred one, or anyone after the
             // preferred one let it pass. A request left in place would make this new term
-            // end at once. Another strategy (the API's own) stays.
+            // end at once. Another strategy (the API's own) stays. A resume keeps the request:
+            // it is carried out at once (see the supervisor).
             spec.preferred_holder = None;
             if spec.strategy.as_deref() == Some(HANDOVER_STRATEGY) {
                 spec.strategy = None;
             }
+        }
+        if record.holder.as_deref() != Some(self.identity) {
+            spec.acquire_time = Some(MicroTime(now));
+            spec.lease_transitions = Some(record.transitions.saturating_add(1));
         } else if spec.acquire_time.is_none() {
             spec.acquire_time = Some(MicroTime(now));
         }
@@ -416,7 +436,7 @@ mod tests {
             ..OwnerReference::default()
         }]);
         let now = Timestamp::from_second(1000).unwrap();
-        let new = me.claim(&old, now);
+        let new = me.claim(&old, now, true);
         let spec = new.spec.as_ref().unwrap();
         assert_eq!(spec.holder_identity.as_deref(), Some("me"));
         assert_eq!(spec.lease_transitions, Some(5));
@@ -428,7 +448,7 @@ mod tests {
         assert_eq!(refs[0].uid, "uid-b");
 
         // Resuming keeps the transitions and the acquire time.
-        let resumed = me.claim(&new, Timestamp::from_second(2000).unwrap());
+        let resumed = me.claim(&new, Timestamp::from_second(2000).unwrap(), false);
         let spec = resumed.spec.as_ref().unwrap();
         assert_eq!(spec.lease_transitions, Some(5));
         assert_eq!(spec.acquire_time, Some(MicroTime(now)));
@@ -480,10 +500,13 @@ mod tests {
         };
         let now = Timestamp::UNIX_EPOCH;
         // Taken by the preferred candidate: our own strategy goes, the API's stays.
-        let spec = me.claim(&with(None, HANDOVER_STRATEGY), now).spec.unwrap();
+        let spec = me
+            .claim(&with(None, HANDOVER_STRATEGY), now, true)
+            .spec
+            .unwrap();
         assert_eq!((spec.strategy, spec.preferred_holder), (None, None));
         let spec = me
-            .claim(&with(None, "OldestEmulationVersion"), now)
+            .claim(&with(None, "OldestEmulationVersion"), now, true)
             .spec
             .unwrap();
         assert_eq!(spec.strategy.as_deref(), Some("OldestEmulationVersion"));
