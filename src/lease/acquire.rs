@@ -215,7 +215,10 @@ impl Entered<'_> {
         if let Some((_, gate, slot)) = &self.0
             && matches!(
                 e,
-                ApiError::Timeout(_) | ApiError::Transient(_) | ApiError::Busy { .. }
+                ApiError::Timeout(_)
+                    | ApiError::Transient(_)
+                    | ApiError::Unreachable(_)
+                    | ApiError::Busy { .. }
             )
         {
             gate.uncertain
@@ -430,8 +433,12 @@ impl Narrator {
             e => {
                 self.failing = true;
                 let retry_after = e.retry_after();
+                let answered = e.answered();
                 self.failure = Some((what.to_string(), e.to_string()));
-                Ok(Input::Failed { retry_after })
+                Ok(Input::Failed {
+                    retry_after,
+                    answered,
+                })
             }
         }
     }

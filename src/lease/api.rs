@@ -61,9 +61,13 @@ pub enum ApiError {
     /// No answer in time.
     #[error("no answer from the API server within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
-    /// Connection failures, 5xx and 429: worth retrying.
+    /// 5xx and 429 (the server answered, and failed): worth retrying.
     #[error("{0}")]
     Transient(String),
+    /// No answer at all: connection refused or reset, TLS or DNS failures. Worth retrying, and
+    /// retrying costs the server nothing.
+    #[error("{0}")]
+    Unreachable(String),
     /// 429 or 5xx with a Retry-After: the server asked not to be asked again before then.
     #[error("{message} (Retry-After: {}s)", .retry_after.as_secs())]
     Busy {
@@ -231,12 +235,20 @@ impl LeaseApi {
             kube::Error::SerdeError(e) => {
                 ApiError::Rejected(format!("the Lease could not be parsed: {e}"))
             }
-            other => ApiError::Transient(format!("cannot reach the API server: {}", chain(&other))),
+            other => {
+                ApiError::Unreachable(format!("cannot reach the API server: {}", chain(&other)))
+            }
         }
     }
 }
 
 impl ApiError {
+    /// Whether the server answered (and failed), as opposed to no answer at all: a struggling
+    /// server is asked less often than one that is simply not there.
+    pub fn answered(&self) -> bool {
+        !matches!(self, ApiError::Unreachable(_))
+    }
+
     /// How long the server asked us to wait before asking again, if it did.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {

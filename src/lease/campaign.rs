@@ -64,6 +64,9 @@ pub enum Input {
     Failed {
         /// The server's Retry-After, if it sent one.
         retry_after: Option<Duration>,
+        /// The server answered (5xx, 429, or too late): it is up and struggling. Else there was no
+        /// answer at all (refused, reset).
+        answered: bool,
     },
     /// A deadline the machine asked for passed.
     Tick,
@@ -304,11 +307,20 @@ impl Campaign {
                     None => self.unknown(recheck),
                 }
             }
-            Input::Failed { retry_after } => {
+            Input::Failed {
+                retry_after,
+                answered,
+            } => {
                 self.failures += 1;
-                let delay = if self.watching {
+                // A watching follower looks again within a second while the server does not
+                // answer at all (it is restarting, the connection broke): that costs the server
+                // nothing, and a release is missed meanwhile. A server that answers with errors
+                // is struggling: after a few fast tries, back off as a polling follower does.
+                let delay = if self.watching && (!answered || self.failures <= FAST_TRIES) {
                     let jitter = self.jitter();
                     resync_delay(&self.timing, self.failures, jitter)
+                } else if self.watching {
+                    backoff(&self.timing, self.failures - FAST_TRIES)
                 } else {
                     backoff(&self.timing, self.failures)
                 };
@@ -462,6 +474,11 @@ impl Campaign {
     }
 }
 
+/// Failed requests in a row a watching follower retries fast even when the server answers them
+/// (with 5xx, 429 or too late), before it backs off.
+pub const FAST_TRIES: u32 = 3;
+/// The shortest delay between attempts, whatever the retry period.
+pub const RESYNC_FLOOR: Duration = Duration::from_millis(50);
 /// The first delay before re-establishing a broken watch (before jitter).
 pub const RESYNC_FIRST: Duration = Duration::from_millis(200);
 /// The longest delay between attempts to re-establish a watch (before jitter): a follower sees the
@@ -480,7 +497,7 @@ pub fn resync_delay(timing: &Timing, failures: u32, jitter: f64) -> Duration {
         .saturating_mul(factor)
         .min(RESYNC_CAP)
         .min(timing.retry_period);
-    full / 2 + (full / 2).mul_f64(jitter.clamp(0.0, 1.0))
+    (full / 2 + (full / 2).mul_f64(jitter.clamp(0.0, 1.0))).max(RESYNC_FLOOR)
 }
 
 /// Delay before the next attempt after `failures` consecutive transient errors while polling (and
@@ -661,7 +678,13 @@ mod tests {
         c.step(Input::Read(Some(held.clone())), t0);
         assert_eq!(c.step(Input::Expired, t0 + S), Action::Read { at: t0 + S });
         assert!(matches!(
-            c.step(Input::Failed { retry_after: None }, t0 + S),
+            c.step(
+                Input::Failed {
+                    retry_after: None,
+                    answered: false
+                },
+                t0 + S
+            ),
             Action::Read { .. }
         ));
         assert_eq!(c.step(Input::Read(None), t0 + 4 * S), until(34));
@@ -683,7 +706,13 @@ mod tests {
         let mut c = campaign();
         // Seen at t0 with a 40 s term; the holder may have renewed unseen since.
         c.step(Input::Read(Some(lease(Some("other"), 40, 1, "5"))), t0);
-        c.step(Input::Failed { retry_after: None }, t0 + 20 * S);
+        c.step(
+            Input::Failed {
+                retry_after: None,
+                answered: false,
+            },
+            t0 + 20 * S,
+        );
         assert_eq!(
             c.step(Input::Read(None), t0 + 22 * S),
             Action::Wait {
@@ -697,7 +726,13 @@ mod tests {
         let t0 = Instant::now();
         let mut c = campaign();
         c.step(Input::Read(Some(lease(Some("other"), 10, 1, "5"))), t0);
-        c.step(Input::Failed { retry_after: None }, t0 + S);
+        c.step(
+            Input::Failed {
+                retry_after: None,
+                answered: false,
+            },
+            t0 + S,
+        );
         // Re-read: another object (new uid), released by a candidate that never saw the old one.
         let mut recreated = lease(None, 1, 0, "9");
         recreated.metadata.uid = Some("uid-2".into());
@@ -807,17 +842,35 @@ mod tests {
         let mut c = campaign();
         c.polling();
         assert_eq!(
-            c.step(Input::Failed { retry_after: None }, t0),
+            c.step(
+                Input::Failed {
+                    retry_after: None,
+                    answered: false
+                },
+                t0
+            ),
             Action::Read { at: t0 + 2 * S }
         );
         assert_eq!(
-            c.step(Input::Failed { retry_after: None }, t0),
+            c.step(
+                Input::Failed {
+                    retry_after: None,
+                    answered: false
+                },
+                t0
+            ),
             Action::Read { at: t0 + 4 * S }
         );
         c.step(Input::Read(Some(lease(Some("other"), 10, 0, "1"))), t0);
         assert_eq!(c.failures(), 0);
         assert_eq!(
-            c.step(Input::Failed { retry_after: None }, t0),
+            c.step(
+                Input::Failed {
+                    retry_after: None,
+                    answered: false
+                },
+                t0
+            ),
             Action::Read { at: t0 + 2 * S }
         );
     }
@@ -895,7 +948,10 @@ mod tests {
     }
 
     fn failed() -> Input {
-        Input::Failed { retry_after: None }
+        Input::Failed {
+            retry_after: None,
+            answered: false,
+        }
     }
 
     fn read_in(action: Action, now: Instant) -> Duration {
@@ -958,6 +1014,7 @@ mod tests {
         let t0 = Instant::now();
         let busy = |secs: u64| Input::Failed {
             retry_after: Some(Duration::from_secs(secs)),
+            answered: true,
         };
         let mut c = campaign();
         assert_eq!(read_in(c.step(busy(7), t0), t0), 7 * S);
@@ -1146,5 +1203,37 @@ mod tests {
             ),
             "9"
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_answering_errors_is_retried_fast_three_times_then_backed_off() {
+        let t0 = Instant::now();
+        let answered = || Input::Failed {
+            retry_after: None,
+            answered: true,
+        };
+        let mut c = campaign();
+        for n in 1..=FAST_TRIES {
+            let delay = read_in(c.step(answered(), t0), t0);
+            assert!(delay <= RESYNC_CAP, "attempt {n}: {delay:?}");
+        }
+        let later: Vec<_> = (0..3)
+            .map(|_| read_in(c.step(answered(), t0), t0))
+            .collect();
+        assert_eq!(later, [2 * S, 4 * S, 8 * S]);
+        // No answer at all stays fast.
+        let mut c = campaign();
+        for _ in 0..10 {
+            assert!(read_in(c.step(failed(), t0), t0) <= RESYNC_CAP);
+        }
+    }
+
+    #[test]
+    fn the_fast_schedule_has_a_floor() {
+        let tiny = Timing {
+            retry_period: Duration::from_millis(1),
+            ..Timing::default()
+        };
+        assert_eq!(resync_delay(&tiny, 1, 0.0), RESYNC_FLOOR);
     }
 }
