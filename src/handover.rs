@@ -150,6 +150,17 @@ async fn request(
                 "{preferred} already holds lease {name}: nothing to hand over"
             )));
         }
+        match record.preferred.as_deref() {
+            // The same request is pending already: wait for it.
+            Some(pending) if pending == preferred => return Ok((current, holder)),
+            Some(pending) => {
+                return Err(Error::Fatal(format!(
+                    "a handover of lease {name} to {} is pending already: wait for it (lease-exec --status), or clear spec.preferredHolder first",
+                    describe(pending)
+                )));
+            }
+            None => {}
+        }
         let mut asked = current.clone();
         let spec = asked.spec.get_or_insert_with(LeaseSpec::default);
         spec.preferred_holder = Some(preferred.to_string());
@@ -213,12 +224,16 @@ async fn follow(
             Some(holder) if holder != from => {
                 Ok(Step::Taken(holder, record.transitions, record.acquire_time))
             }
-            Some(_) if record.preferred.as_deref() != Some(preferred) => {
-                Err(Error::Fatal(format!(
-                    "{from} still holds the lease and dropped the handover request: it does not take part in handovers (a lease-exec holder does; client-go does with Coordinated=true); stop it with SIGTERM instead"
-                )))
-            }
-            Some(_) => Ok(Step::Waiting),
+            Some(_) => match record.preferred.as_deref() {
+                Some(p) if p == preferred => Ok(Step::Waiting),
+                Some(other) => Err(Error::Fatal(format!(
+                    "the request was superseded by a handover to {}",
+                    describe(other)
+                ))),
+                None => Err(Error::Fatal(format!(
+                    "{from} still holds the lease and dropped the handover request: it does not take part in handovers (a lease-exec holder does; client-go does with Coordinated=true), or someone withdrew it; stop the holder with SIGTERM instead"
+                ))),
+            },
         }
     };
     loop {
@@ -226,7 +241,9 @@ async fn follow(
         if watching {
             match api.watch(&rv, timeout).await {
                 Ok(mut stream) => {
-                    while let Some(event) = stream.next().await {
+                    // A watch silent past the server's own timeout is a dead connection.
+                    let idle = Duration::from_secs(u64::from(api::WATCH_SECONDS) + 30);
+                    while let Ok(Some(event)) = tokio::time::timeout(idle, stream.next()).await {
                         match event {
                             Ok(WatchEvent::Added(lease) | WatchEvent::Modified(lease)) => {
                                 if let Some(v) = &lease.metadata.resource_version {

@@ -169,11 +169,22 @@ async fn hold(
     if slots.len() > 1 {
         tracing::info!(lease = %lease_api.name(), slot, "won a slot");
     }
+    // Aborted when this term ends: a later term may hold one of these slots for real.
+    let mut _strays = None;
     if !uncertain.is_empty() {
         // A write of ours to another slot went unanswered and may have landed: that slot must not
-        // stay claimed by a process that runs nothing for it.
+        // stay claimed by a process that runs nothing for it. Read now, and once more after a
+        // request timeout, in case the write was still on its way.
         let others: Vec<LeaseApi> = uncertain.iter().map(|&s| slots[s].clone()).collect();
         abandon(&others, &claimant, config).await;
+        let (config, owned) = (config.clone(), owned.clone());
+        _strays = Some(AbortOnDrop(tokio::spawn(
+            async move {
+                tokio::time::sleep(config.timing.request_timeout()).await;
+                abandon(&others, &owned.claimant(), &config).await;
+            }
+            .in_current_span(),
+        )));
     }
     if let Some(to) = Record::of(&held.lease).handover_from(&config.identity) {
         // Resumed (the Lease already named this identity) with a handover pending: hand it over
@@ -477,13 +488,29 @@ async fn lead(
 /// Lease naming a process that runs nothing. If it names us, release it (every slot).
 async fn abandon(slots: &[LeaseApi], me: &Claimant<'_>, config: &Config) {
     for api in slots {
-        if let Ok(Some(lease)) = api.get(config.timing.request_timeout()).await
-            && Record::of(&lease).holder.as_deref() == Some(me.identity)
-            && config.release
-        {
-            let last = Held::written(lease, Instant::now(), clock::boot_time());
-            release(api, me, config, last).await;
+        match api.get(config.timing.request_timeout()).await {
+            Ok(Some(lease))
+                if Record::of(&lease).holder.as_deref() == Some(me.identity) && config.release =>
+            {
+                let last = Held::written(lease, Instant::now(), clock::boot_time());
+                release(api, me, config, last).await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                lease = %api.name(),
+                error = %e,
+                "cannot check whether a claim of ours landed; if it did, the lease expires"
+            ),
         }
+    }
+}
+
+/// A task that ends with its owner.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -224,6 +224,16 @@ async fn handover_refusals_and_timeouts_have_their_codes() {
     let (code, _, err) = run(&world, &["--handover", "--to", "stubborn", "job"]).await;
     assert_eq!(code, 125, "{err}");
     assert!(err.contains("already holds"), "{err}");
+    // Another request pending: not overwritten.
+    let mut pending = world.server.lease(NS, "job").unwrap();
+    pending["spec"]["preferredHolder"] = json!("x");
+    pending["spec"]["strategy"] = json!("lease-exec/handover");
+    world.server.put_lease(NS, "job", pending);
+    let (code, _, err) = run(&world, &["--handover", "--to", "y", "job"]).await;
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("to x is pending already"), "{err}");
+    assert_eq!(spec(&world, "preferredHolder"), "x");
+    world.server.steal(NS, "job", "stubborn", 60);
     // The API server without the CoordinatedLeaderElection feature drops the request silently.
     world.server.set_coordinated_leader_election(false);
     let (code, _, err) = run(&world, &["--handover", "job"]).await;
