@@ -8,12 +8,14 @@
 //! 2. **Wait** ([`lease::acquire`], rules in [`lease::campaign`]): read the Lease, then watch it
 //!    (or poll). Claim it with a write conditioned on its `resourceVersion` once released or expired,
 //!    resume it if it names us, create it once it has been absent long enough (a deleted holder may
-//!    still run). Expiry is judged on our monotonic clock from when we first saw the current record,
-//!    never from `renewTime`.
+//!    still run); leave it to the preferred candidate of a handover for one term. Expiry is judged
+//!    on our monotonic clock from when we first saw the current record, never from `renewTime`.
+//!    With `--holders`, one such campaign per slot Lease, sharing a gate so only one slot is won.
 //! 3. **Lead** ([`supervise`], deadlines in [`term`]): spawn the command in its own process group
 //!    ([`child`]), renew every `--renew-interval` ([`lease::renew`]) and watch the Lease for a
-//!    takeover. If no renewal succeeds for the renew deadline, SIGTERM the group; if another holder
-//!    shows up, SIGKILL it at once; in every case SIGKILL it at the latest at
+//!    takeover or a handover request. If no renewal succeeds for the renew deadline, SIGTERM the
+//!    group; on a handover request, SIGTERM it with the grace period (renewals go on); if another
+//!    holder shows up, SIGKILL it at once; in every case SIGKILL it at the latest at
 //!    `last renewal start + lease duration - safety margin`, before anyone else can take over, also
 //!    from a watchdog thread that does not depend on the async runtime.
 //! 4. **Stop**: when the command exits (or after forwarding SIGTERM and waiting out the grace
