@@ -122,8 +122,8 @@ pub struct Cli {
     #[arg(long, env = "LEASE_EXEC_RECAMPAIGN", help_heading = "Lease")]
     pub recampaign: bool,
 
-    /// Let up to N copies of the command run at once (a semaphore): N Leases LEASE-0 ...
-    /// LEASE-<N-1>, each held by one process at a time; a candidate waits for all of them and takes
+    /// Let up to N copies of the command run at once (a semaphore): N Leases LEASE-0 to
+    /// LEASE-(N-1), each held by one process at a time; a candidate waits for all of them and takes
     /// whichever frees first, never more than one. The command gets LEASE_EXEC_SLOT. 1: the one
     /// Lease LEASE
     #[arg(
