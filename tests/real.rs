@@ -1207,6 +1207,12 @@ async fn mixed_pool_with_client_go_contenders() {
         wait_log(&member.running, LIMIT, "a member to wait", needle).await;
     }
 
+    // A released Lease to start from. Were it absent, a lease-exec that saw it so would treat it as
+    // possibly deleted under a holder it never saw, and wait one lease duration from then before
+    // taking it, even after client-go (which creates at once) created and released it: the rule
+    // for absent Leases, not a handoff. Whether lease-exec saw the absence would depend on which
+    // process reached the API server first.
+    put_lease(&space, "job", None, 4).await;
     let mut pool: Vec<Member> = vec![
         spawn(&space, Kind::LeaseExec),
         spawn(&space, Kind::ClientGo),

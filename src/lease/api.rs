@@ -3,6 +3,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams, WatchEvent, WatchParams};
 use kube::client::DynBody;
@@ -468,17 +472,111 @@ pub async fn client(
     config.default_retry = false;
     config.connect_timeout = Some(connect_timeout);
     let namespace = config.default_namespace.clone();
-    let client = kube::client::ClientBuilder::try_from(config)
-        .map_err(|e| AccessError(format!("cannot build the API client: {}", chain(&e))))?
-        .with_layer(&tower::util::MapResponseLayer::new(carry_retry_after))
-        .build();
+    let client = if config.proxy_url.is_some() {
+        // kube's own stack, which names the proxy it was built without.
+        kube::client::ClientBuilder::try_from(config)
+            .map_err(|e| AccessError(format!("cannot build the API client: {}", chain(&e))))?
+            .with_layer(&tower::util::MapResponseLayer::new(carry_retry_after))
+            .build()
+    } else {
+        stack(config)
+            .map_err(|e| AccessError(format!("cannot build the API client: {}", chain(&e))))?
+    };
     Ok((client, namespace))
+}
+
+/// The TCP connector under TLS: kube's (`enforce_http(false)`, so that https URLs pass to the TLS
+/// layer) with `TCP_NODELAY` on, as Go's net package sets it on every connection. Without it a
+/// request written right after the TLS handshake on a new connection waits for the API server's
+/// delayed ACK of the handshake's last flight, about 40 ms (Nagle's algorithm): a follower's only
+/// pooled connection carries its watch, so its claim after a release usually opens a new one, and
+/// those 40 ms were most of a handoff.
+fn tcp_connector() -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http
+}
+
+/// kube's default client stack (`ClientBuilder::try_from(Config)` with the features lease-exec
+/// builds kube with: TLS by rustls, no proxy, no compression), built here only to reach the TCP
+/// connector ([`tcp_connector`]), which kube builds privately. The same layers from kube's
+/// [`ConfigExt`]: the base URI, authentication (bearer tokens re-read as they rotate, exec
+/// plugins), impersonation headers; TLS from the kubeconfig; kube's connect and write timeouts.
+/// Not kept: kube's per-request debug spans. [`carry_retry_after`] is outermost, as before.
+fn stack(config: Config) -> Result<Client, kube::Error> {
+    use kube::client::ConfigExt;
+    let https = config.rustls_https_connector_with_connector(tcp_connector())?;
+    let mut connector = hyper_timeout::TimeoutConnector::new(https);
+    connector.set_connect_timeout(config.connect_timeout);
+    connector.set_read_timeout(config.read_timeout);
+    connector.set_write_timeout(config.write_timeout);
+    connector.set_reset_reader_on_write(config.reset_reader_on_write);
+    let http: hyper_util::client::legacy::Client<_, kube::client::Body> =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
+    let service = tower::ServiceBuilder::new()
+        .map_response(|response: hyper::http::Response<hyper::body::Incoming>| {
+            carry_retry_after(response.map(|body| {
+                Box::new(http_body_util::BodyExt::map_err(body, BoxError::from)) as Box<DynBody>
+            }))
+        })
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(BoxError::from)
+        .service(http);
+    Ok(Client::new(service, config.default_namespace))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The connection the client opens to the API server has `TCP_NODELAY` on. The client is built
+    /// as lease-exec builds it, the server is a bare socket, and the option is read back from the
+    /// client's own socket in this process (the fd whose local address is the peer the server saw).
+    #[tokio::test]
+    async fn the_api_connection_has_tcp_nodelay_on() {
+        use std::os::fd::FromRawFd;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut socket, peer) = listener.accept().await.unwrap();
+            let mut request = vec![0u8; 4096];
+            let _ = socket.read(&mut request).await.unwrap();
+            let body = r#"{"major":"1","minor":"37","gitVersion":"v1.37.2","gitCommit":"","gitTreeState":"","buildDate":"","goVersion":"","compiler":"","platform":""}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            socket.write_all(answer.as_bytes()).await.unwrap();
+            (socket, peer)
+        });
+        let client = stack(Config::new(url.parse().unwrap())).unwrap();
+        client.apiserver_version().await.unwrap();
+        let (_socket, peer) = server.await.unwrap();
+
+        let mut found = None;
+        for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+            let Ok(fd) = entry.unwrap().file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            // Borrowed, never closed: the fd stays the pooled connection's.
+            let socket =
+                std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+            if socket.local_addr().ok() == Some(peer) {
+                found = Some(socket.nodelay().unwrap());
+            }
+        }
+        assert_eq!(
+            found,
+            Some(true),
+            "the client's socket to {peer} (None: not found)"
+        );
+    }
 
     #[test]
     fn the_quoted_rule_lists_the_lease_verbs() {
