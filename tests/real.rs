@@ -1212,7 +1212,8 @@ async fn mixed_pool_with_client_go_contenders() {
     // taking it, even after client-go (which creates at once) created and released it: the rule
     // for absent Leases, not a handoff. Whether lease-exec saw the absence would depend on which
     // process reached the API server first.
-    put_lease(&space, "job", None, 4).await;
+    let seconds = humantime::parse_duration(lease).unwrap().as_secs() as u32;
+    put_lease(&space, "job", None, seconds).await;
     let mut pool: Vec<Member> = vec![
         spawn(&space, Kind::LeaseExec),
         spawn(&space, Kind::ClientGo),

@@ -503,7 +503,12 @@ fn tcp_connector() -> HttpConnector {
 /// connector ([`tcp_connector`]), which kube builds privately. The same layers from kube's
 /// [`ConfigExt`]: the base URI, authentication (bearer tokens re-read as they rotate, exec
 /// plugins), impersonation headers; TLS from the kubeconfig; kube's connect and write timeouts.
-/// Not kept: kube's per-request debug spans. [`carry_retry_after`] is outermost, as before.
+/// [`carry_retry_after`] is outermost, as before. Not kept: kube's per-request debug spans (its
+/// `kube_client::client` logs are off by default anyway) and `Client::valid_until` (the expiry of
+/// an exec plugin's client certificate, which nothing here reads).
+///
+/// This mirrors `make_generic_builder` of kube-client 5.0.0: re-check it on every kube upgrade, and
+/// go back to `ClientBuilder::try_from` once kube can set `TCP_NODELAY` itself (kube-rs/kube#2056).
 fn stack(config: Config) -> Result<Client, kube::Error> {
     use kube::client::ConfigExt;
     let https = config.rustls_https_connector_with_connector(tcp_connector())?;
@@ -538,7 +543,8 @@ mod tests {
     /// client's own socket in this process (the fd whose local address is the peer the server saw).
     #[tokio::test]
     async fn the_api_connection_has_tcp_nodelay_on() {
-        use std::os::fd::FromRawFd;
+        use nix::sys::socket::{SockaddrStorage, getsockname, getsockopt, sockopt};
+        use std::os::fd::AsRawFd;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -564,11 +570,18 @@ mod tests {
             let Ok(fd) = entry.unwrap().file_name().to_string_lossy().parse::<i32>() else {
                 continue;
             };
-            // Borrowed, never closed: the fd stays the pooled connection's.
-            let socket =
-                std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
-            if socket.local_addr().ok() == Some(peer) {
-                found = Some(socket.nodelay().unwrap());
+            // Only getsockname and getsockopt on the borrowed fd (never closed here). An fd that
+            // another test closes meanwhile answers EBADF or is not the client's socket, which
+            // stays open while `client` lives.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let Ok(local) = getsockname::<SockaddrStorage>(fd.as_raw_fd()) else {
+                continue;
+            };
+            let local = local
+                .as_sockaddr_in()
+                .map(|a| std::net::SocketAddr::from((a.ip(), a.port())));
+            if local == Some(peer) {
+                found = getsockopt(&fd, sockopt::TcpNoDelay).ok();
             }
         }
         assert_eq!(
