@@ -240,7 +240,7 @@ async fn as_pid_1_sigterm_stops_the_command_through_its_group_releases_and_exits
     // command waits for the other to finish, then dies of SIGTERM itself.
     args.push(
         "echo $PPID > $DIR/ppid; \
-         sh -c 'trap \"echo child >> $DIR/got; exit 0\" TERM; while :; do sleep 0.05; done' & \
+         sh -c 'trap \"echo child >> $DIR/got; exit 0\" TERM; echo > $DIR/child-ready; while :; do sleep 0.05; done' & \
          trap 'echo command >> $DIR/got; wait; trap - TERM; kill -TERM $$' TERM; \
          echo > $DIR/ready; wait"
             .into(),
@@ -254,8 +254,11 @@ async fn as_pid_1_sigterm_stops_the_command_through_its_group_releases_and_exits
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    // Both traps are set before their marker files are written.
     wait_for(LIMIT, "the command", || {
-        world.path("ready").exists() && world.server.holder(NS, "job").is_some()
+        world.path("ready").exists()
+            && world.path("child-ready").exists()
+            && world.server.holder(NS, "job").is_some()
     })
     .await;
     // lease-exec is unshare's child: PID 1 inside, an ordinary pid out here.
