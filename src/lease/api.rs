@@ -3,8 +3,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -13,6 +11,8 @@ use kube::client::DynBody;
 use kube::{Client, Config};
 
 use crate::config::Access;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long the server keeps one watch open (kube's watcher uses 290 s too): an idle follower
 /// makes about one request per this period.
