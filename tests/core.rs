@@ -93,6 +93,52 @@ async fn waits_while_a_live_holder_renews_and_takes_over_when_it_stops() {
     running.wait(LIMIT).await;
 }
 
+/// A create that loses the race (409 AlreadyExists) is followed by a read at once, so the winner's
+/// record is seen when it was written, not a retry period later: if the winner dies at once, the
+/// takeover comes one lease duration after its write, as for any record seen on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_create_sees_the_winner_at_once() {
+    let world = World::start().await;
+    // The record that wins is never renewed: its holder died right after creating it.
+    world.server.beat_next_create("job", "winner", 2);
+    // A retry period of 1 s against a 2 s lease: seen a retry period late, the takeover would
+    // come 3 s after the winner's write.
+    let options = [
+        "--lease-duration",
+        "2s",
+        "--renew-deadline",
+        "1500ms",
+        "--retry-period",
+        "1s",
+        "--identity",
+        "me",
+        "job",
+    ];
+    let mut running = world.worker_command(&options, -1.0, 0, &[]).spawn();
+    wait_for(LIMIT, "the takeover", || !world.starts().is_empty()).await;
+    let beaten = world.server.beaten_at().expect("the create was beaten");
+    let claim = world
+        .server
+        .writes()
+        .into_iter()
+        .find(|w| w.holder.as_deref() == Some("me"))
+        .expect("the takeover write");
+    assert_eq!(claim.verb, "update", "a claim of the winner's record");
+    let after = claim.at.duration_since(beaten);
+    assert!(
+        after >= Duration::from_secs(2),
+        "took over {after:?} after the winner's write, before its 2 s had passed"
+    );
+    assert!(
+        after < Duration::from_millis(2600),
+        "took over {after:?} after the winner's write: it was seen late"
+    );
+    let log = running.stderr();
+    assert!(log.contains("took over the expired lease"), "{log}");
+    running.signal(Signal::SIGTERM);
+    running.wait(LIMIT).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resumes_at_once_when_the_lease_names_this_identity() {
     let world = World::start().await;

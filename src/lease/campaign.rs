@@ -299,12 +299,16 @@ impl Campaign {
                     View::Present(lease) => lease.metadata.resource_version.clone(),
                     _ => None,
                 };
-                // The winner's write shows up as an event or on the next read; if nothing shows
-                // up by a retry period, our view is stale: read again then.
-                let recheck = now + self.timing.retry_period;
                 match rv {
-                    Some(rv) => self.lost = Some((rv, recheck)),
-                    None => self.unknown(recheck),
+                    // A lost claim: the winner's write shows up as an event or on the next read;
+                    // if nothing shows up by a retry period, our view is stale: read again then.
+                    Some(rv) => self.lost = Some((rv, now + self.timing.retry_period)),
+                    // A lost create (AlreadyExists): a record exists now, and the watch was not
+                    // open while creating. Read it at once: its expiry is counted from when it is
+                    // seen, so seeing it a retry period late would delay a takeover after its
+                    // holder dies by as much. Reading sooner only observes sooner: the record's
+                    // write began before this read, so its duration still runs from after it.
+                    None => self.unknown(now),
                 }
             }
             Input::Failed {
@@ -827,13 +831,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_lost_create_rereads_after_a_retry_period() {
+    async fn a_lost_create_reads_the_winner_at_once() {
         let t0 = Instant::now();
         let mut c = campaign();
         c.step(Input::Read(Some(lease(None, 1, 0, "1"))), t0);
         c.step(Input::Deleted(lease(None, 1, 0, "2")), t0);
-        let retry = Timing::default().retry_period;
-        assert_eq!(c.step(Input::Lost, t0), Action::Read { at: t0 + retry });
+        assert_eq!(c.step(Input::Lost, t0), Action::Read { at: t0 });
+        // The winner's record, seen then, runs its whole duration from then.
+        assert_eq!(
+            c.step(Input::Read(Some(lease(Some("winner"), 15, 1, "3"))), t0),
+            Action::Wait {
+                until: Some(t0 + 15 * S)
+            }
+        );
     }
 
     #[tokio::test(start_paused = true)]

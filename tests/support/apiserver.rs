@@ -183,6 +183,10 @@ struct Inner {
     coordinated: bool,
     /// `(verb, Lease name)` whose requests are carried out but never answered.
     lost_answers: Vec<(&'static str, String)>,
+    /// `(Lease name, holder, duration)`: the next create of that Lease loses to a record of that
+    /// holder, stored just before it; and when that record was stored.
+    beaten_create: Option<(String, String, i64)>,
+    beaten_at: Option<Instant>,
 }
 
 /// Handle to a running server. Dropping it stops nothing; the test's runtime ends it.
@@ -242,6 +246,8 @@ impl ApiServer {
                 open_watches: 0,
                 coordinated: true,
                 lost_answers: Vec::new(),
+                beaten_create: None,
+                beaten_at: None,
             })),
             addr,
             watch_tx,
@@ -318,6 +324,19 @@ current-context: memory
             .unwrap()
             .lost_answers
             .push((verb, name.to_string()));
+    }
+
+    /// The next create of the Lease `name` loses the race to another writer: a Lease held by
+    /// `holder` for `duration` seconds is stored just before it is carried out (with its ADDED
+    /// event), so it is answered 409 AlreadyExists. See [`ApiServer::beaten_at`].
+    pub fn beat_next_create(&self, name: &str, holder: &str, duration: i64) {
+        self.inner.lock().unwrap().beaten_create =
+            Some((name.to_string(), holder.to_string(), duration));
+    }
+
+    /// When the record that beat a create (see [`ApiServer::beat_next_create`]) was stored.
+    pub fn beaten_at(&self) -> Option<Instant> {
+        self.inner.lock().unwrap().beaten_at
     }
 
     /// Delays every answer.
@@ -905,6 +924,20 @@ current-context: memory
                 );
             }
             Err(message) => return status_response(500, "", &message),
+        }
+        if inner
+            .beaten_create
+            .as_ref()
+            .is_some_and(|(n, _, _)| *n == name)
+        {
+            let (_, holder, duration) = inner.beaten_create.take().unwrap();
+            let now = micro_now();
+            let winner = json!({"spec": {
+                "holderIdentity": holder, "leaseDurationSeconds": duration,
+                "acquireTime": now, "renewTime": now, "leaseTransitions": 0,
+            }});
+            self.store(&mut inner, ns, &name, winner, None);
+            inner.beaten_at = Some(Instant::now());
         }
         if inner.leases.contains_key(&(ns.to_string(), name.clone())) {
             return already_exists(&name);
