@@ -100,7 +100,7 @@ async fn waits_while_a_live_holder_renews_and_takes_over_when_it_stops() {
 async fn a_lost_create_sees_the_winner_at_once() {
     let world = World::start().await;
     // The record that wins is never renewed: its holder died right after creating it.
-    world.server.beat_next_create("job", "winner", 2);
+    world.server.beat_next_create("job", "winner", 2, false);
     // A retry period of 1 s against a 2 s lease: seen a retry period late, the takeover would
     // come 3 s after the winner's write.
     let options = [
@@ -135,6 +135,36 @@ async fn a_lost_create_sees_the_winner_at_once() {
     );
     let log = running.stderr();
     assert!(log.contains("took over the expired lease"), "{log}");
+    running.signal(Signal::SIGTERM);
+    running.wait(LIMIT).await;
+}
+
+/// A create that loses the race proves a holder this process never saw a record of. If its Lease is
+/// then gone (deleted under it), that holder may still run: the absence is a new one, and the
+/// Lease is created only one lease duration after it was found, not at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_create_then_a_deletion_waits_a_lease_duration_again() {
+    let world = World::start().await;
+    world.server.beat_next_create("job", "winner", 2, true);
+    let mut running = world.contender("job", "me", -1.0, 0).spawn();
+    wait_for(LIMIT, "the command", || !world.starts().is_empty()).await;
+    let deleted = world.server.beaten_at().expect("the create was beaten");
+    let created = world
+        .server
+        .writes()
+        .into_iter()
+        .find(|w| w.holder.as_deref() == Some("me"))
+        .expect("our create");
+    assert_eq!(created.verb, "create");
+    let after = created.at.duration_since(deleted);
+    assert!(
+        after >= Duration::from_secs(2),
+        "created {after:?} after the winner's Lease was deleted, within its holder's 2 s"
+    );
+    assert!(
+        after < Duration::from_millis(2800),
+        "created {after:?} after the deletion: later than the rule explains"
+    );
     running.signal(Signal::SIGTERM);
     running.wait(LIMIT).await;
 }

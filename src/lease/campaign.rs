@@ -308,7 +308,13 @@ impl Campaign {
                     // seen, so seeing it a retry period late would delay a takeover after its
                     // holder dies by as much. Reading sooner only observes sooner: the record's
                     // write began before this read, so its duration still runs from after it.
-                    None => self.unknown(now),
+                    // Its holder is one we never saw a record of: if the read finds the Lease gone
+                    // again, that holder may still run, so the absence starts over from then
+                    // (one more lease duration before a create), as for any unexplained 404.
+                    None => {
+                        self.absent_since = None;
+                        self.unknown(now);
+                    }
                 }
             }
             Input::Failed {
@@ -826,6 +832,25 @@ mod tests {
             ),
             Action::Wait {
                 until: Some(t0 + S / 100 + 15 * S)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_create_then_a_404_waits_a_lease_duration_from_the_404() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        let lease_duration = Timing::default().lease_duration;
+        assert!(matches!(c.step(Input::Read(None), t0), Action::Wait { .. }));
+        let t1 = t0 + lease_duration;
+        assert!(matches!(c.step(Input::Tick, t1), Action::Create { .. }));
+        assert_eq!(c.step(Input::Lost, t1), Action::Read { at: t1 });
+        // The winner's Lease is gone by the read: wait a lease duration from this 404.
+        let t2 = t1 + S / 100;
+        assert_eq!(
+            c.step(Input::Read(None), t2),
+            Action::Wait {
+                until: Some(t2 + lease_duration)
             }
         );
     }

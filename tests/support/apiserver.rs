@@ -183,9 +183,10 @@ struct Inner {
     coordinated: bool,
     /// `(verb, Lease name)` whose requests are carried out but never answered.
     lost_answers: Vec<(&'static str, String)>,
-    /// `(Lease name, holder, duration)`: the next create of that Lease loses to a record of that
-    /// holder, stored just before it; and when that record was stored.
-    beaten_create: Option<(String, String, i64)>,
+    /// `(Lease name, holder, duration, deleted)`: the next create of that Lease loses to a record
+    /// of that holder, stored just before it (and deleted right after it, if `deleted`); and when
+    /// that record was stored.
+    beaten_create: Option<(String, String, i64, bool)>,
     beaten_at: Option<Instant>,
 }
 
@@ -328,10 +329,12 @@ current-context: memory
 
     /// The next create of the Lease `name` loses the race to another writer: a Lease held by
     /// `holder` for `duration` seconds is stored just before it is carried out (with its ADDED
-    /// event), so it is answered 409 AlreadyExists. See [`ApiServer::beaten_at`].
-    pub fn beat_next_create(&self, name: &str, holder: &str, duration: i64) {
+    /// event), so it is answered 409 AlreadyExists. With `deleted`, that Lease is deleted right
+    /// after the answer is made (someone deleted it under its new holder). See
+    /// [`ApiServer::beaten_at`].
+    pub fn beat_next_create(&self, name: &str, holder: &str, duration: i64, deleted: bool) {
         self.inner.lock().unwrap().beaten_create =
-            Some((name.to_string(), holder.to_string(), duration));
+            Some((name.to_string(), holder.to_string(), duration, deleted));
     }
 
     /// When the record that beat a create (see [`ApiServer::beat_next_create`]) was stored.
@@ -928,9 +931,9 @@ current-context: memory
         if inner
             .beaten_create
             .as_ref()
-            .is_some_and(|(n, _, _)| *n == name)
+            .is_some_and(|(n, ..)| *n == name)
         {
-            let (_, holder, duration) = inner.beaten_create.take().unwrap();
+            let (_, holder, duration, deleted) = inner.beaten_create.take().unwrap();
             let now = micro_now();
             let winner = json!({"spec": {
                 "holderIdentity": holder, "leaseDurationSeconds": duration,
@@ -938,6 +941,11 @@ current-context: memory
             }});
             self.store(&mut inner, ns, &name, winner, None);
             inner.beaten_at = Some(Instant::now());
+            if deleted {
+                // Answered as the create found it; the deletion follows.
+                self.remove(&mut inner, ns, &name);
+                return already_exists(&name);
+            }
         }
         if inner.leases.contains_key(&(ns.to_string(), name.clone())) {
             return already_exists(&name);
