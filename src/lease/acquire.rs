@@ -144,7 +144,10 @@ pub async fn acquire(
                 let mut won = enter(gate).await;
                 match create(api, me, timing, transitions).await {
                     Ok(held) => return Ok(won.win(held)),
-                    Err(e) => narrator.failed(won.failed(e), "create")?,
+                    Err(e) => match won.failed(e) {
+                        ApiError::AlreadyExists => Input::LostCreate,
+                        e => narrator.failed(e, "create")?,
+                    },
                 }
             }
             Action::Claim { current, decision } => {

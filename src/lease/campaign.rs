@@ -58,8 +58,11 @@ pub enum Input {
     Bookmark(String),
     /// The watch's resourceVersion is too old (410 Gone): the view may be stale.
     Expired,
-    /// Our create or claim lost to another writer (409, AlreadyExists, or 404 on the claim).
+    /// Our claim lost to another writer (409 Conflict, or 404 on the claim); also what a read or
+    /// watch answered 404/409 gives.
     Lost,
+    /// Our create lost to another writer's (409 AlreadyExists).
+    LostCreate,
     /// A request failed in a way worth retrying; the server may have said when to ask again.
     Failed {
         /// The server's Retry-After, if it sent one.
@@ -299,23 +302,27 @@ impl Campaign {
                     View::Present(lease) => lease.metadata.resource_version.clone(),
                     _ => None,
                 };
+                // The winner's write shows up as an event or on the next read; if nothing shows
+                // up by a retry period, our view is stale: read again then.
+                let recheck = now + self.timing.retry_period;
                 match rv {
-                    // A lost claim: the winner's write shows up as an event or on the next read;
-                    // if nothing shows up by a retry period, our view is stale: read again then.
-                    Some(rv) => self.lost = Some((rv, now + self.timing.retry_period)),
-                    // A lost create (AlreadyExists): a record exists now, and the watch was not
-                    // open while creating. Read it at once: its expiry is counted from when it is
-                    // seen, so seeing it a retry period late would delay a takeover after its
-                    // holder dies by as much. Reading sooner only observes sooner: the record's
-                    // write began before this read, so its duration still runs from after it.
-                    // Its holder is one we never saw a record of: if the read finds the Lease gone
-                    // again, that holder may still run, so the absence starts over from then
-                    // (one more lease duration before a create), as for any unexplained 404.
-                    None => {
-                        self.absent_since = None;
-                        self.unknown(now);
-                    }
+                    Some(rv) => self.lost = Some((rv, recheck)),
+                    None => self.unknown(recheck),
                 }
+            }
+            Input::LostCreate => {
+                // A record exists now. Read it at once rather than wait for it on the watch (which
+                // a read drops): its expiry is counted from when it is seen, so seeing it a retry
+                // period late would delay a takeover after its holder dies by as much. Reading
+                // sooner only observes sooner: the record's write began before this read, so its
+                // duration still runs from after it. One GET per lost create, and a create comes
+                // only after a lease duration of absence, so this cannot loop fast.
+                //
+                // Its holder is one we never saw a record of: if the read finds the Lease gone
+                // again, that holder may still run, so the absence starts over from then (one
+                // more lease duration before a create), as for any unexplained 404.
+                self.absent_since = None;
+                self.unknown(now);
             }
             Input::Failed {
                 retry_after,
@@ -844,7 +851,7 @@ mod tests {
         assert!(matches!(c.step(Input::Read(None), t0), Action::Wait { .. }));
         let t1 = t0 + lease_duration;
         assert!(matches!(c.step(Input::Tick, t1), Action::Create { .. }));
-        assert_eq!(c.step(Input::Lost, t1), Action::Read { at: t1 });
+        assert_eq!(c.step(Input::LostCreate, t1), Action::Read { at: t1 });
         // The winner's Lease is gone by the read: wait a lease duration from this 404.
         let t2 = t1 + S / 100;
         assert_eq!(
@@ -861,13 +868,27 @@ mod tests {
         let mut c = campaign();
         c.step(Input::Read(Some(lease(None, 1, 0, "1"))), t0);
         c.step(Input::Deleted(lease(None, 1, 0, "2")), t0);
-        assert_eq!(c.step(Input::Lost, t0), Action::Read { at: t0 });
+        assert_eq!(c.step(Input::LostCreate, t0), Action::Read { at: t0 });
         // The winner's record, seen then, runs its whole duration from then.
         assert_eq!(
             c.step(Input::Read(Some(lease(Some("winner"), 15, 1, "3"))), t0),
             Action::Wait {
                 until: Some(t0 + 15 * S)
             }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_404_or_409_on_a_read_rereads_after_a_retry_period_every_time() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        let retry = Timing::default().retry_period;
+        c.step(Input::Tick, t0);
+        // A read answered 409 (a proxy in the way): never a read at once, however often.
+        assert_eq!(c.step(Input::Lost, t0), Action::Read { at: t0 + retry });
+        assert_eq!(
+            c.step(Input::Lost, t0 + retry),
+            Action::Read { at: t0 + 2 * retry }
         );
     }
 
