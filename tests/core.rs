@@ -68,9 +68,7 @@ async fn waits_while_a_live_holder_renews_and_takes_over_when_it_stops() {
     // than the write. Bounded from both sides with the rule's own number.
     let claim = world
         .server
-        .writes()
-        .into_iter()
-        .find(|w| w.holder.as_deref() == Some("me"))
+        .first_write_by("me")
         .expect("the takeover write");
     let after = claim.at.duration_since(last_renewal);
     assert!(
@@ -119,9 +117,7 @@ async fn a_lost_create_sees_the_winner_at_once() {
     let beaten = world.server.beaten_at().expect("the create was beaten");
     let claim = world
         .server
-        .writes()
-        .into_iter()
-        .find(|w| w.holder.as_deref() == Some("me"))
+        .first_write_by("me")
         .expect("the takeover write");
     assert_eq!(claim.verb, "update", "a claim of the winner's record");
     let after = claim.at.duration_since(beaten);
@@ -152,12 +148,7 @@ async fn a_lost_create_then_a_deletion_waits_a_lease_duration_again() {
     let mut running = world.contender("job", "me", -1.0, 0).spawn();
     wait_for(LIMIT, "the command", || !world.starts().is_empty()).await;
     let deleted = world.server.beaten_at().expect("the create was beaten");
-    let created = world
-        .server
-        .writes()
-        .into_iter()
-        .find(|w| w.holder.as_deref() == Some("me"))
-        .expect("our create");
+    let created = world.server.first_write_by("me").expect("our create");
     assert_eq!(created.verb, "create");
     let after = created.at.duration_since(deleted);
     assert!(

@@ -18,9 +18,7 @@ const SEC: u64 = 1_000_000_000;
 fn first_claim_by(world: &World, identity: &str) -> apiserver::Write {
     world
         .server
-        .writes()
-        .into_iter()
-        .find(|w| w.holder.as_deref() == Some(identity))
+        .first_write_by(identity)
         .expect("a write naming the follower")
 }
 

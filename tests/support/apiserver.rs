@@ -599,6 +599,13 @@ current-context: memory
         self.inner.lock().unwrap().writes.clone()
     }
 
+    /// The first write whose stored holder is `holder` (its create, claim or resume).
+    pub fn first_write_by(&self, holder: &str) -> Option<Write> {
+        self.writes()
+            .into_iter()
+            .find(|w| w.holder.as_deref() == Some(holder))
+    }
+
     /// The last successful write by `holder` (a create, update or patch leaving it as holder).
     pub fn last_write_by(&self, holder: &str) -> Option<Write> {
         self.writes()
