@@ -53,7 +53,16 @@
 //!   the one the watch started from; `timeoutSeconds` ends the stream.
 //! - Faults: refuse connections (the port stays reserved), hang (open watches pause and deliver
 //!   what happened once the hang ends), answer a chosen status with the body the real server
-//!   sends for it, delay answers, deny chosen verbs.
+//!   sends for it, delay answers, deny chosen verbs, carry out a request and lose its answer.
+//!   These ([`ApiServer::set_mode`], [`ApiServer::set_delay`], [`ApiServer::deny`],
+//!   [`ApiServer::lose_answers`]) hit every client at once.
+//! - Doors, for faults that hit one client only: [`ApiServer::door`] opens another port on
+//!   127.0.0.1 served by the same store and watch history; give each client its own door
+//!   ([`Door::kubeconfig`]) and set that door's [`Fault`] with [`Door::set_fault`]: refuse its
+//!   connections, black-hole them, cut the connections open now while new ones work (a half-open
+//!   connection), delay its answers, answer it with a status, lose the answers to its writes.
+//!   The server's own port is door 0 ([`ApiServer::own_door`]); the global faults above apply to
+//!   every door as well. Every [`Seen`] request and [`Write`] names the door it came through.
 //!
 //! Not modelled: managedFields, generation, dryRun, label selectors, JSON patch and apply patch
 //! (415), protobuf, finalizers and graceful deletion.
@@ -62,14 +71,17 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{broadcast, mpsc, watch};
 
 const GROUP: &str = "coordination.k8s.io";
@@ -99,8 +111,8 @@ pub enum Mode {
     /// Serve normally.
     #[default]
     Normal,
-    /// Stop listening and reset every open connection: new connections are refused. The port stays
-    /// reserved, so nothing else can take it meanwhile.
+    /// Stop listening and reset every open connection, on every door: new connections are
+    /// refused. The ports stay reserved, so nothing else can take them meanwhile.
     Refuse,
     /// Accept requests and never answer them. Open watches pause; when the hang ends they deliver
     /// what happened meanwhile (or close, if they fell too far behind).
@@ -110,9 +122,43 @@ pub enum Mode {
     Status(u16, Option<u64>),
 }
 
+/// What one door does to the connections and requests that come through it (see [`Door`]). The
+/// global faults ([`ApiServer::set_mode`] and the others) apply on top.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Fault {
+    /// Serve normally.
+    #[default]
+    Normal,
+    /// Stop listening on this door's port and reset its open connections: new connections are
+    /// refused. The port stays reserved.
+    Refuse,
+    /// Accept connections and pass nothing on any of them, open or new, either way: requests are
+    /// never read (so never seen or carried out), nothing is written, open watches go silent.
+    /// Healing lets everything through again, as after a routing black hole that ended in time.
+    Blackhole,
+    /// The connections accepted so far stay up and pass nothing either way (requests on them hang,
+    /// their watches go silent), while new connections work normally: what a load balancer or a
+    /// conntrack table dropping a long-lived connection, or a frozen proxy, does to a client's
+    /// pooled connections. Setting it again cuts the connections open then as well; leaving it
+    /// (for any other fault) resets the connections it cut, as a connection whose packets were
+    /// dropped cannot resume.
+    HalfOpen,
+    /// Delay every answer of this door (on top of [`ApiServer::set_delay`]).
+    Delay(Duration),
+    /// Answer every API request of this door with this status code and the body kube-apiserver
+    /// sends with it, with an optional `Retry-After` in seconds, as [`Mode::Status`] does; this
+    /// door's open watches are closed.
+    Status(u16, Option<u64>),
+    /// Carry out every Lease write (create, update, patch, delete) of this door and never answer
+    /// it: the write is committed, the client learns nothing.
+    LoseAnswers,
+}
+
 /// A request as the server saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    /// The door it came through (0: the server's own port).
+    pub door: usize,
     /// Verb in Kubernetes terms: get, list, watch, create, update, patch, delete.
     pub verb: &'static str,
     /// Path.
@@ -135,6 +181,8 @@ impl Seen {
 pub struct Write {
     /// Verb of the request (a PUT that created the Lease is an `update`).
     pub verb: &'static str,
+    /// The door the request came through (0: the server's own port).
+    pub door: usize,
     /// Holder identity after the write.
     pub holder: Option<String>,
     /// When it was committed.
@@ -188,6 +236,39 @@ struct Inner {
     /// that record was stored.
     beaten_create: Option<(String, String, i64, bool)>,
     beaten_at: Option<Instant>,
+    /// Door 0 is the server's own port.
+    doors: Vec<DoorState>,
+}
+
+/// One door's fault and connections.
+struct DoorState {
+    addr: SocketAddr,
+    fault: Fault,
+    /// Connections are numbered as they are accepted; those below this number were open when
+    /// [`Fault::HalfOpen`] was set, and pass nothing.
+    cut_below: u64,
+    /// The number the next accepted connection gets.
+    next_connection: u64,
+    /// Connections open now.
+    open: usize,
+    /// Bumped whenever this door's open watches must end.
+    watch_closures: u64,
+    /// Connections waiting for the door to pass data again.
+    blocked: Vec<Waker>,
+}
+
+impl DoorState {
+    fn new(addr: SocketAddr) -> DoorState {
+        DoorState {
+            addr,
+            fault: Fault::Normal,
+            cut_below: 0,
+            next_connection: 0,
+            open: 0,
+            watch_closures: 0,
+            blocked: Vec::new(),
+        }
+    }
 }
 
 /// Handle to a running server. Dropping it stops nothing; the test's runtime ends it.
@@ -201,7 +282,7 @@ pub struct ApiServer {
     changes: watch::Sender<()>,
 }
 
-/// Binds the server's port: `SO_REUSEPORT`, so it can share the port with the reservation.
+/// Binds a door's port: `SO_REUSEPORT`, so it can share the port with the reservation.
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
@@ -210,20 +291,51 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
+/// A new port on 127.0.0.1: the socket that reserves it, and a listener on it.
+///
+/// A bound socket that never listens keeps the port reserved for the server's whole life: while
+/// refusing, the listener is closed (connections are refused) and later bound again, and no other
+/// socket can take the port in between (only another SO_REUSEPORT socket of this user could, and
+/// none asks for this port).
+fn reserve_port() -> (TcpSocket, SocketAddr, TcpListener) {
+    let reserve = TcpSocket::new_v4().expect("socket");
+    reserve.set_reuseport(true).expect("SO_REUSEPORT");
+    reserve
+        .bind("127.0.0.1:0".parse().unwrap())
+        .expect("bind 127.0.0.1:0");
+    let addr = reserve.local_addr().unwrap();
+    let listener = listen(addr).expect("listen on the reserved port");
+    (reserve, addr, listener)
+}
+
+/// A kubeconfig pointing at `url`, with `namespace` as the context's namespace.
+fn kubeconfig(url: &str, namespace: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: memory
+  cluster:
+    server: {url}
+users:
+- name: tester
+  user:
+    token: test-token
+contexts:
+- name: memory
+  context:
+    cluster: memory
+    user: tester
+    namespace: {namespace}
+current-context: memory
+",
+    )
+}
+
 impl ApiServer {
     /// Starts on 127.0.0.1 with an ephemeral port, on the current tokio runtime.
     pub async fn start() -> ApiServer {
-        // A bound socket that never listens keeps the port reserved for the server's whole life:
-        // in Refuse mode the listener is closed (connections are refused) and later bound again,
-        // and no other socket can take the port in between (only another SO_REUSEPORT socket of
-        // this user could, and none asks for this port).
-        let reserve = TcpSocket::new_v4().expect("socket");
-        reserve.set_reuseport(true).expect("SO_REUSEPORT");
-        reserve
-            .bind("127.0.0.1:0".parse().unwrap())
-            .expect("bind 127.0.0.1:0");
-        let addr = reserve.local_addr().unwrap();
-        let listener = listen(addr).expect("listen on the reserved port");
+        let (reserve, addr, listener) = reserve_port();
         let (watch_tx, _) = broadcast::channel(WATCHER_BUFFER);
         let (changes, _) = watch::channel(());
         let server = ApiServer {
@@ -249,13 +361,40 @@ impl ApiServer {
                 lost_answers: Vec::new(),
                 beaten_create: None,
                 beaten_at: None,
+                doors: vec![DoorState::new(addr)],
             })),
             addr,
             watch_tx,
             changes,
         };
-        tokio::spawn(server.clone().accept_loop(reserve, listener));
+        tokio::spawn(server.clone().accept_loop(0, reserve, listener));
         server
+    }
+
+    /// Opens another door: a new port on 127.0.0.1 served by this server (the same Leases, watch
+    /// history and global faults), with a fault of its own. Call it on the server's runtime.
+    pub fn door(&self) -> Door {
+        let (reserve, addr, listener) = reserve_port();
+        let index = {
+            let mut inner = self.inner.lock().unwrap();
+            inner.doors.push(DoorState::new(addr));
+            inner.doors.len() - 1
+        };
+        tokio::spawn(self.clone().accept_loop(index, reserve, listener));
+        Door {
+            server: self.clone(),
+            index,
+            addr,
+        }
+    }
+
+    /// The server's own port as a door (door 0), to give it a fault of its own.
+    pub fn own_door(&self) -> Door {
+        Door {
+            server: self.clone(),
+            index: 0,
+            addr: self.addr,
+        }
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -270,27 +409,7 @@ impl ApiServer {
 
     /// A kubeconfig pointing at this server, with `namespace` as the context's namespace.
     pub fn kubeconfig(&self, namespace: &str) -> String {
-        format!(
-            "apiVersion: v1
-kind: Config
-clusters:
-- name: memory
-  cluster:
-    server: {url}
-users:
-- name: tester
-  user:
-    token: test-token
-contexts:
-- name: memory
-  context:
-    cluster: memory
-    user: tester
-    namespace: {namespace}
-current-context: memory
-",
-            url = self.url()
-        )
+        kubeconfig(&self.url(), namespace)
     }
 
     fn notify(&self) {
@@ -462,7 +581,7 @@ current-context: memory
         ns: &str,
         name: &str,
         mut object: Value,
-        verb: Option<&'static str>,
+        by: Option<(&'static str, usize)>,
     ) -> Value {
         let previous = inner.leases.get(&(ns.to_string(), name.to_string()));
         if !object["metadata"].is_object() {
@@ -477,18 +596,19 @@ current-context: memory
             }
             None => stamp_new(&mut object, inner.rv + 1),
         }
-        self.commit(inner, ns, name, object, verb)
+        self.commit(inner, ns, name, object, by)
     }
 
     /// Commits `object` (prepared but for its resourceVersion) under a new resourceVersion,
-    /// records it as a client write when `verb` is given, and publishes the watch event.
+    /// records it as a client write when `by` (its verb and door) is given, and publishes the
+    /// watch event.
     fn commit(
         &self,
         inner: &mut Inner,
         ns: &str,
         name: &str,
         mut object: Value,
-        verb: Option<&'static str>,
+        by: Option<(&'static str, usize)>,
     ) -> Value {
         inner.rv += 1;
         let rv = inner.rv;
@@ -503,8 +623,8 @@ current-context: memory
         let previous = inner
             .leases
             .insert((ns.to_string(), name.to_string()), object.clone());
-        if let Some(verb) = verb {
-            self.record_write(inner, verb, &object);
+        if let Some((verb, door)) = by {
+            self.record_write(inner, verb, door, &object);
         }
         let kind = if previous.is_some() {
             "MODIFIED"
@@ -644,16 +764,37 @@ current-context: memory
         self.notify();
     }
 
-    async fn accept_loop(self, reserve: TcpSocket, listener: TcpListener) {
+    /// Serves one door's port until the runtime ends: refuses while the server or the door does,
+    /// resets the connections a half-open cut left behind once the door leaves
+    /// [`Fault::HalfOpen`], and serves each accepted connection through a [`DoorIo`].
+    async fn accept_loop(self, door: usize, reserve: TcpSocket, listener: TcpListener) {
         let _reserve = reserve;
+        let addr = self.inner.lock().unwrap().doors[door].addr;
         let mut listener = Some(listener);
         let mut changes = self.changes.subscribe();
-        let mut connections: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+        // Each connection's number and task.
+        let mut connections: Vec<(u64, tokio::task::JoinHandle<()>)> = Vec::new();
         loop {
-            if self.inner.lock().unwrap().mode == Mode::Refuse {
+            let (refused, reset_below) = {
+                let inner = self.inner.lock().unwrap();
+                let state = &inner.doors[door];
+                (
+                    inner.mode == Mode::Refuse || state.fault == Fault::Refuse,
+                    (state.fault != Fault::HalfOpen).then_some(state.cut_below),
+                )
+            };
+            if let Some(below) = reset_below {
+                connections.retain(|(number, task)| {
+                    if *number < below {
+                        task.abort();
+                    }
+                    *number >= below
+                });
+            }
+            if refused {
                 if listener.take().is_some() {
-                    for c in connections.drain(..) {
-                        c.abort();
+                    for (_, task) in connections.drain(..) {
+                        task.abort();
                     }
                 }
                 if changes.changed().await.is_err() {
@@ -663,26 +804,39 @@ current-context: memory
             }
             let current = match listener.take() {
                 Some(l) => l,
-                None => match listen(self.addr) {
+                None => match listen(addr) {
                     Ok(l) => l,
-                    Err(e) => panic!("cannot listen on {} again: {e}", self.addr),
+                    Err(e) => panic!("cannot listen on {addr} again: {e}"),
                 },
             };
             tokio::select! {
                 accepted = current.accept() => {
                     if let Ok((stream, _)) = accepted {
+                        let number = {
+                            let mut inner = self.inner.lock().unwrap();
+                            let state = &mut inner.doors[door];
+                            state.next_connection += 1;
+                            state.open += 1;
+                            state.next_connection - 1
+                        };
+                        let io = DoorIo {
+                            stream,
+                            inner: self.inner.clone(),
+                            door,
+                            number,
+                        };
                         let server = self.clone();
-                        connections.retain(|c| !c.is_finished());
-                        connections.push(tokio::spawn(async move {
-                            let io = hyper_util::rt::TokioIo::new(stream);
+                        connections.retain(|(_, task)| !task.is_finished());
+                        connections.push((number, tokio::spawn(async move {
+                            let io = hyper_util::rt::TokioIo::new(io);
                             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                                 let server = server.clone();
-                                async move { Ok::<_, Infallible>(server.handle(req).await) }
+                                async move { Ok::<_, Infallible>(server.handle(door, req).await) }
                             });
                             let _ = hyper::server::conn::http1::Builder::new()
                                 .serve_connection(io, service)
                                 .await;
-                        }));
+                        })));
                     }
                 }
                 changed = changes.changed() => {
@@ -695,7 +849,7 @@ current-context: memory
         }
     }
 
-    async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    async fn handle(&self, door: usize, req: Request<hyper::body::Incoming>) -> Response<Body> {
         use http_body_util::BodyExt;
         let (parts, body) = req.into_parts();
         let (body, too_large) = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
@@ -708,9 +862,10 @@ current-context: memory
         };
         let route = Route::parse(&parts.method, &parts.uri);
         let verb = route.verb();
-        let (mode, delay, denied, denied_create) = {
+        let (mode, door_fault, delay, denied, denied_create) = {
             let mut inner = self.inner.lock().unwrap();
             inner.seen.push(Seen {
+                door,
                 verb,
                 path: parts.uri.path().to_string(),
                 query: parts.uri.query().unwrap_or("").to_string(),
@@ -718,7 +873,12 @@ current-context: memory
             });
             let denied = inner.deny.get(verb).copied();
             let denied_create = inner.deny.get("create").copied();
-            (inner.mode.clone(), inner.delay, denied, denied_create)
+            let door_fault = inner.doors[door].fault.clone();
+            let mut delay = inner.delay;
+            if let Fault::Delay(extra) = door_fault {
+                delay += extra;
+            }
+            (inner.mode.clone(), door_fault, delay, denied, denied_create)
         };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -730,6 +890,11 @@ current-context: memory
                 return fault(code, retry_after, &route, verb);
             }
             _ => {}
+        }
+        if let Fault::Status(code, retry_after) = door_fault
+            && is_api
+        {
+            return fault(code, retry_after, &route, verb);
         }
         if let Some(code) = denied {
             return fault(code, None, &route, verb);
@@ -744,13 +909,28 @@ current-context: memory
         let lost = {
             let inner = self.inner.lock().unwrap();
             let name = route.target().2;
-            inner
-                .lost_answers
-                .iter()
-                .any(|(v, n)| *v == verb && Some(n.as_str()) == name)
+            let lease_write = matches!(
+                route,
+                Route::Create { .. }
+                    | Route::Update { .. }
+                    | Route::Patch { .. }
+                    | Route::Delete { .. }
+            );
+            (door_fault == Fault::LoseAnswers && lease_write)
+                || inner
+                    .lost_answers
+                    .iter()
+                    .any(|(v, n)| *v == verb && Some(n.as_str()) == name)
         };
         let response = self
-            .route(route, &parts.headers, &parts.uri, &body, denied_create)
+            .route(
+                door,
+                route,
+                &parts.headers,
+                &parts.uri,
+                &body,
+                denied_create,
+            )
             .await;
         if lost {
             return std::future::pending().await;
@@ -760,6 +940,7 @@ current-context: memory
 
     async fn route(
         &self,
+        door: usize,
         route: Route,
         headers: &HeaderMap,
         uri: &Uri,
@@ -797,10 +978,10 @@ current-context: memory
                     json!({"apiVersion": API_VERSION, "kind": "LeaseList", "metadata": {"resourceVersion": inner.rv.to_string()}, "items": items}),
                 )
             }
-            Route::List { ns, watch: true } => self.watch(ns, uri),
-            Route::Create { ns } => self.create(&ns, body),
-            Route::Update { ns, name } => self.update(&ns, &name, body, denied_create),
-            Route::Patch { ns, name } => self.patch(&ns, &name, headers, body),
+            Route::List { ns, watch: true } => self.watch(door, ns, uri),
+            Route::Create { ns } => self.create(door, &ns, body),
+            Route::Update { ns, name } => self.update(door, &ns, &name, body, denied_create),
+            Route::Patch { ns, name } => self.patch(door, &ns, &name, headers, body),
             Route::Delete { ns, name } => self.delete(&ns, &name, body),
             Route::CreateEvent { ns } => {
                 let mut object = match parse_json(body) {
@@ -884,7 +1065,7 @@ current-context: memory
     }
 
     /// POST: the store's `create` and etcd3's `Create`.
-    fn create(&self, ns: &str, body: &[u8]) -> Response<Body> {
+    fn create(&self, door: usize, ns: &str, body: &[u8]) -> Response<Body> {
         let mut object = match decode_lease(body) {
             Ok(o) => o,
             Err(response) => return *response,
@@ -960,7 +1141,7 @@ current-context: memory
         stamp_new(&mut object, inner.rv + 1);
         json_response(
             201,
-            self.commit(&mut inner, ns, &name, object, Some("create")),
+            self.commit(&mut inner, ns, &name, object, Some(("create", door))),
         )
     }
 
@@ -968,6 +1149,7 @@ current-context: memory
     /// etcd3's `GuaranteedUpdate` (UID precondition, no-op short cut).
     fn update(
         &self,
+        door: usize,
         ns: &str,
         name: &str,
         body: &[u8],
@@ -1031,7 +1213,7 @@ current-context: memory
             stamp_new(&mut object, inner.rv + 1);
             return json_response(
                 201,
-                self.commit(&mut inner, ns, name, object, Some("update")),
+                self.commit(&mut inner, ns, name, object, Some(("update", door))),
             );
         };
         let sent_rv = match parse_rv(&object["metadata"]["resourceVersion"]) {
@@ -1054,11 +1236,18 @@ current-context: memory
         if Some(sent_rv) != parse_rv(&current["metadata"]["resourceVersion"]).ok() {
             return conflict(name, OPTIMISTIC_LOCK);
         }
-        self.finish_update(&mut inner, ns, name, object, &current, "update")
+        self.finish_update(&mut inner, ns, name, object, &current, ("update", door))
     }
 
     /// PATCH: merge or strategic-merge onto the stored Lease, then the store's `Update`.
-    fn patch(&self, ns: &str, name: &str, headers: &HeaderMap, body: &[u8]) -> Response<Body> {
+    fn patch(
+        &self,
+        door: usize,
+        ns: &str,
+        name: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Response<Body> {
         if let Some(refused) = unsupported_patch(headers) {
             return refused;
         }
@@ -1122,7 +1311,7 @@ current-context: memory
                 "the namespace of the provided object does not match the namespace sent on the request",
             );
         }
-        self.finish_update(&mut inner, ns, name, object, &current, "patch")
+        self.finish_update(&mut inner, ns, name, object, &current, ("patch", door))
     }
 
     /// The common end of an update: the store's `BeforeUpdate` (uid and creation time kept),
@@ -1134,7 +1323,7 @@ current-context: memory
         name: &str,
         mut object: Value,
         current: &Value,
-        verb: &'static str,
+        by: (&'static str, usize),
     ) -> Response<Body> {
         if object["metadata"]["uid"].as_str().is_none_or(str::is_empty) {
             object["metadata"]["uid"] = current["metadata"]["uid"].clone();
@@ -1156,7 +1345,7 @@ current-context: memory
         if object == unchanged {
             return json_response(200, current.clone());
         }
-        json_response(200, self.commit(inner, ns, name, object, Some(verb)))
+        json_response(200, self.commit(inner, ns, name, object, Some(by)))
     }
 
     /// DELETE, with the preconditions of a DeleteOptions body.
@@ -1195,9 +1384,10 @@ current-context: memory
         )
     }
 
-    fn record_write(&self, inner: &mut Inner, verb: &'static str, object: &Value) {
+    fn record_write(&self, inner: &mut Inner, verb: &'static str, door: usize, object: &Value) {
         inner.writes.push(Write {
             verb,
+            door,
             holder: object["spec"]["holderIdentity"]
                 .as_str()
                 .filter(|s| !s.is_empty())
@@ -1208,7 +1398,7 @@ current-context: memory
         });
     }
 
-    fn watch(&self, ns: Option<String>, uri: &Uri) -> Response<Body> {
+    fn watch(&self, door: usize, ns: Option<String>, uri: &Uri) -> Response<Body> {
         let selector = match Selector::parse(uri) {
             Ok(s) => s,
             Err(response) => return *response,
@@ -1256,6 +1446,7 @@ current-context: memory
             .and_then(|v| v.parse().ok())
             .map(Duration::from_secs);
         let spec = WatchSpec {
+            door,
             ns,
             selector,
             from,
@@ -1351,7 +1542,7 @@ current-context: memory
                     start_rv,
                     last,
                     self.watch_tx.subscribe(),
-                    inner.watch_closures,
+                    (inner.watch_closures, inner.doors[spec.door].watch_closures),
                     inner.bookmark_requests,
                 ))
             }
@@ -1379,7 +1570,7 @@ current-context: memory
                 let inner = self.inner.lock().unwrap();
                 (
                     inner.mode == Mode::Hang,
-                    inner.watch_closures != closures,
+                    (inner.watch_closures, inner.doors[spec.door].watch_closures) != closures,
                     inner.bookmark_requests,
                     inner.bookmark_interval,
                 )
@@ -1575,6 +1766,8 @@ fn trim_history(inner: &mut Inner) {
 }
 
 struct WatchSpec {
+    /// The door it came through.
+    door: usize,
     ns: Option<String>,
     selector: Selector,
     from: u64,
@@ -1599,6 +1792,193 @@ impl Drop for OpenWatch {
         if let Ok(mut inner) = self.0.lock() {
             inner.open_watches -= 1;
         }
+    }
+}
+
+/// A connection as accepted through a door: it passes nothing either way while its door is a
+/// [`Fault::Blackhole`], or for good once a [`Fault::HalfOpen`] cut it. Reads and writes then stay
+/// pending (the peer sees a connection that is up and silent) until the door lets them through
+/// again, or the connection is reset.
+struct DoorIo {
+    stream: TcpStream,
+    inner: Arc<Mutex<Inner>>,
+    door: usize,
+    /// Its number among the door's connections, in the order they were accepted.
+    number: u64,
+}
+
+impl DoorIo {
+    /// Whether data may pass now; when not, `cx` is woken when the door's fault changes.
+    fn passes(&self, cx: &Context<'_>) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        let state = &mut inner.doors[self.door];
+        let stopped = state.fault == Fault::Blackhole || self.number < state.cut_below;
+        if stopped && !state.blocked.iter().any(|w| w.will_wake(cx.waker())) {
+            state.blocked.push(cx.waker().clone());
+        }
+        !stopped
+    }
+}
+
+impl Drop for DoorIo {
+    fn drop(&mut self) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.doors[self.door].open -= 1;
+        }
+    }
+}
+
+impl AsyncRead for DoorIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.passes(cx) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for DoorIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if !this.passes(cx) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if !this.passes(cx) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.passes(cx) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.passes(cx) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.stream).poll_shutdown(cx)
+    }
+}
+
+/// Another port of the same server, for one client: see the module documentation. Its fault
+/// applies to it only; the server's global faults apply to it as well.
+#[derive(Clone)]
+pub struct Door {
+    server: ApiServer,
+    index: usize,
+    addr: SocketAddr,
+}
+
+impl Door {
+    /// Its number: [`Seen::door`] and [`Write::door`] name it (0 is the server's own port).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A kubeconfig pointing at this door, with `namespace` as the context's namespace.
+    pub fn kubeconfig(&self, namespace: &str) -> String {
+        kubeconfig(&self.url(), namespace)
+    }
+
+    /// Sets this door's fault (see [`Fault`]). Entering [`Fault::HalfOpen`] cuts the connections
+    /// accepted so far, [`Fault::Status`] closes this door's open watches, [`Fault::Refuse`]
+    /// resets its connections; leaving [`Fault::HalfOpen`] resets those it cut.
+    pub fn set_fault(&self, fault: Fault) {
+        let mut inner = self.server.inner.lock().unwrap();
+        let state = &mut inner.doors[self.index];
+        match fault {
+            Fault::HalfOpen => state.cut_below = state.next_connection,
+            Fault::Status(..) => state.watch_closures += 1,
+            _ => {}
+        }
+        state.fault = fault;
+        let blocked = std::mem::take(&mut state.blocked);
+        drop(inner);
+        for waker in blocked {
+            waker.wake();
+        }
+        self.server.notify();
+    }
+
+    /// Its fault now.
+    pub fn fault(&self) -> Fault {
+        self.server.inner.lock().unwrap().doors[self.index]
+            .fault
+            .clone()
+    }
+
+    /// Connections open through it now (cut ones included).
+    pub fn open_connections(&self) -> usize {
+        self.server.inner.lock().unwrap().doors[self.index].open
+    }
+
+    /// Every request read through it so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.server
+            .seen()
+            .into_iter()
+            .filter(|s| s.door == self.index)
+            .collect()
+    }
+
+    /// Number of its requests with `verb` seen since `since`.
+    pub fn count(&self, verb: &str, since: Instant) -> usize {
+        self.seen()
+            .iter()
+            .filter(|s| s.verb == verb && s.at >= since)
+            .count()
+    }
+
+    /// Number of its requests with `verb` seen since the server started.
+    pub fn total(&self, verb: &str) -> usize {
+        self.seen().iter().filter(|s| s.verb == verb).count()
+    }
+
+    /// Every successful Lease write that came through it.
+    pub fn writes(&self) -> Vec<Write> {
+        self.server
+            .writes()
+            .into_iter()
+            .filter(|w| w.door == self.index)
+            .collect()
     }
 }
 
