@@ -42,40 +42,6 @@ async fn stopping_signals_the_whole_process_group() {
     assert_eq!(world.server.holder(NS, "job"), None);
 }
 
-/// Watches `pid` (any process, not only a child) through a pidfd, from a thread that wakes the
-/// moment the process is gone; the thread returns that moment on CLOCK_MONOTONIC. The pidfd is
-/// open before this returns, so the death cannot be missed.
-fn death_watch(pid: i32) -> std::thread::JoinHandle<u64> {
-    use nix::libc;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory is
-    // passed.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    assert!(
-        raw >= 0,
-        "pidfd_open({pid}): {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: `raw` is a descriptor just returned to us and owned by nobody else.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
-    std::thread::spawn(move || {
-        // Best effort: a real-time thread is woken ahead of lease-exec and the test server, so the
-        // moment it notes comes as early as the machine allows (a late note could only make a
-        // right order look wrong, never the reverse).
-        let param = libc::sched_param { sched_priority: 10 };
-        // SAFETY: `param` is a valid sched_param for the duration of the call.
-        let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-        let mut poll = libc::pollfd {
-            fd: pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `poll` points to one valid pollfd, and its descriptor stays open meanwhile.
-        while unsafe { libc::poll(&mut poll, 1, -1) } != 1 {}
-        mono_ns()
-    })
-}
-
 /// Runs `sh -c "START; wait for $DIR/go; exit 5"` under lease-exec, where START leaves a process
 /// behind and writes its pid to `$DIR/leftover`. Once the leftover is watched, lets the command
 /// exit, and checks that the leftover died strictly before the server received the release.

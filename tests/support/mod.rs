@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 #[allow(unused_imports)]
-pub use apiserver::{ApiServer, Mode, mono_ns};
+pub use apiserver::{ApiServer, Door, Fault, Mode, mono_ns};
 use tokio::time::Instant;
 
 /// The binary under test.
@@ -54,6 +54,15 @@ impl World {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Opens a door of the server for one client (see `apiserver::Door`) and writes a kubeconfig
+    /// pointing at it; pass that to [`TestCommand::kubeconfig`].
+    pub fn door(&self) -> (Door, PathBuf) {
+        let door = self.server.door();
+        let kubeconfig = self.path(&format!("kubeconfig-door-{}", door.index()));
+        std::fs::write(&kubeconfig, door.kubeconfig(NS)).unwrap();
+        (door, kubeconfig)
     }
 
     /// The journaling worker.
@@ -242,6 +251,11 @@ impl TestCommand {
         self
     }
 
+    /// Points it at another kubeconfig (a door's, see [`World::door`]).
+    pub fn kubeconfig(self, path: &Path) -> Self {
+        self.env("KUBECONFIG", path)
+    }
+
     pub fn env_remove(mut self, key: &str) -> Self {
         self.command.env_remove(key);
         self
@@ -324,6 +338,29 @@ pub async fn wait_for(limit: Duration, what: &str, mut condition: impl FnMut() -
     }
 }
 
+/// Checks `condition` every 10 ms for `duration`, for "this keeps holding" where [`wait_for`] is
+/// for "this comes to hold". `condition` says what is wrong when it does not hold; the first such
+/// answer ends the check, as `Err` with how long it held.
+pub async fn holds_for(
+    duration: Duration,
+    mut condition: impl FnMut() -> Result<(), String>,
+) -> Result<(), String> {
+    let start = Instant::now();
+    let end = start + duration;
+    loop {
+        if let Err(why) = condition() {
+            return Err(format!(
+                "{why}, {:?} into the {duration:?} it had to hold",
+                start.elapsed()
+            ));
+        }
+        if Instant::now() >= end {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Whether a process with this pid is running: it exists and is not a zombie (a zombie has
 /// stopped running; whoever inherited it may reap it late).
 pub fn alive(pid: i32) -> bool {
@@ -336,6 +373,40 @@ pub fn alive(pid: i32) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// Watches `pid` (any process, not only a child) through a pidfd, from a thread that wakes the
+/// moment the process is gone; the thread returns that moment on CLOCK_MONOTONIC. The pidfd is
+/// open before this returns, so the death cannot be missed.
+pub fn death_watch(pid: i32) -> std::thread::JoinHandle<u64> {
+    use nix::libc;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory is
+    // passed.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(
+        raw >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `raw` is a descriptor just returned to us and owned by nobody else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    std::thread::spawn(move || {
+        // Best effort: a real-time thread is woken ahead of lease-exec and the test server, so the
+        // moment it notes comes as early as the machine allows (a late note could only make a
+        // right order look wrong, never the reverse).
+        let param = libc::sched_param { sched_priority: 10 };
+        // SAFETY: `param` is a valid sched_param for the duration of the call.
+        let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+        let mut poll = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `poll` points to one valid pollfd, and its descriptor stays open meanwhile.
+        while unsafe { libc::poll(&mut poll, 1, -1) } != 1 {}
+        mono_ns()
+    })
 }
 
 /// Running intervals `(start_ns, stop_ns)` by pid; `None` stop when the worker never wrote one.
