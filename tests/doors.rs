@@ -271,6 +271,23 @@ async fn a_delayed_door_answers_late() {
 }
 
 #[tokio::test]
+async fn a_delayed_request_whose_client_hung_up_is_not_carried_out() {
+    let server = ApiServer::start().await;
+    let a = server.door();
+    let delay = Duration::from_millis(300);
+    a.set_fault(Fault::Delay(delay));
+    let mut conn = Conn::open(&a).await;
+    conn.send("POST", LEASES, lease("a").to_string().as_bytes())
+        .await;
+    wait_for(LIMIT, "the request to arrive", || a.total("create") == 1).await;
+    drop(conn);
+    // Nothing may happen in a window well past the delay.
+    tokio::time::sleep(delay * 3).await;
+    assert_eq!(server.holder("default", "job"), None);
+    assert!(server.writes().is_empty());
+}
+
+#[tokio::test]
 async fn a_status_door_answers_its_status_and_closes_its_watches() {
     let server = ApiServer::start().await;
     let (a, b) = (server.door(), server.door());

@@ -143,7 +143,10 @@ pub enum Fault {
     /// (for any other fault) resets the connections it cut, as a connection whose packets were
     /// dropped cannot resume.
     HalfOpen,
-    /// Delay every answer of this door (on top of [`ApiServer::set_delay`]).
+    /// Delay every answer of this door (on top of [`ApiServer::set_delay`]). The delay comes
+    /// before the request is carried out, so a client that hangs up meanwhile cancels it (as a
+    /// request queued in front of a slow server is dropped); a write carried out but never
+    /// answered is [`Fault::LoseAnswers`].
     Delay(Duration),
     /// Answer every API request of this door with this status code and the body kube-apiserver
     /// sends with it, with an optional `Retry-After` in seconds, as [`Mode::Status`] does; this
@@ -461,7 +464,8 @@ impl ApiServer {
         self.inner.lock().unwrap().beaten_at
     }
 
-    /// Delays every answer.
+    /// Delays every answer. The delay comes before the request is carried out: a client that
+    /// hangs up meanwhile cancels it.
     pub fn set_delay(&self, delay: Duration) {
         self.inner.lock().unwrap().delay = delay;
     }
