@@ -103,8 +103,9 @@ impl Cluster {
 }
 
 /// Applies `fault` to the leader's door only and checks the takeover: a follower claims the Lease
-/// through its own door, the leader's worker is dead strictly before that claim was committed, no
-/// two workers ever overlap, and the leader exits 75. Prints the margin (claim commit − worker
+/// through its own door, the leader's worker is dead strictly before that claim was committed (and
+/// before a lease duration had passed since the leader's last committed renewal), no two workers
+/// ever overlap, and the leader exits 75. Prints the margin (claim commit − worker
 /// death).
 async fn taken_over_safely(name: &str, fault: Fault) {
     let mut cluster = cluster(&FAST).await;
@@ -140,6 +141,15 @@ async fn taken_over_safely(name: &str, fault: Fault) {
         ms(claim.at_ns, died_ns),
         open,
         world.journal_entries(),
+    );
+    // The bound that does not depend on how fast the followers are: dead before the Lease could
+    // expire after the leader's last renewal the server committed.
+    let renewed = world.server.last_write_by("leader").expect("renewals");
+    assert!(
+        died_ns < renewed.at_ns + LEASE.as_nanos() as u64,
+        "{name}: the leader's worker died {:.1} ms after its last committed renewal, past the \
+         {LEASE:?} lease\n{logs}",
+        ms(renewed.at_ns, died_ns),
     );
     let spans = closed_spans(
         &world.journal_entries(),
