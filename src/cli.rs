@@ -135,8 +135,8 @@ pub struct Cli {
     )]
     pub holders: u32,
 
-    /// Poll the Lease every retry period while waiting instead of watching it (for API servers or
-    /// proxies that break watches)
+    /// Send no watch request at all (for API servers or proxies that break watches): poll the Lease
+    /// every retry period while waiting; while leading, renewals alone notice a takeover or an edit
     #[arg(long, env = "LEASE_EXEC_NO_WATCH", help_heading = "Lease")]
     pub no_watch: bool,
 
@@ -149,14 +149,16 @@ pub struct Cli {
     #[arg(long, env = "LEASE_EXEC_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration, help_heading = "Timing")]
     pub renew_deadline: Duration,
 
-    /// Retry interval: between renewals after one failed, and between polls while waiting (with
-    /// --no-watch); a broken watch is re-established sooner (within 1 s, at most this)
+    /// Retry interval: between renewals after the server answered one with an error, and between
+    /// polls while waiting (with --no-watch); a broken watch is re-established sooner (within 1 s,
+    /// at most this). At least 100ms
     #[arg(long, env = "LEASE_EXEC_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration, help_heading = "Timing")]
     pub retry_period: Duration,
 
     /// Interval between renewals while they succeed [default: a third of --lease-duration, at most
-    /// half of --renew-deadline, at least --retry-period]. Failed renewals are retried every
-    /// --retry-period; the deadlines do not depend on it.
+    /// half of --renew-deadline, at least --retry-period]. At least 100ms, and at least 200ms
+    /// before --renew-deadline: each renewal attempt gets half the time between them, so two fit.
+    /// The deadlines do not depend on it.
     #[arg(long, env = "LEASE_EXEC_RENEW_INTERVAL", value_parser = parse_duration, help_heading = "Timing")]
     pub renew_interval: Option<Duration>,
 

@@ -182,11 +182,26 @@ impl Timing {
             .max(retry_period)
     }
 
-    /// Timeout of one API request. Long enough to tolerate a slow API server, short enough that a
-    /// hung connection is abandoned and retried on a fresh one well before the renew deadline.
+    /// Timeout of one API request while waiting, and of a claim: long enough to tolerate a slow
+    /// API server. (A claim's term counts from the start of its request, so a slow claim only
+    /// shortens the term; the command never starts past its renew deadline.)
     pub fn request_timeout(&self) -> Duration {
         (self.renew_deadline / 2).max(self.retry_period)
     }
+
+    /// Timeout of one renewal attempt: half the time between the renewal that is due
+    /// (`renew-interval` after the last success) and the renew deadline. So at least two attempts
+    /// fit before the deadline, whatever the timing: one that hangs on a dead connection (a
+    /// half-open one a load balancer or conntrack dropped) is abandoned with its connection, and
+    /// the next runs on a fresh connection in time. 2.5 s at the defaults.
+    pub fn renew_timeout(&self) -> Duration {
+        self.renew_deadline.saturating_sub(self.renew_interval) / 2
+    }
+
+    /// The shortest `--retry-period` and `--renew-interval`, and the shortest renewal attempt
+    /// ([`Timing::renew_timeout`]): below it an idle follower or a leader would flood the API
+    /// server with requests, and no API server answers a write reliably faster.
+    pub const FLOOR: Duration = Duration::from_millis(100);
 
     /// Checks each duration and the rules between them.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -225,6 +240,21 @@ impl Timing {
                 humantime::format_duration(self.lease_duration)
             )));
         }
+        if self.retry_period < Self::FLOOR {
+            return Err(ConfigError::Timing(format!(
+                "--retry-period {} is shorter than the minimum of {}: a follower would ask the API server {} times a second",
+                humantime::format_duration(self.retry_period),
+                humantime::format_duration(Self::FLOOR),
+                Duration::from_secs(1).as_nanos() / self.retry_period.as_nanos().max(1)
+            )));
+        }
+        if self.renew_interval < Self::FLOOR {
+            return Err(ConfigError::Timing(format!(
+                "--renew-interval {} is shorter than the minimum of {}",
+                humantime::format_duration(self.renew_interval),
+                humantime::format_duration(Self::FLOOR),
+            )));
+        }
         if self.retry_period >= self.renew_deadline {
             return Err(ConfigError::Timing(format!(
                 "--retry-period ({}) must be shorter than --renew-deadline ({}): the rule is retry-period < renew-deadline < lease-duration",
@@ -238,6 +268,14 @@ impl Timing {
                 humantime::format_duration(self.renew_interval),
                 humantime::format_duration(self.retry_period),
                 humantime::format_duration(self.renew_deadline)
+            )));
+        }
+        if self.renew_timeout() < Self::FLOOR {
+            return Err(ConfigError::Timing(format!(
+                "--renew-interval ({}) leaves too little of --renew-deadline ({}): two renewal attempts of at least {} each must fit between them; shorten --renew-interval or lengthen --renew-deadline",
+                humantime::format_duration(self.renew_interval),
+                humantime::format_duration(self.renew_deadline),
+                humantime::format_duration(Self::FLOOR),
             )));
         }
         if self.renew_deadline >= self.lease_duration {
@@ -734,6 +772,68 @@ mod tests {
             "true",
         ]);
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn intervals_have_a_floor() {
+        for extra in [
+            &["--retry-period", "2ms", "--no-watch"][..],
+            &["--retry-period", "99ms"],
+            &["--retry-period", "50ms", "--renew-interval", "50ms"],
+            // 1s - 850ms leaves 75 ms per renewal attempt.
+            &[
+                "--renew-deadline",
+                "1s",
+                "--retry-period",
+                "100ms",
+                "--renew-interval",
+                "850ms",
+            ],
+        ] {
+            let mut args = extra.to_vec();
+            args.extend(["l", "--", "true"]);
+            let err = config(&args).expect_err(&format!("{extra:?} should be rejected"));
+            assert!(matches!(err, ConfigError::Timing(_)), "{err}");
+            assert!(err.to_string().contains("100ms"), "names the floor: {err}");
+        }
+        assert!(config(&["--retry-period", "100ms", "l", "--", "true"]).is_ok());
+    }
+
+    #[test]
+    fn two_renewal_attempts_fit_before_the_renew_deadline_at_any_valid_timing() {
+        let ms = Duration::from_millis;
+        let mut checked = 0;
+        for lease in [1u64, 2, 3, 15, 60, 3600] {
+            for deadline_pct in [10u64, 30, 50, 66, 90, 96] {
+                for retry_pct in [1u64, 10, 33, 50, 90] {
+                    for interval_pct in [1u64, 20, 33, 50, 75, 99] {
+                        let lease_duration = Duration::from_secs(lease);
+                        let renew_deadline = lease_duration * deadline_pct as u32 / 100;
+                        let retry_period = renew_deadline * retry_pct as u32 / 100;
+                        let renew_interval = renew_deadline * interval_pct as u32 / 100;
+                        let t = Timing {
+                            lease_duration,
+                            renew_deadline,
+                            retry_period,
+                            renew_interval,
+                            ..Timing::default()
+                        };
+                        if t.validate().is_err() {
+                            continue;
+                        }
+                        checked += 1;
+                        let attempt = t.renew_timeout();
+                        assert!(attempt >= Timing::FLOOR, "{t:?}");
+                        assert!(
+                            t.renew_interval + attempt * 2 <= t.renew_deadline,
+                            "{t:?}: two attempts of {attempt:?} do not fit"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(checked > 100, "only {checked} valid timings");
+        assert_eq!(Timing::default().renew_timeout(), ms(2500));
     }
 
     #[test]

@@ -14,10 +14,8 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::WatchEvent;
 use serde_json::json;
 use tokio::time::{Instant, sleep, sleep_until};
 
@@ -28,6 +26,7 @@ use crate::exit::ChildStatus;
 use crate::lease::Record;
 use crate::lease::api::{self, ApiError, LeaseApi};
 use crate::lease::decide::{ANY_OTHER, HANDOVER_STRATEGY};
+use crate::lease::watch::{Failure as WatchFailure, LeaseWatch, Seen as Sighting};
 
 /// How a handover ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -236,69 +235,41 @@ async fn follow(
             },
         }
     };
+    let mut watch = LeaseWatch::default();
     loop {
-        let mut seen = Vec::new();
+        let mut seen = None;
         if watching {
-            match api.watch(&rv, timeout).await {
-                Ok(mut stream) => {
-                    // A watch silent past the server's own timeout is a dead connection.
-                    let idle = Duration::from_secs(u64::from(api::WATCH_SECONDS) + 30);
-                    while let Ok(Some(event)) = tokio::time::timeout(idle, stream.next()).await {
-                        match event {
-                            Ok(WatchEvent::Added(lease) | WatchEvent::Modified(lease)) => {
-                                if let Some(v) = &lease.metadata.resource_version {
-                                    rv.clone_from(v);
-                                }
-                                match observe(&lease)? {
-                                    Step::Waiting => {}
-                                    Step::Released(at) => {
-                                        released.get_or_insert((Instant::now(), at));
-                                    }
-                                    Step::Taken(to, transitions, acquired) => {
-                                        return Ok(done(
-                                            from,
-                                            (to, transitions, acquired),
-                                            released,
-                                            started,
-                                        ));
-                                    }
-                                }
-                            }
-                            Ok(WatchEvent::Bookmark(b)) => rv = b.metadata.resource_version,
-                            // A deletion: a re-creation shows up as ADDED.
-                            Ok(WatchEvent::Deleted(_)) => {}
-                            // 410 or another error: read, then watch from the current state.
-                            Ok(WatchEvent::Error(_)) | Err(_) => {
-                                rv.clear();
-                                break;
-                            }
-                        }
+            // The one Lease watch (see crate::lease::watch): a 410 makes it watch from the
+            // current state, which arrives as an event of its own; re-opens are floored and
+            // backed off there.
+            match watch.next(api, &rv, &config.timing).await {
+                Ok(Sighting::Changed(lease)) => {
+                    if let Some(v) = &lease.metadata.resource_version {
+                        rv.clone_from(v);
                     }
+                    seen = Some(lease);
                 }
-                Err(ApiError::Denied { .. } | ApiError::NotFound) => {
-                    tracing::info!("cannot watch the lease; polling every retry period");
+                Ok(Sighting::Bookmark(at)) => rv = at,
+                // A deletion: a re-creation shows up as ADDED.
+                Ok(Sighting::Deleted(_)) | Ok(Sighting::Ended) => {}
+                Ok(Sighting::Expired) => rv.clear(),
+                Err(WatchFailure::Unwatchable(why)) => {
+                    tracing::info!(reason = %why, "cannot watch the lease; polling every retry period");
                     watching = false;
                 }
-                Err(e) => {
+                Err(WatchFailure::Failed(e)) => {
                     tracing::debug!(error = %e, "cannot watch the lease; retrying");
-                    sleep(config.timing.retry_period.min(Duration::from_secs(1))).await;
                 }
             }
         } else {
             sleep(config.timing.retry_period).await;
-        }
-        if rv.is_empty() || !watching {
             match api.get(timeout).await {
-                Ok(Some(lease)) => {
-                    rv = lease.metadata.resource_version.clone().unwrap_or_default();
-                    seen.push(lease);
-                }
-                Ok(None) => {}
+                Ok(lease) => seen = lease,
                 Err(e @ ApiError::Denied { .. }) => return Err(Error::Api(e)),
                 Err(e) => tracing::debug!(error = %e, "cannot read the lease; retrying"),
             }
         }
-        for lease in seen {
+        if let Some(lease) = seen {
             match observe(&lease)? {
                 Step::Waiting => {}
                 Step::Released(at) => {

@@ -12,8 +12,11 @@
 //!    on our monotonic clock from when we first saw the current record, never from `renewTime`.
 //!    With `--holders`, one such campaign per slot Lease, sharing a gate so only one slot is won.
 //! 3. **Lead** ([`supervise`], deadlines in [`term`]): spawn the command in its own process group
-//!    ([`child`]), renew every `--renew-interval` ([`lease::renew`]) and watch the Lease for a
-//!    takeover or a handover request. If no renewal succeeds for the renew deadline, SIGTERM the
+//!    ([`child`]), never past the term's renew deadline (checked right before exec); renew every
+//!    `--renew-interval` ([`lease::renew`]), each attempt bounded so two fit before the renew
+//!    deadline, and watch the Lease for a takeover, a handover request or an edit to undo at once
+//!    (unless `--no-watch`). The fencing token (`leaseTransitions`) only rises: a process carries
+//!    the highest value it has seen of the Lease across its terms ([`lease::decide::Memory`]). If no renewal succeeds for the renew deadline, SIGTERM the
 //!    group; on a handover request, SIGTERM it with the grace period (renewals go on); if another
 //!    holder shows up, SIGKILL it at once; in every case SIGKILL it at the latest at
 //!    `last renewal start + lease duration - safety margin`, before anyone else can take over, also

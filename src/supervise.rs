@@ -23,9 +23,9 @@ use crate::clock;
 use crate::config::{Command, Config};
 use crate::error::{Error, Outcome};
 use crate::exit::ChildStatus;
-use crate::lease::acquire::{Feed, Held, acquire_any};
+use crate::lease::acquire::{Feed, Held, Remembered, WriteGate, acquire_any, remember};
 use crate::lease::api::{self, ApiError, LeaseApi};
-use crate::lease::renew::{LeaseState, Owned, guard, renew};
+use crate::lease::renew::{LeaseState, Nudge, Owned, guard, renew};
 use crate::lease::{Claimant, Record};
 use crate::logging;
 use crate::telemetry::{self, Events, LeaseEvent, Metrics, Statsd};
@@ -72,7 +72,10 @@ pub async fn run(config: &Config, command: &Command) -> Result<Outcome, Error> {
     };
     let span = tracing::info_span!("lease", name = %config.lease, namespace = %namespace, identity = %config.identity);
     let mut term = 1u64;
-    let mut carry = Carry::default();
+    let mut carry = Carry {
+        memory: slots.iter().map(|_| Remembered::default()).collect(),
+        ..Carry::default()
+    };
     let result = loop {
         carry.clean = true;
         carry.asked = false;
@@ -121,6 +124,9 @@ struct Carry {
     /// The term ended in a handover: the `leaseTransitions` of the term handed over, so the next
     /// campaign leaves that record to the others as the request asks (and only that record).
     handed_over: Option<i32>,
+    /// What this process has seen of each slot's Lease, in every term (the fencing token and
+    /// the longest term: see [`crate::lease::decide::Memory`]).
+    memory: Vec<Remembered>,
 }
 
 /// Waits for the lease, runs the command while holding it, and stops. Fills `carry` for the next
@@ -153,37 +159,75 @@ async fn hold(
         Feed::Poll
     };
     let stepped_down = carry.handed_over.take();
-    let (slot, held, uncertain) = tokio::select! {
-        won = acquire_any(slots, &claimant, &config.timing, feed, stepped_down) => won.map_err(Error::Api)?,
+    let gate = WriteGate::default();
+    let acquiring = acquire_any(
+        slots,
+        &claimant,
+        &config.timing,
+        feed,
+        stepped_down,
+        (&carry.memory, &gate),
+    );
+    let stopped = tokio::select! {
+        won = acquiring => match won {
+            Ok(won) => Ok(won),
+            Err(e) => Err((Err(Error::Api(e)), None)),
+        },
         () = sleep_until_opt(wait_deadline) => {
-            abandon(slots, &claimant, config).await;
-            return Err(Error::WaitTimeout(config.timing.wait_timeout.unwrap_or_default()));
+            Err((Err(Error::WaitTimeout(config.timing.wait_timeout.unwrap_or_default())), None))
         }
         sig = wait_for_stop(signals) => {
             tracing::info!(signal = sig.as_str(), "stopping before the lease was acquired");
-            abandon(slots, &claimant, config).await;
-            return Ok(Outcome::Interrupted(sig as i32));
+            Err((Ok(Outcome::Interrupted(sig as i32)), Some(())))
+        }
+    };
+    let (slot, held) = match stopped {
+        Ok(won) => won,
+        Err((result, by_signal)) => {
+            // The campaigns are dropped: a write of ours in flight or unanswered may still land.
+            let mut check: Vec<_> = gate
+                .uncertain(None)
+                .into_iter()
+                .map(|(slot, started)| (slot, Some(started)))
+                .collect();
+            if let ([_], []) = (slots, check.as_slice()) {
+                check.push((0, None));
+            }
+            let checking = abandon(slots, &check, &claimant, config);
+            if by_signal.is_some() {
+                tokio::select! {
+                    () = checking => {}
+                    sig = wait_for_stop(signals) => tracing::warn!(
+                        signal = sig.as_str(),
+                        "second stop signal; not checking whether a claim of ours landed (if it did, the lease expires)"
+                    ),
+                }
+            } else {
+                checking.await;
+            }
+            return result;
         }
     };
     let lease_api = &slots[slot];
+    remember(&carry.memory[slot], &Record::of(&held.lease));
     if slots.len() > 1 {
         tracing::info!(lease = %lease_api.name(), slot, "won a slot");
     }
-    // Aborted when this term ends: a later term may hold one of these slots for real.
+    // Aborted when this term ends: a later term may hold one of these slots for real. In the
+    // background, so that checking never delays the command's start (see the spawn rule below).
     let mut _strays = None;
+    let uncertain: Vec<_> = gate
+        .uncertain(Some(slot))
+        .into_iter()
+        .map(|(slot, started)| (slot, Some(started)))
+        .collect();
     if !uncertain.is_empty() {
         // A write of ours to another slot went unanswered and may have landed: that slot must not
-        // stay claimed by a process that runs nothing for it. Read now, and once more after a
-        // request timeout, in case the write was still on its way.
-        let others: Vec<LeaseApi> = uncertain.iter().map(|&s| slots[s].clone()).collect();
-        abandon(&others, &claimant, config).await;
-        let (config, owned) = (config.clone(), owned.clone());
+        // stay claimed by a process that runs nothing for it.
+        let (slots, config, owned) = (slots.to_vec(), config.clone(), owned.clone());
         _strays = Some(AbortOnDrop(tokio::spawn(
-            async move {
-                tokio::time::sleep(config.timing.request_timeout()).await;
-                abandon(&others, &owned.claimant(), &config).await;
-            }
-            .in_current_span(),
+            async move { abandon(&slots, &uncertain, &owned.claimant(), &config).await }
+                .in_current_span(),
         )));
     }
     if let Some(to) = Record::of(&held.lease).handover_from(&config.identity) {
@@ -200,32 +244,38 @@ async fn hold(
     outside.events.regarding(&held.lease);
     outside.events.publish(LeaseEvent::Acquired, "");
 
-    // Leading: renew in the background, run the command.
+    // Leading: renew in the background, run the command. The term's fencing token is the one
+    // the claim wrote; renewals keep it (and restore it if lowered by hand).
+    let token = held.transitions();
+    let memory = carry.memory[slot].clone();
     let (state_tx, mut state) = watch::channel(LeaseState::Held(held.clone()));
     let state_tx = Arc::new(state_tx);
-    let write_now = Arc::new(tokio::sync::Notify::new());
+    let nudge = Arc::new(Nudge::default());
     let mut leading = Leading {
         renewer: Some(tokio::spawn(
             renew(
                 lease_api.clone(),
                 owned.clone(),
-                held.clone(),
+                (held.clone(), token),
                 state_tx.clone(),
-                write_now.clone(),
+                (nudge.clone(), memory.clone()),
                 outside.metrics.clone(),
             )
             .in_current_span(),
         )),
-        guard: Some(tokio::spawn(
-            guard(
-                lease_api.clone(),
-                config.identity.clone(),
-                config.timing,
-                state_tx,
-                write_now,
+        // With --no-watch, no watch request at all: renewals (conditional writes) notice a
+        // takeover or an edit, at the next renew interval.
+        guard: config.watch.then(|| {
+            tokio::spawn(
+                guard(
+                    lease_api.clone(),
+                    (owned.clone(), token),
+                    state_tx,
+                    (nudge, memory),
+                )
+                .in_current_span(),
             )
-            .in_current_span(),
-        )),
+        }),
         heartbeat: outside
             .statsd
             .as_ref()
@@ -237,14 +287,33 @@ async fn hold(
         command,
         (lease_api.name(), namespace),
         (slots.len() > 1).then_some(slot),
-        held.transitions(),
+        token,
     );
-    let child = match child::spawn(process).await {
+    // The spawn rule: the command starts only while `now < renewed_at + renew-deadline` for the
+    // term's last successful write (the claim, or a renewal since), checked in the forked child
+    // right before exec (child::spawn). Nothing between the claim and here waits on the API
+    // server, but a slow claim, a stuck log or a suspend may have used the term up: then the
+    // command never starts, so it can never run past what the followers count.
+    let latest = state.borrow().clone();
+    if let LeaseState::Taken { reason, .. } = &latest {
+        leading.end();
+        return Err(Error::Lost(reason.clone()));
+    }
+    let latest = latest.held().clone();
+    let not_after = latest.renewed_at_boot + config.timing.renew_deadline;
+    let child = match child::spawn(process, not_after).await {
         Ok(child) => {
             // Armed before anything else can block this thread (the next log line included):
-            // the command dies by the acquiring write's safety deadline at the latest.
-            watchdog.arm(child, held.renewed_at_boot + config.timing.kill_by());
+            // the command dies by the last write's safety deadline at the latest.
+            watchdog.arm(child, latest.renewed_at_boot + config.timing.kill_by());
             child
+        }
+        Err(e) if child::is_late(&e) => {
+            // Nothing ran: release at once so the next candidate need not wait for expiry.
+            leading.end();
+            let last = state.borrow().held().clone();
+            hand_over(lease_api, &claimant, config, outside, last).await;
+            return Err(Error::Lost(e.to_string()));
         }
         Err(e) => {
             // Nothing ran: release at once so the next candidate need not wait for expiry.
@@ -260,7 +329,7 @@ async fn hold(
     outside.metrics.child(true);
     tracing::info!(pid = child.pid.as_raw(), command = ?command.name, transitions = held.transitions(), "acquired the lease; command started");
 
-    let (status, lost, asked) = lead(
+    let (status, ended) = lead(
         config,
         child,
         (reaper, watchdog),
@@ -269,6 +338,7 @@ async fn hold(
         &mut leading,
     )
     .await;
+    let (lost, asked) = (ended.ended_by(), ended.was_asked());
     tracing::info!(%status, "command exited");
 
     // The command is gone. Before the Lease can be handed over, nothing it started may remain:
@@ -296,7 +366,10 @@ async fn hold(
             // gone: if the Lease still names us (our last write may have landed after all),
             // release it so followers need not wait a whole lease duration. A handover request
             // stays in the released Lease for the preferred candidate to see.
-            if matches!(reason, Reason::Handover(_)) {
+            // A handover started this term's end, whatever ended it at last (renewals that
+            // failed during the grace period): the Lease was left to the others, and must not
+            // come back to this process with the request still in it.
+            if ended.handover.is_some() {
                 carry.handed_over = Some(last.transitions());
             }
             let why = reason.describe(&config.timing);
@@ -367,9 +440,9 @@ async fn hand_over(
     }
 }
 
-/// Runs until the command exits. Returns its status, and the reason leadership was lost, if it
-/// was. Every way the term can end goes through [`Term::end`], and the only timers are the two
-/// [`term::deadlines`].
+/// Runs until the command exits. Returns its status, and how the term ended (see
+/// [`Term::ended_by`]). Every way the term can end goes through [`Term::end`], and the only timers
+/// are the two [`term::deadlines`].
 async fn lead(
     config: &Config,
     child: Child,
@@ -377,7 +450,7 @@ async fn lead(
     signals: &mut Signals,
     state: &mut watch::Receiver<LeaseState>,
     leading: &mut Leading,
-) -> (ChildStatus, Option<Reason>, bool) {
+) -> (ChildStatus, Term) {
     let timing = &config.timing;
     let mut term = Term::default();
     let mut killed = false;
@@ -408,7 +481,7 @@ async fn lead(
         );
         let act = tokio::select! {
             biased;
-            status = &mut exit => return (status, term.ended_by(), term.was_asked()),
+            status = &mut exit => return (status, term),
             () = sleep_until_opt(due.lose_at) => {
                 let reason = if suspended { Reason::Suspended } else { Reason::RenewDeadline };
                 tracing::warn!(reason = %reason.describe(timing), "leadership lost; stopping the command");
@@ -484,23 +557,58 @@ async fn lead(
     }
 }
 
-/// Gives up waiting: a create or claim cut short may still have landed on the server, leaving the
-/// Lease naming a process that runs nothing. If it names us, release it (every slot).
-async fn abandon(slots: &[LeaseApi], me: &Claimant<'_>, config: &Config) {
-    for api in slots {
-        match api.get(config.timing.request_timeout()).await {
-            Ok(Some(lease))
-                if Record::of(&lease).holder.as_deref() == Some(me.identity) && config.release =>
+/// Checks the slots a create or claim of ours may have landed on unanswered (`check`: the slot, and
+/// when that write started if it may still be on its way): a Lease naming a process that runs
+/// nothing for it is released. Every slot concurrently: each is read at once and, while its write
+/// may still land, once more a request timeout after that write started. So it takes at most two
+/// request timeouts, however many slots.
+async fn abandon(
+    slots: &[LeaseApi],
+    check: &[(usize, Option<Instant>)],
+    me: &Claimant<'_>,
+    config: &Config,
+) {
+    let timeout = config.timing.request_timeout();
+    let checks = check.iter().map(|&(slot, started)| {
+        let api = &slots[slot];
+        async move {
+            if release_if_ours(api, me, config).await {
+                return;
+            }
+            if let Some(again) = started.map(|s| s + timeout)
+                && Instant::now() < again
             {
+                sleep_until(again).await;
+                release_if_ours(api, me, config).await;
+            }
+        }
+    });
+    let all = futures_util::future::join_all(checks);
+    if tokio::time::timeout(timeout * 2, all).await.is_err() {
+        tracing::warn!(
+            "cannot check in time whether a claim of ours landed; if one did, the lease expires"
+        );
+    }
+}
+
+/// Reads the Lease and releases it if it names us. Returns whether it named us.
+async fn release_if_ours(api: &LeaseApi, me: &Claimant<'_>, config: &Config) -> bool {
+    match api.get(config.timing.request_timeout()).await {
+        Ok(Some(lease)) if Record::of(&lease).holder.as_deref() == Some(me.identity) => {
+            if config.release {
                 let last = Held::written(lease, Instant::now(), clock::boot_time());
                 release(api, me, config, last).await;
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(
+            true
+        }
+        Ok(_) => false,
+        Err(e) => {
+            tracing::warn!(
                 lease = %api.name(),
                 error = %e,
                 "cannot check whether a claim of ours landed; if it did, the lease expires"
-            ),
+            );
+            false
         }
     }
 }

@@ -441,3 +441,36 @@ async fn a_second_handover_to_any_other_is_not_deferred_by_an_old_step_down() {
         r.wait(LIMIT).await;
     }
 }
+
+/// `--handover` follows the Lease with the one Lease watch: after a 410 it watches from the
+/// current state, never again from the Lease's own (too old) resourceVersion, so a compacted
+/// history costs one re-open, not a loop of reads and watches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_follower_after_a_410_does_not_loop() {
+    let world = World::start().await;
+    world.server.steal(NS, "job", "stubborn", 60);
+    let mut handover = world
+        .lease_exec(["--handover", "--wait-timeout", "4s", "job"])
+        .spawn();
+    wait_for(LIMIT, "the request and its watch", || {
+        !spec(&world, "preferredHolder").is_null() && world.server.open_watches() > 0
+    })
+    .await;
+    // Another Lease moves the revision on; compaction then makes the Lease's own resourceVersion
+    // too old to watch from, and closes the watch.
+    world.server.steal(NS, "unrelated", "x", 60);
+    world.server.compact();
+    let since = std::time::Instant::now();
+    let settled = tokio::time::Instant::now() + Duration::from_millis(2500);
+    wait_for(LIMIT, "2.5 s", || tokio::time::Instant::now() >= settled).await;
+    let (watches, gets) = (
+        world.server.count("watch", since),
+        world.server.count("get", since),
+    );
+    assert!(
+        watches <= 3 && gets <= 1,
+        "{watches} watches and {gets} reads in 2.5 s after a 410; log:\n{}",
+        handover.stderr()
+    );
+    assert_eq!(handover.wait(LIMIT).await, 124, "{}", handover.stderr());
+}

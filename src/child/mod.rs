@@ -139,7 +139,10 @@ fn in_terminal_foreground() -> bool {
 /// When lease-exec runs in a terminal's foreground, the command's group becomes the foreground
 /// group (as a shell does for a job, and tini does for its child), so an interactive command can
 /// read the terminal, and Ctrl-C reaches the command directly.
-pub async fn spawn(mut command: std::process::Command) -> io::Result<Child> {
+pub async fn spawn(
+    mut command: std::process::Command,
+    not_after: std::time::Duration,
+) -> io::Result<Child> {
     let parent = nix::unistd::getpid();
     let has_terminal = in_terminal_foreground();
     if has_terminal {
@@ -150,10 +153,19 @@ pub async fn spawn(mut command: std::process::Command) -> io::Result<Child> {
         }
     }
     // SAFETY: the closure runs in the forked child before exec. It only makes raw system calls
-    // (setpgid, prctl, getppid, kill) that are async-signal-safe, allocates nothing and takes no
-    // locks.
+    // (clock_gettime, setpgid, prctl, getppid, kill) that are async-signal-safe, allocates nothing
+    // and takes no locks.
     unsafe {
         command.pre_exec(move || {
+            // The last check before the command runs: never past the term's renew deadline
+            // (`not_after` on CLOCK_BOOTTIME, which counts a suspend too). Whatever delayed the
+            // spawn (a slow API call, a stuck log), the command must not start with less than
+            // the margin between the renew deadline and the kill deadline left.
+            if let Ok(now) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+                && std::time::Duration::new(now.tv_sec() as u64, now.tv_nsec() as u32) >= not_after
+            {
+                return Err(io::Error::from_raw_os_error(nix::libc::ETIMEDOUT));
+            }
             nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             // lease-exec may have died between fork and prctl: then the signal will never come, and
@@ -181,12 +193,31 @@ pub async fn spawn(mut command: std::process::Command) -> io::Result<Child> {
         .map_err(|_| io::Error::other("the spawner thread is gone"))?;
     let (pid, spawned) = answer
         .await
-        .map_err(|_| io::Error::other("the spawner thread is gone"))??;
+        .map_err(|_| io::Error::other("the spawner thread is gone"))?
+        .map_err(|e| {
+            if e.raw_os_error() == Some(nix::libc::ETIMEDOUT)
+                && crate::clock::boot_time() >= not_after
+            {
+                io::Error::new(io::ErrorKind::TimedOut, Late)
+            } else {
+                e
+            }
+        })?;
     Ok(Child {
         pid,
         has_terminal,
         spawned,
     })
+}
+
+/// Why [`spawn`] did not start the command: its deadline had passed.
+#[derive(Debug, thiserror::Error)]
+#[error("the term's renew deadline passed before the command could start")]
+pub struct Late;
+
+/// Whether `error` is [`spawn`] refusing to start the command past its deadline.
+pub fn is_late(error: &io::Error) -> bool {
+    error.get_ref().is_some_and(|e| e.is::<Late>())
 }
 
 /// Makes this process a child subreaper, so orphaned grandchildren are re-parented to it and can be

@@ -12,16 +12,14 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::WatchEvent;
 use tokio::time::{Instant, sleep_until};
 
-use super::api::{ApiError, LeaseApi, WATCH_SECONDS};
+use super::api::{ApiError, LeaseApi};
 use super::campaign::{Action, Campaign, Input};
-use super::decide::{Claimant, Decision, Record};
+use super::decide::{Claimant, Decision, Memory, Record};
+use super::watch::{Failure as WatchFailure, LeaseWatch, Seen};
 use crate::config::Timing;
 
 /// The Lease as we hold it.
@@ -61,59 +59,82 @@ pub enum Feed {
     Poll,
 }
 
-/// How long a watch may stay silent before its connection is taken for dead: the server ends
-/// every watch after [`WATCH_SECONDS`], so silence past that (and a margin) means the connection
-/// is half-open.
-const WATCH_IDLE: Duration = Duration::from_secs(WATCH_SECONDS as u64 + 30);
+/// What one process remembers of one Lease, shared by the campaigns, the renewer and the guard of
+/// every term (see [`Memory`]).
+pub type Remembered = std::sync::Arc<std::sync::Mutex<Memory>>;
+
+/// Notes `record` in `memory`.
+pub fn remember(memory: &Remembered, record: &Record) {
+    memory
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .note(record);
+}
 
 /// Lets one write (create or claim) at a time through, among the campaigns for several slots, and
 /// none after one of them won: a process never holds two slots. A campaign reaching a write after
-/// the win waits for good (it is dropped by then).
+/// the win waits for good (it is dropped by then). It also notes every write whose outcome is
+/// unknown: it failed without an answer (a timeout, a dropped connection), or it was still in
+/// flight when its campaign was dropped (a stop signal, `--wait-timeout`, another slot's win or
+/// error). Such a write may land all the same, naming us.
 #[derive(Debug, Default)]
 pub struct WriteGate {
     won: tokio::sync::Mutex<bool>,
-    /// Slots whose write failed without an answer (a timeout, a dropped connection): it may have
-    /// landed all the same, naming us.
-    uncertain: std::sync::Mutex<Vec<usize>>,
+    /// `(slot, when the write started)` of writes whose outcome is unknown.
+    uncertain: std::sync::Mutex<Vec<(usize, Instant)>>,
 }
 
-/// Waits for the first of several Leases (the slots of `--holders`) to be held: one campaign per
-/// slot, each with its own watch, all sharing a [`WriteGate`]. Returns the slot, the Lease held,
-/// and the other slots a write of ours may have landed on unanswered (to be read and released if
-/// they name us). When a campaign wins, the others are dropped with no write in flight (the
-/// gate).
+impl WriteGate {
+    /// The slots other than `except` that a write of ours may have landed on unanswered, each
+    /// once, in slot order, with when the latest such write started.
+    pub fn uncertain(&self, except: Option<usize>) -> Vec<(usize, Instant)> {
+        let mut all = self
+            .uncertain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        all.retain(|(slot, _)| Some(*slot) != except);
+        // Latest write per slot first, then one entry per slot.
+        all.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        all.dedup_by_key(|(slot, _)| *slot);
+        all
+    }
+}
+
+/// Waits for the first of several Leases (the slots of `--holders`; one for a single holder) to
+/// be held: one campaign per slot, each with its own watch, all sharing `gate`. Returns the slot
+/// and the Lease held. When a campaign wins, the others are dropped with no write in flight (the
+/// gate); writes of ours that may have landed elsewhere are in [`WriteGate::uncertain`].
 pub async fn acquire_any(
     apis: &[LeaseApi],
     me: &Claimant<'_>,
     timing: &Timing,
     feed: Feed,
     stepped_down: Option<i32>,
-) -> Result<(usize, Held, Vec<usize>), ApiError> {
+    (memory, gate): (&[Remembered], &WriteGate),
+) -> Result<(usize, Held), ApiError> {
     use tracing::Instrument;
-    if let [api] = apis {
-        return acquire(api, me, timing, feed, stepped_down, None)
+    if let ([api], [memory]) = (apis, memory) {
+        return acquire(api, me, timing, feed, stepped_down, memory, (gate, 0))
             .await
-            .map(|held| (0, held, Vec::new()));
+            .map(|held| (0, held));
     }
-    let gate = WriteGate::default();
-    let campaigns = apis.iter().enumerate().map(|(slot, api)| {
-        let gate = &gate;
-        Box::pin(
-            async move {
-                acquire(api, me, timing, feed, stepped_down, Some((gate, slot)))
-                    .await
-                    .map(|held| (slot, held))
-            }
-            .instrument(tracing::info_span!("slot", lease = %api.name())),
-        )
-    });
+    let campaigns = apis
+        .iter()
+        .zip(memory)
+        .enumerate()
+        .map(|(slot, (api, memory))| {
+            Box::pin(
+                async move {
+                    acquire(api, me, timing, feed, stepped_down, memory, (gate, slot))
+                        .await
+                        .map(|held| (slot, held))
+                }
+                .instrument(tracing::info_span!("slot", lease = %api.name())),
+            )
+        });
     let (result, _, _) = futures_util::future::select_all(campaigns).await;
-    let (slot, held) = result?;
-    let mut uncertain =
-        std::mem::take(&mut *gate.uncertain.lock().unwrap_or_else(|e| e.into_inner()));
-    uncertain.retain(|s| *s != slot);
-    uncertain.dedup();
-    Ok((slot, held, uncertain))
+    result
 }
 
 /// Blocks until the Lease is held (`stepped_down`: this candidate has just handed over the term
@@ -125,9 +146,11 @@ pub async fn acquire(
     timing: &Timing,
     feed: Feed,
     stepped_down: Option<i32>,
-    gate: Option<(&WriteGate, usize)>,
+    memory: &Remembered,
+    gate: (&WriteGate, usize),
 ) -> Result<Held, ApiError> {
-    let mut campaign = Campaign::new(me.identity, *timing);
+    let remembered = *memory.lock().unwrap_or_else(|e| e.into_inner());
+    let mut campaign = Campaign::new(me.identity, *timing).remembering(remembered);
     if let Some(transitions) = stepped_down {
         campaign.after_handover(transitions);
     }
@@ -150,16 +173,20 @@ pub async fn acquire(
                     },
                 }
             }
-            Action::Claim { current, decision } => {
+            Action::Claim {
+                current,
+                decision,
+                transitions,
+            } => {
                 let mut won = enter(gate).await;
-                match claim(api, me, timing, &current, &decision).await {
+                match claim(api, me, timing, &current, &decision, transitions).await {
                     Ok(held) => return Ok(won.win(held)),
                     Err(e) => narrator.failed(won.failed(e), "claim")?,
                 }
             }
             Action::Read { at } => {
                 if let Some(w) = &mut watch {
-                    w.stream = None;
+                    w.watch.close();
                 }
                 sleep_until(at).await;
                 read(api, timing, &campaign, &mut narrator, &mut last_read).await?
@@ -197,54 +224,70 @@ pub async fn acquire(
         };
         let now = Instant::now();
         action = campaign.step(input, now);
+        memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .merge(&campaign.memory());
         narrator.retrying(&action, &campaign, now);
     }
 }
 
-/// The right to write, held for the length of one create or claim.
-struct Entered<'a>(Option<(tokio::sync::MutexGuard<'a, bool>, &'a WriteGate, usize)>);
+/// The right to write, held for the length of one create or claim. Dropped before the write's
+/// outcome is known (its campaign dropped mid-write), it notes the slot as uncertain.
+struct Entered<'a> {
+    won: tokio::sync::MutexGuard<'a, bool>,
+    gate: &'a WriteGate,
+    slot: usize,
+    started: Instant,
+    resolved: bool,
+}
 
 impl Entered<'_> {
     /// The write won: no other campaign of this gate writes after it.
     fn win(&mut self, held: Held) -> Held {
-        if let Some((won, _, _)) = &mut self.0 {
-            **won = true;
-        }
+        *self.won = true;
+        self.resolved = true;
         held
     }
 
     /// The write failed; without an answer, it may have landed: the slot is noted.
-    fn failed(&self, e: ApiError) -> ApiError {
-        if let Some((_, gate, slot)) = &self.0
-            && matches!(
-                e,
-                ApiError::Timeout(_)
-                    | ApiError::Transient(_)
-                    | ApiError::Unreachable(_)
-                    | ApiError::Busy { .. }
-            )
-        {
-            gate.uncertain
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(*slot);
-        }
+    fn failed(&mut self, e: ApiError) -> ApiError {
+        self.resolved = !matches!(
+            e,
+            ApiError::Timeout(_)
+                | ApiError::Transient(_)
+                | ApiError::Unreachable(_)
+                | ApiError::Busy { .. }
+        );
         e
     }
 }
 
-/// Waits for the gate, if any; never returns once another campaign won.
-async fn enter(gate: Option<(&WriteGate, usize)>) -> Entered<'_> {
-    match gate {
-        None => Entered(None),
-        Some((gate, slot)) => {
-            let won = gate.won.lock().await;
-            if *won {
-                drop(won);
-                return std::future::pending().await;
-            }
-            Entered(Some((won, gate, slot)))
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        if !self.resolved {
+            self.gate
+                .uncertain
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((self.slot, self.started));
         }
+    }
+}
+
+/// Waits for the gate; never returns once another campaign won.
+async fn enter((gate, slot): (&WriteGate, usize)) -> Entered<'_> {
+    let won = gate.won.lock().await;
+    if *won {
+        drop(won);
+        return std::future::pending().await;
+    }
+    Entered {
+        won,
+        gate,
+        slot,
+        started: Instant::now(),
+        resolved: false,
     }
 }
 
@@ -274,13 +317,10 @@ enum WatchEnd {
     Failed(ApiError),
 }
 
-type EventStream = BoxStream<'static, Result<WatchEvent<Lease>, ApiError>>;
-
-/// The watch feeder: one stream, re-opened from the campaign's resourceVersion when it ends.
+/// The watch feeder: one [`LeaseWatch`], re-opened from the campaign's resourceVersion.
 #[derive(Default)]
 struct Watcher {
-    stream: Option<EventStream>,
-    started: Option<Instant>,
+    watch: LeaseWatch,
 }
 
 impl Watcher {
@@ -292,67 +332,23 @@ impl Watcher {
         timing: &Timing,
         until: Option<Instant>,
     ) -> Result<Input, WatchEnd> {
-        if self.stream.is_none() {
-            // A server that ends every watch at once must not turn this into a busy loop.
-            if let Some(last) = self.started {
-                let at = last + timing.retry_period.min(Duration::from_secs(1));
-                if until.is_some_and(|u| u <= at) {
-                    sleep_until(until.unwrap_or(at)).await;
-                    return Ok(Input::Tick);
-                }
-                sleep_until(at).await;
-            }
-            self.started = Some(Instant::now());
-            let from = campaign.resource_version().unwrap_or("");
-            match api.watch(from, timing.request_timeout()).await {
-                Ok(stream) => self.stream = Some(stream),
-                Err(e @ ApiError::Denied { .. }) => {
-                    return Err(WatchEnd::Unavailable(e.to_string()));
-                }
-                Err(ApiError::NotFound) => {
-                    return Err(WatchEnd::Unavailable(
-                        "the API server does not serve watches".into(),
-                    ));
-                }
-                Err(e) => return Err(WatchEnd::Failed(e)),
-            }
-        }
-        let stream = self.stream.as_mut().expect("opened above");
-        let idle = Instant::now() + WATCH_IDLE;
+        let from = campaign.resource_version().unwrap_or("");
         tokio::select! {
-            event = stream.next() => match event {
-                Some(Ok(WatchEvent::Added(lease) | WatchEvent::Modified(lease))) => Ok(Input::Changed(lease)),
-                Some(Ok(WatchEvent::Deleted(lease))) => {
+            seen = self.watch.next(api, from, timing) => match seen {
+                Ok(Seen::Changed(lease)) => Ok(Input::Changed(lease)),
+                Ok(Seen::Deleted(lease)) => {
                     if let Some(holder) = Record::of(&lease).holder {
                         tracing::info!(holder = %holder, "the lease was deleted while held; it is not created before that holder's term would have ended");
                     }
                     Ok(Input::Deleted(lease))
                 }
-                Some(Ok(WatchEvent::Bookmark(bookmark))) => Ok(Input::Bookmark(bookmark.metadata.resource_version)),
-                Some(Ok(WatchEvent::Error(status))) if status.code == 410 => {
-                    tracing::debug!("watch expired (410 Gone); reading the lease again");
-                    self.stream = None;
-                    Ok(Input::Expired)
-                }
-                Some(Ok(WatchEvent::Error(status))) => {
-                    self.stream = None;
-                    Err(WatchEnd::Failed(api.classify("watch", kube::Error::Api(status))))
-                }
-                Some(Err(e)) => {
-                    self.stream = None;
-                    Err(WatchEnd::Failed(e))
-                }
-                None => {
-                    // The server ended the watch (its timeout): re-open from where we were.
-                    self.stream = None;
-                    Ok(Input::Tick)
-                }
+                Ok(Seen::Bookmark(rv)) => Ok(Input::Bookmark(rv)),
+                Ok(Seen::Expired) => Ok(Input::Expired),
+                // Re-opened from where the campaign is at the next call.
+                Ok(Seen::Ended) => Ok(Input::Tick),
+                Err(WatchFailure::Unwatchable(why)) => Err(WatchEnd::Unavailable(why.to_string())),
+                Err(WatchFailure::Failed(e)) => Err(WatchEnd::Failed(e)),
             },
-            () = sleep_until(idle) => {
-                tracing::debug!("the watch was silent past the server's timeout; re-opening it");
-                self.stream = None;
-                Ok(Input::Tick)
-            }
             () = sleep_opt(until) => Ok(Input::Tick),
         }
     }
@@ -498,6 +494,7 @@ async fn claim(
     timing: &Timing,
     current: &Lease,
     decision: &Decision,
+    transitions: i32,
 ) -> Result<Held, ApiError> {
     let started = Instant::now();
     let started_boot = crate::clock::boot_time();
@@ -507,6 +504,7 @@ async fn claim(
                 current,
                 Timestamp::now(),
                 matches!(decision, Decision::TakeOver { .. }),
+                transitions,
             ),
             timing.request_timeout(),
         )

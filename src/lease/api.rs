@@ -18,6 +18,11 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// makes about one request per this period.
 pub const WATCH_SECONDS: u32 = 290;
 
+/// How long a watch may stay silent before its connection is taken for dead: the server ends
+/// every watch after [`WATCH_SECONDS`], so silence past that (and a margin) means the connection
+/// is half-open.
+pub const WATCH_IDLE: Duration = Duration::from_secs(WATCH_SECONDS as u64 + 30);
+
 /// Verbs lease-exec uses on `coordination.k8s.io` leases (`deploy/rbac.yaml` grants exactly these).
 pub const LEASE_VERBS: [&str; 4] = ["get", "create", "update", "watch"];
 
@@ -90,6 +95,8 @@ pub enum ApiError {
 pub struct LeaseApi {
     api: Api<Lease>,
     client: Client,
+    /// The generation of the client's connections (see [`Generation`]).
+    connections: Generation,
     name: String,
     namespace: String,
     /// Warnings about the last Lease read, so each is logged once rather than on every read.
@@ -97,11 +104,16 @@ pub struct LeaseApi {
 }
 
 impl LeaseApi {
-    /// Addresses `name` in `namespace`.
-    pub fn new(client: Client, namespace: &str, name: &str) -> LeaseApi {
+    /// Addresses `name` in `namespace` through `client`, whose connections `connections` counts.
+    pub fn new(
+        (client, connections): (Client, Generation),
+        namespace: &str,
+        name: &str,
+    ) -> LeaseApi {
         LeaseApi {
             api: Api::namespaced(client.clone(), namespace),
             client,
+            connections,
             name: name.to_string(),
             namespace: namespace.to_string(),
             warned: Arc::default(),
@@ -201,7 +213,13 @@ impl LeaseApi {
         request: impl Future<Output = kube::Result<T>>,
     ) -> Result<T, ApiError> {
         match tokio::time::timeout(timeout, request).await {
-            Err(_) => Err(ApiError::Timeout(timeout)),
+            Err(_) => {
+                // No answer in time: the connection may be half-open (a load balancer or
+                // conntrack dropped it, a proxy froze), and so may every other connection opened
+                // before. None of them is used again: the retry dials afresh.
+                self.connections.abandon();
+                Err(ApiError::Timeout(timeout))
+            }
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(self.classify(verb, e)),
         }
@@ -396,10 +414,10 @@ pub struct AccessError(pub String);
 /// Connects to the Lease `config` names: builds the client, and resolves the namespace (the one
 /// decided by the configuration, else the kubeconfig context's, else `default`).
 pub async fn connect(config: &crate::config::Config) -> Result<(Client, LeaseApi), AccessError> {
-    let (client, kube_namespace) =
+    let (client, kube_namespace, connections) =
         self::client(&config.access, config.timing.request_timeout()).await?;
     let namespace = config.namespace.clone().unwrap_or(kube_namespace);
-    let api = LeaseApi::new(client.clone(), &namespace, &config.lease);
+    let api = LeaseApi::new((client.clone(), connections), &namespace, &config.lease);
     Ok((client, api))
 }
 
@@ -412,7 +430,13 @@ pub async fn connect_slots(
     let apis = config
         .slot_names()
         .iter()
-        .map(|name| LeaseApi::new(client.clone(), api.namespace(), name))
+        .map(|name| {
+            LeaseApi::new(
+                (client.clone(), api.connections.clone()),
+                api.namespace(),
+                name,
+            )
+        })
         .collect();
     Ok((client, apis))
 }
@@ -426,7 +450,7 @@ pub async fn connect_slots(
 pub async fn client(
     access: &Access,
     connect_timeout: Duration,
-) -> Result<(Client, String), AccessError> {
+) -> Result<(Client, String, Generation), AccessError> {
     let options = kube::config::KubeConfigOptions {
         context: access.context.clone(),
         ..Default::default()
@@ -472,6 +496,7 @@ pub async fn client(
     config.default_retry = false;
     config.connect_timeout = Some(connect_timeout);
     let namespace = config.default_namespace.clone();
+    let connections = Generation::default();
     let client = if config.proxy_url.is_some() {
         // kube's own stack, which names the proxy it was built without.
         kube::client::ClientBuilder::try_from(config)
@@ -479,10 +504,138 @@ pub async fn client(
             .with_layer(&tower::util::MapResponseLayer::new(carry_retry_after))
             .build()
     } else {
-        stack(config)
+        stack(config, connections.clone())
             .map_err(|e| AccessError(format!("cannot build the API client: {}", chain(&e))))?
     };
-    Ok((client, namespace))
+    Ok((client, namespace, connections))
+}
+
+/// Counts the client's connections in generations: [`Generation::abandon`] ends the current one.
+/// A connection of an earlier generation fails its next read or write, so the pool never hands it
+/// out again for a request that would hang on it; connections opened afterwards are unaffected.
+/// (Connections through a proxy, on kube's own stack, are not counted: there a timed-out request's
+/// connection is closed by hyper, and other idle ones may be reused.)
+#[derive(Debug, Clone, Default)]
+pub struct Generation(Arc<std::sync::atomic::AtomicU64>);
+
+impl Generation {
+    /// Every connection opened so far is abandoned.
+    pub fn abandon(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn current(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A connector whose connections belong to the [`Generation`] current when they were opened.
+#[derive(Clone)]
+struct Generational<C> {
+    inner: C,
+    generation: Generation,
+}
+
+impl<C> tower::Service<hyper::http::Uri> for Generational<C>
+where
+    C: tower::Service<hyper::http::Uri>,
+    C::Future: Send + 'static,
+{
+    type Response = Counted<C::Response>;
+    type Error = C::Error;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Counted<C::Response>, C::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: hyper::http::Uri) -> Self::Future {
+        let generation = self.generation.clone();
+        let born = generation.current();
+        let connecting = self.inner.call(uri);
+        Box::pin(async move {
+            let io = connecting.await?;
+            Ok(Counted {
+                io,
+                born,
+                generation,
+            })
+        })
+    }
+}
+
+/// A connection of the generation `born`.
+struct Counted<T> {
+    io: T,
+    born: u64,
+    generation: Generation,
+}
+
+impl<T> Counted<T> {
+    fn abandoned(&self) -> Option<std::io::Error> {
+        (self.generation.current() != self.born).then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "connection abandoned after a request on this client got no answer in time",
+            )
+        })
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(e) = self.abandoned() {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Some(e) = self.abandoned() {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(e) = self.abandoned() {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl<T: hyper_util::client::legacy::connect::Connection>
+    hyper_util::client::legacy::connect::Connection for Counted<T>
+{
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.io.connected()
+    }
 }
 
 /// The TCP connector under TLS: kube's (`enforce_http(false)`, so that https URLs pass to the TLS
@@ -509,9 +662,12 @@ fn tcp_connector() -> HttpConnector {
 ///
 /// This mirrors `make_generic_builder` of kube-client 5.0.0: re-check it on every kube upgrade, and
 /// go back to `ClientBuilder::try_from` once kube can set `TCP_NODELAY` itself (kube-rs/kube#2056).
-fn stack(config: Config) -> Result<Client, kube::Error> {
+fn stack(config: Config, connections: Generation) -> Result<Client, kube::Error> {
     use kube::client::ConfigExt;
-    let https = config.rustls_https_connector_with_connector(tcp_connector())?;
+    let https = config.rustls_https_connector_with_connector(Generational {
+        inner: tcp_connector(),
+        generation: connections,
+    })?;
     let mut connector = hyper_timeout::TimeoutConnector::new(https);
     connector.set_connect_timeout(config.connect_timeout);
     connector.set_read_timeout(config.read_timeout);
@@ -561,7 +717,7 @@ mod tests {
             socket.write_all(answer.as_bytes()).await.unwrap();
             (socket, peer)
         });
-        let client = stack(Config::new(url.parse().unwrap())).unwrap();
+        let client = stack(Config::new(url.parse().unwrap()), Generation::default()).unwrap();
         client.apiserver_version().await.unwrap();
         let (_socket, peer) = server.await.unwrap();
 

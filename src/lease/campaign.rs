@@ -34,15 +34,20 @@
 //! - **Server restart, compaction, 410**: a re-read replaces the observation only when the record
 //!   differs; an unchanged record keeps the time it was first seen. A 404 after a record was
 //!   observed is a deletion (above), never a plain absence.
-//! - **Fencing**: a Lease created after a deletion continues `leaseTransitions` from the last
-//!   record observed, so the token never goes backwards for a candidate that saw it.
+//! - **An edit that keeps the holder** (holder and `renewTime` unchanged: a shrunk
+//!   `leaseDurationSeconds`, a lowered `leaseTransitions`, a handover request): no new term. It
+//!   runs from the first sight of that `renewTime`, with the longest duration seen for it.
+//! - **Fencing**: every claim and create writes one more than the highest `leaseTransitions`
+//!   this process has seen of the Lease, in this campaign or an earlier term's (see
+//!   [`Memory`]), so the token never repeats nor goes backwards for a candidate that saw it:
+//!   not after a deletion, not after a value lowered by hand.
 
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use tokio::time::Instant;
 
-use super::decide::{Decision, Record, decide};
+use super::decide::{Decision, Memory, Record, decide};
 use crate::config::Timing;
 
 /// What the API told us, or that a timer fired.
@@ -80,7 +85,7 @@ pub enum Input {
 pub enum Action {
     /// Create the Lease naming us, with this `leaseTransitions`.
     Create {
-        /// The fencing token to write: the last observed `leaseTransitions` + 1, or 0.
+        /// The fencing token to write (see [`Memory::claim_token`]).
         transitions: i32,
     },
     /// Write our claim on `current`, conditioned on its resourceVersion.
@@ -89,6 +94,8 @@ pub enum Action {
         current: Box<Lease>,
         /// Why it may be claimed.
         decision: Decision,
+        /// The fencing token to write (see [`Memory::claim_token`]).
+        transitions: i32,
     },
     /// Read the Lease (GET) at this time; a watch, if any, is re-established from the read.
     Read {
@@ -150,6 +157,8 @@ pub struct Campaign {
     /// record is still that term's, the handover's request applies to us too (to any other
     /// candidate, or from our own record).
     stepped_down: Option<i32>,
+    /// The highest token and longest term seen, carried from one campaign to the next.
+    memory: Memory,
     /// State of the jitter's random sequence (xorshift64; never 0).
     rng: u64,
 }
@@ -173,8 +182,22 @@ impl Campaign {
             position_expired: false,
             watching: true,
             stepped_down: None,
+            memory: Memory::default(),
             rng: rand::random::<u64>() | 1,
         }
+    }
+
+    /// Starts from what earlier terms of this process saw of the Lease (see [`Memory`]): a
+    /// claim never writes a token below what was seen then, and an absence is honoured for the
+    /// longest term seen then.
+    pub fn remembering(mut self, memory: Memory) -> Campaign {
+        self.memory = memory;
+        self
+    }
+
+    /// What this campaign (and the terms before it) saw of the Lease.
+    pub fn memory(&self) -> Memory {
+        self.memory
     }
 
     /// From now on changes are learnt by polling, not watching: failures back off from the retry
@@ -215,10 +238,7 @@ impl Campaign {
 
     /// A number in [0, 1) for jitter.
     fn jitter(&mut self) -> f64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+        jitter(&mut self.rng)
     }
 
     /// The resourceVersion to watch from (`None`: nothing seen yet; watch from the current state).
@@ -372,11 +392,10 @@ impl Campaign {
             // A 404 on a read: nothing tells what the Lease was before it was deleted, nor when;
             // its holder may have renewed since we last saw it. Any holder's last renewal came
             // before this absence began, so one lease duration from then covers its term: ours,
-            // or the last record's if longer (holders of one Lease should share --lease-duration).
-            let seen = self.observed.as_ref().map_or(Duration::ZERO, |(r, _)| {
-                r.effective_duration(self.timing.lease_duration).0
-            });
-            self.hold_off_until(absent_since + self.timing.lease_duration.max(seen), now);
+            // or the longest this process has seen, in this campaign or an earlier one, if longer
+            // (holders of one Lease should share --lease-duration).
+            let longest = self.memory.longest_term(self.timing.lease_duration);
+            self.hold_off_until(absent_since + longest, now);
         }
         if let Some(lease) = deleted {
             let record = Record::of(&lease);
@@ -398,15 +417,30 @@ impl Campaign {
         self.view = View::Absent;
     }
 
-    /// Notes `record`: the time it was first seen is kept while only a handover request changed
-    /// (a request is no renewal: the holder's liveness shows in `renewTime`), so a request never
-    /// pushes an expiry back.
+    /// Notes `record`. A record of the same term as the last one (same holder, same `renewTime`:
+    /// an operator's edit, a handover request) is no renewal: the term keeps running from when it
+    /// was first seen, with the longest duration seen for it. So shrinking `leaseDurationSeconds`
+    /// of a held Lease never makes it expire sooner here than its holder counts (from its own last
+    /// write, with its own duration), and a request never pushes an expiry back.
+    ///
+    /// Beyond that, while the holder stays the same, its longest duration seen is kept across its
+    /// renewals: a follower polling every retry period may first see a renewal only after an
+    /// edit shrank it, and the holder still counts its own. (A holder that really shortens its
+    /// duration, restarted with another `--lease-duration`, is honoured for the longer one until
+    /// the Lease changes hands: a slower failover, never an early one.)
     fn observe(&mut self, record: Record, now: Instant) {
-        let since = match &self.observed {
-            Some((last, at)) if last.same_renewal(&record) => *at,
-            _ => now,
+        self.memory.note(&record);
+        let fallback = self.timing.lease_duration;
+        let observed = match self.observed.take() {
+            Some((last, at)) if last.same_term(&record) => {
+                (record.same_term_as(&last, fallback), at)
+            }
+            Some((last, _)) if last.holder.is_some() && last.holder == record.holder => {
+                (record.same_term_as(&last, fallback), now)
+            }
+            _ => (record, now),
         };
-        self.observed = Some((record, since));
+        self.observed = Some(observed);
     }
 
     /// No create or claim before `end`.
@@ -440,10 +474,7 @@ impl Campaign {
             View::Absent => match gate {
                 Some(end) => Action::Wait { until: Some(end) },
                 None => Action::Create {
-                    transitions: self
-                        .observed
-                        .as_ref()
-                        .map_or(0, |(r, _)| r.transitions.saturating_add(1)),
+                    transitions: self.memory.claim_token(None),
                 },
             },
             View::Present(lease) => {
@@ -483,12 +514,21 @@ impl Campaign {
                         Action::Claim {
                             current: lease.clone(),
                             decision,
+                            transitions: self.memory.claim_token(Some(record)),
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// The next number in [0, 1) of the xorshift64 sequence `state` (never 0), for jitter.
+pub fn jitter(state: &mut u64) -> f64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    (*state >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Failed requests in a row a watching follower retries fast even when the server answers them
@@ -1291,5 +1331,84 @@ mod tests {
             ..Timing::default()
         };
         assert_eq!(resync_delay(&tiny, 1, 0.0), RESYNC_FLOOR);
+    }
+
+    fn claim_token(action: &Action) -> Option<i32> {
+        match action {
+            Action::Claim { transitions, .. } | Action::Create { transitions } => {
+                Some(*transitions)
+            }
+            _ => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shrunk_duration_that_keeps_holder_and_renew_time_does_not_start_a_new_term() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(Some("other"), 10, 3, "5"))), t0);
+        // An operator sets leaseDurationSeconds to 1 at t0 + 2 s ("make failover faster"): the
+        // holder, alive, counts its own 10 s from its own last write.
+        let shrunk = lease(Some("other"), 1, 3, "6");
+        let wait = Action::Wait {
+            until: Some(t0 + 10 * S),
+        };
+        assert_eq!(c.step(Input::Changed(shrunk.clone()), t0 + 2 * S), wait);
+        assert_eq!(c.step(Input::Tick, t0 + 3 * S), wait);
+        // Seen anew from a re-read, unchanged: still the first sight counts.
+        assert_eq!(c.step(Input::Read(Some(shrunk)), t0 + 4 * S), wait);
+        assert!(is_claim(&c.step(Input::Tick, t0 + 10 * S), "6"));
+        // The same when the edit is learnt by polling.
+        let mut c = campaign();
+        c.polling();
+        c.step(Input::Read(Some(lease(Some("other"), 10, 3, "5"))), t0);
+        assert_eq!(
+            c.step(
+                Input::Read(Some(lease(Some("other"), 1, 3, "6"))),
+                t0 + 2 * S
+            ),
+            wait
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_lowered_by_hand_never_lowers_the_next_claim() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(Some("other"), 10, 7, "5"))), t0);
+        // Lowered to 1 by hand, then released.
+        c.step(Input::Changed(lease(Some("other"), 10, 1, "6")), t0 + S);
+        let action = c.step(Input::Changed(lease(None, 1, 1, "7")), t0 + 2 * S);
+        assert!(is_claim(&action, "7"), "{action:?}");
+        assert_eq!(claim_token(&action), Some(8));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_campaign_remembers_the_highest_token_and_the_longest_term() {
+        let t0 = Instant::now();
+        // The term before saw a takeover by a holder with a 30 s term and token 6.
+        let mut before = campaign();
+        before.step(Input::Read(Some(lease(Some("b"), 30, 6, "9"))), t0);
+        // The next campaign starts after a deletion: it honours 30 s of absence, not its own 15,
+        // and creates with 7, not 0.
+        let mut c = campaign().remembering(before.memory());
+        let t1 = t0 + 20 * S;
+        assert_eq!(
+            c.step(Input::Read(None), t1),
+            Action::Wait {
+                until: Some(t1 + 30 * S)
+            }
+        );
+        assert_eq!(
+            c.step(Input::Tick, t1 + 30 * S),
+            Action::Create { transitions: 7 }
+        );
+        // Without the memory: its own duration, token 0.
+        let mut fresh = campaign();
+        fresh.step(Input::Read(None), t1);
+        assert_eq!(
+            fresh.step(Input::Tick, t1 + 15 * S),
+            Action::Create { transitions: 0 }
+        );
     }
 }

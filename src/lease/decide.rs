@@ -59,16 +59,25 @@ impl Record {
         }
     }
 
-    /// Whether `other` is the same record but for a handover request (`preferredHolder`): no
-    /// renewal, no change of holder.
-    pub fn same_renewal(&self, other: &Record) -> bool {
-        Record {
-            preferred: None,
-            ..self.clone()
-        } == Record {
-            preferred: None,
-            ..other.clone()
-        }
+    /// Whether `other` is the same term as `self`: the same holder and the same `renewTime`. An
+    /// edit that keeps both (an operator shrinking `leaseDurationSeconds` to "make failover
+    /// faster", lowering `leaseTransitions`, a handover request, a label) is no renewal: the
+    /// holder's liveness shows in `renewTime` alone, and the holder counts its own term from its
+    /// own last write, whatever was edited since. See [`Record::same_term_as`].
+    pub fn same_term(&self, other: &Record) -> bool {
+        self.holder == other.holder && self.renew_time == other.renew_time
+    }
+
+    /// `self`, seen after `earlier` of the same holder (in the same term, see
+    /// [`Record::same_term`], or a renewal), with the longer of their durations: the holder may
+    /// still be counting on the longer one.
+    pub fn same_term_as(mut self, earlier: &Record, fallback: Duration) -> Record {
+        let longest = self
+            .effective_duration(fallback)
+            .0
+            .max(earlier.effective_duration(fallback).0);
+        self.duration_secs = Some(i32::try_from(longest.as_secs()).unwrap_or(i32::MAX));
+        self
     }
 
     /// Whether a handover asks `identity` to leave the Lease to someone else: a preferred holder
@@ -116,6 +125,65 @@ impl Record {
             ),
         }
     }
+}
+
+/// What one process remembers of one Lease across its terms (with `--recampaign`, one campaign
+/// after another): the highest `leaseTransitions` and the longest `leaseDurationSeconds` it has
+/// observed, by any path (a read, a watch event, a write's answer, the leader's guard).
+///
+/// The fencing token rule: `leaseTransitions` (`LEASE_EXEC_TRANSITIONS` for the command) never
+/// repeats nor decreases for a process that saw the earlier value. A claim or a create writes
+/// [`Memory::claim_token`], one more than the highest value either the record or this process has
+/// seen (a Lease deleted and re-created, or a value lowered by hand, cannot take it back); a
+/// renewal writes [`renewal_token`], never below the holder's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// The highest `leaseTransitions` observed.
+    pub highest: Option<i32>,
+    /// The longest positive `leaseDurationSeconds` observed.
+    pub longest: Option<Duration>,
+}
+
+impl Memory {
+    /// Notes a record observed.
+    pub fn note(&mut self, record: &Record) {
+        self.highest = Some(
+            self.highest
+                .map_or(record.transitions, |h| h.max(record.transitions)),
+        );
+        if let Some(secs) = record.duration_secs.filter(|s| *s > 0) {
+            let duration = Duration::from_secs(secs as u64);
+            self.longest = Some(self.longest.map_or(duration, |l| l.max(duration)));
+        }
+    }
+
+    /// Takes in what another memory of the same Lease holds.
+    pub fn merge(&mut self, other: &Memory) {
+        self.highest = self.highest.max(other.highest);
+        self.longest = self.longest.max(other.longest);
+    }
+
+    /// The token a claim or create writes: one more than the highest `leaseTransitions` seen (the
+    /// record's included, when there is one), 0 for a Lease never seen in any state.
+    pub fn claim_token(&self, record: Option<&Record>) -> i32 {
+        match self.highest.max(record.map(|r| r.transitions)) {
+            Some(highest) => highest.saturating_add(1),
+            None => 0,
+        }
+    }
+
+    /// The longest term to honour for a holder not seen: `ours`, or the longest duration seen if
+    /// longer (holders of one Lease should share `--lease-duration`, but may not).
+    pub fn longest_term(&self, ours: Duration) -> Duration {
+        self.longest.map_or(ours, |l| l.max(ours))
+    }
+}
+
+/// The token a renewal writes: the holder's own (`own`, what its command was given), or the
+/// record's if someone raised it since; never lower than `own`, so a value lowered by hand is
+/// restored at once.
+pub fn renewal_token(record: i32, own: i32) -> i32 {
+    record.max(own)
 }
 
 /// What to do with a Lease that exists.
@@ -235,11 +303,18 @@ impl Claimant<'_> {
         }
     }
 
-    /// `current` changed to name us, keeping its resourceVersion so the update is conditional.
-    /// Resuming (it already names us) keeps `acquireTime` and `leaseTransitions`; any change of
-    /// holder, including from a released Lease, increments `leaseTransitions` as client-go does.
-    /// `take_over`: released or expired (not a resume), which ends any handover request.
-    pub fn claim(&self, current: &Lease, now: Timestamp, take_over: bool) -> Lease {
+    /// `current` changed to name us, keeping its resourceVersion so the update is conditional,
+    /// with `transitions` as the fencing token (see [`Memory::claim_token`]): every claim starts a
+    /// new command, so a resume (it already names us) writes a new token too, keeping only
+    /// `acquireTime`. `take_over`: released or expired (not a resume), which ends any handover
+    /// request.
+    pub fn claim(
+        &self,
+        current: &Lease,
+        now: Timestamp,
+        take_over: bool,
+        transitions: i32,
+    ) -> Lease {
         let record = Record::of(current);
         let mut lease = current.clone();
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
@@ -253,12 +328,10 @@ impl Claimant<'_> {
                 spec.strategy = None;
             }
         }
-        if record.holder.as_deref() != Some(self.identity) {
-            spec.acquire_time = Some(MicroTime(now));
-            spec.lease_transitions = Some(record.transitions.saturating_add(1));
-        } else if spec.acquire_time.is_none() {
+        if record.holder.as_deref() != Some(self.identity) || spec.acquire_time.is_none() {
             spec.acquire_time = Some(MicroTime(now));
         }
+        spec.lease_transitions = Some(transitions);
         spec.holder_identity = Some(self.identity.to_string());
         spec.lease_duration_seconds = Some(self.duration_secs());
         spec.renew_time = Some(MicroTime(now));
@@ -266,14 +339,26 @@ impl Claimant<'_> {
         lease
     }
 
-    /// `current` (which names us) with a fresh `renewTime`.
-    pub fn renew(&self, current: &Lease, now: Timestamp) -> Lease {
+    /// `current` (which names us) with a fresh `renewTime`, our duration, and our token `own`
+    /// unless the record's is higher (see [`renewal_token`]): a renewal restores whatever an edit
+    /// that kept us as holder changed in the term's promise.
+    pub fn renew(&self, current: &Lease, now: Timestamp, own: i32) -> Lease {
+        let record = Record::of(current);
         let mut lease = current.clone();
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         spec.holder_identity = Some(self.identity.to_string());
         spec.lease_duration_seconds = Some(self.duration_secs());
+        spec.lease_transitions = Some(renewal_token(record.transitions, own));
         spec.renew_time = Some(MicroTime(now));
         lease
+    }
+
+    /// Whether `record`, which names us, was edited by someone else in a way a renewal must undo
+    /// at once: a duration other than ours (client-go followers count a term from any change they
+    /// see, with the duration they see), or a token below our own `own`.
+    pub fn must_restore(&self, record: &Record, own: i32) -> bool {
+        record.holder.as_deref() == Some(self.identity)
+            && (record.duration_secs != Some(self.duration_secs()) || record.transitions < own)
     }
 
     /// `current` released, client-go style: holder cleared, duration 1 s, transitions kept, so the
@@ -436,7 +521,7 @@ mod tests {
             ..OwnerReference::default()
         }]);
         let now = Timestamp::from_second(1000).unwrap();
-        let new = me.claim(&old, now, true);
+        let new = me.claim(&old, now, true, 5);
         let spec = new.spec.as_ref().unwrap();
         assert_eq!(spec.holder_identity.as_deref(), Some("me"));
         assert_eq!(spec.lease_transitions, Some(5));
@@ -447,10 +532,10 @@ mod tests {
         assert_eq!(refs.len(), 1);
         assert_eq!(refs[0].uid, "uid-b");
 
-        // Resuming keeps the transitions and the acquire time.
-        let resumed = me.claim(&new, Timestamp::from_second(2000).unwrap(), false);
+        // Resuming keeps the acquire time; the token is the one given (a new command starts).
+        let resumed = me.claim(&new, Timestamp::from_second(2000).unwrap(), false, 6);
         let spec = resumed.spec.as_ref().unwrap();
-        assert_eq!(spec.lease_transitions, Some(5));
+        assert_eq!(spec.lease_transitions, Some(6));
         assert_eq!(spec.acquire_time, Some(MicroTime(now)));
     }
 
@@ -501,12 +586,12 @@ mod tests {
         let now = Timestamp::UNIX_EPOCH;
         // Taken by the preferred candidate: our own strategy goes, the API's stays.
         let spec = me
-            .claim(&with(None, HANDOVER_STRATEGY), now, true)
+            .claim(&with(None, HANDOVER_STRATEGY), now, true, 3)
             .spec
             .unwrap();
         assert_eq!((spec.strategy, spec.preferred_holder), (None, None));
         let spec = me
-            .claim(&with(None, "OldestEmulationVersion"), now, true)
+            .claim(&with(None, "OldestEmulationVersion"), now, true, 3)
             .spec
             .unwrap();
         assert_eq!(spec.strategy.as_deref(), Some("OldestEmulationVersion"));
@@ -519,10 +604,79 @@ mod tests {
         let held = with(Some("other"), HANDOVER_STRATEGY);
         assert_eq!(Record::of(&held).handover_from("other"), Some("me"));
         assert_eq!(Record::of(&held).handover_from("me"), None);
-        for kept in [other.renew(&held, now), other.release(&held, now)] {
+        for kept in [other.renew(&held, now, 2), other.release(&held, now)] {
             let spec = kept.spec.unwrap();
             assert_eq!(spec.preferred_holder.as_deref(), Some("me"));
             assert_eq!(spec.strategy.as_deref(), Some(HANDOVER_STRATEGY));
         }
+    }
+
+    #[test]
+    fn an_edit_that_keeps_holder_and_renew_time_is_the_same_term_with_the_longest_duration() {
+        let held = Record::of(&lease(Some("other"), Some(15), 7));
+        let shrunk = Record {
+            duration_secs: Some(1),
+            transitions: 1,
+            ..held.clone()
+        };
+        assert!(held.same_term(&shrunk));
+        assert_eq!(
+            shrunk.clone().same_term_as(&held, FALLBACK).duration_secs,
+            Some(15)
+        );
+        // A renewal (a new renewTime) or another holder is a new term.
+        let renewed = Record {
+            renew_time: Some(Timestamp::from_second(5).unwrap()),
+            ..held.clone()
+        };
+        assert!(!held.same_term(&renewed));
+        let other = Record {
+            holder: Some("third".into()),
+            ..held.clone()
+        };
+        assert!(!held.same_term(&other));
+    }
+
+    #[test]
+    fn the_token_only_rises_for_a_process_that_saw_it() {
+        let mut memory = Memory::default();
+        assert_eq!(memory.claim_token(None), 0, "a Lease never seen");
+        memory.note(&Record::of(&lease(Some("a"), Some(30), 7)));
+        // Lowered by hand to 1, or deleted: the next claim still writes 8.
+        let lowered = Record::of(&lease(Some("a"), Some(15), 1));
+        memory.note(&lowered);
+        assert_eq!(memory.claim_token(Some(&lowered)), 8);
+        assert_eq!(memory.claim_token(None), 8);
+        // A record higher than anything seen wins.
+        assert_eq!(
+            memory.claim_token(Some(&Record::of(&lease(None, Some(1), 40)))),
+            41
+        );
+        // The longest term seen is remembered for an absence.
+        assert_eq!(memory.longest_term(FALLBACK), Duration::from_secs(30));
+        let mut later = Memory::default();
+        later.merge(&memory);
+        assert_eq!(later, memory);
+        // A renewal keeps the holder's own token, or a higher one raised by someone else.
+        assert_eq!(renewal_token(1, 7), 7);
+        assert_eq!(renewal_token(9, 7), 9);
+    }
+
+    #[test]
+    fn a_renewal_restores_an_edited_duration_and_token() {
+        let timing = Timing::default();
+        let me = Claimant {
+            identity: "me",
+            timing: &timing,
+            owner: None,
+        };
+        let edited = lease(Some("me"), Some(1), 2);
+        assert!(me.must_restore(&Record::of(&edited), 7));
+        let spec = me.renew(&edited, Timestamp::UNIX_EPOCH, 7).spec.unwrap();
+        assert_eq!(spec.lease_duration_seconds, Some(15));
+        assert_eq!(spec.lease_transitions, Some(7));
+        // Our own renewal is no edit; another holder's record is not ours to restore.
+        assert!(!me.must_restore(&Record::of(&lease(Some("me"), Some(15), 7)), 7));
+        assert!(!me.must_restore(&Record::of(&lease(Some("x"), Some(1), 0)), 7));
     }
 }

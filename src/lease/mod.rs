@@ -1,12 +1,13 @@
 //! The Lease: pure decisions ([`decide`]) and the acquisition state machine ([`campaign`]), bounded
-//! API calls ([`api`]), and the two loops that act on them: [`acquire`] (waiting until we hold it)
-//! and [`renew`] (keeping it while the command runs).
+//! API calls ([`api`]), one watch for every caller ([`watch`]), and the two loops that act on them:
+//! [`acquire`] (waiting until we hold it) and [`renew`] (keeping it while the command runs).
 
 pub mod acquire;
 pub mod api;
 pub mod campaign;
 pub mod decide;
 pub mod renew;
+pub mod watch;
 
 pub use api::{ApiError, LeaseApi};
 pub use decide::{Claimant, Decision, Record};

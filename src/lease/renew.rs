@@ -14,19 +14,17 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::WatchEvent;
 use std::sync::Arc;
 
 use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, sleep_until};
 
-use super::acquire::Held;
+use super::acquire::{Held, Remembered, remember};
 use super::api::{ApiError, LeaseApi};
 use super::decide::{Claimant, Record};
+use super::watch::{Failure as WatchFailure, LeaseWatch, Seen as Sighting};
 use crate::config::Timing;
 
 /// What the renewer publishes.
@@ -75,28 +73,63 @@ impl Owned {
     }
 }
 
+/// A request to the renewer, from [`guard`], to write at once: after a deletion (the update finds
+/// nothing and re-creates the Lease), or after an edit of our record that a renewal must undo
+/// (then with the edited Lease, so the write is conditioned on its resourceVersion).
+#[derive(Debug, Default)]
+pub struct Nudge {
+    notify: Notify,
+    fresh: std::sync::Mutex<Option<Lease>>,
+}
+
+impl Nudge {
+    /// Asks for a write at once, against `fresh` if given.
+    pub fn write_now(&self, fresh: Option<Lease>) {
+        if let Some(lease) = fresh {
+            *self.fresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
+        }
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Option<Lease> {
+        self.fresh.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// The shortest wait before retrying a renewal that got no answer at all (connection refused or
+/// reset): a fresh connection is tried at once, but a refusing server is not asked in a busy loop.
+const UNREACHABLE_RETRY: Duration = Duration::from_millis(100);
+
 /// Renews until another holder shows up (then publishes [`LeaseState::Taken`] and returns) or until
-/// the task is dropped. `write_now` (from [`guard`], on a deletion) makes it write at once.
+/// the task is dropped. `nudge` (from [`guard`]) makes it write at once. `own` is the term's
+/// fencing token, which every renewal keeps (see [`crate::lease::decide::renewal_token`]).
 pub async fn renew(
     api: LeaseApi,
     me: Owned,
-    held: Held,
+    (held, own): (Held, i32),
     state: Arc<watch::Sender<LeaseState>>,
-    write_now: Arc<Notify>,
+    (nudge, memory): (Arc<Nudge>, Remembered),
     metrics: std::sync::Arc<crate::telemetry::Metrics>,
 ) {
     let claimant = me.claimant();
     let timing = me.timing;
     let mut held = held;
-    // While renewals succeed, every --renew-interval; after a failure, every --retry-period. The
-    // renew and kill deadlines are the supervisor's, from the last success: they do not move.
+    // While renewals succeed, every --renew-interval. A renewal that got no answer in time is
+    // retried at once, on a new connection (the timed-out one is never reused, see
+    // LeaseApi::call); one the server refused to answer (5xx, 429) after --retry-period. Each
+    // attempt is bounded by Timing::renew_timeout, so at least two attempts fit between the
+    // renewal that is due and the renew deadline, whatever the timing. The renew and kill
+    // deadlines are the supervisor's, from the last success: they do not move.
     let mut next = held.renewed_at + timing.renew_interval;
     let mut failing = 0u32;
     loop {
         tokio::select! {
             () = sleep_until(next) => {}
-            // A deletion: the update finds nothing and re-creates the Lease.
-            () = write_now.notified() => {}
+            () = nudge.notify.notified() => {
+                if let Some(fresh) = nudge.take() {
+                    held.lease = fresh;
+                }
+            }
         }
         if matches!(*state.borrow(), LeaseState::Taken { .. }) {
             return;
@@ -106,10 +139,15 @@ pub async fn renew(
         let deadline = held.renewed_at + timing.renew_deadline;
         // Never let one request run past the renew deadline.
         let timeout = timing
-            .request_timeout()
+            .renew_timeout()
             .min(deadline.saturating_duration_since(started))
             .max(timing.retry_period.min(Duration::from_millis(100)));
-        let result = write(&api, &claimant, &held, timeout).await;
+        let result = write(&api, &claimant, &held, own, timeout).await;
+        match &result {
+            Ok(lease) => remember(&memory, &Record::of(lease)),
+            Err(Failure::Refreshed(lease)) => remember(&memory, &Record::of(lease)),
+            _ => {}
+        }
         metrics.renewal(
             matches!(result, Ok(_) | Err(Failure::Refreshed(_))),
             started.elapsed(),
@@ -154,7 +192,13 @@ pub async fn renew(
                 } else {
                     tracing::debug!(%error, failures = failing, "renewal still failing");
                 }
-                next = started + timing.retry_period;
+                next = match error {
+                    ApiError::Timeout(_) => Instant::now(),
+                    ApiError::Unreachable(_) => {
+                        Instant::now() + UNREACHABLE_RETRY.min(timing.retry_period)
+                    }
+                    _ => started + timing.retry_period,
+                };
             }
             Err(Failure::Refreshed(lease)) => {
                 // Someone changed the Lease without taking it (a label, our own earlier write that
@@ -189,22 +233,33 @@ fn taken(state: &watch::Sender<LeaseState>, reason: String, last: Held) {
 /// never delays a renewal.
 pub async fn guard(
     api: LeaseApi,
-    identity: String,
-    timing: crate::config::Timing,
+    (me, own): (Owned, i32),
     state: Arc<watch::Sender<LeaseState>>,
-    write_now: Arc<Notify>,
+    (nudge, memory): (Arc<Nudge>, Remembered),
 ) {
+    let identity = me.identity.clone();
     let mut guard = Guard::default();
     loop {
         // Re-opened from our latest write's resourceVersion: every later event is someone's
         // write after ours, so one naming another holder is a real takeover.
         let held = state.borrow().held().clone();
-        match guard.next(&api, &held, &timing, &identity).await {
+        match guard.next(&api, &held, (&me, own), &memory).await {
             Seen::Taken(reason) => {
                 taken(&state, reason, held);
                 return;
             }
-            Seen::Deleted => write_now.notify_one(),
+            // The last state (a handover request in it included) is what is re-created.
+            Seen::Deleted(last) => nudge.write_now(Some(*last)),
+            Seen::Edited(lease) => {
+                // Still ours, but with another duration or a lower token: client-go followers
+                // restart their clock on any change and count the duration they see, so this
+                // record must be replaced by a renewal within milliseconds, not at the next
+                // renew interval. lease-exec followers never count such an edit as a new term.
+                tracing::warn!(
+                    "the lease was edited while held (leaseDurationSeconds or leaseTransitions); renewing at once to restore it"
+                );
+                nudge.write_now(Some(*lease));
+            }
             Seen::Handover(lease) => {
                 // Still ours, with a handover requested: published for the supervisor, with the
                 // renewal time unchanged (this is someone else's write, not a renewal).
@@ -227,26 +282,24 @@ pub async fn guard(
 enum Seen {
     /// Another holder, or the holder cleared by someone else.
     Taken(String),
-    /// The Lease was deleted.
-    Deleted,
+    /// The Lease was deleted; its last state.
+    Deleted(Box<Lease>),
     /// Still ours, but a handover to another identity is requested (`spec.preferredHolder`).
     Handover(Box<Lease>),
+    /// Still ours, but edited in a way a renewal must undo at once (see
+    /// [`Claimant::must_restore`]).
+    Edited(Box<Lease>),
     /// Nothing that matters (our own renewals, bookmarks, a re-opened stream).
     Nothing,
 }
-
-type EventStream = BoxStream<'static, Result<WatchEvent<Lease>, ApiError>>;
 
 /// The leader's watch of its own Lease. It only speeds up detection: the renew and kill deadlines
 /// never depend on it, so a watch that fails or is refused changes nothing but latency.
 #[derive(Default)]
 struct Guard {
-    stream: Option<EventStream>,
-    /// When the current stream was opened.
-    opened: Option<Instant>,
-    /// Do not re-open before this (after a failure).
-    reopen_at: Option<Instant>,
-    failures: u32,
+    watch: LeaseWatch,
+    /// A 410 said the position is too old: watch from the current state until an event comes.
+    expired: bool,
     /// Watching is refused here: renewals alone detect takeovers.
     refused: bool,
 }
@@ -257,83 +310,61 @@ impl Guard {
         &mut self,
         api: &LeaseApi,
         held: &Held,
-        timing: &crate::config::Timing,
-        identity: &str,
+        (me, own): (&Owned, i32),
+        memory: &Remembered,
     ) -> Seen {
+        let identity = me.identity.as_str();
         if self.refused {
             return std::future::pending().await;
         }
-        if self.stream.is_none() {
-            if let Some(at) = self.reopen_at {
-                sleep_until(at).await;
-            }
-            let rv = held
-                .lease
-                .metadata
-                .resource_version
-                .clone()
-                .unwrap_or_default();
-            match api.watch(&rv, timing.request_timeout()).await {
-                Ok(stream) => {
-                    self.stream = Some(stream);
-                    self.opened = Some(Instant::now());
-                    self.reopen_at = None;
-                }
-                Err(e @ (ApiError::Denied { .. } | ApiError::NotFound)) => {
-                    tracing::debug!(error = %e, "cannot watch the held lease; takeovers are noticed at the next renewal");
-                    self.refused = true;
-                    return Seen::Nothing;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot watch the held lease; retrying");
-                    self.failed(timing);
-                    return Seen::Nothing;
-                }
-            }
-        }
-        let event = self.stream.as_mut().expect("opened above").next().await;
-        match event {
-            Some(Ok(WatchEvent::Added(lease) | WatchEvent::Modified(lease))) => {
-                self.failures = 0;
+        // From our latest write: every later event is someone's write after ours. After a 410,
+        // from the current state, which comes first as an event of its own.
+        let from = match &held.lease.metadata.resource_version {
+            Some(rv) if !self.expired => rv.as_str(),
+            _ => "",
+        };
+        match self.watch.next(api, from, &me.timing).await {
+            Ok(Sighting::Changed(lease)) => {
+                self.expired = false;
                 let record = Record::of(&lease);
+                remember(memory, &record);
                 match record.holder {
                     Some(_) if record.handover_from(identity).is_some() => {
                         Seen::Handover(Box::new(lease))
+                    }
+                    Some(_) if me.claimant().must_restore(&record, own) => {
+                        Seen::Edited(Box::new(lease))
                     }
                     Some(holder) if holder == identity => Seen::Nothing,
                     Some(holder) => Seen::Taken(format!("the lease is now held by {holder}")),
                     None => Seen::Taken("the lease was released by someone else".into()),
                 }
             }
-            Some(Ok(WatchEvent::Deleted(_))) => {
+            Ok(Sighting::Deleted(lease)) => {
+                self.expired = false;
+                remember(memory, &Record::of(&lease));
                 tracing::warn!("the lease was deleted while held; re-creating it");
-                Seen::Deleted
+                Seen::Deleted(Box::new(lease))
             }
-            Some(Ok(WatchEvent::Bookmark(_))) => Seen::Nothing,
-            Some(Ok(WatchEvent::Error(status))) => {
-                // 410 included: re-open from our last write's resourceVersion, which is newer.
-                tracing::debug!(code = status.code, message = %status.message, "the held lease's watch ended");
-                self.failed(timing);
+            Ok(Sighting::Bookmark(_)) => {
+                self.expired = false;
                 Seen::Nothing
             }
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "the held lease's watch failed");
-                self.failed(timing);
+            Ok(Sighting::Expired) => {
+                self.expired = true;
                 Seen::Nothing
             }
-            None => {
-                // The server ended the watch; one that ends at once must not become a busy loop.
-                self.stream = None;
-                self.reopen_at = self.opened.map(|at| at + Duration::from_secs(1));
+            Ok(Sighting::Ended) => Seen::Nothing,
+            Err(WatchFailure::Unwatchable(e)) => {
+                tracing::debug!(error = %e, "cannot watch the held lease; takeovers are noticed at the next renewal");
+                self.refused = true;
+                Seen::Nothing
+            }
+            Err(WatchFailure::Failed(e)) => {
+                tracing::debug!(error = %e, "the held lease's watch failed; re-opening it");
                 Seen::Nothing
             }
         }
-    }
-
-    fn failed(&mut self, timing: &crate::config::Timing) {
-        self.stream = None;
-        self.failures += 1;
-        self.reopen_at = Some(Instant::now() + super::campaign::backoff(timing, self.failures));
     }
 }
 
@@ -354,10 +385,11 @@ async fn write(
     api: &LeaseApi,
     me: &Claimant<'_>,
     held: &Held,
+    own: i32,
     timeout: Duration,
 ) -> Result<Lease, Failure> {
     match api
-        .replace(&me.renew(&held.lease, Timestamp::now()), timeout)
+        .replace(&me.renew(&held.lease, Timestamp::now(), own), timeout)
         .await
     {
         Ok(lease) => Ok(lease),
@@ -369,30 +401,32 @@ async fn write(
                     "the lease was released by someone else".into(),
                 )),
             },
-            Ok(None) => recreate(api, me, held, timeout).await,
+            Ok(None) => recreate(api, me, held, own, timeout).await,
             Err(e) => Err(Failure::Retry(e)),
         },
-        Err(ApiError::NotFound) => recreate(api, me, held, timeout).await,
+        Err(ApiError::NotFound) => recreate(api, me, held, own, timeout).await,
         Err(e) => Err(Failure::Retry(e)),
     }
 }
 
 /// The Lease was deleted while we held it: re-create it if nothing else exists, keeping our
-/// term's `leaseTransitions`. If someone else created it first, it is theirs: the command dies.
+/// term's `leaseTransitions` (the same command runs on) and any handover request pending in it (a
+/// deletion must not cancel a handover). If someone else created it first, it is theirs: the
+/// command dies.
 async fn recreate(
     api: &LeaseApi,
     me: &Claimant<'_>,
     held: &Held,
+    own: i32,
     timeout: Duration,
 ) -> Result<Lease, Failure> {
-    let transitions = held.transitions();
-    match api
-        .create(
-            &me.create(api.name(), api.namespace(), transitions, Timestamp::now()),
-            timeout,
-        )
-        .await
-    {
+    let transitions = crate::lease::decide::renewal_token(held.transitions(), own);
+    let mut lease = me.create(api.name(), api.namespace(), transitions, Timestamp::now());
+    if let (Some(spec), Some(last)) = (lease.spec.as_mut(), held.lease.spec.as_ref()) {
+        spec.preferred_holder.clone_from(&last.preferred_holder);
+        spec.strategy.clone_from(&last.strategy);
+    }
+    match api.create(&lease, timeout).await {
         Ok(lease) => {
             tracing::warn!(
                 transitions,

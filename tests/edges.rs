@@ -1,0 +1,527 @@
+//! The promise at its edges: an operator's edit of a held Lease (a shrunk duration, a lowered
+//! token), the spawn rule (never after the term's renew deadline), the token carried across
+//! terms, `--no-watch` without watches, stopping a wait over many slots, and a handover that
+//! meets a deletion or a loss. Each test fails if a second worker could start while the first
+//! still runs, or if a fencing token could repeat or go down.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::json;
+use support::*;
+
+const LIMIT: Duration = Duration::from_secs(30);
+const SEC: u64 = 1_000_000_000;
+
+/// A leader "me" (lease 6 s, renew deadline 4 s, renews every 2 s) running a worker forever.
+fn leader(world: &World, extra: &[&str]) -> Running {
+    let mut options = vec![
+        "--lease-duration",
+        "6s",
+        "--renew-deadline",
+        "4s",
+        "--retry-period",
+        "250ms",
+        "--renew-interval",
+        "2s",
+        "--identity",
+        "me",
+    ];
+    options.extend(extra);
+    options.push("job");
+    world.worker_command(&options, -1.0, 0, &[]).spawn()
+}
+
+/// A follower with FAST timings (its own lease duration 2 s), running a worker forever.
+fn follower(world: &World, identity: &str, extra: &[&str]) -> Running {
+    let mut options: Vec<&str> = FAST.to_vec();
+    options.extend(extra);
+    options.extend(["--identity", identity, "job"]);
+    world.worker_command(&options, -1.0, 0, &[]).spawn()
+}
+
+/// The stored Lease with `edit` applied, holder and `renewTime` kept: an operator's edit.
+fn edit(world: &World, edit: impl FnOnce(&mut serde_json::Value)) -> u64 {
+    let mut lease = world.server.lease(NS, "job").expect("the lease");
+    edit(&mut lease["spec"]);
+    let at = mono_ns();
+    world.server.put_lease(NS, "job", lease);
+    at
+}
+
+/// Shrinking `leaseDurationSeconds` of a held Lease to 1 s, keeping holder and `renewTime`, makes
+/// no follower count a 1 s term from the edit: the leader (with `--no-watch`, so that it cannot
+/// restore its record before its next renewal) keeps its worker, and no follower claims, watching
+/// or polling. Edited right after each renewal, five times over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrunk_duration_never_lets_a_follower_claim_while_the_leader_runs() {
+    let world = World::start().await;
+    let mut me = leader(&world, &["--no-watch"]);
+    let pid = world.wait_leading().await;
+    let mut watching = follower(&world, "watching", &[]);
+    let mut polling = follower(&world, "polling", &["--no-watch"]);
+    for running in [&watching, &polling] {
+        wait_for(LIMIT, "the follower to wait", || {
+            running.stderr().contains("held by another identity")
+        })
+        .await;
+    }
+    for _ in 0..5 {
+        let writes = world.server.writes().len();
+        wait_for(LIMIT, "a renewal", || world.server.writes().len() > writes).await;
+        edit(&world, |spec| spec["leaseDurationSeconds"] = json!(1));
+        // Past the 1 s the edit claims, and the next renewal (2 s after the last).
+        let edited = mono_ns();
+        wait_for(LIMIT, "the shrunk term to pass", || {
+            mono_ns() > edited + 3 * SEC / 2
+        })
+        .await;
+        assert!(
+            alive(pid),
+            "the leader's worker died; log:\n{}",
+            me.stderr()
+        );
+        assert_eq!(
+            world.server.holder(NS, "job").as_deref(),
+            Some("me"),
+            "a follower claimed a held Lease after an edit of its duration; watching:\n{}\npolling:\n{}",
+            watching.stderr(),
+            polling.stderr()
+        );
+    }
+    assert_eq!(world.starts().len(), 1, "{:?}", world.journal_entries());
+    for running in [&mut me, &mut watching, &mut polling] {
+        running.signal(Signal::SIGTERM);
+        running.wait(LIMIT).await;
+    }
+}
+
+/// The holder's guard restores its record at once after an edit that keeps it as holder (a shrunk
+/// duration, a lowered token), long before its next renewal: client-go followers restart their
+/// clock on any change and count the duration they see, so they see the holder's term again
+/// within milliseconds. The token is restored to the holder's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holder_restores_an_edited_duration_and_token_at_once() {
+    let world = World::start().await;
+    world.server.put_lease(
+        NS,
+        "job",
+        json!({"spec": {"leaseDurationSeconds": 1, "leaseTransitions": 5}}),
+    );
+    let mut me = leader(&world, &[]);
+    world.wait_leading().await;
+    wait_for(LIMIT, "the leader's watch", || {
+        world.server.open_watches() > 0
+    })
+    .await;
+    let token = world.server.lease(NS, "job").unwrap()["spec"]["leaseTransitions"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(token, 6);
+    for change in [
+        json!({"leaseDurationSeconds": 1}),
+        json!({"leaseTransitions": 0}),
+    ] {
+        let writes = world.server.writes().len();
+        wait_for(LIMIT, "a renewal", || world.server.writes().len() > writes).await;
+        let renewals = world.server.writes().len();
+        let at = edit(&world, |spec| {
+            for (k, v) in change.as_object().unwrap() {
+                spec[k] = v.clone();
+            }
+        });
+        wait_for(LIMIT, "the leader's next write", || {
+            world.server.writes().len() > renewals
+        })
+        .await;
+        let restored = world.server.writes()[renewals].clone();
+        let spec = &restored.object["spec"];
+        assert_eq!(spec["holderIdentity"], "me");
+        assert_eq!(spec["leaseDurationSeconds"], 6, "{change}");
+        assert_eq!(spec["leaseTransitions"], token, "{change}");
+        // Well before the next renewal (2 s after the last one): the guard, not the schedule.
+        assert!(
+            restored.at_ns - at < SEC,
+            "restored {} ms after the edit ({change}); log:\n{}",
+            (restored.at_ns - at) / 1_000_000,
+            me.stderr()
+        );
+    }
+    me.signal(Signal::SIGTERM);
+    me.wait(LIMIT).await;
+}
+
+/// A token lowered by hand while held does not lower the next holder's: the next claim writes one
+/// more than the highest value its candidate saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_lowered_by_hand_never_lowers_the_next_holders() {
+    let world = World::start().await;
+    world.server.put_lease(
+        NS,
+        "job",
+        json!({"spec": {"holderIdentity": "other", "leaseDurationSeconds": 30, "leaseTransitions": 7,
+                        "acquireTime": apiserver::micro_now(), "renewTime": apiserver::micro_now()}}),
+    );
+    let mut next = follower(&world, "next", &[]);
+    wait_for(LIMIT, "the follower to wait", || {
+        next.stderr().contains("held by another identity")
+    })
+    .await;
+    edit(&world, |spec| spec["leaseTransitions"] = json!(1));
+    edit(&world, |spec| spec["holderIdentity"] = json!(null));
+    wait_for(LIMIT, "the next worker", || !world.starts().is_empty()).await;
+    assert_eq!(world.starts()[0].transitions, "8", "{}", next.stderr());
+    next.signal(Signal::SIGTERM);
+    next.wait(LIMIT).await;
+}
+
+/// With `--recampaign`, a term that ends in a takeover followed at once by a deletion campaigns
+/// again knowing what the last term saw: it honours the taker's longer term (4 s, not its own 2 s)
+/// and creates the Lease with a token above the taker's, never 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_campaign_remembers_the_last_terms_token_and_longest_term() {
+    let world = World::start().await;
+    let mut me = follower(&world, "me", &["--recampaign"]);
+    world.wait_leading().await;
+    wait_for(LIMIT, "the leader's watch", || {
+        world.server.open_watches() > 0
+    })
+    .await;
+    world.server.steal(NS, "job", "taker", 4);
+    let taker_token = world.server.lease(NS, "job").unwrap()["spec"]["leaseTransitions"]
+        .as_i64()
+        .unwrap();
+    let deleted = mono_ns();
+    assert!(world.server.delete_lease(NS, "job"));
+    wait_for(LIMIT, "the second term", || world.starts().len() >= 2).await;
+    let create = world
+        .server
+        .writes()
+        .into_iter()
+        .rfind(|w| w.verb == "create")
+        .expect("the create");
+    let log = me.stderr();
+    assert!(
+        create.object["spec"]["leaseTransitions"].as_i64().unwrap() > taker_token,
+        "token {} after the taker's {taker_token}; log:\n{log}",
+        create.object["spec"]["leaseTransitions"]
+    );
+    assert!(
+        create.at_ns >= deleted + 4 * SEC,
+        "created {} ms after the deletion, before the taker's 4 s term ended; log:\n{log}",
+        (create.at_ns - deleted) / 1_000_000
+    );
+    me.signal(Signal::SIGTERM);
+    me.wait(LIMIT).await;
+}
+
+/// `--no-watch` means no watch request at all, also while leading: renewals notice a takeover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_watch_sends_no_watch_request_while_waiting_or_leading() {
+    let world = World::start().await;
+    world.server.steal(NS, "job", "other", 1);
+    let mut me = follower(&world, "me", &["--no-watch"]);
+    let pid = world.wait_leading().await;
+    // A few renewals.
+    let writes = world.server.writes().len();
+    wait_for(LIMIT, "three renewals", || {
+        world.server.writes().len() >= writes + 3
+    })
+    .await;
+    assert_eq!(world.server.total("watch"), 0, "{}", me.stderr());
+    // A takeover is noticed by a renewal.
+    world.server.steal(NS, "job", "operator", 30);
+    wait_for(LIMIT, "the worker to die", || !alive(pid)).await;
+    assert_eq!(me.wait(LIMIT).await, i32::from(lease_exec::exit::LOST));
+    assert_eq!(world.server.total("watch"), 0);
+}
+
+/// The spawn rule: the command never starts past the term's renew deadline. lease-exec's stderr
+/// is a pipe that is full when it claims: the log line after the claim blocks it for longer than
+/// the renew deadline. When it can write again, it must not start the command; it releases the
+/// Lease (nothing ran) and exits 75.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_never_starts_after_the_terms_renew_deadline() {
+    let world = World::start().await;
+    world.server.steal(NS, "job", "other", 30);
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    let ours = write_end.try_clone().unwrap();
+    let stderr = Reader::start(read_end);
+    let mut options: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+    options.extend(["--identity", "late", "job"].map(String::from));
+    let mut command = world.worker_command(&options, -1.0, 0, &[]).command;
+    command.stderr(std::process::Stdio::from(write_end));
+    let mut running = command.spawn().unwrap();
+    wait_for(LIMIT, "the follower to wait", || {
+        stderr.text().contains("held by another identity")
+    })
+    .await;
+    // Fill the pipe: lease-exec's next log line blocks.
+    stderr.pause();
+    let filler = std::thread::spawn(move || {
+        let mut file = std::fs::File::from(ours);
+        let _ = file.write_all(&vec![b'\n'; 4 << 20]);
+    });
+    wait_for(LIMIT, "the pipe to fill", || stderr.full()).await;
+    let released = mono_ns();
+    let mut lease = world.server.lease(NS, "job").unwrap();
+    lease["spec"]["holderIdentity"] = json!(null);
+    world.server.put_lease(NS, "job", lease);
+    wait_for(LIMIT, "the claim", || {
+        world.server.first_write_by("late").is_some()
+    })
+    .await;
+    let claim = world.server.first_write_by("late").unwrap();
+    // Stuck past the renew deadline (1 s) from the claim, and some.
+    wait_for(LIMIT, "the renew deadline to pass", || {
+        mono_ns() > claim.at_ns + 3 * SEC / 2
+    })
+    .await;
+    stderr.resume();
+    let code = tokio::time::timeout(LIMIT, running.wait())
+        .await
+        .expect("lease-exec to exit")
+        .unwrap();
+    filler.join().unwrap();
+    let log = stderr.text();
+    assert!(claim.at_ns > released);
+    assert!(
+        world.starts().is_empty(),
+        "the command started {} ms after the claim, past the 1 s renew deadline; log:\n{log}",
+        (world.starts()[0].at_ns - claim.at_ns) / 1_000_000
+    );
+    assert_eq!(
+        code.code(),
+        Some(i32::from(lease_exec::exit::LOST)),
+        "{log}"
+    );
+    assert!(
+        log.contains("renew deadline passed before the command could start"),
+        "{log}"
+    );
+    // Nothing ran: the Lease was released for the next candidate.
+    assert_eq!(world.server.holder(NS, "job"), None, "{log}");
+}
+
+/// Reads a pipe in a thread, and can stop reading (so the pipe fills) and start again.
+struct Reader {
+    fd: Arc<OwnedFd>,
+    paused: Arc<AtomicBool>,
+    text: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Reader {
+    fn start(fd: OwnedFd) -> Reader {
+        let reader = Reader {
+            fd: Arc::new(fd),
+            paused: Arc::default(),
+            text: Arc::default(),
+        };
+        let (fd, paused, text) = (
+            reader.fd.clone(),
+            reader.paused.clone(),
+            reader.text.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut file = std::fs::File::from(fd.as_fd().try_clone_to_owned().unwrap());
+            let mut buf = [0u8; 4096];
+            loop {
+                if paused.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                match file.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => text.lock().unwrap().extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        reader
+    }
+
+    fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether the pipe holds as much as it can.
+    fn full(&self) -> bool {
+        let fd = self.fd.as_raw_fd();
+        let capacity =
+            nix::fcntl::fcntl(self.fd.as_fd(), nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap_or(65536);
+        let mut queued: nix::libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int to the pointer, which points at a live local.
+        let ok = unsafe { nix::libc::ioctl(fd, nix::libc::FIONREAD, &mut queued) } == 0;
+        ok && queued >= capacity
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned()
+    }
+}
+
+/// Stopping while waiting for one of many slots, with the API server hung, ends at once: only
+/// slots a write of ours may have landed on are read (none here), concurrently and under one
+/// limit, not every slot one request timeout after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_wait_over_many_slots_with_the_api_hung_ends_at_once() {
+    let world = World::start().await;
+    for slot in 0..10 {
+        world.server.steal(NS, &format!("job-{slot}"), "other", 60);
+    }
+    // A request timeout of 2 s: reading ten slots one after another would take 20 s.
+    let options = [
+        "--lease-duration",
+        "6s",
+        "--renew-deadline",
+        "4s",
+        "--retry-period",
+        "250ms",
+        "--holders",
+        "10",
+        "--identity",
+        "me",
+        "job",
+    ];
+    let mut running = world.worker_command(&options, -1.0, 0, &[]).spawn();
+    wait_for(LIMIT, "the watches", || world.server.open_watches() >= 10).await;
+    world.server.set_mode(Mode::Hang);
+    let asked = std::time::Instant::now();
+    running.signal(Signal::SIGTERM);
+    let code = running.wait(LIMIT).await;
+    let took = asked.elapsed();
+    assert_eq!(code, 128 + Signal::SIGTERM as i32, "{}", running.stderr());
+    assert!(
+        took < Duration::from_secs(4),
+        "stopping took {took:?}; log:\n{}",
+        running.stderr()
+    );
+    world.server.set_mode(Mode::Normal);
+}
+
+/// A Lease deleted while its holder hands it over is re-created with the handover request, so the
+/// preferred candidate still gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_deleted_during_a_handover_is_recreated_with_the_request() {
+    let world = World::start().await;
+    let options = [
+        "--lease-duration",
+        "6s",
+        "--renew-deadline",
+        "4s",
+        "--retry-period",
+        "250ms",
+        "--renew-interval",
+        "1s",
+        "--grace-period",
+        "5s",
+        "--identity",
+        "me",
+        "job",
+    ];
+    let mut me = world
+        .worker_command(&options, -1.0, 0, &["ignore-term"])
+        .spawn();
+    world.wait_leading().await;
+    wait_for(LIMIT, "the leader's watch", || {
+        world.server.open_watches() > 0
+    })
+    .await;
+    edit(&world, |spec| {
+        spec["preferredHolder"] = json!("b");
+        spec["strategy"] = json!("lease-exec/handover");
+    });
+    wait_for(LIMIT, "the handover to start", || {
+        me.stderr().contains("handing the lease over")
+    })
+    .await;
+    assert!(world.server.delete_lease(NS, "job"));
+    wait_for(LIMIT, "the re-created lease", || {
+        world.server.holder(NS, "job").as_deref() == Some("me")
+    })
+    .await;
+    let lease = world.server.lease(NS, "job").unwrap();
+    assert_eq!(lease["spec"]["preferredHolder"], "b", "{}", me.stderr());
+    assert_eq!(lease["spec"]["strategy"], "lease-exec/handover");
+    me.signal(Signal::SIGKILL);
+    me.wait(LIMIT).await;
+}
+
+/// A handover to any other candidate whose renewals fail during the grace period still leaves the
+/// Lease to the others: with `--recampaign`, the process that stepped down does not take its own
+/// record back (no write naming it) for a term and the deferral.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_to_any_other_that_loses_its_renewals_does_not_come_back() {
+    let world = World::start().await;
+    let options = [
+        "--lease-duration",
+        "4s",
+        "--renew-deadline",
+        "2s",
+        "--retry-period",
+        "250ms",
+        "--renew-interval",
+        "500ms",
+        "--grace-period",
+        "3s",
+        "--recampaign",
+        "--identity",
+        "me",
+        "job",
+    ];
+    let mut me = world
+        .worker_command(&options, -1.0, 0, &["ignore-term"])
+        .spawn();
+    let pid = world.wait_leading().await;
+    wait_for(LIMIT, "the leader's watch", || {
+        world.server.open_watches() > 0
+    })
+    .await;
+    edit(&world, |spec| {
+        spec["preferredHolder"] = json!("*");
+        spec["strategy"] = json!("lease-exec/handover");
+    });
+    wait_for(LIMIT, "the handover to start", || {
+        me.stderr().contains("handing the lease over")
+    })
+    .await;
+    // Renewals fail from now on: the term is lost during the grace period.
+    world.server.deny("update", 503);
+    wait_for(LIMIT, "the loss", || {
+        me.stderr().contains("leadership lost")
+    })
+    .await;
+    wait_for(LIMIT, "the worker to die", || !alive(pid)).await;
+    wait_for(LIMIT, "the next campaign", || {
+        me.stderr().contains("campaigning again")
+    })
+    .await;
+    let writes = world.server.writes().len();
+    world.server.allow("update");
+    // Its own record (never released: updates were refused) expires 4 s after its last renewal,
+    // then is left to the others for 4 s more. Nothing of ours is written for 3 s at least.
+    let allowed = mono_ns();
+    wait_for(LIMIT, "3 s", || mono_ns() > allowed + 3 * SEC).await;
+    let ours: Vec<_> = world.server.writes()[writes..]
+        .iter()
+        .filter(|w| w.holder.as_deref() == Some("me"))
+        .cloned()
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "took its own handed-over record back: {ours:?}; log:\n{}",
+        me.stderr()
+    );
+    assert_eq!(world.starts().len(), 1);
+    me.signal(Signal::SIGTERM);
+    me.wait(LIMIT).await;
+}
