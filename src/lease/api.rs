@@ -511,10 +511,12 @@ pub async fn client(
 }
 
 /// Counts the client's connections in generations: [`Generation::abandon`] ends the current one.
-/// A connection of an earlier generation fails its next read or write, so the pool never hands it
-/// out again for a request that would hang on it; connections opened afterwards are unaffected.
-/// (Connections through a proxy, on kube's own stack, are not counted: there a timed-out request's
-/// connection is closed by hyper, and other idle ones may be reused.)
+/// A connection of an earlier generation fails its next write, so no new request is ever sent on
+/// it (a pooled connection that a load balancer dropped would hang that request too); a response
+/// already streaming on it (a watch) goes on, and is re-opened only when it ends or falls silent.
+/// Connections opened afterwards are unaffected. (Connections through a proxy, on kube's own
+/// stack, are not counted: there a timed-out request's connection is closed by hyper, and other
+/// idle ones may be reused.)
 #[derive(Debug, Clone, Default)]
 pub struct Generation(Arc<std::sync::atomic::AtomicU64>);
 
@@ -593,9 +595,6 @@ impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Counted<T> {
         cx: &mut std::task::Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        if let Some(e) = self.abandoned() {
-            return std::task::Poll::Ready(Err(e));
-        }
         std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
@@ -745,6 +744,94 @@ mod tests {
             Some(true),
             "the client's socket to {peer} (None: not found)"
         );
+    }
+
+    /// A request that gets no answer in time leaves no connection of that time in use: with two
+    /// pooled connections that both went half-open (a load balancer dropped them: they stay up and
+    /// pass nothing), the request after a timed-out one runs on a new connection instead of hanging
+    /// on the other dead one. (At most one attempt may fail fast on the abandoned connection.)
+    #[tokio::test]
+    async fn a_timed_out_request_abandons_the_connections_opened_before_it() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        // Connections up to this number pass nothing once `frozen` is set.
+        let frozen = Arc::new(AtomicBool::new(false));
+        let frozen_up_to = Arc::new(AtomicUsize::new(usize::MAX));
+        {
+            let (accepted, frozen, frozen_up_to) =
+                (accepted.clone(), frozen.clone(), frozen_up_to.clone());
+            tokio::spawn(async move {
+                loop {
+                    let (mut socket, _) = listener.accept().await.unwrap();
+                    let n = accepted.fetch_add(1, Ordering::SeqCst) + 1;
+                    let (frozen, frozen_up_to) = (frozen.clone(), frozen_up_to.clone());
+                    tokio::spawn(async move {
+                        let mut request = Vec::new();
+                        let mut buf = [0u8; 4096];
+                        loop {
+                            let Ok(read) = socket.read(&mut buf).await else {
+                                return;
+                            };
+                            if read == 0 {
+                                return;
+                            }
+                            request.extend_from_slice(&buf[..read]);
+                            while let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n")
+                            {
+                                request.drain(..end + 4);
+                                if frozen.load(Ordering::SeqCst)
+                                    && n <= frozen_up_to.load(Ordering::SeqCst)
+                                {
+                                    // Half-open: up, silent.
+                                    std::future::pending::<()>().await;
+                                }
+                                let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
+                                let answer = format!(
+                                    "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                                    body.len()
+                                );
+                                if socket.write_all(answer.as_bytes()).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+        }
+        let generation = Generation::default();
+        let client = stack(Config::new(url.parse().unwrap()), generation.clone()).unwrap();
+        let api = LeaseApi::new((client, generation), "ns", "l");
+        let second = Duration::from_secs(1);
+        // Two connections in the pool.
+        let (a, b) = tokio::join!(api.get(second), api.get(second));
+        assert!(matches!((a, b), (Ok(None), Ok(None))));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // Both go half-open.
+        frozen_up_to.store(2, Ordering::SeqCst);
+        frozen.store(true, Ordering::SeqCst);
+        let timeout = Duration::from_millis(200);
+        assert!(matches!(api.get(timeout).await, Err(ApiError::Timeout(_))));
+        // The next request does not hang on the other dead connection.
+        let started = tokio::time::Instant::now();
+        let mut answered = false;
+        for _ in 0..2 {
+            match api.get(timeout).await {
+                Ok(None) => {
+                    answered = true;
+                    break;
+                }
+                Err(ApiError::Timeout(_)) => panic!("a request hung on an abandoned connection"),
+                _ => {}
+            }
+        }
+        assert!(answered, "no answer on a new connection");
+        assert!(started.elapsed() < timeout * 2);
+        assert_eq!(accepted.load(Ordering::SeqCst), 3, "one new connection");
     }
 
     #[test]
