@@ -9,6 +9,8 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/relay.rs"]
+mod relay;
 mod support;
 
 use std::collections::HashMap;
@@ -1455,4 +1457,80 @@ async fn mixed_pool_with_client_go_contenders() {
         transitions.windows(2).all(|w| w[1] >= w[0]),
         "leaseTransitions went back: {transitions:?}"
     );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 9. A half-open connection between the leader and the API server
+
+/// The relay itself, against an echo server: a half-open cut freezes the connection open then
+/// while a new one works, a partition refuses and resets, healing lets connections through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_freezes_refuses_and_heals() {
+    use relay::{Fault, Relay};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut from, mut to) = stream.split();
+                let _ = tokio::io::copy(&mut from, &mut to).await;
+            });
+        }
+    });
+    let relay = Relay::start(target);
+    /// Whether "ping" comes back within `limit`.
+    async fn echoes(stream: &mut TcpStream, limit: Duration) -> bool {
+        let mut buf = [0; 4];
+        stream.write_all(b"ping").await.is_ok()
+            && tokio::time::timeout(limit, stream.read_exact(&mut buf))
+                .await
+                .is_ok_and(|r| r.is_ok())
+    }
+    /// Connects, retrying while refused (the relay reacts to a fault in its own task).
+    async fn connect(relay: &Relay, refused: bool) -> Option<TcpStream> {
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let stream = TcpStream::connect(relay.addr()).await;
+            if stream.is_err() == refused {
+                return stream.ok();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still {} after {LIMIT:?}",
+                if refused { "accepted" } else { "refused" }
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let mut old = connect(&relay, false).await.unwrap();
+    assert!(echoes(&mut old, LIMIT).await);
+    relay.apply(Fault::HalfOpen);
+    let mut new = connect(&relay, false).await.unwrap();
+    assert!(echoes(&mut new, LIMIT).await, "a new connection works");
+    assert!(
+        !echoes(&mut old, Duration::from_millis(300)).await,
+        "the connection open at the cut passes nothing"
+    );
+    assert_eq!(relay.accepted(), 2);
+
+    relay.apply(Fault::Partition);
+    connect(&relay, true).await;
+    let mut buf = [0; 1];
+    let read = tokio::time::timeout(LIMIT, new.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "an open connection is cut: {read:?}"
+    );
+
+    relay.apply(Fault::Heal);
+    let mut healed = connect(&relay, false).await.unwrap();
+    assert!(echoes(&mut healed, LIMIT).await, "healed");
+    let read = tokio::time::timeout(LIMIT, old.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "healing resets the frozen connection: {read:?}"
+    );
+    assert_eq!(relay.accepted(), 3);
 }
