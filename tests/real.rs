@@ -9,6 +9,8 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/relay.rs"]
+mod relay;
 mod support;
 
 use std::collections::HashMap;
@@ -1455,4 +1457,252 @@ async fn mixed_pool_with_client_go_contenders() {
         transitions.windows(2).all(|w| w[1] >= w[0]),
         "leaseTransitions went back: {transitions:?}"
     );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 9. A half-open connection between the leader and the API server
+
+/// The relay itself, against an echo server: a half-open cut freezes the connection open then
+/// while a new one works, a partition refuses and resets, healing lets connections through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_freezes_refuses_and_heals() {
+    use relay::{Fault, Relay};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut from, mut to) = stream.split();
+                let _ = tokio::io::copy(&mut from, &mut to).await;
+            });
+        }
+    });
+    let relay = Relay::start(target);
+    /// Whether "ping" comes back within `limit`.
+    async fn echoes(stream: &mut TcpStream, limit: Duration) -> bool {
+        let mut buf = [0; 4];
+        stream.write_all(b"ping").await.is_ok()
+            && tokio::time::timeout(limit, stream.read_exact(&mut buf))
+                .await
+                .is_ok_and(|r| r.is_ok())
+    }
+    /// Connects, retrying while refused (the relay reacts to a fault in its own task).
+    async fn connect(relay: &Relay, refused: bool) -> Option<TcpStream> {
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let stream = TcpStream::connect(relay.addr()).await;
+            if stream.is_err() == refused {
+                return stream.ok();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still {} after {LIMIT:?}",
+                if refused { "accepted" } else { "refused" }
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let mut old = connect(&relay, false).await.unwrap();
+    assert!(echoes(&mut old, LIMIT).await);
+    relay.apply(Fault::HalfOpen);
+    let mut new = connect(&relay, false).await.unwrap();
+    assert!(echoes(&mut new, LIMIT).await, "a new connection works");
+    assert!(
+        !echoes(&mut old, Duration::from_millis(300)).await,
+        "the connection open at the cut passes nothing"
+    );
+    assert_eq!(relay.accepted(), 2);
+
+    relay.apply(Fault::Partition);
+    connect(&relay, true).await;
+    let mut buf = [0; 1];
+    let read = tokio::time::timeout(LIMIT, new.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "an open connection is cut: {read:?}"
+    );
+
+    relay.apply(Fault::Heal);
+    let mut healed = connect(&relay, false).await.unwrap();
+    assert!(echoes(&mut healed, LIMIT).await, "healed");
+    let read = tokio::time::timeout(LIMIT, old.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "healing resets the frozen connection: {read:?}"
+    );
+    assert_eq!(relay.accepted(), 3);
+}
+
+/// The half-open test's timings. A renewal is due 2 s after the last one (the default renew
+/// interval for these: a third of the lease, at most half the renew deadline) and each attempt
+/// gets (renew deadline − renew interval) / 2 = 1 s, so an attempt stuck on a dead connection
+/// leaves 1 s for a retry on a fresh one. A client whose request timeout is half the renew
+/// deadline instead (2 s) spends all that is left on the stuck attempt: the test catches that. (At
+/// a 1 s renew interval such a client still has 1 s for a retry, and would pass.)
+const HALF_OPEN_TIMING: [&str; 10] = [
+    "--lease-duration",
+    "6s",
+    "--renew-deadline",
+    "4s",
+    "--retry-period",
+    "250ms",
+    "--renew-interval",
+    "2s",
+    "--grace-period",
+    "1s",
+];
+const HALF_OPEN_LEASE: f64 = 6.0;
+const HALF_OPEN_RENEW_DEADLINE: f64 = 4.0;
+
+/// The leader reaches the real API server through a relay, which freezes the connections open at
+/// the fault (they stay up and pass nothing) while new ones work: a load balancer or conntrack
+/// table that dropped them, or a frozen proxy. The leader must notice its renewal hanging, retry
+/// on a fresh connection and keep its worker and the Lease for three lease durations, while a
+/// follower with a direct connection waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the fresh-connection retry"]
+async fn half_open_leader_keeps_its_worker_running_through_a_relay() {
+    let Some(cluster) = Cluster::shared().await else {
+        return;
+    };
+    let space = Space::new(cluster, "half-open").await;
+    let relay = relay::Relay::start(([127, 0, 0, 1], cluster.port).into());
+    // The serving certificate is for 127.0.0.1, whatever the port: only the port changes.
+    let direct = std::fs::read_to_string(&space.kubeconfig).unwrap();
+    let relayed = direct.replace(&cluster.server(), &format!("https://{}", relay.addr()));
+    assert_ne!(relayed, direct, "the kubeconfig names {}", cluster.server());
+    let relayed_kubeconfig = space.path("relayed.kubeconfig");
+    std::fs::write(&relayed_kubeconfig, relayed).unwrap();
+    let command = |identity: &str, kubeconfig: Option<&std::path::Path>| {
+        let mut args: Vec<String> = HALF_OPEN_TIMING.iter().map(|s| s.to_string()).collect();
+        args.extend([
+            "--identity".into(),
+            identity.into(),
+            "job".into(),
+            "--".into(),
+        ]);
+        args.extend(space.worker_args(-1.0));
+        space.lease_exec(kubeconfig, &args)
+    };
+    let watch = space.watch_lease("job");
+    put_lease(&space, "job", None, HALF_OPEN_LEASE as u32).await;
+    let mut leader = space.spawn(command("leader", Some(&relayed_kubeconfig)));
+    let worker = wait_started(&space, "leader", LIMIT).await;
+    let mut follower = space.spawn(command("follower", None));
+    wait_log(
+        &follower,
+        LIMIT,
+        "the follower to wait",
+        "held by another identity",
+    )
+    .await;
+    let held = space.lease("job").await.expect("the lease");
+    space
+        .wait_lease("job", LIMIT, "a renewal through the relay", |l| {
+            holder(l) == "leader" && spec_str(l, "renewTime") > spec_str(&held, "renewTime")
+        })
+        .await;
+
+    let accepted = relay.accepted();
+    assert!(accepted > 0, "the leader connects through the relay");
+    let cut = now_secs();
+    relay.apply(relay::Fault::HalfOpen);
+
+    // Three lease durations: the worker runs, the follower waits, and the Lease, as the test's
+    // own client reads it, names the leader and was renewed within the renew deadline before each
+    // read began.
+    let until = tokio::time::Instant::now() + Duration::from_secs_f64(3.0 * HALF_OPEN_LEASE);
+    let mut reads = 0;
+    while tokio::time::Instant::now() < until {
+        let exited = (leader.exited(), follower.exited());
+        let logs = || {
+            format!(
+                "--- leader\n{}--- follower\n{}",
+                leader.stderr(),
+                follower.stderr()
+            )
+        };
+        let after = now_secs() - cut;
+        assert!(
+            alive(worker.pid),
+            "the leader's worker died {after:.1} s after the fault\n{}",
+            logs()
+        );
+        assert!(
+            !exited.0,
+            "the leader exited {after:.1} s after the fault\n{}",
+            logs()
+        );
+        assert!(!exited.1, "the follower exited\n{}", logs());
+        assert_eq!(
+            starts(&space.entries()).len(),
+            1,
+            "another worker started\n{}",
+            logs()
+        );
+        let asked = now_secs();
+        let lease = space.lease("job").await.expect("the lease");
+        assert_eq!(holder(&lease), "leader", "{lease}\n{}", logs());
+        let stale = asked - micro_time_secs(&spec_str(&lease, "renewTime"));
+        assert!(
+            stale < HALF_OPEN_RENEW_DEADLINE,
+            "{:.1} s after the fault the Lease had not been renewed for {stale:.1} s: {lease}\n{}",
+            asked - cut,
+            logs()
+        );
+        reads += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Every renewal, as the watch saw it: from the last one before the fault on, no gap as long as
+    // the renew deadline.
+    let renewals: Vec<f64> = {
+        let mut times: Vec<f64> = watch
+            .events()
+            .iter()
+            .filter(|(_, l)| holder(l) == "leader")
+            .map(|(_, l)| micro_time_secs(&spec_str(l, "renewTime")))
+            .collect();
+        times.dedup();
+        times
+    };
+    let from = renewals
+        .iter()
+        .rposition(|t| *t <= cut)
+        .expect("a renewal before the fault");
+    let during = &renewals[from..];
+    let longest = during.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    let first_after = during.get(1).map(|t| t - cut);
+    let new_connections = relay.accepted() - accepted;
+    leader.signal(Signal::SIGTERM);
+    assert_eq!(leader.wait(LIMIT).await, 143, "{}", leader.stderr());
+    follower.signal(Signal::SIGTERM);
+    follower.wait(LIMIT).await;
+    let (leader_log, follower_log) = (leader.stderr(), follower.stderr());
+    report(&format!(
+        "real tier: half-open relay under the leader (renew interval 2 s, renew deadline 4 s): \
+         {} renewals in the {:.0} s after the fault, the first {:.2} s after it, longest gap \
+         {longest:.2} s; {new_connections} new connection(s) through the relay ({accepted} \
+         before); {reads} reads by the test",
+        during.len() - 1,
+        3.0 * HALF_OPEN_LEASE,
+        first_after.unwrap_or(f64::NAN),
+    ));
+    assert!(
+        new_connections > 0,
+        "the leader opened no new connection after the fault\n{leader_log}"
+    );
+    assert!(during.len() > 1, "no renewal after the fault\n{leader_log}");
+    assert!(
+        longest < HALF_OPEN_RENEW_DEADLINE,
+        "renewals {longest:.2} s apart: {during:?}\n{leader_log}"
+    );
+    for (who, log) in [("leader", &leader_log), ("follower", &follower_log)] {
+        assert!(
+            !log.contains("leadership lost"),
+            "the {who} lost leadership:\n{log}"
+        );
+    }
 }

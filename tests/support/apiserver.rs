@@ -285,8 +285,9 @@ pub struct ApiServer {
     changes: watch::Sender<()>,
 }
 
-/// Binds a door's port: `SO_REUSEPORT`, so it can share the port with the reservation.
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Binds a door's port: `SO_REUSEPORT`, so it can share the port with the reservation. The
+/// relay (`relay.rs`) binds its port so too.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
@@ -300,7 +301,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// refusing, the listener is closed (connections are refused) and later bound again, and no other
 /// socket can take the port in between (only another SO_REUSEPORT socket of this user could, and
 /// none asks for this port).
-fn reserve_port() -> (TcpSocket, SocketAddr, TcpListener) {
+pub fn reserve_port() -> (TcpSocket, SocketAddr, TcpListener) {
     let reserve = TcpSocket::new_v4().expect("socket");
     reserve.set_reuseport(true).expect("SO_REUSEPORT");
     reserve
