@@ -1562,7 +1562,6 @@ const HALF_OPEN_RENEW_DEADLINE: f64 = 4.0;
 /// on a fresh connection and keep its worker and the Lease for three lease durations, while a
 /// follower with a direct connection waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the fresh-connection retry"]
 async fn half_open_leader_keeps_its_worker_running_through_a_relay() {
     let Some(cluster) = Cluster::shared().await else {
         return;
