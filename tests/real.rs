@@ -20,7 +20,9 @@ use cluster::*;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::Value;
-use support::{Entry, Running, alive, assert_no_overlap, closed_spans, mono_ns, wait_for};
+use support::{
+    Entry, Running, alive, assert_no_overlap, closed_spans, holds_for, mono_ns, wait_for,
+};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -1704,4 +1706,286 @@ async fn half_open_leader_keeps_its_worker_running_through_a_relay() {
             "the {who} lost leadership:\n{log}"
         );
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 10. An operator shortens the held Lease under a client-go follower
+
+/// `contender` (client-go's leader election) for `lease` as `identity`, with `timing` (lease,
+/// renew deadline, retry, grace) and the journaling worker, which records `identity` as its holder.
+fn client_go(
+    space: &Space<'_>,
+    lease: &str,
+    identity: &str,
+    [duration, renew, retry, grace]: [&str; 4],
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(contender_bin());
+    command
+        .args([
+            "--lease-name",
+            lease,
+            "--namespace",
+            &space.ns,
+            "--identity",
+            identity,
+            "--lease-duration",
+            duration,
+            "--renew-deadline",
+            renew,
+            "--retry-period",
+            retry,
+            "--grace-period",
+            grace,
+            "--kubeconfig",
+        ])
+        .arg(&space.kubeconfig)
+        .arg("--")
+        .args(space.worker_args(-1.0))
+        .env("LEASE_EXEC_HELD_IDENTITY", identity)
+        .stdin(std::process::Stdio::null());
+    command
+}
+
+/// Kills the process groups of the workers `identity` started (the contender's worker outlives a
+/// contender killed with the test).
+fn kill_workers(space: &Space<'_>, identity: &str) {
+    for entry in starts(&space.entries()) {
+        if entry.identity == identity {
+            let _ = killpg(Pid::from_raw(entry.pid), Signal::SIGKILL);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shortened_lease_is_restored_before_a_client_go_follower_claims() {
+    let Some(cluster) = Cluster::shared().await else {
+        return;
+    };
+    let space = Space::new(cluster, "shortened").await;
+    const EDITS: usize = 5;
+    const LEADER: &str = "le-holder";
+    const FOLLOWER: &str = "cg-follower";
+    // A released Lease, so that the leader takes it at once.
+    put_lease(&space, "job", None, 1).await;
+    let watch = space.watch_lease("job");
+    // Renewing only every 2 s: an edit right after a renewal stands for most of 2 s unless the
+    // leader answers it.
+    let mut args: Vec<String> = [
+        "--lease-duration",
+        "6s",
+        "--renew-deadline",
+        "4s",
+        "--renew-interval",
+        "2s",
+        "--retry-period",
+        "500ms",
+        "--grace-period",
+        "1s",
+        "--identity",
+        LEADER,
+        "job",
+        "--",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(space.worker_args(-1.0));
+    let mut leader = space.spawn(space.lease_exec(None, &args));
+    let worker = wait_started(&space, LEADER, LIMIT).await;
+    let worker_death = support::death_watch(worker.pid);
+    // client-go polls every 500 ms (jittered up to 1.1 s) and restarts its clock at any change of
+    // the record, counting the duration it then shows.
+    let mut follower = space.spawn(client_go(
+        &space,
+        "job",
+        FOLLOWER,
+        ["6s", "4s", "500ms", "1s"],
+    ));
+    wait_log(
+        &follower,
+        LIMIT,
+        "client-go to see the leader",
+        &format!("leader is {LEADER}"),
+    )
+    .await;
+
+    // A version naming another holder: who, and when after `edit_at`.
+    let claim = |watch: &LeaseWatch, edit_at: Option<std::time::Instant>| -> Option<String> {
+        let arrivals = watch.arrivals();
+        let claim = arrivals
+            .iter()
+            .find(|a| !holder(&a.lease).is_empty() && holder(&a.lease) != LEADER)?;
+        let when = edit_at.map_or(String::new(), |at| {
+            format!(
+                " {:.2} s after the edit",
+                claim.at.saturating_duration_since(at).as_secs_f64()
+            )
+        });
+        Some(format!(
+            "{} claimed the Lease{when}: {}",
+            holder(&claim.lease),
+            claim.lease["spec"]
+        ))
+    };
+    // Per edit: its commit -> the leader's restored record, and the renewal before -> its commit
+    // (both as the test's watch delivered them).
+    let mut latencies: Vec<f64> = Vec::new();
+    let mut landed: Vec<f64> = Vec::new();
+    let mut baseline = spec_str(&space.lease("job").await.unwrap(), "renewTime");
+    for n in 1..=EDITS {
+        // Right after a renewal, so the edit lands early in the renew interval.
+        let mut renewal = None;
+        wait_for(LIMIT, &format!("a renewal before edit {n}"), || {
+            renewal = watch
+                .arrivals()
+                .into_iter()
+                .find(|a| holder(&a.lease) == LEADER && spec_str(&a.lease, "renewTime") > baseline)
+                .map(|a| (a.at, a.lease));
+            renewal.is_some()
+        })
+        .await;
+        let (renewed_at, renewal) = renewal.unwrap();
+        // What `kubectl patch` sends: a merge patch of the one field.
+        let edited = space
+            .kubectl(
+                &[
+                    "patch",
+                    "lease",
+                    "job",
+                    "--type",
+                    "merge",
+                    "-p",
+                    r#"{"spec":{"leaseDurationSeconds":1}}"#,
+                    "-o",
+                    "json",
+                ],
+                None,
+            )
+            .await
+            .json("patch lease");
+        assert_eq!(edited["spec"]["leaseDurationSeconds"], 1, "{edited}");
+        assert_eq!(holder(&edited), LEADER, "{edited}");
+        let rv = edited["metadata"]["resourceVersion"].clone();
+        // The version after the edit's, as the watch delivered both.
+        let mut seen = None;
+        wait_for(
+            Duration::from_secs(5),
+            &format!("the version after edit {n}"),
+            || {
+                let arrivals = watch.arrivals();
+                seen = arrivals
+                    .iter()
+                    .position(|a| a.lease["metadata"]["resourceVersion"] == rv)
+                    .and_then(|i| Some((arrivals[i].clone(), arrivals.get(i + 1)?.clone())));
+                seen.is_some()
+            },
+        )
+        .await;
+        let (edit, next) = seen.unwrap();
+        if holder(&next.lease) != LEADER {
+            // Let the claim's consequences show: the follower's worker starting, the leader's
+            // worker killed.
+            let _ = holds_for(Duration::from_secs(2), || {
+                if worker_death.is_finished() {
+                    Err(String::new())
+                } else {
+                    Ok(())
+                }
+            })
+            .await;
+            let started = space
+                .entries()
+                .into_iter()
+                .find(|e| e.what == "start" && e.identity == FOLLOWER);
+            let workers = match (started, worker_death.is_finished()) {
+                // The journal's start comes once the worker runs its main, after its exec.
+                (Some(start), true) => match worker_death.join().unwrap() {
+                    died if died > start.at_ns => format!(
+                        "{FOLLOWER}'s worker ran {:.1} ms before {LEADER}'s died",
+                        (died - start.at_ns) as f64 / 1e6
+                    ),
+                    died => format!(
+                        "{LEADER}'s worker died {:.1} ms before {FOLLOWER}'s noted its start",
+                        (start.at_ns - died) as f64 / 1e6
+                    ),
+                },
+                (Some(_), false) => format!("{FOLLOWER}'s worker runs beside {LEADER}'s"),
+                (None, dead) => format!(
+                    "{FOLLOWER}'s worker did not start; {LEADER}'s {}",
+                    if dead { "died" } else { "still runs" }
+                ),
+            };
+            kill_workers(&space, FOLLOWER);
+            panic!(
+                "edit {n}: {}; {workers}; restorations before: {latencies:.1?} ms\nclient-go:\n{}\nlease-exec:\n{}",
+                claim(&watch, Some(edit.at)).unwrap_or_else(|| next.lease["spec"].to_string()),
+                follower.stderr(),
+                leader.stderr()
+            );
+        }
+        let latency = next.at.saturating_duration_since(edit.at).as_secs_f64() * 1000.0;
+        // The leader's own record again, renewed, with its token.
+        let spec = &next.lease["spec"];
+        assert_eq!(spec["leaseDurationSeconds"], 6, "edit {n}: {}", next.lease);
+        assert!(
+            spec_str(&next.lease, "renewTime") > spec_str(&edited, "renewTime"),
+            "edit {n}: not renewed: {}",
+            next.lease
+        );
+        for field in ["acquireTime", "leaseTransitions"] {
+            assert_eq!(
+                spec[field], renewal["spec"][field],
+                "edit {n}: {field} changed: {}",
+                next.lease
+            );
+        }
+        latencies.push(latency);
+        landed.push(edit.at.saturating_duration_since(renewed_at).as_secs_f64() * 1000.0);
+        baseline = spec_str(&next.lease, "renewTime");
+    }
+    // After the last edit: longer than the edited duration plus two of client-go's retries.
+    let held = holds_for(Duration::from_secs(3), || {
+        if let Some(claim) = claim(&watch, None) {
+            return Err(claim);
+        }
+        if worker_death.is_finished() {
+            return Err("the leader's worker died".into());
+        }
+        Ok(())
+    })
+    .await;
+    if held.is_err() {
+        kill_workers(&space, FOLLOWER);
+    }
+    assert!(held.is_ok(), "{held:?}\nclient-go:\n{}", follower.stderr());
+
+    let per_edit: Vec<String> = latencies.iter().map(|l| format!("{l:.1}")).collect();
+    let max = latencies.iter().cloned().fold(0.0, f64::max);
+    report(&format!(
+        "real tier: an operator set leaseDurationSeconds 6 -> 1 on the held Lease {EDITS} times, p50 {:.0} ms after one of its renewals (renew interval 2 s): edit -> the leader's restored record [{}] ms, p50 {:.1} ms, max {max:.1} ms; the client-go follower (retry 500 ms) never claimed",
+        percentile(&mut landed, 50.0),
+        per_edit.join(", "),
+        percentile(&mut latencies.clone(), 50.0),
+    ));
+    assert!(
+        max < 1000.0,
+        "a restoration took {max:.1} ms, long enough for client-go to count the edited 1 s: {per_edit:?}"
+    );
+    let log = follower.stderr();
+    assert!(
+        !log.contains("started leading") && !log.contains("worker started"),
+        "{log}"
+    );
+    assert!(
+        space.entries().iter().all(|e| e.identity == LEADER),
+        "{:?}",
+        space.entries()
+    );
+    assert!(!worker_death.is_finished(), "{}", leader.stderr());
+    assert!(!leader.exited(), "{}", leader.stderr());
+    for running in [&mut follower, &mut leader] {
+        running.signal(Signal::SIGTERM);
+    }
+    assert_eq!(follower.wait(LIMIT).await, 0, "{}", follower.stderr());
+    assert_eq!(leader.wait(LIMIT).await, 143, "{}", leader.stderr());
 }

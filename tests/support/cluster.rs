@@ -18,7 +18,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::support::{BIN, Entry, Running, journal_worker, read_journal, wait_for};
@@ -635,12 +635,12 @@ impl<'c> Space<'c> {
         path
     }
 
-    /// Starts `kubectl get leases --watch` on `lease`, every version to a file.
+    /// Starts `kubectl get leases --watch` on `lease`; every version is kept with the moment it
+    /// arrived.
     pub fn watch_lease(&self, lease: &str) -> LeaseWatch {
-        let file = self.path(&format!("watch-{lease}.json"));
-        let out = std::fs::File::create(&file).unwrap();
+        use tokio::io::AsyncReadExt;
         let selector = format!("metadata.name={lease}");
-        let child = tokio::process::Command::new(kubectl_bin())
+        let mut child = tokio::process::Command::new(kubectl_bin())
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args([
@@ -654,37 +654,71 @@ impl<'c> Space<'c> {
                 "json",
             ])
             .stdin(Stdio::null())
-            .stdout(out)
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("kubectl watch");
+        let mut stdout = child.stdout.take().unwrap();
+        let arrived = Arc::new(Mutex::new(Vec::new()));
+        let sink = arrived.clone();
+        // kubectl writes each event as it comes; parsing as the bytes arrive stamps each one
+        // within a read of its arrival.
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 16 * 1024];
+            while let Ok(n @ 1..) = stdout.read(&mut chunk).await {
+                let at = std::time::Instant::now();
+                buf.extend_from_slice(&chunk[..n]);
+                let mut stream =
+                    serde_json::Deserializer::from_slice(&buf).into_iter::<serde_json::Value>();
+                let mut events = Vec::new();
+                while let Some(Ok(e)) = stream.next() {
+                    events.push(Arrived {
+                        at,
+                        kind: e["type"].as_str().unwrap_or("").to_string(),
+                        lease: e["object"].clone(),
+                    });
+                }
+                let used = stream.byte_offset();
+                buf.drain(..used);
+                sink.lock().unwrap().extend(events);
+            }
+        });
         LeaseWatch {
             _child: child,
-            file,
+            arrived,
         }
     }
+}
+
+/// One version seen by a [`LeaseWatch`].
+#[derive(Debug, Clone)]
+pub struct Arrived {
+    /// When the test read it.
+    pub at: std::time::Instant,
+    /// `ADDED`, `MODIFIED` or `DELETED`.
+    pub kind: String,
+    pub lease: serde_json::Value,
 }
 
 /// A `kubectl get leases --watch` running in the background.
 pub struct LeaseWatch {
     _child: tokio::process::Child,
-    file: PathBuf,
+    arrived: Arc<Mutex<Vec<Arrived>>>,
 }
 
 impl LeaseWatch {
+    /// Every event so far, with its arrival.
+    pub fn arrivals(&self) -> Vec<Arrived> {
+        self.arrived.lock().unwrap().clone()
+    }
+
     /// Every event so far: (`ADDED`/`MODIFIED`/`DELETED`, the Lease).
     pub fn events(&self) -> Vec<(String, serde_json::Value)> {
-        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
-        serde_json::Deserializer::from_str(&text)
-            .into_iter::<serde_json::Value>()
-            .map_while(Result::ok)
-            .map(|e| {
-                (
-                    e["type"].as_str().unwrap_or("").to_string(),
-                    e["object"].clone(),
-                )
-            })
+        self.arrivals()
+            .into_iter()
+            .map(|a| (a.kind, a.lease))
             .collect()
     }
 
