@@ -437,14 +437,41 @@ impl TestCommand {
         self
     }
 
-    /// Starts it; stderr goes to a log file.
-    pub fn spawn(mut self) -> Running {
+    /// A new log file name.
+    fn next_log(&self) -> PathBuf {
         static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let log = self.dir.join(format!("lease-exec-{n}.log"));
+        self.dir.join(format!("lease-exec-{n}.log"))
+    }
+
+    /// Starts it; stderr goes to a log file.
+    pub fn spawn(mut self) -> Running {
+        let log = self.next_log();
         let file = std::fs::File::create(&log).unwrap();
         self.command.stdout(Stdio::null()).stderr(file);
         let child = self.command.spawn().expect("spawn lease-exec");
+        Running { child, log }
+    }
+
+    /// Starts it with stderr on a pipe that nobody reads until `release` completes (a stuck log
+    /// driver, `lease-exec ... 2>&1 | less`): once the pipe is full, lease-exec's next log line
+    /// blocks. Then the pipe is drained into the log file. Runs on the test's runtime.
+    pub fn spawn_with_stderr_held(
+        mut self,
+        release: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Running {
+        let log = self.next_log();
+        std::fs::File::create(&log).unwrap();
+        self.command.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = self.command.spawn().expect("spawn lease-exec");
+        let mut pipe = child.stderr.take().expect("piped stderr");
+        let file = log.clone();
+        tokio::spawn(async move {
+            release.await;
+            if let Ok(mut out) = tokio::fs::File::create(&file).await {
+                let _ = tokio::io::copy(&mut pipe, &mut out).await;
+            }
+        });
         Running { child, log }
     }
 
