@@ -36,7 +36,8 @@
 mod common;
 
 mod cluster;
-mod exits;
+#[path = "../../tests/support/kernel.rs"]
+mod kernel;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -51,7 +52,7 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 use cluster::{Cluster, SystemWrites};
-use exits::Exits;
+use kernel::Kernel;
 
 const NS: &str = "default";
 
@@ -276,7 +277,7 @@ struct Bench {
     journals: PathBuf,
     logs: PathBuf,
     client: kube::Client,
-    exits: Option<Exits>,
+    kernel: Option<Kernel>,
     rng: Mutex<u64>,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC, ns, to put log timestamps on the monotonic clock.
     real_minus_mono: i128,
@@ -363,7 +364,7 @@ impl Bench {
             .find(|(pid, at)| *pid == start.pid && *at > start.mono)
             .map(|s| s.1);
         let kernel = self
-            .exits
+            .kernel
             .as_ref()
             .and_then(|e| e.exit_of(start.pid, start.mono));
         (kernel, own)
@@ -389,7 +390,7 @@ async fn run(options: Options) {
     let cluster = Cluster::up(&root, &cluster_dir);
     install_cleanup(cluster.script(), &cluster.dir, &journals);
     let client = cluster.client().await;
-    let exits = match Exits::start() {
+    let kernel = match Kernel::start(&worker) {
         Ok(e) => Some(e),
         Err(e) => {
             eprintln!(
@@ -407,7 +408,7 @@ async fn run(options: Options) {
         journals: journals.clone(),
         logs: logs.clone(),
         client,
-        exits,
+        kernel,
         rng: Mutex::new(mono_ns() ^ std::process::id() as u64),
         real_minus_mono: real_minus_mono(),
     };
@@ -437,8 +438,8 @@ async fn run(options: Options) {
         report.load = Some(load(&bench, options.window, &options.tools).await);
     }
 
-    report.lost_exits = bench.exits.as_ref().map(|e| e.lost());
-    report.kernel_stops = bench.exits.is_some();
+    report.lost_exits = bench.kernel.as_ref().map(|e| e.lost());
+    report.kernel_stops = bench.kernel.is_some();
     report.loads = (load_before, loadavg());
     report.elapsed = began.elapsed();
     report.binary = std::fs::metadata(&bench.lease_exec).map_or(0, |m| m.len());
@@ -773,7 +774,7 @@ async fn crash(bench: &Bench, tool: Tool, samples: usize) -> Crash {
         let next = starts[seen];
         tokio::time::sleep(Duration::from_millis(50)).await;
         let worker_gone_ms = bench
-            .exits
+            .kernel
             .as_ref()
             .and_then(|e| e.exit_of(worker.pid, worker.mono))
             .map(|t| (t as f64 - killed as f64) / 1e6);

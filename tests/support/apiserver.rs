@@ -1651,6 +1651,12 @@ impl ApiServer {
             }
         }
     }
+
+    /// Answers again the requests [`ApiServer::lose_answers`] named (those already lost stay
+    /// unanswered).
+    pub fn keep_answers(&self) {
+        self.inner.lock().unwrap().lost_answers.clear();
+    }
 }
 
 /// 415 for a patch that is neither a JSON merge patch nor a strategic merge patch.

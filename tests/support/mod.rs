@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod kernel;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -143,39 +144,228 @@ impl World {
         self.starts()[0].pid
     }
 
-    /// Waits for the worker `pid` to die and `running` to exit 75, and checks that the worker died
-    /// before the lease could expire for anyone else: `lease_ns` after the server committed the
-    /// last renewal by identity `me`. Returns lease-exec's log.
+    /// Waits for the worker `pid` to die and `running` to exit 75, and checks that the worker was
+    /// gone, by the kernel's exit stamp, by `R + kill_by` (see [`Timing`]), `R` being the arrival
+    /// of the last successful write by identity `me` ([`World::last_renewal`]): for a term that
+    /// ends at once (taken, released by someone else) as much as for one that runs out. Returns
+    /// lease-exec's log.
     pub async fn assert_stopped_in_time(
         &self,
-        mut running: Running,
+        running: Running,
         pid: i32,
-        lease_ns: u64,
+        timing: &Timing,
     ) -> String {
-        let mut died_ns = 0;
-        wait_for(Duration::from_secs(5), "the worker to die", || {
-            if alive(pid) {
-                false
-            } else {
-                died_ns = mono_ns();
-                true
-            }
+        let (stop, log) = self.stop_of(running, pid, "me").await;
+        let kill_by = stop.renewal_ns + timing.kill_by_ns();
+        assert!(
+            stop.exit_ns <= kill_by + KILL_LATE_NS,
+            "worker exited {} ms after R + kill_by (R + {} ms; margin {} ms); {stop:?}; log:\n{log}",
+            (stop.exit_ns as i64 - kill_by as i64) / 1_000_000,
+            timing.kill_by_ns() / 1_000_000,
+            timing.margin_ns() / 1_000_000,
+        );
+        log
+    }
+
+    /// Like [`World::assert_stopped_in_time`], for a leader whose renewals fail until the renew
+    /// deadline, and pins both sides of each promise (README, "lease semantics and timing rules"),
+    /// from `R` as in [`World::last_renewal`]:
+    /// - SIGTERM (the worker's `ignored` or `stop` line) at `R + renew-deadline`: not before (less
+    ///   [`REQUEST_LEAD_NS`]), and at most [`TERM_LATE_NS`] after;
+    /// - the kernel's exit stamp at [`Timing::kill_after_loss_ns`]: the grace period from the
+    ///   SIGTERM, cut short at `R + kill_by`; not before (less [`REQUEST_LEAD_NS`]), at most
+    ///   [`KILL_LATE_NS`] after. A worker that stops at SIGTERM is only checked for SIGTERM.
+    ///
+    /// So a kill deadline without its margin (at `R + lease-duration`) fails, and so does a
+    /// SIGTERM that ignores the renew deadline. Returns lease-exec's log.
+    pub async fn assert_lost_on_schedule(
+        &self,
+        running: Running,
+        pid: i32,
+        timing: &Timing,
+    ) -> String {
+        let (stop, log) = self.stop_of(running, pid, "me").await;
+        let ms = |ns: i64| ns as f64 / 1e6;
+        let term_at = stop.renewal_ns + timing.renew_deadline_ns();
+        let term_ns = stop
+            .term_ns
+            .unwrap_or_else(|| panic!("the worker noted no SIGTERM; {stop:?}; log:\n{log}"));
+        let late = term_ns as i64 - term_at as i64;
+        assert!(
+            -(REQUEST_LEAD_NS as i64) <= late && late <= TERM_LATE_NS as i64,
+            "SIGTERM {:+.1} ms from R + renew deadline (allowed {:+.1}..{:+.1}); {stop:?}; log:\n{log}",
+            ms(late),
+            -ms(REQUEST_LEAD_NS as i64),
+            ms(TERM_LATE_NS as i64),
+        );
+        eprintln!(
+            "SIGTERM at R + renew deadline {:+.1} ms; exit at R + {} ms {:+.1} ms",
+            ms(late),
+            timing.kill_after_loss_ns() / 1_000_000,
+            ms(stop.exit_ns as i64 - (stop.renewal_ns + timing.kill_after_loss_ns()) as i64)
+        );
+        if stop.ignored {
+            let kill_at = stop.renewal_ns + timing.kill_after_loss_ns();
+            let late = stop.exit_ns as i64 - kill_at as i64;
+            assert!(
+                -(REQUEST_LEAD_NS as i64) <= late && late <= KILL_LATE_NS as i64,
+                "worker exited {:+.1} ms from R + {} ms (allowed {:+.1}..{:+.1}; kill_by is R + {} ms, \
+                 the lease expires at R + {} ms); {stop:?}; log:\n{log}",
+                ms(late),
+                timing.kill_after_loss_ns() / 1_000_000,
+                -ms(REQUEST_LEAD_NS as i64),
+                ms(KILL_LATE_NS as i64),
+                timing.kill_by_ns() / 1_000_000,
+                timing.lease.as_millis(),
+            );
+        }
+        log
+    }
+
+    /// Waits for the worker `pid` to die and `running` to exit 75; what the server, the worker's
+    /// journal and the kernel saw of the end of `holder`'s term.
+    pub async fn stop_of(&self, mut running: Running, pid: i32, holder: &str) -> (Stop, String) {
+        let kernel = kernel();
+        let started_ns = self
+            .starts()
+            .iter()
+            .find(|e| e.pid == pid)
+            .map(|e| e.at_ns)
+            .expect("the worker journaled its start");
+        let mut exit_ns = None;
+        let exited = wait_for_or(Duration::from_secs(10), || {
+            exit_ns = kernel.exit_of(pid as u32, started_ns);
+            exit_ns.is_some()
         })
         .await;
+        assert!(
+            exited,
+            "no exit of worker {pid} from the kernel within 10 s (alive: {}; the proc connector \
+             must be started, with support::kernel(), before the worker exits)",
+            alive(pid)
+        );
         let code = running.wait(Duration::from_secs(20)).await;
         let log = running.stderr();
         assert_eq!(code, i32::from(lease_exec::exit::LOST), "log:\n{log}");
-        let last = self
+        let entries = self.journal_entries();
+        let noted = |what: &str| {
+            entries
+                .iter()
+                .find(|e| e.pid == pid && e.what == what)
+                .map(|e| e.at_ns)
+        };
+        let ignored = noted("ignored");
+        let stop = Stop {
+            renewal_ns: self.last_renewal(holder).1,
+            term_ns: ignored.or(noted("stop")),
+            ignored: ignored.is_some(),
+            exit_ns: exit_ns.unwrap(),
+        };
+        (stop, log)
+    }
+
+    /// The last successful write whose stored holder is `holder`, and when its request arrived
+    /// (CLOCK_MONOTONIC ns): an upper bound of lease-exec's `R`, the start of that request on
+    /// its own clock, and a tighter one than the commit (a slow server answers between the two).
+    pub fn last_renewal(&self, holder: &str) -> (apiserver::Write, u64) {
+        let write = self
             .server
-            .last_write_by("me")
-            .expect("renewed at least once");
-        let expiry = last.at_ns + lease_ns;
+            .last_write_by(holder)
+            .unwrap_or_else(|| panic!("no write by {holder}"));
+        let name = write.object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default();
+        let path_ok = |path: &str| match write.verb {
+            "create" => path.ends_with("/leases"),
+            _ => path.ends_with(&format!("/leases/{name}")),
+        };
+        let seen = self
+            .server
+            .seen()
+            .into_iter()
+            .rev()
+            .find(|s| s.verb == write.verb && s.at <= write.at && path_ok(&s.path))
+            .expect("the request of a committed write");
+        let arrived_ns = instant_ns(&write, seen.at);
+        (write, arrived_ns)
+    }
+
+    /// Every journaling worker of this World as the kernel saw it (see [`kernel`]), by exec time;
+    /// call once all have exited. Fails, saying why, when a worker that journaled its start has no
+    /// kernel span around that stamp, when an exit has not arrived within a few seconds, or when
+    /// the kernel's socket overflowed.
+    pub async fn kernel_runs(&self) -> Vec<Run> {
+        let kernel = kernel();
+        let journal = self.journal().display().to_string();
+        let ours = || -> Vec<kernel::Span> {
+            kernel
+                .spans()
+                .into_iter()
+                .filter(|s| s.args.get(1) == Some(&journal))
+                .collect()
+        };
+        let mut open = Vec::new();
+        wait_for_or(Duration::from_secs(5), || {
+            open = ours().into_iter().filter(|s| s.exit_ns.is_none()).collect();
+            open.is_empty()
+        })
+        .await;
         assert!(
-            died_ns < expiry,
-            "worker died {} ms after the lease could expire for others; log:\n{log}",
-            (died_ns - expiry) / 1_000_000
+            open.is_empty(),
+            "no exit from the kernel for workers {:?} (alive: {:?}); datagrams lost: {}",
+            open.iter().map(|s| s.pid).collect::<Vec<_>>(),
+            open.iter().map(|s| alive(s.pid as i32)).collect::<Vec<_>>(),
+            kernel.lost()
         );
-        log
+        assert_eq!(
+            kernel.lost(),
+            0,
+            "the proc connector's socket overflowed: some exec or exit is missing"
+        );
+        let mut spans = ours();
+        let starts = self.starts();
+        for start in &starts {
+            if spans
+                .iter()
+                .any(|s| s.pid == start.pid as u32 && s.contains(start.at_ns))
+            {
+                continue;
+            }
+            // Gone before /proc could be read at its exec: the journal says it was a worker.
+            match kernel.span_at(start.pid as u32, start.at_ns) {
+                Some(span) if span.exit_ns.is_some() => spans.push(span),
+                other => panic!(
+                    "worker pid {} journaled its start at {} ns, but the kernel reported no exec \
+                     and exit of it around then ({other:?})",
+                    start.pid, start.at_ns
+                ),
+            }
+        }
+        spans.sort_by_key(|s| s.exec_ns);
+        spans
+            .into_iter()
+            .map(|span| {
+                let entry = starts
+                    .iter()
+                    .find(|e| e.pid == span.pid as i32 && span.contains(e.at_ns));
+                let pick = |key: &str, journaled: Option<&String>| {
+                    span.env(key)
+                        .map(str::to_string)
+                        .or_else(|| journaled.cloned())
+                        .filter(|v| v != "-")
+                };
+                Run {
+                    pid: span.pid as i32,
+                    exec_ns: span.exec_ns,
+                    exit_ns: span.exit_ns.expect("checked above"),
+                    lease: pick("LEASE_EXEC_HELD_LEASE", entry.map(|e| &e.lease)),
+                    identity: pick("LEASE_EXEC_HELD_IDENTITY", entry.map(|e| &e.identity)),
+                    transitions: pick("LEASE_EXEC_TRANSITIONS", entry.map(|e| &e.transitions))
+                        .and_then(|t| t.parse().ok()),
+                    journaled_ns: entry.map(|e| e.at_ns),
+                }
+            })
+            .collect()
     }
 
     /// Parsed journal lines.
@@ -261,14 +451,41 @@ impl TestCommand {
         self
     }
 
-    /// Starts it; stderr goes to a log file.
-    pub fn spawn(mut self) -> Running {
+    /// A new log file name.
+    fn next_log(&self) -> PathBuf {
         static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let log = self.dir.join(format!("lease-exec-{n}.log"));
+        self.dir.join(format!("lease-exec-{n}.log"))
+    }
+
+    /// Starts it; stderr goes to a log file.
+    pub fn spawn(mut self) -> Running {
+        let log = self.next_log();
         let file = std::fs::File::create(&log).unwrap();
         self.command.stdout(Stdio::null()).stderr(file);
         let child = self.command.spawn().expect("spawn lease-exec");
+        Running { child, log }
+    }
+
+    /// Starts it with stderr on a pipe that nobody reads until `release` completes (a stuck log
+    /// driver, `lease-exec ... 2>&1 | less`): once the pipe is full, lease-exec's next log line
+    /// blocks. Then the pipe is drained into the log file. Runs on the test's runtime.
+    pub fn spawn_with_stderr_held(
+        mut self,
+        release: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Running {
+        let log = self.next_log();
+        std::fs::File::create(&log).unwrap();
+        self.command.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = self.command.spawn().expect("spawn lease-exec");
+        let mut pipe = child.stderr.take().expect("piped stderr");
+        let file = log.clone();
+        tokio::spawn(async move {
+            release.await;
+            if let Ok(mut out) = tokio::fs::File::create(&file).await {
+                let _ = tokio::io::copy(&mut pipe, &mut out).await;
+            }
+        });
         Running { child, log }
     }
 
@@ -512,4 +729,132 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Some((status, body))
+}
+
+/// The proc connector, following the journaling worker (see [`kernel::Kernel`]): opened once per
+/// test binary, on first use. Call it before starting the workers whose exec it must see (exits
+/// of processes that started earlier are seen too). Panics, saying why, if it cannot be opened:
+/// these tests take worker start and end times from the kernel, with no fallback.
+pub fn kernel() -> &'static kernel::Kernel {
+    static KERNEL: std::sync::OnceLock<kernel::Kernel> = std::sync::OnceLock::new();
+    KERNEL.get_or_init(|| match kernel::Kernel::start(journal_worker()) {
+        Ok(kernel) => kernel,
+        Err(e) => panic!(
+            "cannot subscribe to the proc connector (netlink NETLINK_CONNECTOR, CN_IDX_PROC): {e}. \
+             Worker exec and exit times come from the kernel's process events, which need root \
+             (CAP_NET_ADMIN) in the initial network namespace: run these tests as root, as CI does"
+        ),
+    })
+}
+
+/// A journaling worker's run as the kernel stamped it, with what lease-exec gave it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub pid: i32,
+    /// The exec of the worker binary (CLOCK_MONOTONIC ns).
+    pub exec_ns: u64,
+    /// Its exit (CLOCK_MONOTONIC ns).
+    pub exit_ns: u64,
+    /// `LEASE_EXEC_HELD_LEASE` as the exec gave it (else as journaled).
+    pub lease: Option<String>,
+    /// `LEASE_EXEC_HELD_IDENTITY`, likewise.
+    pub identity: Option<String>,
+    /// `LEASE_EXEC_TRANSITIONS`, likewise: the fencing token.
+    pub transitions: Option<i64>,
+    /// Its own `start` stamp, if it lived to write one.
+    pub journaled_ns: Option<u64>,
+}
+
+impl Run {
+    /// `(pid, start, end)`, as [`first_overlap`] and [`assert_no_overlap`] take spans.
+    pub fn span(&self) -> (i32, u64, u64) {
+        (self.pid, self.exec_ns, self.exit_ns)
+    }
+}
+
+/// The timings a test gave lease-exec, and the deadlines the README promises from them, computed
+/// here from the README's formulas rather than taken from lease-exec's code.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub lease: Duration,
+    pub renew_deadline: Duration,
+    pub grace: Duration,
+}
+
+/// The timing of [`FAST`].
+pub const FAST_TIMING: Timing = Timing {
+    lease: Duration::from_secs(2),
+    renew_deadline: Duration::from_secs(1),
+    grace: Duration::from_secs(1),
+};
+
+impl Timing {
+    /// The safety margin: 200 ms + 2% of the lease duration.
+    pub fn margin_ns(&self) -> u64 {
+        200_000_000 + self.lease.as_nanos() as u64 / 50
+    }
+
+    /// The command is SIGKILLed by `R +` this: lease duration − margin.
+    pub fn kill_by_ns(&self) -> u64 {
+        self.lease.as_nanos() as u64 - self.margin_ns()
+    }
+
+    pub fn renew_deadline_ns(&self) -> u64 {
+        self.renew_deadline.as_nanos() as u64
+    }
+
+    /// When, after `R`, a leader whose renewals failed SIGKILLs a command that ignores SIGTERM:
+    /// the grace period from the SIGTERM at the renew deadline, cut short at `kill_by`.
+    pub fn kill_after_loss_ns(&self) -> u64 {
+        (self.renew_deadline_ns() + self.grace.as_nanos() as u64).min(self.kill_by_ns())
+    }
+}
+
+/// How much earlier than the server saw it lease-exec may have started a request (its `R`): the
+/// clock read, building the request and the trip over loopback on a busy 2-core machine. The
+/// early side of every timing check.
+pub const REQUEST_LEAD_NS: u64 = 50_000_000;
+/// How late SIGTERM may reach the worker after the renew deadline: timer slack, signal delivery,
+/// the worker's 1 ms poll and journal write.
+pub const TERM_LATE_NS: u64 = 300_000_000;
+/// How late after its deadline the kernel may see a SIGKILLed worker exit (the watchdog's wake-up
+/// and the worker's teardown on a loaded 2-core machine; a few ms when idle). Well below the
+/// margin (240 ms with FAST), so a kill at `R + lease-duration` fails.
+pub const KILL_LATE_NS: u64 = 100_000_000;
+
+/// What the end of a term looked like from outside (CLOCK_MONOTONIC ns).
+#[derive(Debug, Clone, Copy)]
+pub struct Stop {
+    /// `R`'s upper bound: when the server saw the request of the holder's last successful write.
+    pub renewal_ns: u64,
+    /// When the worker noted SIGTERM: its `ignored` line, else its `stop` line.
+    pub term_ns: Option<u64>,
+    /// Whether it ignored SIGTERM (so its exit is the SIGKILL).
+    pub ignored: bool,
+    /// The kernel's exit stamp.
+    pub exit_ns: u64,
+}
+
+/// Polls `condition` every 10 ms until it holds or `limit` passes; whether it held.
+pub async fn wait_for_or(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A server-side `Instant` (a request's arrival, say) on CLOCK_MONOTONIC ns, through a write that
+/// carries both stamps of one moment.
+pub fn instant_ns(reference: &apiserver::Write, at: std::time::Instant) -> u64 {
+    if at >= reference.at {
+        reference.at_ns + at.duration_since(reference.at).as_nanos() as u64
+    } else {
+        reference.at_ns - reference.at.duration_since(at).as_nanos() as u64
+    }
 }
