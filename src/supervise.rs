@@ -251,6 +251,13 @@ async fn hold(
     let (state_tx, mut state) = watch::channel(LeaseState::Held(held.clone()));
     let state_tx = Arc::new(state_tx);
     let nudge = Arc::new(Nudge::default());
+    // A takeover kills the command's group from the watchdog's thread at once, before the log
+    // line that reports it (which blocks this thread when stderr is stuck). Nothing is armed
+    // before the spawn; the spawn itself checks for a takeover first.
+    let kill: crate::lease::renew::KillNow = {
+        let watchdog = watchdog.clone();
+        Arc::new(move || watchdog.fire_now())
+    };
     let mut leading = Leading {
         renewer: Some(tokio::spawn(
             renew(
@@ -258,24 +265,22 @@ async fn hold(
                 owned.clone(),
                 (held.clone(), token),
                 state_tx.clone(),
-                (nudge.clone(), memory.clone()),
+                (nudge.clone(), memory.clone(), kill.clone()),
                 outside.metrics.clone(),
             )
             .in_current_span(),
         )),
-        // With --no-watch, no watch request at all: renewals (conditional writes) notice a
-        // takeover or an edit, at the next renew interval.
-        guard: config.watch.then(|| {
-            tokio::spawn(
-                guard(
-                    lease_api.clone(),
-                    (owned.clone(), token),
-                    state_tx,
-                    (nudge, memory),
-                )
-                .in_current_span(),
+        // With --no-watch, no watch request at all: the guard reads the Lease every retry
+        // period instead.
+        guard: Some(tokio::spawn(
+            guard(
+                lease_api.clone(),
+                (owned.clone(), token, config.watch),
+                state_tx,
+                (nudge, memory, kill),
             )
-        }),
+            .in_current_span(),
+        )),
         heartbeat: outside
             .statsd
             .as_ref()

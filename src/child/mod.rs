@@ -446,6 +446,18 @@ impl Watchdog {
         wake.notify_one();
     }
 
+    /// Kill the armed command now, from the watchdog's own thread: for a takeover seen on a thread
+    /// that may block right after (its log line on a stderr nobody reads), so the kill never waits
+    /// for that thread. Nothing happens when nothing is armed.
+    pub fn fire_now(&self) {
+        let (lock, wake) = &*self.shared;
+        let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if armed.child.is_some() {
+            armed.deadline = Some(std::time::Duration::ZERO);
+            wake.notify_one();
+        }
+    }
+
     /// Whether it killed.
     pub fn fired(&self) -> bool {
         self.shared

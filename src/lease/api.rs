@@ -611,13 +611,12 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Counted<T> {
         std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
+    // Not checked here: hyper flushes on every turn of a connection's loop, even with nothing to
+    // write, so a check would break a response already streaming (a watch).
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        if let Some(e) = self.abandoned() {
-            return std::task::Poll::Ready(Err(e));
-        }
         std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 

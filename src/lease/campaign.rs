@@ -159,6 +159,8 @@ pub struct Campaign {
     stepped_down: Option<i32>,
     /// The highest token and longest term seen, carried from one campaign to the next.
     memory: Memory,
+    /// `leaseDurationSeconds` of the observed record as first seen in its term (before any edit).
+    term_duration: Option<i32>,
     /// State of the jitter's random sequence (xorshift64; never 0).
     rng: u64,
 }
@@ -183,6 +185,7 @@ impl Campaign {
             watching: true,
             stepped_down: None,
             memory: Memory::default(),
+            term_duration: None,
             rng: rand::random::<u64>() | 1,
         }
     }
@@ -423,24 +426,42 @@ impl Campaign {
     /// of a held Lease never makes it expire sooner here than its holder counts (from its own last
     /// write, with its own duration), and a request never pushes an expiry back.
     ///
-    /// Beyond that, while the holder stays the same, its longest duration seen is kept across its
-    /// renewals: a follower polling every retry period may first see a renewal only after an
-    /// edit shrank it, and the holder still counts its own. (A holder that really shortens its
-    /// duration, restarted with another `--lease-duration`, is honoured for the longer one until
-    /// the Lease changes hands: a slower failover, never an early one.)
+    /// Beyond that, a renewal by the same holder is honoured for at least the duration its last
+    /// term was first seen with: a follower polling every retry period may first see a renewal
+    /// only after an edit shrank it, and the holder still counts its own. (A holder that really
+    /// shortens its duration, restarted with another `--lease-duration`, is honoured for the
+    /// longer one for one term more: a slower failover, never an early one.)
     fn observe(&mut self, record: Record, now: Instant) {
-        self.memory.note(&record);
         let fallback = self.timing.lease_duration;
-        let observed = match self.observed.take() {
+        let (observed, first) = match self.observed.take() {
             Some((last, at)) if last.same_term(&record) => {
-                (record.same_term_as(&last, fallback), at)
+                // An edit: its token counts, its duration only for this term.
+                self.memory.note_token(&record);
+                (
+                    (record.same_term_as(&last, fallback), at),
+                    self.term_duration,
+                )
             }
             Some((last, _)) if last.holder.is_some() && last.holder == record.holder => {
-                (record.same_term_as(&last, fallback), now)
+                // A renewal: at least the duration the last term was first seen with, so an edit
+                // that shrank it cannot shorten the next term either; an edit that lengthened it
+                // lasts no longer than that.
+                self.memory.note(&record);
+                let previous = Record {
+                    duration_secs: self.term_duration,
+                    ..last
+                };
+                let first = record.duration_secs;
+                ((record.same_term_as(&previous, fallback), now), first)
             }
-            _ => (record, now),
+            _ => {
+                self.memory.note(&record);
+                let first = record.duration_secs;
+                ((record, now), first)
+            }
         };
         self.observed = Some(observed);
+        self.term_duration = first;
     }
 
     /// No create or claim before `end`.
@@ -1410,5 +1431,29 @@ mod tests {
             fresh.step(Input::Tick, t1 + 15 * S),
             Action::Create { transitions: 0 }
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_edit_that_lengthened_a_term_lasts_that_term_only() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(Some("other"), 10, 3, "5"))), t0);
+        // An operator's passing 3600 s, undone by the holder's next renewal.
+        assert_eq!(
+            c.step(Input::Changed(lease(Some("other"), 3600, 3, "6")), t0 + S),
+            Action::Wait {
+                until: Some(t0 + 3600 * S)
+            }
+        );
+        let mut renewed = lease(Some("other"), 10, 3, "7");
+        renewed.spec.as_mut().unwrap().renew_time =
+            Some(MicroTime(Timestamp::from_second(99).unwrap()));
+        assert_eq!(
+            c.step(Input::Changed(renewed), t0 + 2 * S),
+            Action::Wait {
+                until: Some(t0 + 12 * S)
+            }
+        );
+        assert_eq!(c.memory().longest, Some(10 * S));
     }
 }

@@ -157,6 +157,15 @@ impl Memory {
         }
     }
 
+    /// Notes the token of a record, not its duration (an edit within a term: see
+    /// [`Record::same_term`]; an operator's passing 3600 must not slow every later failover).
+    pub fn note_token(&mut self, record: &Record) {
+        self.highest = Some(
+            self.highest
+                .map_or(record.transitions, |h| h.max(record.transitions)),
+        );
+    }
+
     /// Takes in what another memory of the same Lease holds.
     pub fn merge(&mut self, other: &Memory) {
         self.highest = self.highest.max(other.highest);

@@ -108,7 +108,7 @@ pub async fn renew(
     me: Owned,
     (held, own): (Held, i32),
     state: Arc<watch::Sender<LeaseState>>,
-    (nudge, memory): (Arc<Nudge>, Remembered),
+    (nudge, memory, kill): (Arc<Nudge>, Remembered, KillNow),
     metrics: std::sync::Arc<crate::telemetry::Metrics>,
 ) {
     let claimant = me.claimant();
@@ -177,7 +177,7 @@ pub async fn renew(
                 next = started + timing.renew_interval;
             }
             Err(Failure::Taken(reason)) => {
-                taken(&state, reason, held);
+                taken(&state, reason, held, &kill);
                 return;
             }
             Err(Failure::Retry(error)) => {
@@ -210,7 +210,14 @@ pub async fn renew(
     }
 }
 
-fn taken(state: &watch::Sender<LeaseState>, reason: String, last: Held) {
+/// What to do the moment a takeover is seen, before anything that may block (a log line on a
+/// stuck stderr): kill the command's group from another thread (the watchdog's).
+pub type KillNow = Arc<dyn Fn() + Send + Sync>;
+
+fn taken(state: &watch::Sender<LeaseState>, reason: String, last: Held, kill: &KillNow) {
+    if matches!(*state.borrow(), LeaseState::Held(_)) {
+        kill();
+    }
     let already = state.send_if_modified(|s| match s {
         LeaseState::Taken { .. } => false,
         LeaseState::Held(_) => {
@@ -233,34 +240,51 @@ fn taken(state: &watch::Sender<LeaseState>, reason: String, last: Held) {
 /// never delays a renewal.
 pub async fn guard(
     api: LeaseApi,
-    (me, own): (Owned, i32),
+    (me, own, watching): (Owned, i32, bool),
     state: Arc<watch::Sender<LeaseState>>,
-    (nudge, memory): (Arc<Nudge>, Remembered),
+    (nudge, memory, kill): (Arc<Nudge>, Remembered, KillNow),
 ) {
     let identity = me.identity.clone();
-    let mut guard = Guard::default();
+    let mut guard = Guard {
+        polling: !watching,
+        ..Guard::default()
+    };
+    // An edit is undone at most once per retry period: a server (an admission webhook, a
+    // reconciling controller) that keeps changing what we write must not make a fast loop; the
+    // regular renewals go on meanwhile.
+    let mut restored: Option<Instant> = None;
+    let mut restore = |lease: Lease| {
+        let now = Instant::now();
+        if restored.is_none_or(|at| now >= at + me.timing.retry_period) {
+            restored = Some(now);
+            tracing::warn!(
+                "the lease was edited while held (leaseDurationSeconds or leaseTransitions); renewing at once to restore it"
+            );
+            nudge.write_now(Some(lease));
+        }
+    };
     loop {
         // Re-opened from our latest write's resourceVersion: every later event is someone's
         // write after ours, so one naming another holder is a real takeover.
         let held = state.borrow().held().clone();
         match guard.next(&api, &held, (&me, own), &memory).await {
             Seen::Taken(reason) => {
-                taken(&state, reason, held);
+                taken(&state, reason, held, &kill);
                 return;
             }
             // The last state (a handover request in it included) is what is re-created.
             Seen::Deleted(last) => nudge.write_now(Some(*last)),
-            Seen::Edited(lease) => {
-                // Still ours, but with another duration or a lower token: client-go followers
-                // restart their clock on any change and count the duration they see, so this
-                // record must be replaced by a renewal within milliseconds, not at the next
-                // renew interval. lease-exec followers never count such an edit as a new term.
-                tracing::warn!(
-                    "the lease was edited while held (leaseDurationSeconds or leaseTransitions); renewing at once to restore it"
-                );
-                nudge.write_now(Some(*lease));
-            }
+            // Still ours, but with another duration or a lower token: client-go followers restart
+            // their clock on any change and count the duration they see, so this record must be
+            // replaced by a renewal within milliseconds, not at the next renew interval.
+            // lease-exec followers never count such an edit as a new term.
+            Seen::Edited(lease) => restore(*lease),
             Seen::Handover(lease) => {
+                // An edit that comes with the request is undone all the same: the term goes on
+                // through the grace period, and the preferred candidate must not see it shorter.
+                if me.claimant().must_restore(&Record::of(&lease), own) {
+                    restore((*lease).clone());
+                }
                 // Still ours, with a handover requested: published for the supervisor, with the
                 // renewal time unchanged (this is someone else's write, not a renewal).
                 state.send_if_modified(|s| match s {
@@ -298,6 +322,8 @@ enum Seen {
 #[derive(Default)]
 struct Guard {
     watch: LeaseWatch,
+    /// `--no-watch`: read the Lease every retry period instead of watching it.
+    polling: bool,
     /// A 410 said the position is too old: watch from the current state until an event comes.
     expired: bool,
     /// Watching is refused here: renewals alone detect takeovers.
@@ -323,7 +349,25 @@ impl Guard {
             Some(rv) if !self.expired => rv.as_str(),
             _ => "",
         };
-        match self.watch.next(api, from, &me.timing).await {
+        let seen = if self.polling {
+            // --no-watch: no watch request; a read every retry period (a takeover is seen within
+            // one, not only at the next renewal).
+            tokio::time::sleep(me.timing.retry_period).await;
+            match api.get(me.timing.request_timeout()).await {
+                Ok(Some(lease))
+                    if lease.metadata.resource_version == held.lease.metadata.resource_version =>
+                {
+                    return Seen::Nothing;
+                }
+                Ok(Some(lease)) => Ok(Sighting::Changed(lease)),
+                // Gone: the renewal re-creates it, or learns who did.
+                Ok(None) => Ok(Sighting::Deleted(held.lease.clone())),
+                Err(e) => Err(WatchFailure::Failed(e)),
+            }
+        } else {
+            self.watch.next(api, from, &me.timing).await
+        };
+        match seen {
             Ok(Sighting::Changed(lease)) => {
                 self.expired = false;
                 let record = Record::of(&lease);
