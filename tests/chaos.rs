@@ -55,8 +55,10 @@ impl Rng {
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
+    /// From the high bits: the low bits of consecutive xorshift64* outputs are correlated (a
+    /// choice of 11 in 12 followed by a coin toss always came up the same way).
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        (self.next() >> 32) % n
     }
     fn millis(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(lo + self.below(hi - lo))
