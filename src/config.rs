@@ -189,11 +189,12 @@ impl Timing {
         (self.renew_deadline / 2).max(self.retry_period)
     }
 
-    /// Timeout of one renewal attempt: half the time between the renewal that is due
-    /// (`renew-interval` after the last success) and the renew deadline. So at least two attempts
-    /// fit before the deadline, whatever the timing: one that hangs on a dead connection (a
-    /// half-open one a load balancer or conntrack dropped) is abandoned with its connection, and
-    /// the next runs on a fresh connection in time. 2.5 s at the defaults.
+    /// When a renewal with no answer yet is tried again on a fresh connection, and the timeout of
+    /// that second attempt: half the time between the renewal that is due (`renew-interval` after
+    /// the last success) and the renew deadline. So at least two attempts fit before the deadline,
+    /// whatever the timing: one that hangs on a dead connection (a half-open one a load balancer or
+    /// conntrack dropped) is followed by one on a fresh connection in time, while a merely slow
+    /// answer to the first still counts. 2.5 s at the defaults.
     pub fn renew_timeout(&self) -> Duration {
         self.renew_deadline.saturating_sub(self.renew_interval) / 2
     }

@@ -181,13 +181,10 @@ async fn a_blip_shorter_than_the_deadline_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_api_inside_the_deadline_changes_nothing() {
     let world = World::start().await;
-    // Renewing every 250 ms, each renewal attempt may take (1 s - 250 ms) / 2 = 375 ms.
-    let mut options: Vec<&str> = FAST.to_vec();
-    options.extend(["--renew-interval", "250ms", "--identity", "me", "job"]);
-    let mut running = world.worker_command(&options, -1.0, 0, &[]).spawn();
-    let pid = world.wait_leading().await;
-    // Each answer takes 300 ms: longer than the retry period, shorter than a renewal attempt's
-    // timeout.
+    let (mut running, pid) = leading(&world).await;
+    // Each answer takes 300 ms: longer than the retry period and than the wait before a renewal
+    // is hedged on a fresh connection ((1 s - 500 ms) / 2 = 250 ms), shorter than the request
+    // timeout (500 ms). The first attempt's answer counts.
     world.server.set_delay(Duration::from_millis(300));
     let writes = world.server.writes().len();
     wait_for(LIMIT, "five slow renewals", || {

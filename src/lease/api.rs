@@ -120,6 +120,11 @@ impl LeaseApi {
         }
     }
 
+    /// No new request goes on a connection opened so far (see [`Generation`]).
+    pub fn abandon_connections(&self) {
+        self.connections.abandon();
+    }
+
     /// The Lease name.
     pub fn name(&self) -> &str {
         &self.name
@@ -137,11 +142,15 @@ impl LeaseApi {
     /// decision is then made on what is left (see [`super::decide`]).
     pub async fn get(&self, timeout: Duration) -> Result<Option<Lease>, ApiError> {
         let url = <Lease as kube::Resource>::url_path(&(), Some(&self.namespace));
-        let request = kube::core::Request::new(url)
-            .get(&self.name, &kube::api::GetParams::default())
-            .map_err(|e| ApiError::Rejected(format!("cannot build the request: {e}")))?;
+        let request = || {
+            kube::core::Request::new(url.clone()).get(&self.name, &kube::api::GetParams::default())
+        };
+        request().map_err(|e| ApiError::Rejected(format!("cannot build the request: {e}")))?;
         let text = match self
-            .call("get", timeout, self.client.request_text(request))
+            .call("get", timeout, || async {
+                let request = request().map_err(kube::Error::BuildRequest)?;
+                self.client.request_text(request).await
+            })
             .await
         {
             Ok(text) => text,
@@ -163,22 +172,18 @@ impl LeaseApi {
 
     /// POST.
     pub async fn create(&self, lease: &Lease, timeout: Duration) -> Result<Lease, ApiError> {
-        self.call(
-            "create",
-            timeout,
-            self.api.create(&PostParams::default(), lease),
-        )
-        .await
+        let params = PostParams::default();
+        self.call("create", timeout, || self.api.create(&params, lease))
+            .await
     }
 
     /// PUT, conditioned on the resourceVersion inside `lease`.
     pub async fn replace(&self, lease: &Lease, timeout: Duration) -> Result<Lease, ApiError> {
         debug_assert!(lease.metadata.resource_version.is_some());
-        self.call(
-            "update",
-            timeout,
-            self.api.replace(&self.name, &PostParams::default(), lease),
-        )
+        let params = PostParams::default();
+        self.call("update", timeout, || {
+            self.api.replace(&self.name, &params, lease)
+        })
         .await
     }
 
@@ -198,7 +203,7 @@ impl LeaseApi {
             .fields(&format!("metadata.name={}", self.name))
             .timeout(WATCH_SECONDS);
         let stream = self
-            .call("watch", timeout, self.api.watch(&params, resource_version))
+            .call("watch", timeout, || self.api.watch(&params, resource_version))
             .await?;
         let this = self.clone();
         Ok(stream
@@ -206,13 +211,29 @@ impl LeaseApi {
             .boxed())
     }
 
-    async fn call<T>(
+    /// One request (`request` makes it), bounded by `timeout`. A request refused by an abandoned
+    /// connection (see [`Generation`]) was never sent: it is sent again at once, on another
+    /// connection, as hyper does for a pooled connection found closed.
+    async fn call<T, F>(
         &self,
         verb: &'static str,
         timeout: Duration,
-        request: impl Future<Output = kube::Result<T>>,
-    ) -> Result<T, ApiError> {
-        match tokio::time::timeout(timeout, request).await {
+        request: impl Fn() -> F,
+    ) -> Result<T, ApiError>
+    where
+        F: Future<Output = kube::Result<T>>,
+    {
+        let attempts = async {
+            loop {
+                match request().await {
+                    Err(e) if chain(&e).contains(ABANDONED) => {
+                        tracing::debug!("a connection abandoned earlier refused the request; sending it on another");
+                    }
+                    result => return result,
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, attempts).await {
             Err(_) => {
                 // No answer in time: the connection may be half-open (a load balancer or
                 // conntrack dropped it, a proxy froze), and so may every other connection opened
@@ -578,14 +599,13 @@ struct Counted<T> {
     generation: Generation,
 }
 
+/// The error a connection abandoned earlier gives a new request (which it never sent).
+const ABANDONED: &str = "connection abandoned after a request on this client got no answer in time";
+
 impl<T> Counted<T> {
     fn abandoned(&self) -> Option<std::io::Error> {
-        (self.generation.current() != self.born).then(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
-                "connection abandoned after a request on this client got no answer in time",
-            )
-        })
+        (self.generation.current() != self.born)
+            .then(|| std::io::Error::new(std::io::ErrorKind::ConnectionAborted, ABANDONED))
     }
 }
 

@@ -114,12 +114,12 @@ pub async fn renew(
     let claimant = me.claimant();
     let timing = me.timing;
     let mut held = held;
-    // While renewals succeed, every --renew-interval. A renewal that got no answer in time is
-    // retried at once, on a new connection (the timed-out one is never reused, see
-    // LeaseApi::call); one the server refused to answer (5xx, 429) after --retry-period. Each
-    // attempt is bounded by Timing::renew_timeout, so at least two attempts fit between the
-    // renewal that is due and the renew deadline, whatever the timing. The renew and kill
-    // deadlines are the supervisor's, from the last success: they do not move.
+    // While renewals succeed, every --renew-interval. Each renewal is hedged (see `hedged`): at
+    // least two attempts, the second on a fresh connection, fit before the renew deadline. A
+    // renewal that got no answer in time is retried at once, on a new connection (the timed-out
+    // one is never reused, see LeaseApi::call); one refused after 100 ms; one the server answered
+    // with an error (5xx, 429) after --retry-period. The renew and kill deadlines are the
+    // supervisor's, from the last success: they do not move.
     let mut next = held.renewed_at + timing.renew_interval;
     let mut failing = 0u32;
     loop {
@@ -134,15 +134,9 @@ pub async fn renew(
         if matches!(*state.borrow(), LeaseState::Taken { .. }) {
             return;
         }
-        let started = Instant::now();
-        let started_boot = crate::clock::boot_time();
         let deadline = held.renewed_at + timing.renew_deadline;
-        // Never let one request run past the renew deadline.
-        let timeout = timing
-            .renew_timeout()
-            .min(deadline.saturating_duration_since(started))
-            .max(timing.retry_period.min(Duration::from_millis(100)));
-        let result = write(&api, &claimant, &held, own, timeout).await;
+        let (result, started, started_boot) =
+            hedged(&api, &claimant, (&held, own), &timing, deadline).await;
         match &result {
             Ok(lease) => remember(&memory, &Record::of(lease)),
             Err(Failure::Refreshed(lease)) => remember(&memory, &Record::of(lease)),
@@ -213,6 +207,59 @@ pub async fn renew(
 /// What to do the moment a takeover is seen, before anything that may block (a log line on a
 /// stuck stderr): kill the command's group from another thread (the watchdog's).
 pub type KillNow = Arc<dyn Fn() + Send + Sync>;
+
+/// One renewal, hedged. The first attempt may take the whole request timeout (a slow server is
+/// still a working one), never past the renew deadline. If it has no answer after
+/// [`Timing::renew_timeout`], its connection may be half-open (a load balancer or conntrack dropped
+/// it, a proxy froze): every connection opened so far is abandoned for new requests, and a second
+/// attempt runs on a fresh connection, the first still allowed to answer. The first success wins,
+/// with the start of the attempt that made it (the term counts from there). So at least two
+/// attempts fit between the renewal that is due and the renew deadline, whatever the timing.
+async fn hedged(
+    api: &LeaseApi,
+    me: &Claimant<'_>,
+    (held, own): (&Held, i32),
+    timing: &Timing,
+    deadline: Instant,
+) -> (Result<Lease, Failure>, Instant, Duration) {
+    let floor = timing.retry_period.min(Duration::from_millis(100));
+    let started = Instant::now();
+    let started_boot = crate::clock::boot_time();
+    let timeout = timing
+        .request_timeout()
+        .min(deadline.saturating_duration_since(started))
+        .max(floor);
+    let first = write(api, me, held, own, timeout);
+    tokio::pin!(first);
+    let hedge_at = started + timing.renew_timeout();
+    tokio::select! {
+        result = &mut first => (result, started, started_boot),
+        () = sleep_until(hedge_at), if hedge_at + floor < deadline => {
+            tracing::debug!("no answer to the renewal yet; trying again on a new connection");
+            api.abandon_connections();
+            let again = Instant::now();
+            let again_boot = crate::clock::boot_time();
+            let timeout = timing
+                .renew_timeout()
+                .min(deadline.saturating_duration_since(again))
+                .max(floor);
+            let second = write(api, me, held, own, timeout);
+            tokio::pin!(second);
+            tokio::select! {
+                result = &mut first => match result {
+                    Err(Failure::Retry(_)) => (second.await, again, again_boot),
+                    result => (result, started, started_boot),
+                },
+                // The second one lost to the first one's landing (409) or failed: the first may
+                // still answer.
+                result = &mut second => match result {
+                    Ok(_) | Err(Failure::Taken(_)) => (result, again, again_boot),
+                    _ => (first.await, started, started_boot),
+                },
+            }
+        }
+    }
+}
 
 fn taken(state: &watch::Sender<LeaseState>, reason: String, last: Held, kill: &KillNow) {
     if matches!(*state.borrow(), LeaseState::Held(_)) {
