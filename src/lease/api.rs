@@ -203,7 +203,9 @@ impl LeaseApi {
             .fields(&format!("metadata.name={}", self.name))
             .timeout(WATCH_SECONDS);
         let stream = self
-            .call("watch", timeout, || self.api.watch(&params, resource_version))
+            .call("watch", timeout, || {
+                self.api.watch(&params, resource_version)
+            })
             .await?;
         let this = self.clone();
         Ok(stream
@@ -227,7 +229,9 @@ impl LeaseApi {
             loop {
                 match request().await {
                     Err(e) if chain(&e).contains(ABANDONED) => {
-                        tracing::debug!("a connection abandoned earlier refused the request; sending it on another");
+                        tracing::debug!(
+                            "a connection abandoned earlier refused the request; sending it on another"
+                        );
                     }
                     result => return result,
                 }
