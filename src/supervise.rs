@@ -121,9 +121,10 @@ struct Carry {
     clean: bool,
     /// A stop signal asked lease-exec to end: no new campaign.
     asked: bool,
-    /// The term ended in a handover: the `leaseTransitions` of the term handed over, so the next
-    /// campaign leaves that record to the others as the request asks (and only that record).
-    handed_over: Option<i32>,
+    /// The term ended in a handover: the slot and the `leaseTransitions` of the term handed over,
+    /// so the next campaign leaves that record to the others as the request asks (and only that
+    /// record, of that slot).
+    handed_over: Option<(usize, i32)>,
     /// What this process has seen of each slot's Lease, in every term (the fencing token and
     /// the longest term: see [`crate::lease::decide::Memory`]).
     memory: Vec<Remembered>,
@@ -235,7 +236,7 @@ async fn hold(
         // at once, without starting the command.
         let why = Reason::Handover(to.to_string()).describe(&config.timing);
         tracing::info!(reason = %why, "a handover is pending; releasing the lease without starting the command");
-        carry.handed_over = Some(held.transitions());
+        carry.handed_over = Some((slot, held.transitions()));
         hand_over(lease_api, &claimant, config, outside, held).await;
         return Err(Error::Lost(why));
     }
@@ -375,7 +376,7 @@ async fn hold(
             // failed during the grace period): the Lease was left to the others, and must not
             // come back to this process with the request still in it.
             if ended.handover.is_some() {
-                carry.handed_over = Some(last.transitions());
+                carry.handed_over = Some((slot, last.transitions()));
             }
             let why = reason.describe(&config.timing);
             outside.events.publish(LeaseEvent::Lost, &why);
@@ -565,8 +566,8 @@ async fn lead(
 /// Checks the slots a create or claim of ours may have landed on unanswered (`check`: the slot, and
 /// when that write started if it may still be on its way): a Lease naming a process that runs
 /// nothing for it is released. Every slot concurrently: each is read at once and, while its write
-/// may still land, once more a request timeout after that write started. So it takes at most two
-/// request timeouts, however many slots.
+/// may still land, once more a request timeout after that write started. The reads take at most
+/// two request timeouts, however many slots; a release found needed is then carried out in full.
 async fn abandon(
     slots: &[LeaseApi],
     check: &[(usize, Option<Instant>)],
@@ -574,46 +575,56 @@ async fn abandon(
     config: &Config,
 ) {
     let timeout = config.timing.request_timeout();
-    let checks = check.iter().map(|&(slot, started)| {
+    let reads = check.iter().map(|&(slot, started)| {
         let api = &slots[slot];
         async move {
-            if release_if_ours(api, me, config).await {
-                return;
+            if let Some(lease) = ours(api, me, config).await {
+                return Some((api, lease));
             }
-            if let Some(again) = started.map(|s| s + timeout)
-                && Instant::now() < again
-            {
+            let again = started.map(|s| s + timeout)?;
+            if Instant::now() < again {
                 sleep_until(again).await;
-                release_if_ours(api, me, config).await;
+                return ours(api, me, config).await.map(|lease| (api, lease));
             }
+            None
         }
     });
-    let all = futures_util::future::join_all(checks);
-    if tokio::time::timeout(timeout * 2, all).await.is_err() {
-        tracing::warn!(
-            "cannot check in time whether a claim of ours landed; if one did, the lease expires"
-        );
+    let found = match tokio::time::timeout(timeout * 2, futures_util::future::join_all(reads)).await
+    {
+        Ok(found) => found,
+        Err(_) => {
+            tracing::warn!(
+                "cannot check in time whether a claim of ours landed; if one did, the lease expires"
+            );
+            return;
+        }
+    };
+    if !config.release {
+        return;
     }
+    let releases = found.into_iter().flatten().map(|(api, lease)| {
+        let last = Held::written(lease, Instant::now(), clock::boot_time());
+        release(api, me, config, last)
+    });
+    futures_util::future::join_all(releases).await;
 }
 
-/// Reads the Lease and releases it if it names us. Returns whether it named us.
-async fn release_if_ours(api: &LeaseApi, me: &Claimant<'_>, config: &Config) -> bool {
+/// Reads the Lease; returns it if it names us.
+async fn ours(
+    api: &LeaseApi,
+    me: &Claimant<'_>,
+    config: &Config,
+) -> Option<k8s_openapi::api::coordination::v1::Lease> {
     match api.get(config.timing.request_timeout()).await {
-        Ok(Some(lease)) if Record::of(&lease).holder.as_deref() == Some(me.identity) => {
-            if config.release {
-                let last = Held::written(lease, Instant::now(), clock::boot_time());
-                release(api, me, config, last).await;
-            }
-            true
-        }
-        Ok(_) => false,
+        Ok(Some(lease)) if Record::of(&lease).holder.as_deref() == Some(me.identity) => Some(lease),
+        Ok(_) => None,
         Err(e) => {
             tracing::warn!(
                 lease = %api.name(),
                 error = %e,
                 "cannot check whether a claim of ours landed; if it did, the lease expires"
             );
-            false
+            None
         }
     }
 }

@@ -110,11 +110,12 @@ pub async fn acquire_any(
     me: &Claimant<'_>,
     timing: &Timing,
     feed: Feed,
-    stepped_down: Option<i32>,
+    stepped_down: Option<(usize, i32)>,
     (memory, gate): (&[Remembered], &WriteGate),
 ) -> Result<(usize, Held), ApiError> {
     use tracing::Instrument;
     if let ([api], [memory]) = (apis, memory) {
+        let stepped_down = stepped_down.filter(|(slot, _)| *slot == 0).map(|(_, t)| t);
         return acquire(api, me, timing, feed, stepped_down, memory, (gate, 0))
             .await
             .map(|held| (0, held));
@@ -126,6 +127,8 @@ pub async fn acquire_any(
         .map(|(slot, (api, memory))| {
             Box::pin(
                 async move {
+                    // A handover applies to the slot handed over only.
+                    let stepped_down = stepped_down.filter(|(s, _)| *s == slot).map(|(_, t)| t);
                     acquire(api, me, timing, feed, stepped_down, memory, (gate, slot))
                         .await
                         .map(|held| (slot, held))
@@ -252,12 +255,14 @@ impl Entered<'_> {
 
     /// The write failed; without an answer, it may have landed: the slot is noted.
     fn failed(&mut self, e: ApiError) -> ApiError {
+        // `Rejected` too: a 2xx answer that could not be parsed is a write that landed.
         self.resolved = !matches!(
             e,
             ApiError::Timeout(_)
                 | ApiError::Transient(_)
                 | ApiError::Unreachable(_)
                 | ApiError::Busy { .. }
+                | ApiError::Rejected(_)
         );
         e
     }
