@@ -89,7 +89,7 @@ async fn acquire_renew_release_as_kubectl_sees_it() {
         return;
     };
     let space = Space::new(cluster, "acquire").await;
-    let watch = space.watch_lease("job");
+    let watch = space.watch_lease("job").await;
     let mut alpha = space.spawn(space.contender("job", "alpha", -1.0));
 
     // A Lease name never used before is created after one lease duration of absence.
@@ -620,7 +620,7 @@ async fn owner_pod_deletion_collects_the_lease_and_followers_honour_the_term() {
             .env("POD_NAMESPACE", &space.ns);
         command
     };
-    let watch = space.watch_lease("job");
+    let watch = space.watch_lease("job").await;
     let mut a = space.spawn(in_pod("pod-a", &uid_a, "a"));
     let held = space
         .wait_lease("job", LIMIT, "a to hold", |l| holder(l) == "a")
@@ -976,7 +976,7 @@ async fn a_planned_handover_goes_to_the_preferred_candidate() {
         )
         .await
         .expect("create lease");
-    let watch = space.watch_lease("job");
+    let watch = space.watch_lease("job").await;
     let mut a = space.spawn(space.contender("job", "a", -1.0));
     wait_started(&space, "a", LIMIT).await;
     let b = space.spawn(space.contender("job", "b", -1.0));
@@ -1141,7 +1141,7 @@ async fn mixed_pool_with_client_go_contenders() {
         return;
     };
     let space = Space::new(cluster, "mixed").await;
-    let watch = space.watch_lease("job");
+    let watch = space.watch_lease("job").await;
     let [lease, renew, retry, grace] = MIXED_TIMING;
     let mut generation = 0;
     let mut spawn = |space: &Space, kind: Kind| -> Member {
@@ -1587,7 +1587,7 @@ async fn half_open_leader_keeps_its_worker_running_through_a_relay() {
         args.extend(space.worker_args(-1.0));
         space.lease_exec(kubeconfig, &args)
     };
-    let watch = space.watch_lease("job");
+    let watch = space.watch_lease("job").await;
     put_lease(&space, "job", None, HALF_OPEN_LEASE as u32).await;
     let mut leader = space.spawn(command("leader", Some(&relayed_kubeconfig)));
     let worker = wait_started(&space, "leader", LIMIT).await;
@@ -1767,7 +1767,7 @@ async fn a_shortened_lease_is_restored_before_a_client_go_follower_claims() {
     const FOLLOWER: &str = "cg-follower";
     // A released Lease, so that the leader takes it at once.
     put_lease(&space, "job", None, 1).await;
-    let watch = space.watch_lease("job");
+    let watch = space.watch_lease("job").await;
     // Renewing only every 2 s: an edit right after a renewal stands for most of 2 s unless the
     // leader answers it.
     let mut args: Vec<String> = [

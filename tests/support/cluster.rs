@@ -637,8 +637,11 @@ impl<'c> Space<'c> {
 
     /// Starts `kubectl get leases --watch` on `lease`; every version is kept with the moment it
     /// arrived.
-    pub fn watch_lease(&self, lease: &str) -> LeaseWatch {
-        use tokio::io::AsyncReadExt;
+    /// Starts `kubectl get leases --watch` on `lease` and returns once the API server has
+    /// answered its watch request (kubectl's own request log says so), so that no change made
+    /// after this returns can be missed, however slowly kubectl started.
+    pub async fn watch_lease(&self, lease: &str) -> LeaseWatch {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
         let selector = format!("metadata.name={lease}");
         let mut child = tokio::process::Command::new(kubectl_bin())
             .arg("--kubeconfig")
@@ -652,14 +655,17 @@ impl<'c> Space<'c> {
                 "--output-watch-events",
                 "-o",
                 "json",
+                // Logs each request with its answer: the watch's "200 OK" is the signal it is open.
+                "-v=6",
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("kubectl watch");
         let mut stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
         let arrived = Arc::new(Mutex::new(Vec::new()));
         let sink = arrived.clone();
         // kubectl writes each event as it comes; parsing as the bytes arrive stamps each one
@@ -685,6 +691,33 @@ impl<'c> Space<'c> {
                 sink.lock().unwrap().extend(events);
             }
         });
+        let log = Arc::new(Mutex::new(String::new()));
+        let (open_tx, open_rx) = tokio::sync::oneshot::channel();
+        let lines = log.clone();
+        tokio::spawn(async move {
+            let mut open = Some(open_tx);
+            let mut reader = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if line.contains("watch=true") && line.contains("200 OK") {
+                    if let Some(open) = open.take() {
+                        let _ = open.send(());
+                    }
+                }
+                let mut log = lines.lock().unwrap();
+                // Enough to explain a failure; the request log of a long watch is not kept.
+                if log.len() < 64 * 1024 {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        });
+        const OPEN: Duration = Duration::from_secs(30);
+        if !matches!(tokio::time::timeout(OPEN, open_rx).await, Ok(Ok(()))) {
+            panic!(
+                "kubectl's watch on {lease} did not open within {OPEN:?}: {}",
+                log.lock().unwrap()
+            );
+        }
         LeaseWatch {
             _child: child,
             arrived,
