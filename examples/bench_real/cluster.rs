@@ -21,12 +21,13 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// `testenv/cluster up DIR`: builds testenv/bin if needed and waits for /readyz.
-    pub fn up(root: &Path, dir: &Path) -> Cluster {
+    /// `testenv/cluster up DIR [--ha]`: builds testenv/bin if needed and waits for /readyz.
+    pub fn up(root: &Path, dir: &Path, ha: bool) -> Cluster {
         let script = root.join("testenv/cluster");
         let status = Command::new(&script)
             .arg("up")
             .arg(dir)
+            .args(ha.then_some("--ha"))
             .stdout(std::process::Stdio::null())
             .status()
             .expect("run testenv/cluster");

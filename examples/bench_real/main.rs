@@ -4,7 +4,11 @@
 //!
 //!     cargo run --release --example bench_real
 //!     cargo run --release --example bench_real -- [handoff] [crash] [load] [--handoffs 60]
-//!         [--samples 5] [--window 120] [--only lease-exec|client-go] [--keep]
+//!         [--samples 5] [--window 120] [--only lease-exec|client-go] [--ha] [--keep]
+//!
+//! `--ha` runs it all on `testenv/cluster up DIR --ha`: three etcd members with fsync on and two
+//! API servers (every contender on the first), the figures for a real etcd; without it, one
+//! member without fsync.
 //!
 //! The client-go side is `testenv/bin/contender` (client-go `LeaseLock`, `ReleaseOnCancel`), built
 //! by `testenv/cluster up` along with the control plane (needs Go the first time). Every contender
@@ -96,6 +100,8 @@ struct Options {
     samples: usize,
     window: Duration,
     keep: bool,
+    /// On the highly available control plane (three etcd members, fsync on).
+    ha: bool,
     tools: Vec<Tool>,
 }
 
@@ -106,6 +112,7 @@ fn options() -> Options {
         samples: 5,
         window: Duration::from_secs(120),
         keep: false,
+        ha: false,
         tools: vec![Tool::LeaseExec, Tool::ClientGo],
     };
     let mut args = std::env::args().skip(1);
@@ -122,6 +129,7 @@ fn options() -> Options {
             "--samples" => o.samples = number("--samples") as usize,
             "--window" => o.window = Duration::from_secs(number("--window")),
             "--keep" => o.keep = true,
+            "--ha" => o.ha = true,
             "--only" => match args.next().as_deref() {
                 Some("lease-exec") => o.tools = vec![Tool::LeaseExec],
                 Some("client-go") => o.tools = vec![Tool::ClientGo],
@@ -129,7 +137,7 @@ fn options() -> Options {
             },
             _ => {
                 eprintln!(
-                    "usage: bench_real [all | handoff crash load] [--handoffs N] [--samples N] [--window SECONDS] [--only lease-exec|client-go] [--keep]"
+                    "usage: bench_real [all | handoff crash load] [--handoffs N] [--samples N] [--window SECONDS] [--only lease-exec|client-go] [--ha] [--keep]"
                 );
                 std::process::exit(2);
             }
@@ -387,7 +395,7 @@ async fn run(options: Options) {
     std::fs::create_dir_all(&logs).unwrap();
 
     eprintln!("starting the control plane in {}", cluster_dir.display());
-    let cluster = Cluster::up(&root, &cluster_dir);
+    let cluster = Cluster::up(&root, &cluster_dir, options.ha);
     install_cleanup(cluster.script(), &cluster.dir, &journals);
     let client = cluster.client().await;
     let kernel = match Kernel::start(&worker) {
@@ -991,7 +999,12 @@ impl Report {
         let date = k8s_openapi::jiff::Timestamp::now().to_string();
         let _ = writeln!(
             o,
-            "\n## lease-exec vs client-go against kube-apiserver v1.37.2 (testenv), lease 15 s, renew deadline 10 s, retry 2 s\n"
+            "\n## lease-exec vs client-go against kube-apiserver v1.37.2 (testenv, {}), lease 15 s, renew deadline 10 s, retry 2 s\n",
+            if options.ha {
+                "--ha: 3 etcd members, fsync on, 2 API servers"
+            } else {
+                "1 etcd member, fsync off"
+            }
         );
         let _ = writeln!(
             o,
