@@ -49,10 +49,8 @@ impl Ha {
     /// `testenv/cluster up DIR --ha`, or a control plane already running in `DIR`.
     pub async fn start(root: &Path, dir: &Path, reuse: bool) -> Ha {
         let script = root.join("testenv/cluster");
-        if !reuse {
-            if let Err(e) = cluster(&script, "up", dir, &["--ha"]).await {
-                panic!("{e}");
-            }
+        if !reuse && let Err(e) = cluster(&script, "up", dir, &["--ha"]).await {
+            panic!("{e}");
         }
         let mut clients = Vec::new();
         for n in 0..2 {
@@ -85,10 +83,10 @@ impl Ha {
     /// A proxy named `name` in front of API server `n`; the kubeconfig through it.
     pub async fn proxy(&self, name: &str, n: usize) -> PathBuf {
         let path = self.dir.join("proxy").join(name).join("kubeconfig");
-        if !path.exists() {
-            if let Err(e) = self.run("proxy", &[name, &n.to_string()]).await {
-                panic!("{e}");
-            }
+        if !path.exists()
+            && let Err(e) = self.run("proxy", &[name, &n.to_string()]).await
+        {
+            panic!("{e}");
         }
         path
     }

@@ -107,7 +107,7 @@ impl Pool {
         match self {
             Pool::LeaseExec => Kind::LeaseExec,
             Pool::ClientGo => Kind::ClientGo,
-            Pool::Mixed if slot % 2 == 0 => Kind::LeaseExec,
+            Pool::Mixed if slot.is_multiple_of(2) => Kind::LeaseExec,
             Pool::Mixed => Kind::ClientGo,
         }
     }

@@ -698,10 +698,11 @@ impl<'c> Space<'c> {
             let mut open = Some(open_tx);
             let mut reader = tokio::io::BufReader::new(stderr).lines();
             while let Ok(Some(line)) = reader.next_line().await {
-                if line.contains("watch=true") && line.contains("200 OK") {
-                    if let Some(open) = open.take() {
-                        let _ = open.send(());
-                    }
+                if line.contains("watch=true")
+                    && line.contains("200 OK")
+                    && let Some(open) = open.take()
+                {
+                    let _ = open.send(());
                 }
                 let mut log = lines.lock().unwrap();
                 // Enough to explain a failure; the request log of a long watch is not kept.
