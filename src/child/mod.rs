@@ -311,22 +311,39 @@ fn reap(which: Pid, spawns: u64, tx: &mpsc::UnboundedSender<Reaped>) {
 /// (it runs on the [`Watchdog`] thread too): the command's process group, every child of ours
 /// outside our own process group (descendants that left the group are re-parented to us, PID 1 or
 /// child subreaper), and as PID 1 of a PID namespace every process in it (`kill(-1)`). Returns the
-/// leftovers outside the group that were signalled, or `None` when they cannot be seen.
-pub fn kill_all(child: Child) -> Option<Vec<Pid>> {
+/// children of ours outside our own group that were signalled, each with whether it left the
+/// command's group, or `None` when they cannot be seen.
+pub fn kill_all(child: Child) -> Option<Vec<Leftover>> {
     let _ = killpg(child.pid, Signal::SIGKILL);
     if nix::unistd::getpid().as_raw() == 1 {
         // Every process of the namespace but ourselves.
         let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
     }
     let own_group = nix::unistd::getpgrp();
-    let leftovers: Vec<Pid> = own_children()?
+    let leftovers: Vec<Leftover> = own_children()?
         .into_iter()
-        .filter(|pid| nix::unistd::getpgid(Some(*pid)).is_ok_and(|g| g != own_group))
+        .filter_map(|pid| {
+            let group = nix::unistd::getpgid(Some(pid)).ok()?;
+            (group != own_group).then_some(Leftover {
+                pid,
+                escaped: group != child.pid,
+            })
+        })
         .collect();
-    for pid in &leftovers {
-        let _ = nix::sys::signal::kill(*pid, Signal::SIGKILL);
+    for leftover in &leftovers {
+        let _ = nix::sys::signal::kill(leftover.pid, Signal::SIGKILL);
     }
     Some(leftovers)
+}
+
+/// A child of ours outside our own process group, found by [`kill_all`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leftover {
+    pub pid: Pid,
+    /// It left the command's process group (`setsid`, `setpgid`): the group's SIGKILL does not
+    /// reach it. A process still in the group is only re-parented to us after its parent died
+    /// (we are a child subreaper): a shell's `sleep` when the shell is stopped, nothing unusual.
+    pub escaped: bool,
 }
 
 /// Kills what the command left behind ([`kill_all`]) until it is gone, at most until `deadline`.
@@ -343,10 +360,10 @@ pub async fn kill_leftovers(child: Child, deadline: tokio::time::Instant) -> boo
     loop {
         let gone = match kill_all(child) {
             Some(leftovers) => {
-                for pid in &leftovers {
-                    if *pid != child.pid && named.insert(*pid) {
+                for leftover in &leftovers {
+                    if leftover.escaped && named.insert(leftover.pid) {
                         tracing::warn!(
-                            pid = pid.as_raw(),
+                            pid = leftover.pid.as_raw(),
                             "killed a process the command left outside its group"
                         );
                     }
