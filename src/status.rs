@@ -10,10 +10,11 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
 use crate::cli::OutputFormat;
-use crate::config::Config;
+use crate::config::{Config, Timing};
 use crate::error::{Error, Outcome};
-use crate::lease::Record;
 use crate::lease::api;
+use crate::lease::campaign::{Action, Campaign, Input};
+use crate::lease::{Decision, Record};
 
 /// The facts shown.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +47,108 @@ pub struct Status {
     pub preferred: Option<String>,
     /// `spec.strategy`.
     pub strategy: Option<String>,
+    /// What a candidate with this identity and these timings would do if it started now.
+    pub outlook: Outlook,
+}
+
+/// What a new candidate would do with the Lease as read, by the acquisition state machine's own
+/// rules ([`Campaign`]): a candidate counts time from its own first read, so this is also what a
+/// waiting candidate does once it has seen the Lease as it is now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outlook {
+    /// `create`, `claim`, `wait` (for a holder or a handover) or `wait-then-create`.
+    pub action: &'static str,
+    /// Seconds until it would act (0: at once; `None`: not while the holder renews).
+    pub in_secs: Option<f64>,
+    /// Why, in a sentence.
+    pub why: String,
+}
+
+impl Outlook {
+    /// Feeds `lease` (or its absence) to a fresh campaign for `identity` and reads its answer.
+    pub fn of(lease: Option<&Lease>, identity: &str, timing: &Timing) -> Outlook {
+        let now = tokio::time::Instant::now();
+        let mut campaign = Campaign::new(identity, *timing);
+        let action = campaign.step(Input::Read(lease.cloned()), now);
+        let duration = humantime::format_duration(timing.lease_duration);
+        let secs = |at: tokio::time::Instant| {
+            Some(round1(at.saturating_duration_since(now).as_secs_f64()))
+        };
+        match action {
+            Action::Create { .. } => Outlook {
+                action: "create",
+                in_secs: Some(0.0),
+                why: "it is absent: created at once".into(),
+            },
+            Action::Claim {
+                decision: Decision::Resume,
+                ..
+            } => Outlook {
+                action: "claim",
+                in_secs: Some(0.0),
+                why: "it names this identity: resumed at once".into(),
+            },
+            Action::Claim { .. } => Outlook {
+                action: "claim",
+                in_secs: Some(0.0),
+                why: "it is free: claimed at once".into(),
+            },
+            Action::Wait { until } if lease.is_none() => Outlook {
+                action: "wait-then-create",
+                in_secs: until.and_then(secs),
+                why: format!(
+                    "a Lease that cannot be found may have been deleted while held, and its holder could still run, so a candidate creates it only after one --lease-duration ({duration}) of absence; to start at once, create it released (deploy/lease.yaml), or give a name used only for testing a short --lease-duration"
+                ),
+            },
+            Action::Wait { until } => {
+                if let Some((to, _)) = campaign.deferring(now) {
+                    let to = if to == crate::lease::decide::ANY_OTHER {
+                        "any other candidate".to_string()
+                    } else {
+                        to
+                    };
+                    Outlook {
+                        action: "wait",
+                        in_secs: until.and_then(secs),
+                        why: format!(
+                            "it is being handed over to {to}: left to them until then, then competed for"
+                        ),
+                    }
+                } else {
+                    let holder = campaign
+                        .waiting_on()
+                        .and_then(|r| r.holder.clone())
+                        .unwrap_or_default();
+                    Outlook {
+                        action: "wait",
+                        in_secs: until.and_then(secs),
+                        why: format!(
+                            "held by {holder}: a candidate takes over only once the record has stayed unchanged for its lease duration from its own first read of it (never counted from renewTime: clocks differ), so at the earliest then, if it is not renewed"
+                        ),
+                    }
+                }
+            }
+            Action::Read { .. } => Outlook {
+                action: "read",
+                in_secs: Some(0.0),
+                why: "the Lease could not be judged from one read".into(),
+            },
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({"action": self.action, "inSeconds": self.in_secs, "why": self.why})
+    }
+
+    fn to_text(&self, identity: &str) -> String {
+        let when = match (self.action, self.in_secs) {
+            ("wait-then-create", Some(s)) => format!("creates it in {}", secs(s)),
+            ("wait", Some(s)) => format!("competes for it in {}", secs(s)),
+            ("wait", None) => "waits while the holder renews".to_string(),
+            (action, _) => format!("{action}s it at once"),
+        };
+        format!("  a new candidate ({identity}) {when}: {}\n", self.why)
+    }
 }
 
 impl Status {
@@ -55,8 +158,10 @@ impl Status {
         namespace: &str,
         lease: Option<&Lease>,
         identity: &str,
+        timing: &Timing,
         now: Timestamp,
     ) -> Status {
+        let outlook = Outlook::of(lease, identity, timing);
         let Some(lease) = lease else {
             return Status {
                 name: name.into(),
@@ -73,6 +178,7 @@ impl Status {
                 owner_pod: None,
                 preferred: None,
                 strategy: None,
+                outlook,
             };
         };
         let record = Record::of(lease);
@@ -113,6 +219,7 @@ impl Status {
                 .as_ref()
                 .and_then(|s| s.strategy.clone())
                 .filter(|s| !s.is_empty()),
+            outlook,
         }
     }
 
@@ -133,14 +240,16 @@ impl Status {
             "ownerPod": self.owner_pod,
             "preferredHolder": self.preferred,
             "strategy": self.strategy,
+            "newCandidate": self.outlook.to_json(),
         })
     }
 
-    /// For people.
-    pub fn to_text(&self) -> String {
+    /// For people; `identity` is the one a new candidate would use.
+    pub fn to_text(&self, identity: &str) -> String {
         let mut out = format!("Lease {}/{}: {}\n", self.namespace, self.name, self.state);
         if self.state == "absent" {
-            out.push_str("  it does not exist yet; the first candidate creates it\n");
+            out.push_str("  it does not exist yet\n");
+            out.push_str(&self.outlook.to_text(identity));
             return out;
         }
         let holder = match &self.holder {
@@ -189,6 +298,7 @@ impl Status {
                 self.strategy.as_deref().unwrap_or("none")
             ));
         }
+        out.push_str(&self.outlook.to_text(identity));
         out
     }
 }
@@ -215,6 +325,7 @@ pub async fn run(config: &Config, format: OutputFormat) -> Result<Outcome, Error
             lease_api.namespace(),
             lease.as_ref(),
             &config.identity,
+            &config.timing,
             Timestamp::now(),
         ));
     }
@@ -232,7 +343,7 @@ pub async fn run(config: &Config, format: OutputFormat) -> Result<Outcome, Error
                 );
             }
             for status in &all {
-                print!("{}", status.to_text());
+                print!("{}", status.to_text(&config.identity));
             }
         }
         (OutputFormat::Json, [one]) => println!("{}", one.to_json()),
@@ -266,20 +377,94 @@ mod tests {
     #[test]
     fn held_expired_released_and_absent() {
         let now = Timestamp::from_second(1000).unwrap();
-        let held = Status::of("l", "ns", Some(&lease(Some("a"), 995, 15)), "me", now);
+        let held = Status::of(
+            "l",
+            "ns",
+            Some(&lease(Some("a"), 995, 15)),
+            "me",
+            &Timing::default(),
+            now,
+        );
         assert_eq!(held.state, "held");
         assert_eq!(held.expires_in, Some(10.0));
-        assert!(held.to_text().contains("in 10.0s"));
-        let expired = Status::of("l", "ns", Some(&lease(Some("a"), 900, 15)), "me", now);
+        assert!(held.to_text("me").contains("in 10.0s"));
+        let expired = Status::of(
+            "l",
+            "ns",
+            Some(&lease(Some("a"), 900, 15)),
+            "me",
+            &Timing::default(),
+            now,
+        );
         assert_eq!(expired.state, "expired");
-        assert!(expired.to_text().contains("expired 85.0s ago"));
-        let released = Status::of("l", "ns", Some(&lease(None, 999, 1)), "me", now);
+        assert!(expired.to_text("me").contains("expired 85.0s ago"));
+        let released = Status::of(
+            "l",
+            "ns",
+            Some(&lease(None, 999, 1)),
+            "me",
+            &Timing::default(),
+            now,
+        );
         assert_eq!(released.state, "released");
-        let mine = Status::of("l", "ns", Some(&lease(Some("me"), 999, 15)), "me", now);
+        let mine = Status::of(
+            "l",
+            "ns",
+            Some(&lease(Some("me"), 999, 15)),
+            "me",
+            &Timing::default(),
+            now,
+        );
         assert!(mine.is_this_identity);
-        assert!(mine.to_text().contains("me (this identity)"));
-        let absent = Status::of("l", "ns", None, "me", now);
+        assert!(mine.to_text("me").contains("me (this identity)"));
+        let absent = Status::of("l", "ns", None, "me", &Timing::default(), now);
         assert_eq!(absent.to_json()["state"], "absent");
+    }
+
+    #[test]
+    fn the_outlook_is_the_campaigns_answer() {
+        let now = Timestamp::from_second(1000).unwrap();
+        let timing = Timing::default();
+        // Absent: one lease duration of absence, and how to avoid the wait.
+        let absent = Status::of("l", "ns", None, "me", &timing, now);
+        assert_eq!(absent.outlook.action, "wait-then-create");
+        assert_eq!(absent.outlook.in_secs, Some(15.0));
+        let text = absent.to_text("me");
+        assert!(
+            text.contains("a new candidate (me) creates it in 15.0s"),
+            "{text}"
+        );
+        assert!(text.contains("deploy/lease.yaml"), "{text}");
+        assert_eq!(absent.to_json()["newCandidate"]["inSeconds"], 15.0);
+        // Held by another: its duration from the first read, whatever renewTime says.
+        let held = Status::of(
+            "l",
+            "ns",
+            Some(&lease(Some("a"), 100, 20)),
+            "me",
+            &timing,
+            now,
+        );
+        assert_eq!(held.state, "expired");
+        assert_eq!(held.outlook.action, "wait");
+        assert_eq!(held.outlook.in_secs, Some(20.0));
+        assert!(held.to_text("me").contains("competes for it in 20.0s"));
+        // Released, or naming this identity: at once.
+        let released = Status::of("l", "ns", Some(&lease(None, 999, 1)), "me", &timing, now);
+        assert_eq!(
+            (released.outlook.action, released.outlook.in_secs),
+            ("claim", Some(0.0))
+        );
+        let mine = Status::of(
+            "l",
+            "ns",
+            Some(&lease(Some("me"), 999, 15)),
+            "me",
+            &timing,
+            now,
+        );
+        assert_eq!(mine.outlook.action, "claim");
+        assert!(mine.outlook.why.contains("resumed"));
     }
 
     #[test]
@@ -289,17 +474,24 @@ mod tests {
         let spec = l.spec.as_mut().unwrap();
         spec.preferred_holder = Some("b".into());
         spec.strategy = Some(crate::lease::decide::HANDOVER_STRATEGY.into());
-        let status = Status::of("l", "ns", Some(&l), "me", now);
+        let status = Status::of("l", "ns", Some(&l), "me", &Timing::default(), now);
         assert!(
             status
-                .to_text()
+                .to_text("me")
                 .contains("handover:     to b, pending (strategy lease-exec/handover)"),
             "{}",
-            status.to_text()
+            status.to_text("me")
         );
         assert_eq!(status.to_json()["preferredHolder"], "b");
-        let plain = Status::of("l", "ns", Some(&lease(Some("a"), 995, 15)), "me", now);
-        assert!(!plain.to_text().contains("handover"));
+        let plain = Status::of(
+            "l",
+            "ns",
+            Some(&lease(Some("a"), 995, 15)),
+            "me",
+            &Timing::default(),
+            now,
+        );
+        assert!(!plain.to_text("me").contains("handover"));
         assert!(plain.to_json()["preferredHolder"].is_null());
     }
 }

@@ -606,3 +606,62 @@ async fn the_namespace_comes_from_the_flag_the_option_variable_pod_namespace_the
     let written = namespaces_written(&world, &blank).await;
     assert!(written.iter().all(|ns| ns == "from-sa"), "{written:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_free_lease_not_taken_at_once_is_explained_with_until_when() {
+    let world = World::start().await;
+    // Absent at first sight: a holder it may have had is honoured for one lease duration (3 s).
+    let options = [
+        "--lease-duration",
+        "3s",
+        "--renew-deadline",
+        "2s",
+        "--retry-period",
+        "500ms",
+        "--identity",
+        "me",
+        "job",
+    ];
+    let mut running = world.worker_command(&options, -1.0, 0, &[]).spawn();
+    wait_for(LIMIT, "the absence to be noted", || {
+        running.stderr().contains("the lease is absent")
+    })
+    .await;
+    // Another candidate creates it and releases it at once: free, but not yet taken.
+    world.server.steal(NS, "job", "other", 3);
+    wait_for(LIMIT, "the holder to be noted", || {
+        running.stderr().contains("held by another identity")
+    })
+    .await;
+    world.server.put_lease(
+        NS,
+        "job",
+        json!({"spec": {"leaseDurationSeconds": 3, "leaseTransitions": 1}}),
+    );
+    let released_at = std::time::Instant::now();
+    wait_for(LIMIT, "the reason to be logged", || {
+        running
+            .stderr()
+            .contains("the lease is free, but it was absent")
+    })
+    .await;
+    assert!(
+        world.starts().is_empty(),
+        "started within the hold-back:\n{}",
+        running.stderr()
+    );
+    let line = running
+        .stderr()
+        .lines()
+        .find(|l| l.contains("the lease is free, but it was absent"))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("in_="), "says until when: {line}");
+    wait_for(LIMIT, "the takeover", || !world.starts().is_empty()).await;
+    assert!(
+        released_at.elapsed() < Duration::from_secs(4),
+        "taken over later than the hold-back explains"
+    );
+    running.signal(Signal::SIGTERM);
+    running.wait(LIMIT).await;
+}

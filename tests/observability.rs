@@ -385,6 +385,25 @@ async fn status_shows_held_expired_released_and_absent_leases() {
     let (code, out) = status(&world, &[]).await;
     assert_eq!(code, 0);
     assert!(out.contains("absent"), "{out}");
+    // A first run on a new name waits: said, with when and how to avoid it.
+    assert!(
+        out.contains("a new candidate (me) creates it in 15.0s"),
+        "{out}"
+    );
+    assert!(out.contains("deploy/lease.yaml"), "{out}");
+    let (_, out) = status(
+        &world,
+        &[
+            "--lease-duration",
+            "3s",
+            "--renew-deadline",
+            "2s",
+            "--retry-period",
+            "1s",
+        ],
+    )
+    .await;
+    assert!(out.contains("creates it in 3.0s"), "{out}");
 
     world.server.put_lease(
         NS,

@@ -120,6 +120,23 @@ async fn the_code_uses_only_the_declared_verbs() {
 }
 
 #[test]
+fn the_example_lease_is_released_and_named_as_the_deployment_names_it() {
+    let read = |f: &str| std::fs::read_to_string(Path::new(ROOT).join(f)).unwrap();
+    let (lease, deployment) = (read("deploy/lease.yaml"), read("deploy/deployment.yaml"));
+    assert!(lease.contains("kind: Lease\n"), "{lease}");
+    assert!(!lease.contains("holderIdentity"), "released: {lease}");
+    let name = lease
+        .lines()
+        .find_map(|l| l.strip_prefix("  name: "))
+        .expect("metadata.name");
+    assert!(
+        deployment.contains(&format!("[\"/lease-exec\", \"{name}\", \"--\"")),
+        "the Deployment's LEASE is not {name}"
+    );
+    assert!(deployment.contains("kubectl apply -f deploy/lease.yaml"));
+}
+
+#[test]
 fn the_example_deployment_passes_the_env_the_code_reads() {
     let deployment =
         std::fs::read_to_string(Path::new(ROOT).join("deploy/deployment.yaml")).unwrap();

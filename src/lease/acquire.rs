@@ -17,7 +17,7 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::time::{Instant, sleep_until};
 
 use super::api::{ApiError, LeaseApi};
-use super::campaign::{Action, Campaign, Input};
+use super::campaign::{Action, Campaign, HoldBack, Input};
 use super::decide::{Claimant, Decision, Memory, Record};
 use super::watch::{Failure as WatchFailure, LeaseWatch, Seen};
 use crate::config::Timing;
@@ -366,12 +366,16 @@ async fn sleep_opt(at: Option<Instant>) {
     }
 }
 
+/// How often a hold-back that has not changed is logged again while it lasts.
+const HOLD_BACK_LOG_EVERY: Duration = Duration::from_secs(30);
+
 /// Remembers what was logged about the Lease, so each fact is logged once.
 #[derive(Default)]
 struct Narrator {
     shown_holder: Option<String>,
     warned_record: Option<Record>,
-    shown_deleted: Option<Instant>,
+    /// The last hold-back logged: why, until when, and when it was logged.
+    shown_hold: Option<(HoldBack, Instant, Instant)>,
     shown_deferral: Option<Instant>,
     failing: bool,
     /// A failure to log once the campaign has said when it retries: what failed, and why.
@@ -382,14 +386,19 @@ impl Narrator {
     /// Logs the holder when it changes, a record's unusable duration once, and a deleted holder's
     /// term being honoured.
     fn waiting(&mut self, campaign: &Campaign, timing: &Timing) {
-        if let Some(end) = campaign.deleted_term_end()
-            && self.shown_deleted != Some(end)
+        // A free Lease not taken at once: why and until when, each time that changes, and again
+        // at a low rate while it lasts, so a long wait never reads as a hang.
+        let now = Instant::now();
+        if let Some((why, end)) = campaign.holding_back(now)
+            && self.shown_hold.is_none_or(|(shown, until, at)| {
+                shown != why || until != end || now.duration_since(at) >= HOLD_BACK_LOG_EVERY
+            })
         {
             tracing::info!(
-                in_ = %humantime::format_duration(round_ms(end.saturating_duration_since(Instant::now()))),
-                "waiting: the lease is absent (never seen, or deleted); creating it once any holder it may have had is gone"
+                in_ = %humantime::format_duration(round_ms(end.saturating_duration_since(now))),
+                "waiting: {}", why.why()
             );
-            self.shown_deleted = Some(end);
+            self.shown_hold = Some((why, end, now));
         }
         if let Some((to, until)) = campaign.deferring(Instant::now())
             && self.shown_deferral != Some(until)

@@ -111,6 +111,30 @@ pub enum Action {
     },
 }
 
+/// Why a Lease nobody holds is not taken yet (see [`Campaign::holding_back`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldBack {
+    /// It is absent (never seen, or deleted): a holder it may have had could still run.
+    Absent,
+    /// It is free now, but it was absent (or deleted while held) earlier in this wait: a holder
+    /// it may have had then could still run.
+    AbsentBefore,
+}
+
+impl HoldBack {
+    /// For the log.
+    pub fn why(self) -> &'static str {
+        match self {
+            HoldBack::Absent => {
+                "the lease is absent (never seen, or deleted); creating it once any holder it may have had is gone"
+            }
+            HoldBack::AbsentBefore => {
+                "the lease is free, but it was absent or deleted earlier; taking it once any holder it may have had then is gone"
+            }
+        }
+    }
+}
+
 /// What we know of the Lease.
 #[derive(Debug, Clone)]
 enum View {
@@ -269,6 +293,31 @@ impl Campaign {
     /// When a deleted holder's term ends, if one is being honoured.
     pub fn deleted_term_end(&self) -> Option<Instant> {
         self.deleted_term_end
+    }
+
+    /// Why the Lease is not created or claimed at `now` although nobody holds it, and until when:
+    /// the term of a holder it may have had while it was absent (see the module's rules). `None`
+    /// when it is held, being handed over, or free to take now.
+    pub fn holding_back(&self, now: Instant) -> Option<(HoldBack, Instant)> {
+        let end = self.deleted_term_end.filter(|end| *end > now)?;
+        match &self.view {
+            View::Absent => Some((HoldBack::Absent, end)),
+            View::Present(_) => {
+                let (record, observed_at) = self.observed.as_ref()?;
+                match decide(
+                    record,
+                    *observed_at,
+                    now,
+                    &self.identity,
+                    self.timing.lease_duration,
+                    self.stepped_down_from(record),
+                ) {
+                    Decision::Wait { .. } | Decision::Defer { .. } => None,
+                    _ => Some((HoldBack::AbsentBefore, end)),
+                }
+            }
+            View::Unknown => None,
+        }
     }
 
     /// Feeds one input observed at `now` and returns what to do next.
@@ -625,6 +674,31 @@ mod tests {
 
     fn is_claim(action: &Action, rv: &str) -> bool {
         matches!(action, Action::Claim { current, .. } if current.metadata.resource_version.as_deref() == Some(rv))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_free_lease_held_back_by_an_earlier_absence_says_why_and_until_when() {
+        let t0 = Instant::now();
+        let mut c = campaign();
+        c.step(Input::Read(None), t0);
+        assert_eq!(c.holding_back(t0), Some((HoldBack::Absent, t0 + 15 * S)));
+        // Created by another candidate: held, nothing held back.
+        c.step(Input::Changed(lease(Some("other"), 15, 1, "2")), t0 + S);
+        assert_eq!(c.holding_back(t0 + S), None);
+        // Released: free, yet the earlier absence still holds it back, and says so.
+        let action = c.step(Input::Changed(lease(None, 15, 2, "3")), t0 + 2 * S);
+        assert_eq!(
+            action,
+            Action::Wait {
+                until: Some(t0 + 15 * S)
+            }
+        );
+        assert_eq!(
+            c.holding_back(t0 + 2 * S),
+            Some((HoldBack::AbsentBefore, t0 + 15 * S))
+        );
+        assert_eq!(c.holding_back(t0 + 15 * S), None);
+        assert!(is_claim(&c.step(Input::Tick, t0 + 15 * S), "3"));
     }
 
     #[tokio::test(start_paused = true)]
