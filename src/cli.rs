@@ -176,6 +176,19 @@ pub struct Cli {
     #[arg(long, env = "LEASE_EXEC_STATUS", help_heading = "Debugging")]
     pub status: bool,
 
+    /// Check that lease-exec would work here, touching nothing, and exit: the cluster
+    /// configuration and server, identity, namespace, each permission the Role must grant (asked
+    /// of the API server), the Lease and what a new candidate would do with it, a watch through
+    /// whatever is in between, the clock against the API server's, and the timing. Exit 0 when
+    /// nothing fails, 125 otherwise
+    #[arg(
+        long,
+        env = "LEASE_EXEC_CHECK",
+        conflicts_with_all = ["status", "handover"],
+        help_heading = "Debugging"
+    )]
+    pub check: bool,
+
     /// Ask the Lease's holder to hand it over (sets spec.preferredHolder, as Kubernetes'
     /// coordinated leader election does), wait for the new holder, and print who took over and how
     /// long the Lease stayed free; no command is run. Exit 0, 124 after --wait-timeout (the request
@@ -198,7 +211,7 @@ pub struct Cli {
     )]
     pub to: Option<String>,
 
-    /// Output of --status
+    /// Output of --status, --check and --handover
     #[arg(
         short,
         long,

@@ -33,6 +33,10 @@ pub struct Config {
     pub namespace: Option<String>,
     /// Holder identity written to the Lease.
     pub identity: String,
+    /// Where the identity came from (for `--check`).
+    pub identity_from: &'static str,
+    /// Where the namespace came from, when decided before the kubeconfig is read.
+    pub namespace_from: Option<&'static str>,
     /// Durations, checked against each other.
     pub timing: Timing,
     /// Release the Lease at exit.
@@ -58,6 +62,8 @@ pub enum Action {
     Run(Command),
     /// Print the Lease and exit (`--status`).
     Status(OutputFormat),
+    /// Check that lease-exec would work here, touching nothing (`--check`).
+    Check(OutputFormat),
     /// Ask the holder to hand the Lease over, wait for the new holder (`--handover`).
     Handover {
         /// The identity preferred (`--to`); `None`: any other candidate.
@@ -366,14 +372,21 @@ impl Config {
         };
         timing.validate()?;
 
-        let namespace = match cli.namespace {
-            Some(ns) => Some(ns),
-            None => non_empty(env(POD_NAMESPACE)).or_else(|| {
-                std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
-                    .ok()
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-            }),
+        let (namespace, namespace_from) = match cli.namespace {
+            Some(ns) => (Some(ns), Some("-n, --namespace or LEASE_EXEC_NAMESPACE")),
+            None => match non_empty(env(POD_NAMESPACE)) {
+                Some(ns) => (Some(ns), Some("POD_NAMESPACE")),
+                None => {
+                    let mounted = std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
+                        .ok()
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty());
+                    let from = mounted
+                        .as_ref()
+                        .map(|_| "the service account's namespace file");
+                    (mounted, from)
+                }
+            },
         };
         if let Some(ns) = &namespace
             && !is_dns_label(ns)
@@ -381,12 +394,15 @@ impl Config {
             return Err(ConfigError::Namespace(ns.clone()));
         }
 
-        let identity = match cli.identity {
+        let (identity, identity_from) = match cli.identity {
             Some(identity) => {
                 validate_identity(&identity)?;
-                identity
+                (identity, "--identity or LEASE_EXEC_IDENTITY")
             }
-            None => default_identity(env),
+            None if non_empty(env(POD_NAME)).is_some() => {
+                (default_identity(env), "POD_NAME and a random suffix")
+            }
+            None => (default_identity(env), "the host name and a random suffix"),
         };
 
         let owner = if cli.owner_pod {
@@ -430,6 +446,13 @@ impl Config {
                 ));
             }
             Action::Status(cli.output)
+        } else if cli.check {
+            if !cli.command.is_empty() {
+                return Err(ConfigError::Usage(
+                    "--check checks that lease-exec would work here and runs nothing: drop the command after `--`".into(),
+                ));
+            }
+            Action::Check(cli.output)
         } else {
             let mut argv = cli.command.into_iter();
             let Some(name) = argv.next() else {
@@ -486,6 +509,8 @@ impl Config {
             holders: cli.holders,
             namespace,
             identity,
+            identity_from,
+            namespace_from,
             timing,
             release: !cli.no_release,
             watch: !cli.no_watch,

@@ -51,6 +51,9 @@ pub enum Error {
         /// Why it failed.
         error: std::io::Error,
     },
+    /// `--check`: this many checks failed (each printed with what to do).
+    #[error("{0} check(s) failed")]
+    Check(usize),
     /// Anything else that stops lease-exec before the command runs.
     #[error("{0}")]
     Fatal(String),
@@ -64,7 +67,7 @@ pub fn exit_code(result: &Result<Outcome, Error>) -> u8 {
         Err(Error::Config(ConfigError::CommandNotFound(_))) => exit::NOT_FOUND,
         Err(Error::Config(ConfigError::CommandNotExecutable { .. })) => exit::NOT_EXECUTABLE,
         Err(Error::Config(_)) => exit::USAGE,
-        Err(Error::Access(_) | Error::Api(_) | Error::Fatal(_)) => exit::FAILED,
+        Err(Error::Access(_) | Error::Api(_) | Error::Fatal(_) | Error::Check(_)) => exit::FAILED,
         Err(Error::WaitTimeout(_) | Error::HandoverTimeout { .. }) => exit::WAIT_TIMEOUT,
         Err(Error::Lost(_)) => exit::LOST,
         Err(Error::Spawn { error, .. }) => spawn_failure(error),

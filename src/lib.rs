@@ -25,6 +25,7 @@
 //!    period), kill what is left of its group and every leftover descendant, then release the Lease
 //!    so the next candidate takes over at once, and exit with the command's status ([`exit`]).
 
+pub mod check;
 pub mod child;
 pub mod cli;
 pub mod clock;
@@ -82,6 +83,7 @@ pub fn main() -> u8 {
         match &config.action {
             config::Action::Run(command) => supervise::run(&config, command).await,
             config::Action::Status(format) => status::run(&config, *format).await,
+            config::Action::Check(format) => check::run(&config, *format).await,
             config::Action::Handover { to, format } => {
                 handover::run(&config, to.as_deref(), *format).await
             }

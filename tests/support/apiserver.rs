@@ -213,6 +213,8 @@ struct Inner {
     mode: Mode,
     delay: Duration,
     deny: HashMap<&'static str, u16>,
+    /// Seconds added to the clock the `Date` header shows.
+    clock_skew: i64,
     seen: Vec<Seen>,
     writes: Vec<Write>,
     history: VecDeque<WatchEvent>,
@@ -350,6 +352,7 @@ impl ApiServer {
                 mode: Mode::Normal,
                 delay: Duration::ZERO,
                 deny: HashMap::new(),
+                clock_skew: 0,
                 seen: Vec::new(),
                 writes: Vec::new(),
                 history: VecDeque::new(),
@@ -477,6 +480,11 @@ impl ApiServer {
     /// both verbs for create-on-update.
     pub fn deny(&self, verb: &'static str, code: u16) {
         self.inner.lock().unwrap().deny.insert(verb, code);
+    }
+
+    /// Makes the `Date` header of every answer run `seconds` ahead of this machine's clock.
+    pub fn set_clock_skew(&self, seconds: i64) {
+        self.inner.lock().unwrap().clock_skew = seconds;
     }
 
     /// Stops denying `verb`.
@@ -855,6 +863,27 @@ impl ApiServer {
     }
 
     async fn handle(&self, door: usize, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let mut response = self.answer(door, req).await;
+        let skew = self.inner.lock().unwrap().clock_skew;
+        if skew != 0 {
+            let at = std::time::SystemTime::now()
+                .checked_add(Duration::from_secs(skew.unsigned_abs()))
+                .filter(|_| skew > 0)
+                .unwrap_or_else(|| {
+                    std::time::SystemTime::now() - Duration::from_secs(skew.unsigned_abs())
+                });
+            let date = k8s_openapi::jiff::Timestamp::try_from(at)
+                .unwrap()
+                .strftime("%a, %d %b %Y %H:%M:%S GMT")
+                .to_string();
+            response
+                .headers_mut()
+                .insert("date", date.parse().unwrap());
+        }
+        response
+    }
+
+    async fn answer(&self, door: usize, req: Request<hyper::body::Incoming>) -> Response<Body> {
         use http_body_util::BodyExt;
         let (parts, body) = req.into_parts();
         let (body, too_large) = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
@@ -988,6 +1017,31 @@ impl ApiServer {
             Route::Update { ns, name } => self.update(door, &ns, &name, body, denied_create),
             Route::Patch { ns, name } => self.patch(door, &ns, &name, headers, body),
             Route::Delete { ns, name } => self.delete(&ns, &name, body),
+            Route::AccessReview => {
+                let mut review = match parse_json(body) {
+                    Ok(v) => v,
+                    Err(response) => return *response,
+                };
+                let attributes = &review["spec"]["resourceAttributes"];
+                let key = match (
+                    attributes["group"].as_str().unwrap_or(""),
+                    attributes["resource"].as_str().unwrap_or(""),
+                    attributes["verb"].as_str().unwrap_or(""),
+                ) {
+                    (GROUP, "leases", verb) => verb.to_string(),
+                    ("events.k8s.io" | "", "events", verb) => format!("{verb}-event"),
+                    (_, _, verb) => format!("other:{verb}"),
+                };
+                let allowed = !self.inner.lock().unwrap().deny.contains_key(key.as_str());
+                review["status"] = if allowed {
+                    json!({"allowed": true, "reason": "allowed by the in-memory server"})
+                } else {
+                    json!({"allowed": false})
+                };
+                review["apiVersion"] = json!("authorization.k8s.io/v1");
+                review["kind"] = json!("SelfSubjectAccessReview");
+                json_response(201, review)
+            }
             Route::CreateEvent { ns } => {
                 let mut object = match parse_json(body) {
                     Ok(v) => v,
@@ -2768,6 +2822,8 @@ enum Route {
     CreateEvent {
         ns: String,
     },
+    /// A SelfSubjectAccessReview: answered from what `deny` refuses.
+    AccessReview,
     /// `strict`: through events.k8s.io/v1, validated as an update there.
     PatchEvent {
         ns: String,
@@ -2788,6 +2844,7 @@ impl Route {
             Route::Patch { .. } => "patch",
             Route::Delete { .. } => "delete",
             Route::CreateEvent { .. } => "create-event",
+            Route::AccessReview => "access-review",
             Route::PatchEvent { .. } => "patch-event",
         }
     }
@@ -2802,6 +2859,12 @@ impl Route {
             Route::List { ns, .. } => ("leases", GROUP, None, ns.as_deref()),
             Route::Create { ns } => ("leases", GROUP, None, Some(ns)),
             Route::CreateEvent { ns } => ("events", "events.k8s.io", None, Some(ns)),
+            Route::AccessReview => (
+                "selfsubjectaccessreviews",
+                "authorization.k8s.io",
+                None,
+                None,
+            ),
             Route::PatchEvent { ns, name, .. } => ("events", "events.k8s.io", Some(name), Some(ns)),
             Route::Discovery(_) | Route::NotFound => ("leases", GROUP, None, None),
         }
@@ -2919,6 +2982,9 @@ impl Route {
                 ns: ns.to_string(),
                 name: name.to_string(),
             },
+            ("POST", ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"]) => {
+                Route::AccessReview
+            }
             ("POST", ["api", "v1", "namespaces", ns, "events"])
             | ("POST", ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
                 Route::CreateEvent { ns: ns.to_string() }
