@@ -14,6 +14,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"net/url"
@@ -27,6 +28,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
+	"google.golang.org/grpc/grpclog"
 )
 
 const (
@@ -168,7 +170,9 @@ func writeEtcdURL(dir string) error {
 }
 
 // runEtcdLeader prints the index of the member that is leader: one that
-// answers Status and names itself as the leader.
+// answers Status naming itself as the leader and then serves a linearizable
+// read, which a leader cut off from the others cannot (it would only step down
+// after an election timeout).
 func runEtcdLeader(args []string) error {
 	fs := flag.NewFlagSet("etcd-leader", flag.ContinueOnError)
 	timeout := fs.Duration("timeout", 5*time.Second, "how long to wait for a leader")
@@ -183,18 +187,30 @@ func runEtcdLeader(args []string) error {
 	if err != nil {
 		return err
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		return err
+	quietGRPC()
+	clients := make([]*clientv3.Client, len(endpoints))
+	for m, ep := range endpoints {
+		cli, err := clientv3.New(clientv3.Config{Endpoints: []string{ep}, DialTimeout: time.Second, Logger: zap.NewNop()})
+		if err != nil {
+			return err
+		}
+		defer func() { _ = cli.Close() }()
+		clients[m] = cli
 	}
-	defer func() { _ = cli.Close() }()
+	isLeader := func(m int) bool {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		resp, err := clients[m].Status(ctx, endpoints[m])
+		if err != nil || resp.Leader == 0 || resp.Leader != resp.Header.MemberId {
+			return false
+		}
+		_, err = clients[m].Get(ctx, "etcd-leader-probe")
+		return err == nil
+	}
 	deadline := time.Now().Add(*timeout)
 	for {
-		for m, ep := range endpoints {
-			ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
-			resp, err := cli.Status(ctx, ep)
-			cancel()
-			if err == nil && resp.Leader != 0 && resp.Leader == resp.Header.MemberId {
+		for m := range endpoints {
+			if isLeader(m) {
 				fmt.Println(m)
 				return nil
 			}
@@ -287,6 +303,12 @@ func ensurePKI(dir string) error {
 		}
 	}
 	return nil
+}
+
+// quietGRPC drops gRPC's own log lines (dial failures to a stopped member),
+// which would otherwise reach stderr through klog.
+func quietGRPC() {
+	grpclog.SetLoggerV2(grpclog.NewLoggerV2(io.Discard, io.Discard, io.Discard))
 }
 
 func serialNumber() *big.Int {

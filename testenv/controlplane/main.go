@@ -7,7 +7,7 @@
 //	controlplane etcd --dir D                 # etcd, data in D/etcd, URL in D/etcd.url
 //	controlplane apiserver --dir D [-- --flag=value ...]
 //	controlplane controller-manager --dir D [-- --flag=value ...]
-//	controlplane wait --dir D --for etcd|apiserver [--pid P] [--timeout 60s]
+//	controlplane wait --dir D --for etcd|apiserver [--pid P ...] [--timeout 60s]
 //	controlplane compact --dir D              # compact etcd to its current revision
 //
 // "wait --for apiserver" waits for /readyz and writes D/kubeconfig (admin),
@@ -219,6 +219,7 @@ func runCompact(args []string) error {
 	if err != nil {
 		return err
 	}
+	quietGRPC()
 	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
 	if err != nil {
 		return err
@@ -449,7 +450,15 @@ func runControllerManager(args []string) int {
 func runWait(args []string) error {
 	fs := flag.NewFlagSet("wait", flag.ContinueOnError)
 	what := fs.String("for", "apiserver", "etcd, apiserver, etcd-M, apiserver-N or toxiproxy")
-	pid := fs.Int("pid", 0, "fail at once if this process exits")
+	var pids []int
+	fs.Func("pid", "fail at once if this process exits (repeatable: the first is the one waited for)", func(v string) error {
+		p, err := strconv.Atoi(v)
+		if err != nil || p <= 0 {
+			return fmt.Errorf("not a process id: %q", v)
+		}
+		pids = append(pids, p)
+		return nil
+	})
 	timeout := fs.Duration("timeout", defaultDeadline, "deadline")
 	dir, _, err := parseFlags(fs, args)
 	if err != nil {
@@ -493,8 +502,14 @@ func runWait(args []string) error {
 		if err == nil {
 			break
 		}
-		if *pid > 0 && !alive(*pid) {
-			return fmt.Errorf("%s exited before it was ready", *what)
+		for i, p := range pids {
+			if alive(p) {
+				continue
+			}
+			if i == 0 {
+				return fmt.Errorf("%s exited before it was ready", *what)
+			}
+			return fmt.Errorf("process %d exited before %s was ready", p, *what)
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("%s not ready after %s: %v", *what, *timeout, err)

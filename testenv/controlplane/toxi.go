@@ -233,6 +233,8 @@ func runToxic(args []string) error {
 	case "partition":
 		// Refuses new connections and closes the open ones.
 		t.disable()
+		t.remove(halfOpenToxics()...)
+		t.remove(resetToxics()...)
 	case "half-open":
 		t.ensure(halfOpenToxics()...)
 		t.remove(resetToxics()...)
