@@ -125,7 +125,7 @@ fn to_json(config: &Config, checks: &[Check]) -> Value {
 async fn checks(config: &Config) -> Vec<Check> {
     let mut checks = Vec::new();
     let timeout = config.timing.request_timeout();
-    let (source, server) = describe_access(config).await;
+    let (source, server, context_namespace) = describe_access(config).await;
     let connected = api::connect_slots(config).await;
     let (client, slots) = match connected {
         Ok(connected) => {
@@ -145,15 +145,15 @@ async fn checks(config: &Config) -> Vec<Check> {
     };
     checks.push(identity(config));
     let namespace = slots[0].namespace().to_string();
+    let from = match (config.namespace_from, context_namespace) {
+        (Some(from), _) => from,
+        (None, Some(_)) => "the kubeconfig context's",
+        (None, None) => "the default: -n, POD_NAMESPACE and the kubeconfig context name none",
+    };
     checks.push(check(
         "namespace",
         Verdict::Ok,
-        format!(
-            "{namespace} ({})",
-            config
-                .namespace_from
-                .unwrap_or("the kubeconfig context's, else default")
-        ),
+        format!("{namespace} ({from})"),
     ));
 
     // Reachability and the clock, from one request.
@@ -267,8 +267,8 @@ fn on(name: &Option<String>) -> String {
 
 fn verb_name(resource: &str, verb: &str) -> String {
     match resource {
-        "events" => format!("{verb} events"),
-        _ => verb.to_string(),
+        "events" => format!("may {verb} events"),
+        _ => format!("may {verb}"),
     }
 }
 
@@ -280,8 +280,9 @@ fn identity(config: &Config) -> Check {
     )
 }
 
-/// Where the cluster configuration comes from, and the server it names.
-async fn describe_access(config: &Config) -> (String, String) {
+/// Where the cluster configuration comes from, the server it names, and the namespace its
+/// context names (or the service account's, in a cluster).
+async fn describe_access(config: &Config) -> (String, String, Option<String>) {
     let options = kube::config::KubeConfigOptions {
         context: config.access.context.clone(),
         ..Default::default()
@@ -306,17 +307,27 @@ async fn describe_access(config: &Config) -> (String, String) {
                 .clone()
                 .or_else(|| kubeconfig.current_context.clone())
                 .unwrap_or_default();
+            let namespace = kubeconfig
+                .contexts
+                .iter()
+                .find(|c| c.name == context)
+                .and_then(|c| c.context.as_ref())
+                .and_then(|c| c.namespace.clone())
+                .filter(|n| !n.is_empty());
             let server = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
                 .await
                 .map(|c| c.cluster_url.to_string())
                 .unwrap_or_else(|_| "?".into());
-            (format!("{from}, context {context:?}"), server)
+            (format!("{from}, context {context:?}"), server, namespace)
         }
         None => {
-            let server = kube::Config::incluster()
+            let config = kube::Config::incluster();
+            let server = config
+                .as_ref()
                 .map(|c| c.cluster_url.to_string())
                 .unwrap_or_else(|_| "?".into());
-            ("in-cluster service account".to_string(), server)
+            let namespace = config.ok().map(|c| c.default_namespace);
+            ("in-cluster service account".to_string(), server, namespace)
         }
     }
 }
@@ -570,14 +581,16 @@ mod tests {
         let ok = check("a", Verdict::Ok, "fine");
         let warn = check("b", Verdict::Warn, "hm");
         let fail = check("c", Verdict::Fail, "no");
-        assert!(to_text(&config, &[ok.clone()]).ends_with("all checks passed\n"));
+        assert!(to_text(&config, std::slice::from_ref(&ok)).ends_with("all checks passed\n"));
         assert!(
             to_text(&config, &[ok.clone(), warn.clone()])
                 .ends_with("all checks passed, 1 with a warning\n")
         );
         let text = to_text(&config, &[ok, warn, fail]);
         assert!(text.contains("  FAIL  c  no\n"), "{text}");
-        assert!(text.ends_with("1 check(s) failed: lease-exec would not work here as configured\n"));
+        assert!(
+            text.ends_with("1 check(s) failed: lease-exec would not work here as configured\n")
+        );
         let json = to_json(&config, &[check("c", Verdict::Fail, "no")]);
         assert_eq!(json["ok"], false);
         assert_eq!(json["checks"][0]["verdict"], "fail");

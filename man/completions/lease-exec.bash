@@ -23,7 +23,7 @@ _lease__exec() {
 
     case "${cmd}" in
         lease__exec)
-            opts="-n -o -h -V --namespace --identity --no-release --owner-pod --recampaign --holders --no-watch --lease-duration --renew-deadline --retry-period --renew-interval --grace-period --wait-timeout --status --handover --to --output --metrics-addr --statsd-addr --statsd-prefix --no-events --log-format --generate --kubeconfig --context --help --version"
+            opts="-n -o -h -V --namespace --identity --no-release --owner-pod --recampaign --holders --no-watch --lease-duration --renew-deadline --retry-period --renew-interval --grace-period --wait-timeout --status --check --handover --to --output --metrics-addr --statsd-addr --statsd-prefix --no-events --log-format --generate --kubeconfig --context --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -8,7 +8,7 @@ complete -c lease-exec -l renew-interval -d 'Interval between renewals while the
 complete -c lease-exec -l grace-period -d 'Time the command gets between SIGTERM and SIGKILL. On lost leadership it is cut short so the command is dead before the Lease can expire for others' -r
 complete -c lease-exec -l wait-timeout -d 'Give up (exit 124) if not leader by then [default: wait forever]' -r
 complete -c lease-exec -l to -d 'With --handover: the identity to hand the Lease over to [default: any other candidate]' -r
-complete -c lease-exec -s o -l output -d 'Output of --status' -r -f -a "text\t'For people'
+complete -c lease-exec -s o -l output -d 'Output of --status, --check and --handover' -r -f -a "text\t'For people'
 json\t'One JSON object, for scripts'"
 complete -c lease-exec -l metrics-addr -d 'Serve Prometheus metrics on /metrics, liveness on /healthz and leadership on /leader at this address (e.g. `0.0.0.0:9090`) [default: off]' -r
 complete -c lease-exec -l statsd-addr -d 'Send the statsd counter `<prefix>.leader_running` every retry period while leading [default: off]' -r
@@ -26,6 +26,7 @@ complete -c lease-exec -l owner-pod -d 'Name this Pod (POD_NAME, POD_UID) as the
 complete -c lease-exec -l recampaign -d 'After leadership is lost and the command stopped, wait for the Lease again and re-run the command when it is won, instead of exiting 75 (for runs outside a kubelet\'s restart loop: by hand, under systemd, in a script). The command\'s own exit still ends lease-exec'
 complete -c lease-exec -l no-watch -d 'Send no watch request at all (for API servers or proxies that break watches): poll the Lease every retry period while waiting; while leading, renewals alone notice a takeover or an edit'
 complete -c lease-exec -l status -d 'Print the Lease as a person wants to read it (holder, renewed, expires, transitions, owner) and exit 0; no command is run'
+complete -c lease-exec -l check -d 'Check that lease-exec would work here, touching nothing, and exit: the cluster configuration and server, identity, namespace, each permission the Role must grant (asked of the API server), the Lease and what a new candidate would do with it, a watch through whatever is in between, the clock against the API server\'s, and the timing. Exit 0 when nothing fails, 125 otherwise'
 complete -c lease-exec -l handover -d 'Ask the Lease\'s holder to hand it over (sets spec.preferredHolder, as Kubernetes\' coordinated leader election does), wait for the new holder, and print who took over and how long the Lease stayed free; no command is run. Exit 0, 124 after --wait-timeout (the request is then withdrawn), 125 if refused'
 complete -c lease-exec -l no-events -d 'Do not record Kubernetes Events on the Lease when it is acquired, lost or released'
 complete -c lease-exec -s h -l help -d 'Print help (see more with \'--help\')'

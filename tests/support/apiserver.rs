@@ -876,9 +876,7 @@ impl ApiServer {
                 .unwrap()
                 .strftime("%a, %d %b %Y %H:%M:%S GMT")
                 .to_string();
-            response
-                .headers_mut()
-                .insert("date", date.parse().unwrap());
+            response.headers_mut().insert("date", date.parse().unwrap());
         }
         response
     }
@@ -2982,9 +2980,15 @@ impl Route {
                 ns: ns.to_string(),
                 name: name.to_string(),
             },
-            ("POST", ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"]) => {
-                Route::AccessReview
-            }
+            (
+                "POST",
+                [
+                    "apis",
+                    "authorization.k8s.io",
+                    "v1",
+                    "selfsubjectaccessreviews",
+                ],
+            ) => Route::AccessReview,
             ("POST", ["api", "v1", "namespaces", ns, "events"])
             | ("POST", ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
                 Route::CreateEvent { ns: ns.to_string() }
