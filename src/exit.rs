@@ -26,7 +26,7 @@ Exit codes:
   75         leadership lost, or API server unreachable past --renew-deadline (the command was stopped)
   124        --wait-timeout reached before the lease was acquired (--handover: before the handover)
   125        lease-exec failed before starting the command (authorization, unusable kubeconfig;
-             --handover: refused)
+             --handover: refused; --check: a check failed)
   126        the command is not executable
   127        the command was not found";
 

@@ -392,6 +392,107 @@ async fn rbac_without_update_exits_125_naming_the_verb() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_each_verb_the_role_lacks() {
+    let Some(cluster) = Cluster::shared().await else {
+        return;
+    };
+    let space = Space::new(cluster, "check").await;
+    put_lease(&space, "job", Some("someone-else"), 30).await;
+    let before = space.lease("job").await.unwrap();
+    // Each lease verb missing in turn, then the events rule: the line names it, and only what
+    // lease-exec cannot do without fails the check.
+    let cases: [(&str, &[&str], bool, &str, bool); 5] = [
+        ("get", &["create", "update", "watch"], true, "may get", true),
+        (
+            "create",
+            &["get", "update", "watch"],
+            true,
+            "may create",
+            true,
+        ),
+        (
+            "update",
+            &["get", "create", "watch"],
+            true,
+            "may update",
+            true,
+        ),
+        (
+            "watch",
+            &["get", "create", "update"],
+            true,
+            "may watch",
+            false,
+        ),
+        (
+            "events",
+            &["get", "create", "update", "watch"],
+            false,
+            "may create events",
+            false,
+        ),
+    ];
+    for (missing, verbs, events, line_name, fails) in cases {
+        let quoted: Vec<String> = verbs.iter().map(|v| format!("{v:?}")).collect();
+        let mut role = rbac_without(LEASE_VERBS, &format!("verbs: [{}]", quoted.join(", ")));
+        if !events {
+            role = role.replacen(EVENTS_RULE, "", 1);
+        }
+        let sa = space.service_account(&role, verbs, events).await;
+        let (code, out, err) = {
+            let out = tokio::time::timeout(
+                LIMIT,
+                space
+                    .lease_exec(Some(&sa), &["--check", "--identity", "me", "job"])
+                    .output(),
+            )
+            .await
+            .expect("--check ran too long")
+            .unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let line = out
+            .lines()
+            .find(|l| l.contains(&format!("  {line_name}  ")))
+            .unwrap_or_else(|| panic!("without {missing}: no {line_name:?} line:\n{out}{err}"));
+        assert!(line.contains("not allowed"), "without {missing}: {out}");
+        if fails {
+            assert!(
+                line.trim_start().starts_with("FAIL"),
+                "without {missing}: {out}"
+            );
+            assert_eq!(code, 125, "without {missing}: {out}{err}");
+        } else {
+            assert!(
+                line.trim_start().starts_with("warn"),
+                "without {missing}: {out}"
+            );
+            assert_eq!(code, 0, "without {missing}: {out}{err}");
+        }
+        // Every other permission line is ok.
+        let others_ok = out
+            .lines()
+            .filter(|l| l.contains("  may ") && !l.contains(&format!("  {line_name}  ")))
+            .filter(|l| !(missing == "events" && l.contains("events")))
+            .all(|l| l.trim_start().starts_with("ok"));
+        assert!(others_ok, "without {missing}: {out}");
+    }
+    // It touched nothing.
+    let after = space.lease("job").await.unwrap();
+    assert_eq!(
+        after["metadata"]["resourceVersion"],
+        before["metadata"]["resourceVersion"]
+    );
+    report(
+        "real tier: --check named each missing verb of the Role (get, create, update fail; watch, events warn)",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rbac_without_watch_polls_and_still_acquires() {
     let Some(cluster) = Cluster::shared().await else {
         return;
