@@ -19,7 +19,8 @@ next candidate takes over at once, and lease-exec exits with the command's code.
 
 Every option can also be set from an environment variable, shown with each option.";
 
-const AFTER_LONG_HELP: &str = "\
+const AFTER_LONG_HELP: &str = concat!(
+    "\
 Examples:
   Run one copy of a worker across all replicas of a Deployment:
     lease-exec my-worker -- ./worker --flag
@@ -36,15 +37,9 @@ every change of holder: usable as a fencing token), and with --holders, LEASE_EX
 LEASE_EXEC_IDENTITY, ...) are removed from its environment, so a lease-exec it starts is an \
 ordinary new candidate.
 
-Exit codes:
-  <child's>  the command's own exit code; 128+N if it was killed by signal N
-  2          usage or configuration error (nothing was touched)
-  75         leadership lost, or API server unreachable past --renew-deadline (the command was stopped)
-  124        --wait-timeout reached before the lease was acquired (--handover: before the handover)
-  125        lease-exec failed before starting the command (authorization, unusable kubeconfig;
-             --handover: refused)
-  126        the command is not executable
-  127        the command was not found";
+",
+    crate::exit_table!()
+);
 
 /// Given to the command: the Lease held.
 pub const HELD_LEASE: &str = "LEASE_EXEC_HELD_LEASE";

@@ -18,8 +18,12 @@ pub const NOT_FOUND: u8 = 127;
 /// A process killed by signal N reports 128 + N.
 pub const SIGNAL_BASE: u8 = 128;
 
-/// The exit-code table as shown in `--help`.
-pub const TABLE: &str = "\
+/// The exit-code table's text, as a macro so that `--help` is built from it (`concat!` takes
+/// literals only): the one copy of the table in the code.
+#[macro_export]
+macro_rules! exit_table {
+    () => {
+        "\
 Exit codes:
   <child's>  the command's own exit code; 128+N if it was killed by signal N
   2          usage or configuration error (nothing was touched)
@@ -28,7 +32,12 @@ Exit codes:
   125        lease-exec failed before starting the command (authorization, unusable kubeconfig;
              --handover: refused; --check: a check failed)
   126        the command is not executable
-  127        the command was not found";
+  127        the command was not found"
+    };
+}
+
+/// The exit-code table as shown in `--help`.
+pub const TABLE: &str = exit_table!();
 
 /// The exit code that reports a signal death, as shells do.
 pub fn for_signal(signal: i32) -> u8 {

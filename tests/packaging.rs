@@ -244,3 +244,57 @@ fn the_declared_rust_version_is_not_below_any_dependencys() {
         .collect();
     assert!(above.is_empty(), "rust-version = {ours}, but: {above:?}");
 }
+
+/// Words only: no backticks, no case, one space between words.
+fn words(text: &str) -> String {
+    text.replace('`', "")
+        .to_lowercase()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn the_readme_exit_code_table_is_the_codes_table() {
+    // exit::TABLE: "  CODE  meaning", continuation lines indented further.
+    let mut from_code: Vec<(String, String)> = Vec::new();
+    for line in lease_exec::exit::TABLE.lines().skip(1) {
+        let trimmed = line.trim_start();
+        if line.len() - trimmed.len() > 2 {
+            from_code
+                .last_mut()
+                .unwrap()
+                .1
+                .push_str(&format!(" {trimmed}"));
+        } else {
+            let (code, meaning) = trimmed.split_once(' ').unwrap();
+            from_code.push((code.to_string(), meaning.to_string()));
+        }
+    }
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    let section = readme
+        .split("\n## Exit codes\n")
+        .nth(1)
+        .expect("a section ## Exit codes")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let from_readme: Vec<(String, String)> = section
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| code") && !l.starts_with("|---"))
+        .map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split(" | ").collect();
+            (cells[0].trim().to_string(), cells[1].trim().to_string())
+        })
+        .collect();
+    assert_eq!(from_readme.len(), from_code.len(), "{from_readme:?}");
+    for ((code, meaning), (readme_code, readme_meaning)) in from_code.iter().zip(&from_readme) {
+        let code = if code == "<child's>" {
+            "the command's"
+        } else {
+            code
+        };
+        assert_eq!(readme_code, code);
+        assert_eq!(words(readme_meaning), words(meaning), "exit code {code}");
+    }
+}
