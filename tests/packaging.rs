@@ -298,3 +298,64 @@ fn the_readme_exit_code_table_is_the_codes_table() {
         assert_eq!(words(readme_meaning), words(meaning), "exit code {code}");
     }
 }
+
+/// GitHub's anchor of a heading: lowercase, punctuation dropped, spaces to hyphens.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_relative_link_in_the_docs_resolves() {
+    let mut pages = vec![Path::new(ROOT).join("README.md")];
+    for dir in ["docs", "testenv"] {
+        if let Ok(entries) = std::fs::read_dir(Path::new(ROOT).join(dir)) {
+            pages.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "md")),
+            );
+        }
+    }
+    let mut checked = 0;
+    for page in pages {
+        let text = std::fs::read_to_string(&page).unwrap();
+        let anchors: BTreeSet<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .map(|l| anchor(l.trim_start_matches('#')))
+            .collect();
+        for (i, _) in text.match_indices("](") {
+            let target = &text[i + 2..];
+            let target = &target[..target.find(')').unwrap()];
+            if target.starts_with("http://") || target.starts_with("https://") {
+                continue;
+            }
+            checked += 1;
+            let (path, fragment) = target.split_once('#').unwrap_or((target, ""));
+            if path.is_empty() {
+                assert!(
+                    anchors.contains(fragment),
+                    "{}: no heading for #{fragment}",
+                    page.display()
+                );
+            } else {
+                let file = page.parent().unwrap().join(path);
+                assert!(file.exists(), "{}: {path} does not exist", page.display());
+            }
+        }
+    }
+    assert!(
+        checked > 0,
+        "no relative link found: the test reads nothing"
+    );
+}
