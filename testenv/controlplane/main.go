@@ -7,11 +7,22 @@
 //	controlplane etcd --dir D                 # etcd, data in D/etcd, URL in D/etcd.url
 //	controlplane apiserver --dir D [-- --flag=value ...]
 //	controlplane controller-manager --dir D [-- --flag=value ...]
-//	controlplane wait --dir D --for etcd|apiserver [--pid P] [--timeout 60s]
+//	controlplane wait --dir D --for etcd|apiserver [--pid P ...] [--timeout 60s]
 //	controlplane compact --dir D              # compact etcd to its current revision
 //
 // "wait --for apiserver" waits for /readyz and writes D/kubeconfig (admin),
 // D/user-kubeconfig and D/user-token (a user with no rights) and D/ca.crt.
+//
+// The highly available layout (see ha.go and toxi.go) runs three etcd members,
+// two API servers and a Toxiproxy server, each its own process:
+//
+//	controlplane etcd --dir D --member M       # member M of 3, data in D/etcd-M
+//	controlplane apiserver --dir D --index N [-- --flag=value ...]
+//	controlplane toxiproxy --dir D             # API port in D/toxiproxy.port
+//	controlplane wait --dir D --for etcd-M|apiserver-N|toxiproxy
+//	controlplane etcd-leader --dir D           # prints the leader member's index
+//	controlplane proxy --dir D --name NAME --apiserver N
+//	controlplane toxic --dir D --name NAME --kind partition|half-open|reset|latency|heal [--ms MS]
 package main
 
 import (
@@ -40,6 +51,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 	"k8s.io/component-base/cli"
@@ -90,10 +102,18 @@ func main() {
 		err = runWait(args)
 	case "compact":
 		err = runCompact(args)
+	case "etcd-leader":
+		err = runEtcdLeader(args)
+	case "toxiproxy":
+		err = runToxiproxy(args)
+	case "proxy":
+		err = runProxy(args)
+	case "toxic":
+		err = runToxic(args)
 	case "-h", "--help", "help":
 		usage()
 	default:
-		err = fmt.Errorf("unknown subcommand %q (etcd, apiserver, controller-manager, wait, compact)", sub)
+		err = fmt.Errorf("unknown subcommand %q (etcd, apiserver, controller-manager, wait, compact, etcd-leader, toxiproxy, proxy, toxic)", sub)
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "controlplane %s: %v\n", sub, err)
@@ -102,7 +122,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: controlplane etcd|apiserver|controller-manager|wait|compact --dir DIR [options] [-- component flags]")
+	fmt.Fprintln(os.Stderr, "usage: controlplane etcd|apiserver|controller-manager|wait|compact|etcd-leader|toxiproxy|proxy|toxic --dir DIR [options] [-- component flags]")
 	os.Exit(2)
 }
 
@@ -126,9 +146,13 @@ func parseFlags(fs *flag.FlagSet, args []string) (dir string, rest []string, err
 
 func runEtcd(args []string) error {
 	fs := flag.NewFlagSet("etcd", flag.ContinueOnError)
+	member := fs.Int("member", -1, "HA mode: this member's index (0..2)")
 	dir, _, err := parseFlags(fs, args)
 	if err != nil {
 		return err
+	}
+	if *member >= 0 {
+		return runEtcdMember(dir, *member)
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -151,6 +175,12 @@ func runEtcd(args []string) error {
 	cfg.UnsafeNoFsync = true
 	cfg.LogLevel = "warn"
 
+	return serveEtcd(cfg, filepath.Join(dir, etcdURLFile), clientURL)
+}
+
+// serveEtcd starts etcd, writes its client URL to urlFile once it is ready and
+// serves until SIGTERM or SIGINT.
+func serveEtcd(cfg *embed.Config, urlFile string, clientURL url.URL) error {
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {
 		return err
@@ -158,10 +188,12 @@ func runEtcd(args []string) error {
 	defer e.Close()
 	select {
 	case <-e.Server.ReadyNotify():
+	case err := <-e.Err():
+		return err
 	case <-time.After(defaultDeadline):
 		return errors.New("etcd did not become ready within 60s")
 	}
-	if err := writeFileAtomic(filepath.Join(dir, etcdURLFile), []byte(clientURL.String()+"\n"), 0o644); err != nil {
+	if err := writeFileAtomic(urlFile, []byte(clientURL.String()+"\n"), 0o644); err != nil {
 		return err
 	}
 	fmt.Fprintf(os.Stderr, "etcd ready at %s (data in %s)\n", clientURL.String(), cfg.Dir)
@@ -183,11 +215,12 @@ func runCompact(args []string) error {
 	if err != nil {
 		return err
 	}
-	endpoint, err := readTrimmed(filepath.Join(dir, etcdURLFile))
+	endpoints, err := etcdEndpoints(dir)
 	if err != nil {
-		return fmt.Errorf("etcd is not running in %s: %v", dir, err)
+		return err
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second})
+	quietGRPC()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
 	if err != nil {
 		return err
 	}
@@ -210,13 +243,14 @@ func runCompact(args []string) error {
 // ---------------------------------------------------------------- kube-apiserver
 
 // apiServerFlags are the kube-apiserver flags, every default in one place.
-func apiServerFlags(dir string, port int, etcdURL string) map[string]string {
-	return map[string]string{
+func apiServerFlags(l apiLayout, port int, etcdServers string) map[string]string {
+	dir := l.dir
+	flags := map[string]string{
 		"advertise-address":                "127.0.0.1",
 		"bind-address":                     "127.0.0.1",
 		"secure-port":                      strconv.Itoa(port),
-		"cert-dir":                         filepath.Join(dir, certDir),
-		"etcd-servers":                     etcdURL,
+		"cert-dir":                         filepath.Join(l.state, certDir),
+		"etcd-servers":                     etcdServers,
 		"service-cluster-ip-range":         serviceIPRange,
 		"service-account-issuer":           saIssuer,
 		"service-account-key-file":         filepath.Join(dir, saKeyFile),
@@ -230,13 +264,48 @@ func apiServerFlags(dir string, port int, etcdURL string) map[string]string {
 		"endpoint-reconciler-type": "none",
 		"allow-privileged":         "true",
 	}
+	if l.ha() {
+		// One serving certificate from testenv's CA (D/ca.crt) for both API
+		// servers, valid for 127.0.0.1 on any port (so behind a proxy too).
+		flags["tls-cert-file"] = filepath.Join(dir, servingCertFile)
+		flags["tls-private-key-file"] = filepath.Join(dir, servingKeyFile)
+	}
+	return flags
+}
+
+// apiLayout tells where one API server keeps its state: the cluster directory
+// itself for the single API server, D/apiserver-N for API server N in HA mode.
+type apiLayout struct {
+	dir   string // the cluster directory
+	state string // this API server's port, args and certificate directory
+	index int    // -1 for the single API server
+}
+
+func newAPILayout(dir string, index int) apiLayout {
+	if index < 0 {
+		return apiLayout{dir: dir, state: dir, index: -1}
+	}
+	return apiLayout{dir: dir, state: filepath.Join(dir, fmt.Sprintf("apiserver-%d", index)), index: index}
+}
+
+func (l apiLayout) ha() bool         { return l.index >= 0 }
+func (l apiLayout) portFile() string { return filepath.Join(l.state, apiPortFile) }
+func (l apiLayout) argsFile() string { return filepath.Join(l.state, apiArgsFile) }
+
+// caPEM returns the CA that verifies this API server's serving certificate.
+func (l apiLayout) caPEM() ([]byte, error) {
+	if l.ha() {
+		return os.ReadFile(filepath.Join(l.dir, caFile))
+	}
+	return os.ReadFile(filepath.Join(l.dir, certDir, "apiserver.crt"))
 }
 
 func runAPIServer(args []string) int {
 	fs := flag.NewFlagSet("apiserver", flag.ContinueOnError)
+	index := fs.Int("index", -1, "HA mode: this API server's index (0 or 1)")
 	dir, extra, err := parseFlags(fs, args)
 	if err == nil {
-		args, err = prepareAPIServer(dir, extra)
+		args, err = prepareAPIServer(dir, *index, extra)
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "controlplane apiserver: %v\n", err)
@@ -248,23 +317,56 @@ func runAPIServer(args []string) int {
 	return cli.Run(cmd)
 }
 
-func prepareAPIServer(dir string, extra []string) ([]string, error) {
-	etcdURL, err := readTrimmed(filepath.Join(dir, etcdURLFile))
-	if err != nil {
-		return nil, fmt.Errorf("etcd is not running in %s: %v", dir, err)
+func prepareAPIServer(dir string, index int, extra []string) ([]string, error) {
+	if index >= haAPIServers {
+		return nil, fmt.Errorf("--index must be 0..%d, not %d", haAPIServers-1, index)
 	}
-	ports, err := stickyPorts(filepath.Join(dir, apiPortFile), 1)
+	l := newAPILayout(dir, index)
+	var etcdServers string
+	if l.ha() {
+		if !isHA(dir) {
+			return nil, fmt.Errorf("%s is not an HA cluster (no %s file)", dir, haMarkerFile)
+		}
+		endpoints, err := etcdEndpoints(dir)
+		if err != nil {
+			return nil, err
+		}
+		etcdServers = strings.Join(endpoints, ",")
+		if err := os.MkdirAll(l.state, 0o755); err != nil {
+			return nil, err
+		}
+	} else {
+		etcdURL, err := readTrimmed(filepath.Join(dir, etcdURLFile))
+		if err != nil {
+			return nil, fmt.Errorf("etcd is not running in %s: %v", dir, err)
+		}
+		etcdServers = etcdURL
+	}
+	if l.ha() {
+		// Both HA API servers start at once and share the credentials.
+		unlock, err := lockDir(dir)
+		if err != nil {
+			return nil, err
+		}
+		defer unlock()
+	}
+	ports, err := stickyPorts(l.portFile(), 1)
 	if err != nil {
 		return nil, err
 	}
 	if err := ensureCredentials(dir); err != nil {
 		return nil, err
 	}
-	extra, err = stickyArgs(filepath.Join(dir, apiArgsFile), extra)
+	if l.ha() {
+		if err := ensurePKI(dir); err != nil {
+			return nil, err
+		}
+	}
+	extra, err = stickyArgs(l.argsFile(), extra)
 	if err != nil {
 		return nil, err
 	}
-	return mergeFlags(apiServerFlags(dir, ports[0], etcdURL), extra)
+	return mergeFlags(apiServerFlags(l, ports[0], etcdServers), extra)
 }
 
 // ensureCredentials creates the service-account key and the static tokens once.
@@ -347,8 +449,16 @@ func runControllerManager(args []string) int {
 
 func runWait(args []string) error {
 	fs := flag.NewFlagSet("wait", flag.ContinueOnError)
-	what := fs.String("for", "apiserver", "etcd or apiserver")
-	pid := fs.Int("pid", 0, "fail at once if this process exits")
+	what := fs.String("for", "apiserver", "etcd, apiserver, etcd-M, apiserver-N or toxiproxy")
+	var pids []int
+	fs.Func("pid", "fail at once if this process exits (repeatable: the first is the one waited for)", func(v string) error {
+		p, err := strconv.Atoi(v)
+		if err != nil || p <= 0 {
+			return fmt.Errorf("not a process id: %q", v)
+		}
+		pids = append(pids, p)
+		return nil
+	})
 	timeout := fs.Duration("timeout", defaultDeadline, "deadline")
 	dir, _, err := parseFlags(fs, args)
 	if err != nil {
@@ -356,59 +466,86 @@ func runWait(args []string) error {
 	}
 	deadline := time.Now().Add(*timeout)
 	var check func() error
-	switch *what {
-	case "etcd":
+	var done func() error
+	switch {
+	case *what == "etcd":
 		check = func() error {
 			_, err := readTrimmed(filepath.Join(dir, etcdURLFile))
 			return err
 		}
-	case "apiserver":
-		check = func() error { return apiServerReady(dir) }
+	case *what == "apiserver":
+		l := newAPILayout(dir, -1)
+		check = func() error { return apiServerReady(l) }
+		done = func() error { return writeKubeconfigs(l) }
+	case *what == "toxiproxy":
+		check = func() error { return toxiproxyReady(dir) }
+	case strings.HasPrefix(*what, "etcd-"):
+		m, err := parseIndex(strings.TrimPrefix(*what, "etcd-"), haEtcdMembers)
+		if err != nil {
+			return fmt.Errorf("--for %s: %v", *what, err)
+		}
+		check = func() error { return etcdMemberReady(dir, m) }
+		done = func() error { return writeEtcdURL(dir) }
+	case strings.HasPrefix(*what, "apiserver-"):
+		n, err := parseIndex(strings.TrimPrefix(*what, "apiserver-"), haAPIServers)
+		if err != nil {
+			return fmt.Errorf("--for %s: %v", *what, err)
+		}
+		l := newAPILayout(dir, n)
+		check = func() error { return apiServerReady(l) }
+		done = func() error { return writeKubeconfigs(l) }
 	default:
-		return fmt.Errorf("--for must be etcd or apiserver, not %q", *what)
+		return fmt.Errorf("--for must be etcd, apiserver, etcd-M, apiserver-N or toxiproxy, not %q", *what)
 	}
 	for {
 		err := check()
 		if err == nil {
 			break
 		}
-		if *pid > 0 && !alive(*pid) {
-			return fmt.Errorf("%s exited before it was ready", *what)
+		for i, p := range pids {
+			if alive(p) {
+				continue
+			}
+			if i == 0 {
+				return fmt.Errorf("%s exited before it was ready", *what)
+			}
+			return fmt.Errorf("process %d exited before %s was ready", p, *what)
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("%s not ready after %s: %v", *what, *timeout, err)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if *what == "apiserver" {
-		return writeKubeconfigs(dir)
+	if done != nil {
+		return done()
 	}
 	return nil
 }
 
-// apiServerReady asks /readyz with the admin token, trusting the API server's
-// self-signed certificate from its cert dir.
-func apiServerReady(dir string) error {
-	port, err := readTrimmed(filepath.Join(dir, apiPortFile))
+// apiServerReady asks /readyz with the admin token, trusting the CA of the
+// API server's serving certificate.
+func apiServerReady(l apiLayout) error {
+	port, err := readTrimmed(l.portFile())
 	if err != nil {
 		return err
 	}
-	token, err := readTrimmed(filepath.Join(dir, adminTokenFile))
+	token, err := readTrimmed(filepath.Join(l.dir, adminTokenFile))
 	if err != nil {
 		return err
 	}
-	ca, err := os.ReadFile(filepath.Join(dir, certDir, "apiserver.crt"))
+	ca, err := l.caPEM()
 	if err != nil {
 		return err
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(ca) {
-		return errors.New("apiserver.crt holds no certificate yet")
+		return errors.New("the CA file holds no certificate yet")
 	}
 	client := &http.Client{
 		Timeout:   2 * time.Second,
 		Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}},
 	}
+	defer client.CloseIdleConnections()
 	req, err := http.NewRequest(http.MethodGet, "https://127.0.0.1:"+port+"/readyz", nil)
 	if err != nil {
 		return err
@@ -425,43 +562,63 @@ func apiServerReady(dir string) error {
 	return nil
 }
 
-func writeKubeconfigs(dir string) error {
-	port, err := readTrimmed(filepath.Join(dir, apiPortFile))
+// writeKubeconfigs writes the admin's and the no-rights user's kubeconfigs for
+// one API server: D/kubeconfig, D/user-kubeconfig and D/ca.crt for the single
+// one; D/apiserver-N/kubeconfig and D/apiserver-N/user-kubeconfig in HA mode,
+// and for API server 0 also D/kubeconfig, D/user-kubeconfig and D/apiserver.port.
+func writeKubeconfigs(l apiLayout) error {
+	port, err := readTrimmed(l.portFile())
 	if err != nil {
 		return err
 	}
-	ca, err := os.ReadFile(filepath.Join(dir, certDir, "apiserver.crt"))
+	ca, err := l.caPEM()
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(filepath.Join(dir, caFile), ca, 0o644); err != nil {
+	dirs := []string{l.dir}
+	if l.ha() {
+		dirs = []string{l.state}
+		if l.index == 0 {
+			dirs = append(dirs, l.dir)
+		}
+	} else if err := writeFileAtomic(filepath.Join(l.dir, caFile), ca, 0o644); err != nil {
 		return err
 	}
-	for _, u := range []struct{ name, tokenFile, out string }{
-		{adminUser, adminTokenFile, kubeconfigFile},
-		{noRightsUser, userTokenFile, userKubeconfig},
-	} {
-		token, err := readTrimmed(filepath.Join(dir, u.tokenFile))
-		if err != nil {
+	server := "https://127.0.0.1:" + port
+	for _, d := range dirs {
+		if err := writeKubeconfig(filepath.Join(d, kubeconfigFile), server, ca, filepath.Join(l.dir, adminTokenFile), adminUser); err != nil {
 			return err
 		}
-		cfg := clientcmdapi.NewConfig()
-		cfg.Clusters["testenv"] = &clientcmdapi.Cluster{
-			Server:                   "https://127.0.0.1:" + port,
-			CertificateAuthorityData: ca,
-		}
-		cfg.AuthInfos[u.name] = &clientcmdapi.AuthInfo{Token: token}
-		cfg.Contexts["testenv"] = &clientcmdapi.Context{Cluster: "testenv", AuthInfo: u.name, Namespace: "default"}
-		cfg.CurrentContext = "testenv"
-		data, err := clientcmd.Write(*cfg)
-		if err != nil {
+		if err := writeKubeconfig(filepath.Join(d, userKubeconfig), server, ca, filepath.Join(l.dir, userTokenFile), noRightsUser); err != nil {
 			return err
 		}
-		if err := writeFileAtomic(filepath.Join(dir, u.out), data, 0o600); err != nil {
-			return err
-		}
+	}
+	if l.ha() && l.index == 0 {
+		return writeFileAtomic(filepath.Join(l.dir, apiPortFile), []byte(port+"\n"), 0o644)
 	}
 	return nil
+}
+
+// writeKubeconfig writes a kubeconfig for server (CA embedded, namespace
+// default) that authenticates as user with the token in tokenPath.
+func writeKubeconfig(path, server string, ca []byte, tokenPath, user string) error {
+	token, err := readTrimmed(tokenPath)
+	if err != nil {
+		return err
+	}
+	cfg := clientcmdapi.NewConfig()
+	cfg.Clusters["testenv"] = &clientcmdapi.Cluster{
+		Server:                   server,
+		CertificateAuthorityData: ca,
+	}
+	cfg.AuthInfos[user] = &clientcmdapi.AuthInfo{Token: token}
+	cfg.Contexts["testenv"] = &clientcmdapi.Context{Cluster: "testenv", AuthInfo: user, Namespace: "default"}
+	cfg.CurrentContext = "testenv"
+	data, err := clientcmd.Write(*cfg)
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(path, data, 0o600)
 }
 
 // alive reports whether pid runs and is not a zombie.
