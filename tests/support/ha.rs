@@ -506,11 +506,8 @@ impl Drop for HaTest {
         // Workers still running (their lease-exec was SIGKILLed, or the test failed): the
         // kernel's open spans of this journal, each its own process group.
         for span in self.spans() {
-            if span.exit_ns.is_none() && alive(span.pid as i32) {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(span.pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+            if span.exit_ns.is_none() {
+                kill_worker(span.pid as i32, &self.journal());
             }
         }
         let undo = std::mem::take(&mut *self.undo.lock().unwrap());
@@ -530,6 +527,20 @@ impl Drop for HaTest {
                 ));
             }
         }
+    }
+}
+
+/// SIGKILLs the process group of worker `pid` if it still runs the journaling worker on `journal`
+/// (so a pid reused since can never be hit).
+pub fn kill_worker(pid: i32, journal: &Path) {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let ours = args.get(1) == Some(&journal.as_os_str().as_encoded_bytes());
+    if ours && alive(pid) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
