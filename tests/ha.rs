@@ -509,6 +509,13 @@ const LAG_ARGS: [&str; 10] = [
 const LAG_LEASE: Duration = Duration::from_secs(8);
 const LATENCY_MS: u64 = 1000;
 
+/// Two followers reach API server 1 through proxies that delay everything the API server sends
+/// them by a second (Toxiproxy's latency toxic, downstream), so they see every version of the
+/// Lease a second late. While the leader renews, for two lease durations, neither claims. Then the
+/// leader's lease-exec and worker are SIGKILLed (a Pod gone at once: nothing released), and the
+/// claim must come no earlier than a lease duration after the followers could first have seen the
+/// leader's last renewal (its `renewTime` plus the latency), and within a second and a latency
+/// more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_followers_never_claim_early() {
     let Some(t) = HaTest::begin("lagging").await else {
