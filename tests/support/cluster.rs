@@ -59,7 +59,7 @@ pub fn contender_bin() -> PathBuf {
 }
 
 /// Where this binary's own clusters live.
-fn clusters_root() -> PathBuf {
+pub fn clusters_root() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("real-tier")
 }
 
@@ -83,7 +83,7 @@ fn required() -> bool {
 
 /// What every test calls first: `None` when the real tier is skipped (said loudly), a panic when
 /// it is required but unavailable.
-fn available<T>(found: Result<T, String>) -> Option<T> {
+pub fn available<T>(found: Result<T, String>) -> Option<T> {
     match found {
         Ok(t) => Some(t),
         Err(reason) if required() => {
@@ -99,7 +99,7 @@ fn available<T>(found: Result<T, String>) -> Option<T> {
     }
 }
 
-fn deliberately_off() -> Option<String> {
+pub fn deliberately_off() -> Option<String> {
     std::env::var(ENV_TIER)
         .is_ok_and(|v| v == "off")
         .then(|| format!("{ENV_TIER}=off"))
@@ -270,7 +270,7 @@ fn init_shared() -> Result<Cluster, String> {
 
 /// Stops clusters left by test binaries that died with their watchdog (dirs `*-PID` whose PID is
 /// gone).
-fn down_stale() {
+pub fn down_stale() {
     let Ok(entries) = std::fs::read_dir(clusters_root()) else {
         return;
     };

@@ -290,88 +290,97 @@ impl World {
         (write, arrived_ns)
     }
 
-    /// Every journaling worker of this World as the kernel saw it (see [`kernel`]), by exec time;
-    /// call once all have exited. Fails, saying why, when a worker that journaled its start has no
-    /// kernel span around that stamp, when an exit has not arrived within a few seconds, or when
-    /// the kernel's socket overflowed.
+    /// Every journaling worker of this World as the kernel saw it: [`kernel_runs_in`] its
+    /// journal.
     pub async fn kernel_runs(&self) -> Vec<Run> {
-        let kernel = kernel();
-        let journal = self.journal().display().to_string();
-        let ours = || -> Vec<kernel::Span> {
-            kernel
-                .spans()
-                .into_iter()
-                .filter(|s| s.args.get(1) == Some(&journal))
-                .collect()
-        };
-        let mut open = Vec::new();
-        wait_for_or(Duration::from_secs(5), || {
-            open = ours().into_iter().filter(|s| s.exit_ns.is_none()).collect();
-            open.is_empty()
-        })
-        .await;
-        assert!(
-            open.is_empty(),
-            "no exit from the kernel for workers {:?} (alive: {:?}); datagrams lost: {}",
-            open.iter().map(|s| s.pid).collect::<Vec<_>>(),
-            open.iter().map(|s| alive(s.pid as i32)).collect::<Vec<_>>(),
-            kernel.lost()
-        );
-        assert_eq!(
-            kernel.lost(),
-            0,
-            "the proc connector's socket overflowed: some exec or exit is missing"
-        );
-        let mut spans = ours();
-        let starts = self.starts();
-        for start in &starts {
-            if spans
-                .iter()
-                .any(|s| s.pid == start.pid as u32 && s.contains(start.at_ns))
-            {
-                continue;
-            }
-            // Gone before /proc could be read at its exec: the journal says it was a worker.
-            match kernel.span_at(start.pid as u32, start.at_ns) {
-                Some(span) if span.exit_ns.is_some() => spans.push(span),
-                other => panic!(
-                    "worker pid {} journaled its start at {} ns, but the kernel reported no exec \
-                     and exit of it around then ({other:?})",
-                    start.pid, start.at_ns
-                ),
-            }
-        }
-        spans.sort_by_key(|s| s.exec_ns);
-        spans
-            .into_iter()
-            .map(|span| {
-                let entry = starts
-                    .iter()
-                    .find(|e| e.pid == span.pid as i32 && span.contains(e.at_ns));
-                let pick = |key: &str, journaled: Option<&String>| {
-                    span.env(key)
-                        .map(str::to_string)
-                        .or_else(|| journaled.cloned())
-                        .filter(|v| v != "-")
-                };
-                Run {
-                    pid: span.pid as i32,
-                    exec_ns: span.exec_ns,
-                    exit_ns: span.exit_ns.expect("checked above"),
-                    lease: pick("LEASE_EXEC_HELD_LEASE", entry.map(|e| &e.lease)),
-                    identity: pick("LEASE_EXEC_HELD_IDENTITY", entry.map(|e| &e.identity)),
-                    transitions: pick("LEASE_EXEC_TRANSITIONS", entry.map(|e| &e.transitions))
-                        .and_then(|t| t.parse().ok()),
-                    journaled_ns: entry.map(|e| e.at_ns),
-                }
-            })
-            .collect()
+        kernel_runs_in(&self.journal()).await
     }
 
     /// Parsed journal lines.
     pub fn journal_entries(&self) -> Vec<Entry> {
         read_journal(&self.journal())
     }
+}
+
+/// Every journaling worker that wrote to `journal` as the kernel saw it (see [`kernel`]), by exec
+/// time; call once all have exited. Fails, saying why, when a worker that journaled its start has
+/// no kernel span around that stamp, when an exit has not arrived within a few seconds, or when the
+/// kernel's socket overflowed.
+pub async fn kernel_runs_in(journal: &Path) -> Vec<Run> {
+    let kernel = kernel();
+    let journal_arg = journal.display().to_string();
+    let ours = || -> Vec<kernel::Span> {
+        kernel
+            .spans()
+            .into_iter()
+            .filter(|s| s.args.get(1) == Some(&journal_arg))
+            .collect()
+    };
+    let mut open = Vec::new();
+    wait_for_or(Duration::from_secs(5), || {
+        open = ours().into_iter().filter(|s| s.exit_ns.is_none()).collect();
+        open.is_empty()
+    })
+    .await;
+    assert!(
+        open.is_empty(),
+        "no exit from the kernel for workers {:?} (alive: {:?}); datagrams lost: {}",
+        open.iter().map(|s| s.pid).collect::<Vec<_>>(),
+        open.iter().map(|s| alive(s.pid as i32)).collect::<Vec<_>>(),
+        kernel.lost()
+    );
+    assert_eq!(
+        kernel.lost(),
+        0,
+        "the proc connector's socket overflowed: some exec or exit is missing"
+    );
+    let mut spans = ours();
+    let starts: Vec<Entry> = read_journal(journal)
+        .into_iter()
+        .filter(|e| e.what == "start")
+        .collect();
+    for start in &starts {
+        if spans
+            .iter()
+            .any(|s| s.pid == start.pid as u32 && s.contains(start.at_ns))
+        {
+            continue;
+        }
+        // Gone before /proc could be read at its exec: the journal says it was a worker.
+        match kernel.span_at(start.pid as u32, start.at_ns) {
+            Some(span) if span.exit_ns.is_some() => spans.push(span),
+            other => panic!(
+                "worker pid {} journaled its start at {} ns, but the kernel reported no exec \
+                 and exit of it around then ({other:?})",
+                start.pid, start.at_ns
+            ),
+        }
+    }
+    spans.sort_by_key(|s| s.exec_ns);
+    spans
+        .into_iter()
+        .map(|span| {
+            let entry = starts
+                .iter()
+                .find(|e| e.pid == span.pid as i32 && span.contains(e.at_ns));
+            let pick = |key: &str, journaled: Option<&String>| {
+                span.env(key)
+                    .map(str::to_string)
+                    .or_else(|| journaled.cloned())
+                    .filter(|v| v != "-")
+            };
+            Run {
+                pid: span.pid as i32,
+                exec_ns: span.exec_ns,
+                exit_ns: span.exit_ns.expect("checked above"),
+                lease: pick("LEASE_EXEC_HELD_LEASE", entry.map(|e| &e.lease)),
+                identity: pick("LEASE_EXEC_HELD_IDENTITY", entry.map(|e| &e.identity)),
+                transitions: pick("LEASE_EXEC_TRANSITIONS", entry.map(|e| &e.transitions))
+                    .and_then(|t| t.parse().ok()),
+                journaled_ns: entry.map(|e| e.at_ns),
+            }
+        })
+        .collect()
 }
 
 /// One line of the worker journal.
