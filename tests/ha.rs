@@ -736,10 +736,9 @@ fn client_go(
     command
 }
 
-/// How long after rotating the token file the tests wait before revoking the old token when the
-/// old token stays valid for a while, as the kubelet's rotation leaves it: kube-rs (lease-exec's
-/// client) and client-go both re-read a `tokenFile` when their copy is 50 s old, at the next
-/// request, so a minute and two renewals later both use the new token.
+/// The kubelet's rotation: the old token stays valid for a while after the file is rewritten.
+/// A minute covers the 50 s for which kube-rs and client-go keep a token file's copy, so the
+/// reference keeps leadership too.
 const TOKEN_READ_AGAIN_WITHIN: Duration = Duration::from_secs(62);
 
 /// A leader whose credentials are a ServiceAccount token file (`tokenFile` in its kubeconfig, as
@@ -747,20 +746,23 @@ const TOKEN_READ_AGAIN_WITHIN: Duration = Duration::from_secs(62);
 /// bound to another Secret, then after `revoke_after` the old token is revoked (its Secret
 /// deleted, until the leader's API server refuses it). Leadership must be kept: the worker runs
 /// on and renewals go on after the revocation, for a lease duration and a second. The testenv
-/// client-go contender runs the same scenario beside it, on a Lease of its own, as the reference.
+/// client-go contender runs the same scenario beside it, on a Lease of its own, as the reference:
+/// its outcome is reported, not asserted.
+///
+/// Revoked a minute after the rotation: slow, and the case below covers lease-exec; run by hand
+/// for the reference's figure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow (a minute): the reference's case; lease-exec is covered by the revocation right after the rotation"]
 async fn a_rotated_token_file_is_read_again_before_the_old_token_is_revoked() {
     token_rotation("token", TOKEN_READ_AGAIN_WITHIN).await;
 }
 
-/// The same with the old token revoked right after the rotation (a Pod-bound token whose Pod is
-/// deleted, an operator revoking a leaked token): a known gap. lease-exec keeps sending the token
-/// it read last until its copy is 50 s old (kube-rs `TokenFile`: re-read at the first request
-/// after 50 s, never on a 401), so every renewal is refused (401) until the renew deadline and the
-/// command is stopped (exit 75); client-go's `BearerTokenFile` does the same (re-read once its copy
-/// is 50 s old, no reset on 401), so the reference loses too.
+/// The old token revoked right after the rotation (a Pod-bound token whose Pod is deleted, an
+/// operator revoking a leaked token). lease-exec reads the token file at every request, so its
+/// next renewal carries the new token. client-go's `BearerTokenFile` keeps its copy for 50 s and
+/// does not read the file again on a 401: its leader loses (exit 75), as kube-rs' own `TokenFile`
+/// would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: a tokenFile is re-read only once the copy is 50 s old, never on a 401 (kube-rs, and client-go alike)"]
 async fn a_token_revoked_right_after_its_rotation_keeps_leadership() {
     token_rotation("token-now", Duration::ZERO).await;
 }
@@ -925,7 +927,7 @@ async fn token_rotation(name: &str, revoke_after: Duration) {
         renewed_after(&cg_log, "cg-leader"),
     );
     let leader_log = leader.stderr();
-    let refused = leader_log.lines().filter(|l| l.contains("401")).count();
+    let refused = leader_log.lines().filter(|l| l.contains("(401)")).count();
     report(&format!(
         "ha tier: token file rotated, the old token revoked {:.2} s later (refused by the leader's API server): lease-exec {} ({ours} renewals after the revocation, {refused} log lines with 401); client-go {} ({theirs} renewals after)",
         ms(rotated_ns, revoked_ns) / 1e3,
@@ -946,8 +948,8 @@ async fn token_rotation(name: &str, revoke_after: Duration) {
     reference.wait(LIMIT).await;
     ha::kill_worker(cg_worker.pid, &cg_journal);
     assert!(
-        lost.is_empty() && ours > 0 && theirs > 0,
-        "{lost:?}; renewals after the revocation: lease-exec {ours}, client-go {theirs}\n{}",
+        !lost.iter().any(|l| l.starts_with("lease-exec")) && ours > 0 && refused == 0,
+        "{lost:?}; renewals after the revocation: lease-exec {ours}, client-go {theirs}; lease-exec's 401s: {refused}\n{}",
         logs(&[("leader", &leader), ("client-go", &reference)])
     );
     leader.signal(Signal::SIGTERM);

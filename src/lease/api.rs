@@ -34,6 +34,15 @@ pub const EVENT_VERBS: [&str; 2] = ["create", "patch"];
 pub const RBAC_RULE: &str =
     "apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, create, update, watch]";
 
+/// What to do about a refusal: 401 is the credentials, 403 the Role.
+fn denied_advice(code: u16) -> String {
+    if code == 401 {
+        "the credentials were not accepted (a token expired or revoked, or the wrong kubeconfig user): renew them".into()
+    } else {
+        format!("the service account needs a Role with {RBAC_RULE} bound to it (see deploy/)")
+    }
+}
+
 /// What went wrong with one API call, classified by what the caller must do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -48,7 +57,8 @@ pub enum ApiError {
     Conflict,
     /// 401 or 403: not retried while waiting.
     #[error(
-        "{verb} leases.coordination.k8s.io {name:?} in namespace {namespace:?} was refused ({code}): {message}; the service account needs a Role with {RBAC_RULE} bound to it (see deploy/)"
+        "{verb} leases.coordination.k8s.io {name:?} in namespace {namespace:?} was refused ({code}): {message}; {}",
+        denied_advice(*code)
     )]
     Denied {
         /// HTTP status.
@@ -535,6 +545,47 @@ pub async fn client(
     Ok((client, namespace, connections))
 }
 
+/// A bearer token read from its file at every request; the last one read is kept for when the
+/// file cannot be read (being replaced), so a request never goes out without one.
+#[derive(Clone)]
+struct TokenFile {
+    path: std::path::PathBuf,
+    last: std::sync::Arc<std::sync::Mutex<Option<hyper::http::HeaderValue>>>,
+}
+
+impl TokenFile {
+    fn new(path: impl Into<std::path::PathBuf>) -> TokenFile {
+        TokenFile {
+            path: path.into(),
+            last: Default::default(),
+        }
+    }
+
+    /// The header from the file as it is now, else the last one read.
+    fn header(&self) -> Option<hyper::http::HeaderValue> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = std::fs::read_to_string(&self.path)
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .and_then(|t| hyper::http::HeaderValue::from_str(&format!("Bearer {t}")).ok());
+        if let Some(mut value) = fresh {
+            value.set_sensitive(true);
+            *last = Some(value);
+        }
+        last.clone()
+    }
+
+    fn authorize<B>(&self, mut request: hyper::http::Request<B>) -> hyper::http::Request<B> {
+        if let Some(value) = self.header() {
+            request
+                .headers_mut()
+                .insert(hyper::http::header::AUTHORIZATION, value);
+        }
+        request
+    }
+}
+
 /// Counts the client's connections in generations: [`Generation::abandon`] ends the current one.
 /// A connection of an earlier generation fails its next write, so no new request is ever sent on
 /// it (a pooled connection that a load balancer dropped would hang that request too); a response
@@ -684,8 +735,19 @@ fn tcp_connector() -> HttpConnector {
 ///
 /// This mirrors `make_generic_builder` of kube-client 5.0.0: re-check it on every kube upgrade, and
 /// go back to `ClientBuilder::try_from` once kube can set `TCP_NODELAY` itself (kube-rs/kube#2056).
-fn stack(config: Config, connections: Generation) -> Result<Client, kube::Error> {
+fn stack(mut config: Config, connections: Generation) -> Result<Client, kube::Error> {
     use kube::client::ConfigExt;
+    // A token file (a kubeconfig's `tokenFile`; in a Pod, the projected service-account token the
+    // kubelet rotates) is read at every request rather than kube's copy, refreshed only once a
+    // minute: a token revoked right after its rotation would otherwise be sent until the renew
+    // deadline passes. The file is small and lease-exec sends a few requests a minute.
+    let token_file = match (&config.auth_info.token, config.auth_info.token_file.take()) {
+        (None, Some(path)) => Some(TokenFile::new(path)),
+        (_, path) => {
+            config.auth_info.token_file = path;
+            None
+        }
+    };
     let https = config.rustls_https_connector_with_connector(Generational {
         inner: tcp_connector(),
         generation: connections,
@@ -705,6 +767,9 @@ fn stack(config: Config, connections: Generation) -> Result<Client, kube::Error>
         })
         .layer(config.base_uri_layer())
         .option_layer(config.auth_layer()?)
+        .option_layer(
+            token_file.map(|file| tower::util::MapRequestLayer::new(move |r| file.authorize(r))),
+        )
         .layer(config.extra_headers_layer()?)
         .map_err(BoxError::from)
         .service(http);
@@ -713,6 +778,38 @@ fn stack(config: Config, connections: Generation) -> Result<Client, kube::Error>
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_token_file_is_read_at_every_request_and_the_last_token_kept_while_it_is_missing() {
+        let dir = std::env::temp_dir().join(format!("lease-exec-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        let file = TokenFile::new(&path);
+        let header = |file: &TokenFile| {
+            let r = file.authorize(hyper::http::Request::new(()));
+            r.headers()
+                .get(hyper::http::header::AUTHORIZATION)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(header(&file), None, "no file yet, nothing read before");
+        std::fs::write(&path, "first\n").unwrap();
+        assert_eq!(header(&file).as_deref(), Some("Bearer first"));
+        std::fs::write(&path, "second").unwrap();
+        assert_eq!(
+            header(&file).as_deref(),
+            Some("Bearer second"),
+            "read again at once"
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            header(&file).as_deref(),
+            Some("Bearer second"),
+            "the last one kept"
+        );
+        let r = file.authorize(hyper::http::Request::new(()));
+        assert!(r.headers()[hyper::http::header::AUTHORIZATION].is_sensitive());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     use super::*;
     use serde_json::json;
 
