@@ -1,7 +1,8 @@
 //! Jepsen-style runs on a highly available control plane, lease-exec side by side with client-go.
 //!
 //!     cargo run --release --example jepsen -- --minutes M --seed S [--pool lease-exec|client-go|mixed]
-//!         [--contenders N] [--timings LEASE,DEADLINE,RETRY] [--cluster DIR] [--keep]
+//!         [--contenders N] [--timings LEASE,DEADLINE,RETRY] [--faults NAME,...] [--cluster DIR]
+//!         [--keep]
 //!
 //! Starts `testenv/cluster up DIR --ha` (three etcd members with fsync, two kube-apiservers with
 //! their watch caches, Toxiproxy), unless `--cluster DIR` names one already running. N contenders
@@ -14,7 +15,8 @@
 //! A nemesis drawn from the seed alone (so every pool gets the same schedule) applies one fault at
 //! a time, holds it 2 to 12 s and heals it: partition / half-open / reset one contender, partition
 //! the leader, freeze or kill an API server, kill the etcd leader, latency on one contender,
-//! compaction, SIGKILL or SIGTERM one contender.
+//! compaction, SIGKILL or SIGTERM one contender, and slow-then-cut the leader (its answers delayed
+//! 1.2 to 3 s, then its connection cut right after a renewal's answer arrived, held 12 s or more).
 //!
 //! The judge is the kernel: every worker's exec and exit as stamped by the proc connector
 //! (`tests/support/kernel.rs`, CLOCK_MONOTONIC). Two workers whose spans intersect are an overlap.
@@ -122,12 +124,14 @@ struct Options {
     timings: [f64; 3],
     cluster: Option<PathBuf>,
     keep: bool,
+    /// The faults the nemesis draws from (all by default).
+    faults: Vec<Fault>,
 }
 
 fn usage(problem: &str) -> ! {
     eprintln!("jepsen: {problem}");
     eprintln!(
-        "usage: jepsen --minutes M [--seed S] [--pool lease-exec|client-go|mixed] [--contenders N] [--timings LEASE,DEADLINE,RETRY] [--cluster DIR] [--keep]"
+        "usage: jepsen --minutes M [--seed S] [--pool lease-exec|client-go|mixed] [--contenders N] [--timings LEASE,DEADLINE,RETRY] [--faults NAME,...] [--cluster DIR] [--keep]"
     );
     std::process::exit(2);
 }
@@ -141,6 +145,7 @@ fn options() -> Options {
         timings: [6.0, 4.0, 1.0],
         cluster: None,
         keep: false,
+        faults: Fault::ALL.to_vec(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -189,6 +194,21 @@ fn options() -> Options {
             }
             "--cluster" => o.cluster = Some(PathBuf::from(value())),
             "--keep" => o.keep = true,
+            "--faults" => {
+                let names = value();
+                o.faults = names
+                    .split(',')
+                    .map(|n| {
+                        Fault::ALL
+                            .into_iter()
+                            .find(|f| f.name() == n)
+                            .unwrap_or_else(|| {
+                                let all: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
+                                usage(&format!("unknown fault {n:?}: use {}", all.join(", ")))
+                            })
+                    })
+                    .collect();
+            }
             other => usage(&format!("unknown argument {other}")),
         }
     }
@@ -246,10 +266,11 @@ enum Fault {
     Compaction,
     SigkillContender,
     SigtermContender,
+    SlowThenCutLeader,
 }
 
 impl Fault {
-    const ALL: [Fault; 11] = [
+    const ALL: [Fault; 12] = [
         Fault::PartitionOne,
         Fault::HalfOpenOne,
         Fault::ResetOne,
@@ -261,6 +282,7 @@ impl Fault {
         Fault::Compaction,
         Fault::SigkillContender,
         Fault::SigtermContender,
+        Fault::SlowThenCutLeader,
     ];
 
     fn name(self) -> &'static str {
@@ -276,6 +298,7 @@ impl Fault {
             Fault::Compaction => "compaction",
             Fault::SigkillContender => "sigkill-contender",
             Fault::SigtermContender => "sigterm-contender",
+            Fault::SlowThenCutLeader => "slow-then-cut-leader",
         }
     }
 
@@ -303,12 +326,12 @@ struct Planned {
 
 /// One fault at a time: the first after 8 s (a leader settles), each held 2 to 12 s, then 3 to
 /// 10 s of quiet; none starts in the last 10 s.
-fn schedule(seed: u64, seconds: f64, contenders: usize) -> Vec<Planned> {
+fn schedule(seed: u64, seconds: f64, contenders: usize, faults: &[Fault]) -> Vec<Planned> {
     let mut rng = Rng(seed);
     let mut plan = Vec::new();
     let mut at = 8.0;
     while at < seconds - 10.0 {
-        let fault = Fault::ALL[rng.below(Fault::ALL.len())];
+        let fault = faults[rng.below(faults.len())];
         let target = match fault {
             Fault::FreezeApiserver | Fault::KillApiserver => rng.below(2),
             _ => rng.below(contenders),
@@ -317,6 +340,12 @@ fn schedule(seed: u64, seconds: f64, contenders: usize) -> Vec<Planned> {
             2.0 + 10.0 * rng.unit()
         } else {
             0.0
+        };
+        // Long enough for a takeover: the point of this one is what happens then.
+        let hold = if fault == Fault::SlowThenCutLeader {
+            hold.max(12.0)
+        } else {
+            hold
         };
         let ms = 200 + rng.below(2800) as u64;
         plan.push(Planned {
@@ -596,6 +625,45 @@ async fn apply(run: &Run, p: &Planned) -> Result<Option<Heal>, String> {
             run.note(p.fault, out);
             Ok(None)
         }
+        Fault::SlowThenCutLeader => {
+            // The leader's answers slowed by 1.2 to 3 s, then its connection cut right after a
+            // renewal's answer came back: a leader that counts its term from the answer (client-go
+            // takes its renew deadline from the end of the last successful renewal) runs on past
+            // a term that others count from the write, which came the latency earlier.
+            let holder = run.ha.holder(NS, LEASE).await;
+            let Some(slot) = holder.as_deref().and_then(|h| run.slot_of(h)) else {
+                return Err(format!("no leader to slow down (holder {holder:?})"));
+            };
+            let ms = p.ms.max(1200);
+            run.ha
+                .toxic(&proxy(slot), &["latency", &ms.to_string()])
+                .await?;
+            let renewed = |l: Option<k8s_openapi::api::coordination::v1::Lease>| {
+                l.and_then(|l| l.spec)
+                    .and_then(|s| s.renew_time.map(|t| (s.holder_identity, t.0)))
+            };
+            let before = renewed(run.ha.lease(NS, LEASE).await);
+            let give_up = Instant::now() + Duration::from_secs_f64(3.0 * run.timings[0]);
+            // A renewal written under the latency: its answer is on its way back.
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let now = renewed(run.ha.lease(NS, LEASE).await);
+                if (now.is_some() && now != before) || Instant::now() > give_up {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(ms + 100)).await;
+            run.ha.toxic(&proxy(slot), &["partition"]).await?;
+            run.note(
+                p.fault,
+                format!(
+                    "{} +{ms} ms, then cut {ms} ms after a renewal was written, for {:.1}s",
+                    run.identity(slot),
+                    p.hold
+                ),
+            );
+            Ok(Some(Heal::Proxy(proxy(slot))))
+        }
         Fault::SigkillContender | Fault::SigtermContender => {
             let signal = if p.fault == Fault::SigkillContender {
                 Signal::SIGKILL
@@ -707,7 +775,7 @@ async fn run(options: Options) -> i32 {
     ha.create_released(NS, LEASE).await;
 
     let seconds = options.minutes * 60.0;
-    let plan = schedule(options.seed, seconds, options.contenders);
+    let plan = schedule(options.seed, seconds, options.contenders, &options.faults);
     let run = Arc::new(Run {
         ha,
         lease_exec,
