@@ -76,6 +76,11 @@ impl Ha {
         }
     }
 
+    /// An admin client per API server.
+    pub fn clients(&self) -> &[kube::Client] {
+        &self.clients
+    }
+
     pub async fn run(&self, command: &str, args: &[&str]) -> Result<String, String> {
         cluster(&self.script, command, &self.dir, args).await
     }

@@ -27,13 +27,18 @@
 //!
 //! The last line printed is one JSON object: seed, minutes, pool, contenders (by kind), faults (by
 //! kind), handoffs, overlaps (who, when, how long), availability, handoff latency p50/p99 by cause,
-//! and the contenders' exit codes by kind. Exit status 1 if any overlap involves a lease-exec
-//! contender, 0 otherwise (client-go's overlaps are reported, not failed on). Needs root (the proc
-//! connector).
+//! and the contenders' exit codes by kind. Each overlap is blamed from the Lease's history (two
+//! watches, one per API server): on the earlier worker if the later one's claim came after the
+//! term it replaced had ended (`acquireTime` ≥ the replaced `renewTime` + its duration, or a
+//! release), else on the claimant. Exit status 1 if any overlap is blamed on a lease-exec
+//! contender, 0 otherwise (client-go's are reported, not failed on: in a mixed pool a client-go
+//! leader that runs past its term overlaps a lease-exec successor that claimed by the rules).
+//! Needs root (the proc connector).
 
 #[path = "../common/mod.rs"]
 mod common;
 mod ha;
+mod history;
 #[path = "../../tests/support/kernel.rs"]
 mod kernel;
 
@@ -773,6 +778,7 @@ async fn run(options: Options) -> i32 {
         ha.toxic(&name, &["heal"]).await.expect("heal a proxy");
     }
     ha.create_released(NS, LEASE).await;
+    let history = history::History::start(ha.clients(), NS, LEASE);
 
     let seconds = options.minutes * 60.0;
     let plan = schedule(options.seed, seconds, options.contenders, &options.faults);
@@ -810,13 +816,14 @@ async fn run(options: Options) -> i32 {
     }
     kill_matching(&journals.to_string_lossy());
 
-    let verdict = judge(&run, &kernel, t0_mono, end_mono, &options);
+    let verdict = judge(&run, &kernel, &history, t0_mono, end_mono, &options);
+    drop(history);
     let lease_exec_overlaps = verdict["overlaps"]
         .as_array()
         .map(|o| {
             o.iter()
                 .filter(|o| {
-                    o["kinds"]
+                    o["blamed"]
                         .as_array()
                         .is_some_and(|k| k.iter().any(|k| k == Kind::LeaseExec.name()))
                 })
@@ -884,6 +891,25 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
+}
+
+/// CLOCK_REALTIME minus CLOCK_MONOTONIC (ns), the tightest of a few samples: Lease times are
+/// realtime, kernel stamps monotonic, and every process here runs on this one machine.
+fn clock_offset_ns() -> i128 {
+    let mut best: Option<(u64, i128)> = None;
+    for _ in 0..5 {
+        let before = mono_ns();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i128;
+        let after = mono_ns();
+        let offset = wall - (before as i128 + (after - before) as i128 / 2);
+        if best.is_none_or(|(w, _)| after - before < w) {
+            best = Some((after - before, offset));
+        }
+    }
+    best.unwrap().1
 }
 
 fn round(v: f64, digits: i32) -> Value {
@@ -954,8 +980,18 @@ fn workers(run: &Run, kernel: &Kernel, end: u64) -> Vec<Worker> {
     workers
 }
 
-fn judge(run: &Run, kernel: &Kernel, t0: u64, end: u64, options: &Options) -> Value {
+fn judge(
+    run: &Run,
+    kernel: &Kernel,
+    history: &history::History,
+    t0: u64,
+    end: u64,
+    options: &Options,
+) -> Value {
     let workers = workers(run, kernel, end);
+    let versions = history.versions();
+    let offset = clock_offset_ns();
+    let realtime_us = |mono: u64| ((mono as i128 + offset) / 1000) as i64;
     let secs = |ns: u64| ns.saturating_sub(t0) as f64 / 1e9;
     let who = |w: &Worker| run.identity(w.slot);
 
@@ -964,8 +1000,24 @@ fn judge(run: &Run, kernel: &Kernel, t0: u64, end: u64, options: &Options) -> Va
         for b in &workers[i + 1..] {
             if b.exec < a.exit {
                 let ms = (a.exit.min(b.exit) - b.exec) as f64 / 1e6;
+                let (ka, kb) = (run.kinds[a.slot].name(), run.kinds[b.slot].name());
+                // Who broke the rules, from the Lease's history: the one that ran on past its
+                // term, or the one that claimed before that term had ended. Unknown blames both.
+                let (blamed, why) = match history::blame(&versions, &who(b), realtime_us(b.exec)) {
+                    history::Blame::RanPastItsTerm => {
+                        (vec![ka], format!("{} ran past its term", who(a)))
+                    }
+                    history::Blame::ClaimedEarly { early_ms } => (
+                        vec![kb],
+                        format!("{} claimed {early_ms:.1} ms before the term ended", who(b)),
+                    ),
+                    history::Blame::Unknown => (
+                        vec![ka, kb],
+                        format!("no claim by {} in the Lease's history", who(b)),
+                    ),
+                };
                 eprintln!(
-                    "jepsen: OVERLAP {} (pid {}) still ran when {} (pid {}) started at {:.3}s, for {ms:.1} ms",
+                    "jepsen: OVERLAP {} (pid {}) still ran when {} (pid {}) started at {:.3}s, for {ms:.1} ms: {why}",
                     who(a),
                     a.pid,
                     who(b),
@@ -974,9 +1026,11 @@ fn judge(run: &Run, kernel: &Kernel, t0: u64, end: u64, options: &Options) -> Va
                 );
                 overlaps.push(json!({
                     "who": [who(a), who(b)],
-                    "kinds": [run.kinds[a.slot].name(), run.kinds[b.slot].name()],
+                    "kinds": [ka, kb],
                     "at_s": round(secs(b.exec), 3),
                     "ms": round(ms, 1),
+                    "blamed": blamed,
+                    "why": why,
                 }));
             }
         }
