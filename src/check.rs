@@ -173,16 +173,46 @@ async fn checks(config: &Config) -> Vec<Check> {
     }
 
     // Permissions, as the API server's authorizer answers them.
+    // A verb on a named Lease is asked for every slot's name (a Role's `resourceNames` may list
+    // some of them only); the first refusal is the one reported.
+    let slot_names = config.slot_names();
     for (group, resource, verb, by_name, needed) in VERBS {
-        let name = by_name.then(|| config.slot_names()[0].clone());
+        let names: Vec<Option<String>> = if by_name {
+            slot_names.iter().cloned().map(Some).collect()
+        } else {
+            vec![None]
+        };
+        let mut answer = Ok(());
+        let mut name = names[0].clone();
+        for n in &names {
+            name = n.clone();
+            answer = access_review(
+                &client,
+                &namespace,
+                group,
+                resource,
+                verb,
+                n.clone(),
+                timeout,
+            )
+            .await;
+            if answer.is_err() {
+                break;
+            }
+        }
+        if answer.is_ok() {
+            name = names[0].clone();
+        }
+        let more = match names.len() {
+            n if n > 1 => format!(" (and the {} other slots)", n - 1),
+            _ => String::new(),
+        };
         checks.push(
-            match access_review(&client, &namespace, group, resource, verb, name.clone(), timeout)
-                .await
-            {
+            match answer {
                 Ok(()) => check(
                     verb_name(resource, verb),
                     Verdict::Ok,
-                    format!("{resource}.{group}{} allowed", on(&name)),
+                    format!("{resource}.{group}{}{more} allowed", on(&name)),
                 ),
                 Err(Denied::No(reason)) => {
                     let (verdict, consequence) = match (needed, resource, verb) {

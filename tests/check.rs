@@ -153,6 +153,21 @@ async fn each_missing_verb_is_named_failing_only_when_lease_exec_needs_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_holders_every_slot_name_is_asked_for() {
+    let world = World::start().await;
+    // A Role whose resourceNames lists the first slot only.
+    world.server.deny_lease("job-1");
+    let (code, out, err) = check(&world, &["--holders", "2"]).await;
+    assert_eq!(code, 125, "{out}{err}");
+    for verb in ["may get", "may update"] {
+        let (verdict, detail) = line(&out, verb);
+        assert_eq!(verdict, "FAIL", "{verb}: {out}");
+        assert!(detail.contains("\"job-1\" not allowed"), "{verb}: {out}");
+    }
+    assert_eq!(line(&out, "may create").0, "ok", "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_run_wait_and_a_wrong_clock_are_said() {
     let world = World::start().await;
     world.server.set_clock_skew(-40);

@@ -622,6 +622,8 @@ async fn a_free_lease_not_taken_at_once_is_explained_with_until_when() {
         "me",
         "job",
     ];
+    // Its first sight of the absence comes after this: no claim before this + 3 s.
+    let spawned = std::time::SystemTime::now();
     let mut running = world.worker_command(&options, -1.0, 0, &[]).spawn();
     wait_for(LIMIT, "the absence to be noted", || {
         running.stderr().contains("the lease is absent")
@@ -661,6 +663,19 @@ async fn a_free_lease_not_taken_at_once_is_explained_with_until_when() {
     assert!(
         released_at.elapsed() < Duration::from_secs(4),
         "taken over later than the hold-back explains"
+    );
+    let lease = world.server.lease(NS, "job").unwrap();
+    let acquired: k8s_openapi::jiff::Timestamp = lease["spec"]["acquireTime"]
+        .as_str()
+        .expect("acquireTime")
+        .parse()
+        .unwrap();
+    let earliest =
+        k8s_openapi::jiff::Timestamp::try_from(spawned + Duration::from_secs(3)).unwrap();
+    assert!(
+        acquired >= earliest,
+        "claimed at {acquired}, within the hold-back (not before {earliest}):\n{}",
+        running.stderr()
     );
     running.signal(Signal::SIGTERM);
     running.wait(LIMIT).await;

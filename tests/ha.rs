@@ -169,13 +169,14 @@ impl Takeover {
             ms(claim_ns, renewed_ns + lease_ns),
             lease_ns / 1_000_000
         );
-        if let Some(token) = old_run.transitions {
-            assert_eq!(
-                new_run.transitions,
-                Some(token + 1),
-                "LEASE_EXEC_TRANSITIONS; {context}"
-            );
-        }
+        let token = old_run
+            .transitions
+            .unwrap_or_else(|| panic!("{old}'s worker's LEASE_EXEC_TRANSITIONS unread; {context}"));
+        assert_eq!(
+            new_run.transitions,
+            Some(token + 1),
+            "LEASE_EXEC_TRANSITIONS; {context}"
+        );
         Takeover {
             renewed_ns,
             old_exit_ns: old_run.exit_ns,
@@ -1081,5 +1082,15 @@ async fn a_follower_reads_again_after_410_from_the_watch_cache() {
     assert!(
         gap < 1000.0,
         "the follower took {gap:.1} ms to take the release: its watch was not re-established after the 410; {context}"
+    );
+    // Its watch, not a read at the retry period, took the release: a watch was opened after
+    // the 410 and before the lease was acquired.
+    let text = follower.stderr();
+    let after_gone = &text[text.find("410 Gone").expect("logged above")..];
+    let opened = after_gone.find("watch opened");
+    let acquired = after_gone.find("acquired the lease");
+    assert!(
+        matches!((opened, acquired), (Some(o), Some(a)) if o < a),
+        "no watch opened between the 410 and the claim; {context}"
     );
 }

@@ -115,6 +115,241 @@ async fn a_shell_worker_whose_child_outlives_it_in_the_group_gives_no_leftover_w
     assert!(!log.contains("outside its group"), "{log}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_killed_by_a_signal_exits_128_plus_n() {
+    let world = World::start().await;
+    let (code, log) = sh(&world, "kill -USR1 $$").run(LIMIT).await;
+    assert_eq!(code, 128 + 10, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hup_quit_usr1_and_usr2_reach_every_process_of_the_group() {
+    let world = World::start().await;
+    // The command and a process it started (same group) each record what they get.
+    let traps = |who: &str| {
+        ["HUP", "QUIT", "USR1", "USR2"]
+            .map(|s| format!("trap 'echo {who}-{s} >> $DIR/got' {s};"))
+            .concat()
+    };
+    let script = format!(
+        "sh -c \"{} echo x > $DIR/child_ready; while :; do sleep 0.05; done\" & {} echo $$ > $DIR/fg; while :; do sleep 0.05; done",
+        traps("child"),
+        traps("parent")
+    );
+    let mut running = sh(&world, &script).spawn();
+    wait_for(LIMIT, "the command and its child", || {
+        read_pid(&world.path("fg")).is_some() && world.path("child_ready").exists()
+    })
+    .await;
+    for sig in [
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        running.signal(sig);
+    }
+    let got = world.path("got");
+    // (A shell's background job ignores SIGQUIT and cannot trap it, so QUIT is checked at the
+    // command only.)
+    wait_for(LIMIT, "every signal at both processes", || {
+        let text = std::fs::read_to_string(&got).unwrap_or_default();
+        ["HUP", "QUIT", "USR1", "USR2"]
+            .iter()
+            .all(|s| text.contains(&format!("parent-{s}")))
+            && ["HUP", "USR1", "USR2"]
+                .iter()
+                .all(|s| text.contains(&format!("child-{s}")))
+    })
+    .await;
+    assert!(!running.exited(), "these signals do not stop lease-exec");
+    running.signal(Signal::SIGTERM);
+    running.wait(LIMIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_pid_1_it_reaps_orphans_and_passes_the_exit_code() {
+    let world = World::start().await;
+    let mut args: Vec<String> = vec![
+        "--pid".into(),
+        "--fork".into(),
+        "--mount-proc".into(),
+        BIN.into(),
+    ];
+    args.extend(FAST.iter().map(|s| s.to_string()));
+    args.extend(["--identity", "me", "job", "--", "sh", "-c"].map(String::from));
+    // A process in its own session, orphaned at once: only PID 1 can reap it when it exits.
+    args.push(
+        "echo $PPID > $DIR/ppid; (setsid sleep 0.2 &); sleep 1; \
+         grep -h '^[0-9]* ([^)]*) Z' /proc/[0-9]*/stat | wc -l > $DIR/zombies; exit 7"
+            .into(),
+    );
+    let mut command = tokio::process::Command::new("unshare");
+    command
+        .args(&args)
+        .env("KUBECONFIG", &world.kubeconfig)
+        .env("DIR", world.dir.path())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(LIMIT, command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(7), "{log}");
+    let ppid = std::fs::read_to_string(world.path("ppid")).unwrap();
+    assert_eq!(ppid.trim(), "1", "lease-exec ran as PID 1");
+    let zombies = std::fs::read_to_string(world.path("zombies")).unwrap();
+    assert_eq!(zombies.trim(), "0", "PID 1 left zombies; log:\n{log}");
+    assert_eq!(world.server.holder(NS, "job"), None, "released");
+}
+
+/// Processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+/// PID 1 of a namespace gets no default action for any signal: only a handler makes SIGTERM do
+/// anything (from inside the namespace or, as here, from its parent namespace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_pid_1_sigterm_stops_the_command_through_its_group_releases_and_exits_143() {
+    let world = World::start().await;
+    let mut args: Vec<String> = ["--pid", "--fork", "--mount-proc", BIN]
+        .map(String::from)
+        .to_vec();
+    args.extend(FAST.iter().map(|s| s.to_string()));
+    args.extend(["--identity", "me", "job", "--", "sh", "-c"].map(String::from));
+    // The command and a process it started (same group) each note the SIGTERM they get; the
+    // command waits for the other to finish, then dies of SIGTERM itself.
+    args.push(
+        "echo $PPID > $DIR/ppid; \
+         sh -c 'trap \"echo child >> $DIR/got; exit 0\" TERM; echo > $DIR/child-ready; while :; do sleep 0.05; done' & \
+         trap 'echo command >> $DIR/got; wait; trap - TERM; kill -TERM $$' TERM; \
+         echo > $DIR/ready; wait"
+            .into(),
+    );
+    let mut unshare = tokio::process::Command::new("unshare")
+        .args(&args)
+        .env("KUBECONFIG", &world.kubeconfig)
+        .env("DIR", world.dir.path())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Both traps are set before their marker files are written.
+    wait_for(LIMIT, "the command", || {
+        world.path("ready").exists()
+            && world.path("child-ready").exists()
+            && world.server.holder(NS, "job").is_some()
+    })
+    .await;
+    // lease-exec is unshare's child: PID 1 inside, an ordinary pid out here.
+    let lease_exec = children_of(unshare.id().unwrap());
+    assert_eq!(lease_exec.len(), 1, "{lease_exec:?}");
+    let ppid = std::fs::read_to_string(world.path("ppid")).unwrap();
+    assert_eq!(ppid.trim(), "1", "lease-exec runs as PID 1");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(lease_exec[0]), Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(LIMIT, unshare.wait())
+        .await
+        .expect("lease-exec as PID 1 exits after SIGTERM")
+        .unwrap();
+    let mut log = String::new();
+    use tokio::io::AsyncReadExt;
+    unshare
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(143), "{log}");
+    let got = std::fs::read_to_string(world.path("got")).unwrap_or_default();
+    let mut got: Vec<&str> = got.lines().collect();
+    got.sort();
+    assert_eq!(
+        got,
+        ["child", "command"],
+        "SIGTERM reached the group; log:\n{log}"
+    );
+    assert_eq!(
+        world.server.holder(NS, "job"),
+        None,
+        "released; log:\n{log}"
+    );
+    assert!(
+        world
+            .server
+            .writes()
+            .last()
+            .is_some_and(|w| w.holder.is_none()),
+        "the last write is the release; log:\n{log}"
+    );
+}
+
+/// Runs lease-exec as a session leader on a new pseudo-terminal, as a person would in a shell.
+async fn on_a_terminal(world: &World, script: &str) -> (nix::pty::OpenptyResult, Running) {
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave = || std::process::Stdio::from(pty.slave.try_clone().unwrap());
+    let mut args: Vec<String> = vec!["--ctty".into(), BIN.into()];
+    args.extend(FAST.iter().map(|s| s.to_string()));
+    args.extend(["--identity", "me", "job", "--", "sh", "-c", script].map(String::from));
+    let mut command = tokio::process::Command::new("setsid");
+    command
+        .args(&args)
+        .env("KUBECONFIG", &world.kubeconfig)
+        .env("DIR", world.dir.path())
+        .stdin(slave())
+        .stdout(slave())
+        .kill_on_drop(true);
+    let log = world.path("tty.log");
+    command.stderr(std::fs::File::create(&log).unwrap());
+    let child = command.spawn().unwrap();
+    (pty, Running { child, log })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interactive_command_can_read_the_terminal() {
+    let world = World::start().await;
+    let (pty, mut running) =
+        on_a_terminal(&world, "read line; echo \"got:$line\" > $DIR/read").await;
+    wait_for(LIMIT, "the lease", || {
+        world.server.holder(NS, "job").is_some()
+    })
+    .await;
+    nix::unistd::write(&pty.master, b"hello\n").unwrap();
+    assert_eq!(running.wait(LIMIT).await, 0, "{}", running.stderr());
+    let read = std::fs::read_to_string(world.path("read")).unwrap();
+    assert_eq!(read.trim(), "got:hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_on_the_terminal_stops_the_command_and_exits_130() {
+    let world = World::start().await;
+    let (pty, mut running) = on_a_terminal(&world, "echo $$ > $DIR/fg; exec sleep 1000").await;
+    wait_for(LIMIT, "the command", || {
+        read_pid(&world.path("fg")).is_some()
+    })
+    .await;
+    let fg = read_pid(&world.path("fg")).unwrap();
+    // Ctrl-C: the terminal sends SIGINT to its foreground group, which is the command's.
+    nix::unistd::write(&pty.master, b"\x03").unwrap();
+    assert_eq!(running.wait(LIMIT).await, 130, "{}", running.stderr());
+    assert!(!alive(fg));
+    assert_eq!(world.server.holder(NS, "job"), None, "released");
+}
+
 /// Processes whose command line is exactly `argv`, anywhere on the machine.
 fn processes_running(argv: &[&str]) -> Vec<i32> {
     let wanted: Vec<u8> = argv

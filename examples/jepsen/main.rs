@@ -32,8 +32,10 @@
 //! term it replaced had ended (`acquireTime` ≥ the replaced `renewTime` + its duration, or a
 //! release), else on the claimant. Exit status 1 if any overlap is blamed on a lease-exec
 //! contender, 0 otherwise (client-go's are reported, not failed on: in a mixed pool a client-go
-//! leader that runs past its term overlaps a lease-exec successor that claimed by the rules).
-//! Needs root (the proc connector).
+//! leader that runs past its term overlaps a lease-exec successor that claimed by the rules),
+//! or if a lease-exec worker's `LEASE_EXEC_TRANSITIONS` is not above every earlier one's, or if
+//! the verdict is blind (the kernel dropped events, or no lease-exec worker ran). Needs root (the
+//! proc connector).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -837,7 +839,14 @@ async fn run(options: Options) -> i32 {
         let _ = std::fs::remove_dir_all(&run_dir);
     }
     println!("{verdict}");
-    i32::from(lease_exec_overlaps > 0)
+    let broken = |key: &str| verdict[key].as_array().is_some_and(|a| !a.is_empty());
+    i32::from(
+        lease_exec_overlaps > 0
+            || broken("invalid")
+            || !verdict["tokens"]["not_rising"]
+                .as_array()
+                .is_none_or(|a| a.is_empty()),
+    )
 }
 
 /// On a panic or Ctrl-C: kill every contender and worker, stop the control plane if ours.
@@ -883,6 +892,13 @@ struct Worker {
     exit: u64,
     /// Whether it exited by itself (its own `stop` line in the journal).
     by_itself: bool,
+    /// `LEASE_EXEC_TRANSITIONS` as its exec was given it (lease-exec's workers; `None` if the
+    /// kernel's exec event could not be read in time).
+    token: Option<u64>,
+}
+
+fn token_of(span: &kernel::Span) -> Option<u64> {
+    span.env("LEASE_EXEC_TRANSITIONS")?.parse().ok()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -954,6 +970,7 @@ fn workers(run: &Run, kernel: &Kernel, end: u64) -> Vec<Worker> {
                 exec: span.exec_ns,
                 exit: span.exit_ns.unwrap_or(end),
                 by_itself: stops.iter().any(|&(p, t)| p == pid && t > at),
+                token: token_of(&span),
             });
         }
     }
@@ -974,6 +991,7 @@ fn workers(run: &Run, kernel: &Kernel, end: u64) -> Vec<Worker> {
             exec: span.exec_ns,
             exit: span.exit_ns.unwrap_or(end),
             by_itself: false,
+            token: token_of(&span),
         });
     }
     workers.sort_by_key(|w| w.exec);
@@ -989,7 +1007,7 @@ fn judge(
     options: &Options,
 ) -> Value {
     let workers = workers(run, kernel, end);
-    let versions = history.versions();
+    let (versions, links) = history.snapshot();
     let offset = clock_offset_ns();
     let realtime_us = |mono: u64| ((mono as i128 + offset) / 1000) as i64;
     let secs = |ns: u64| ns.saturating_sub(t0) as f64 / 1e9;
@@ -1003,19 +1021,20 @@ fn judge(
                 let (ka, kb) = (run.kinds[a.slot].name(), run.kinds[b.slot].name());
                 // Who broke the rules, from the Lease's history: the one that ran on past its
                 // term, or the one that claimed before that term had ended. Unknown blames both.
-                let (blamed, why) = match history::blame(&versions, &who(b), realtime_us(b.exec)) {
-                    history::Blame::RanPastItsTerm => {
-                        (vec![ka], format!("{} ran past its term", who(a)))
-                    }
-                    history::Blame::ClaimedEarly { early_ms } => (
-                        vec![kb],
-                        format!("{} claimed {early_ms:.1} ms before the term ended", who(b)),
-                    ),
-                    history::Blame::Unknown => (
-                        vec![ka, kb],
-                        format!("no claim by {} in the Lease's history", who(b)),
-                    ),
-                };
+                let (blamed, why) =
+                    match history::blame(&versions, &links, &who(b), realtime_us(b.exec)) {
+                        history::Blame::RanPastItsTerm => {
+                            (vec![ka], format!("{} ran past its term", who(a)))
+                        }
+                        history::Blame::ClaimedEarly { early_ms } => (
+                            vec![kb],
+                            format!("{} claimed {early_ms:.1} ms before the term ended", who(b)),
+                        ),
+                        history::Blame::Unknown => (
+                            vec![ka, kb],
+                            format!("no claim by {} in the Lease's history", who(b)),
+                        ),
+                    };
                 eprintln!(
                     "jepsen: OVERLAP {} (pid {}) still ran when {} (pid {}) started at {:.3}s, for {ms:.1} ms: {why}",
                     who(a),
@@ -1093,6 +1112,50 @@ fn judge(
         );
     }
 
+    // The fencing token: each lease-exec worker's LEASE_EXEC_TRANSITIONS above every earlier
+    // one's (nothing here deletes the Lease; client-go's takeovers raise leaseTransitions too).
+    let mut highest: Option<(u64, String)> = None;
+    let (mut checked, mut unread) = (0, 0);
+    let mut not_rising = Vec::new();
+    for w in workers
+        .iter()
+        .filter(|w| run.kinds[w.slot] == Kind::LeaseExec)
+    {
+        let Some(token) = w.token else {
+            unread += 1;
+            continue;
+        };
+        checked += 1;
+        if let Some((top, by)) = &highest
+            && token <= *top
+        {
+            eprintln!(
+                "jepsen: TOKEN {} (pid {}) got {token} at {:.3}s, not above {top} of {by}",
+                who(w),
+                w.pid,
+                secs(w.exec)
+            );
+            not_rising.push(json!({"who": who(w), "at_s": round(secs(w.exec), 3), "token": token, "after": top}));
+        }
+        if highest.as_ref().is_none_or(|(top, _)| token > *top) {
+            highest = Some((token, who(w)));
+        }
+    }
+    // What would make the verdict blind.
+    let mut invalid = Vec::new();
+    if kernel.lost() > 0 {
+        invalid.push(format!(
+            "the kernel dropped {} events: some workers may be missing",
+            kernel.lost()
+        ));
+    }
+    if run.kinds.contains(&Kind::LeaseExec) && checked + unread == 0 {
+        invalid.push("no lease-exec worker ran".to_string());
+    }
+    for reason in &invalid {
+        eprintln!("jepsen: INVALID {reason}");
+    }
+
     let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
     for (_, f, _) in &applied {
         *faults.entry(f.name()).or_default() += 1;
@@ -1129,5 +1192,7 @@ fn judge(
         "handoff_ms": latency,
         "exits": exits,
         "kernel_events_lost": kernel.lost(),
+        "tokens": {"checked": checked, "unread": unread, "not_rising": not_rising},
+        "invalid": invalid,
     })
 }

@@ -741,9 +741,27 @@ fn stack(mut config: Config, connections: Generation) -> Result<Client, kube::Er
     // kubelet rotates) is read at every request rather than kube's copy, refreshed only once a
     // minute: a token revoked right after its rotation would otherwise be sent until the renew
     // deadline passes. The file is small and lease-exec sends a few requests a minute.
-    let token_file = match (&config.auth_info.token, config.auth_info.token_file.take()) {
-        (None, Some(path)) => Some(TokenFile::new(path)),
-        (_, path) => {
+    //
+    // Only where kube would use the file: an auth provider, basic auth and an inline token come
+    // before it (kube's `Auth::try_from`), an exec plugin after it (so it is dropped with the
+    // file taken over, as kube would never run it). Read once now, so that a missing file fails
+    // here, naming it, as kube's own `TokenFile::new` does.
+    let auth = &config.auth_info;
+    let before_file = auth.auth_provider.is_some()
+        || (auth.username.is_some() && auth.password.is_some())
+        || auth.token.is_some();
+    let token_file = match config.auth_info.token_file.take() {
+        Some(path) if !before_file => {
+            std::fs::read_to_string(&path).map_err(|e| {
+                kube::Error::Auth(kube::client::AuthError::ReadTokenFile(
+                    e,
+                    path.clone().into(),
+                ))
+            })?;
+            config.auth_info.exec = None;
+            Some(TokenFile::new(path))
+        }
+        path => {
             config.auth_info.token_file = path;
             None
         }
@@ -812,6 +830,77 @@ mod tests {
 
     use super::*;
     use serde_json::json;
+
+    /// The `Authorization` header one request of a client built from `config` carries.
+    async fn authorization_sent(config: Config) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = vec![0u8; 8192];
+            let n = socket.read(&mut request).await.unwrap();
+            let body = r#"{"major":"1","minor":"37","gitVersion":"v1.37.2","gitCommit":"","gitTreeState":"","buildDate":"","goVersion":"","compiler":"","platform":""}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            socket.write_all(answer.as_bytes()).await.unwrap();
+            String::from_utf8_lossy(&request[..n])
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .starts_with("authorization:")
+                        .then(|| l["authorization:".len()..].trim().to_string())
+                })
+        });
+        let mut config = config;
+        config.cluster_url = url.parse().unwrap();
+        let client = stack(config, Generation::default()).unwrap();
+        client.apiserver_version().await.unwrap();
+        server.await.unwrap()
+    }
+
+    /// The token file is read by lease-exec only where kube would use it: basic auth and an inline
+    /// token come first; alone, it is sent; missing, the client is not built and the error names it.
+    #[tokio::test]
+    async fn a_token_file_takes_the_place_kube_gives_it() {
+        let dir = std::env::temp_dir().join(format!("lease-exec-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "from-file\n").unwrap();
+        let base = || {
+            let mut c = Config::new("http://127.0.0.1:1".parse().unwrap());
+            c.auth_info.token_file = Some(path.to_string_lossy().into_owned());
+            c
+        };
+        assert_eq!(
+            authorization_sent(base()).await.as_deref(),
+            Some("Bearer from-file")
+        );
+        let mut basic = base();
+        basic.auth_info.username = Some("u".into());
+        basic.auth_info.password = Some("p".to_string().into());
+        assert_eq!(
+            authorization_sent(basic).await.as_deref(),
+            Some("Basic dTpw"),
+            "basic auth comes before the file"
+        );
+        let mut inline = base();
+        inline.auth_info.token = Some("inline".to_string().into());
+        assert_eq!(
+            authorization_sent(inline).await.as_deref(),
+            Some("Bearer inline"),
+            "an inline token comes before the file"
+        );
+        let mut missing = base();
+        missing.auth_info.token_file = Some(dir.join("absent").to_string_lossy().into_owned());
+        let e = stack(missing, Generation::default())
+            .err()
+            .expect("a missing file fails");
+        assert!(chain(&e).contains("absent"), "{}", chain(&e));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// The connection the client opens to the API server has `TCP_NODELAY` on. The client is built
     /// as lease-exec builds it, the server is a bare socket, and the option is read back from the

@@ -116,6 +116,7 @@ impl LeaseWatch {
             self.opened = Some(Instant::now());
             match api.watch(from, timing.request_timeout()).await {
                 Ok(stream) => {
+                    tracing::debug!(from, "watch opened");
                     self.stream = Some(stream);
                     self.reopen_at = None;
                 }

@@ -213,6 +213,8 @@ struct Inner {
     mode: Mode,
     delay: Duration,
     deny: HashMap<&'static str, u16>,
+    /// Lease names no verb may name (see [`ApiServer::deny_lease`]).
+    deny_leases: std::collections::HashSet<String>,
     /// Seconds added to the clock the `Date` header shows.
     clock_skew: i64,
     seen: Vec<Seen>,
@@ -352,6 +354,7 @@ impl ApiServer {
                 mode: Mode::Normal,
                 delay: Duration::ZERO,
                 deny: HashMap::new(),
+                deny_leases: Default::default(),
                 clock_skew: 0,
                 seen: Vec::new(),
                 writes: Vec::new(),
@@ -480,6 +483,18 @@ impl ApiServer {
     /// both verbs for create-on-update.
     pub fn deny(&self, verb: &'static str, code: u16) {
         self.inner.lock().unwrap().deny.insert(verb, code);
+    }
+
+    /// Refuses (403) every request naming the Lease `name` (get, update, patch, delete, a watch
+    /// or list selecting it by name) and answers access reviews naming it as not allowed, as a
+    /// Role whose `resourceNames` leaves it out would. Create is not refused: RBAC cannot
+    /// restrict create by name.
+    pub fn deny_lease(&self, name: &str) {
+        self.inner
+            .lock()
+            .unwrap()
+            .deny_leases
+            .insert(name.to_string());
     }
 
     /// Makes the `Date` header of every answer run `seconds` ahead of this machine's clock.
@@ -903,7 +918,26 @@ impl ApiServer {
                 query: parts.uri.query().unwrap_or("").to_string(),
                 at: Instant::now(),
             });
-            let denied = inner.deny.get(verb).copied();
+            let named = match &route {
+                Route::Get { name, .. }
+                | Route::Update { name, .. }
+                | Route::Patch { name, .. }
+                | Route::Delete { name, .. } => Some(name.clone()),
+                Route::List { .. } => parts.uri.query().and_then(|q| {
+                    q.split('&')
+                        .filter_map(|kv| kv.strip_prefix("fieldSelector="))
+                        .find_map(|f| {
+                            let f = f.replace("%3D", "=").replace("%3d", "=");
+                            f.strip_prefix("metadata.name=").map(str::to_string)
+                        })
+                }),
+                _ => None,
+            };
+            let denied = inner
+                .deny
+                .get(verb)
+                .copied()
+                .or_else(|| named.filter(|n| inner.deny_leases.contains(n)).map(|_| 403));
             let denied_create = inner.deny.get("create").copied();
             let door_fault = inner.doors[door].fault.clone();
             let mut delay = inner.delay;
@@ -1030,7 +1064,15 @@ impl ApiServer {
                     ("events.k8s.io" | "", "events", verb) => format!("{verb}-event"),
                     (_, _, verb) => format!("other:{verb}"),
                 };
-                let allowed = !self.inner.lock().unwrap().deny.contains_key(key.as_str());
+                let allowed = {
+                    let inner = self.inner.lock().unwrap();
+                    let by_name = key != "create"
+                        && attributes["resource"] == "leases"
+                        && attributes["name"]
+                            .as_str()
+                            .is_some_and(|n| inner.deny_leases.contains(n));
+                    !inner.deny.contains_key(key.as_str()) && !by_name
+                };
                 review["status"] = if allowed {
                     json!({"allowed": true, "reason": "allowed by the in-memory server"})
                 } else {
