@@ -139,6 +139,10 @@ struct Driver {
     deletions: Vec<(String, u64)>,
     /// The token of the operator's last overwrite, per Lease.
     operator_tokens: std::collections::HashMap<String, i64>,
+    /// `(Lease, when)` of each edit lowering `leaseTransitions` (CLOCK_MONOTONIC ns).
+    lowerings: Vec<(String, u64)>,
+    /// When each identity's lease-exec was started (CLOCK_MONOTONIC ns).
+    started: std::collections::HashMap<String, u64>,
 }
 
 impl Driver {
@@ -156,6 +160,7 @@ impl Driver {
             self.identities.resize(i + 1, String::new());
         }
         self.identities[i].clone_from(&identity);
+        self.started.insert(identity.clone(), mono_ns());
         let run_for = 0.3 + self.rng.below(2500) as f64 / 1000.0;
         let mut options = self.options.clone();
         if self.rng.one_in(4) {
@@ -459,6 +464,7 @@ impl Driver {
                 let lower = self.rng.below(transitions as u64) as i64;
                 lease["spec"]["leaseTransitions"] = serde_json::json!(lower);
                 server.put_lease(NS, &slot, lease);
+                self.lowerings.push((slot.clone(), mono_ns()));
                 self.tally.add("operator lowered leaseTransitions");
             }
         }
@@ -544,6 +550,19 @@ struct Verdict {
 /// from one worker to the next unless the Lease was deleted between their execs; such resets are
 /// counted.
 fn judge(runs: &[Run], deletions: &[(String, u64)]) -> Verdict {
+    judge_with(runs, deletions, &[], &Default::default())
+}
+
+/// [`judge`], where an operator's edit that lowered `leaseTransitions` (`lowerings`: `(Lease,
+/// when)`) also lets the token fall, for a process started after it (`started`: identity → when
+/// its lease-exec started): it never saw the earlier value, only the lowered record. A process
+/// that saw the earlier value must not fall, edit or not.
+fn judge_with(
+    runs: &[Run],
+    deletions: &[(String, u64)],
+    lowerings: &[(String, u64)],
+    started: &std::collections::HashMap<String, u64>,
+) -> Verdict {
     let mut verdict = Verdict::default();
     let mut by_lease: BTreeMap<Option<&str>, Vec<&Run>> = BTreeMap::new();
     for run in runs {
@@ -578,7 +597,14 @@ fn judge(runs: &[Run], deletions: &[(String, u64)]) -> Verdict {
             match (token, run.transitions) {
                 (_, None) => verdict.unknown_tokens += 1,
                 (Some(before), Some(now)) if Some(now) <= before.transitions => {
-                    if deleted_since(before) {
+                    let run_started = run.identity.as_ref().and_then(|i| started.get(i));
+                    let lowered_before_it = lowerings.iter().any(|(lease, at)| {
+                        Some(lease.as_str()) == run.lease.as_deref()
+                            && before.exec_ns < *at
+                            && *at < run.exec_ns
+                            && run_started.is_some_and(|s| s > at)
+                    });
+                    if deleted_since(before) || lowered_before_it {
                         verdict.resets += 1;
                         token = Some(run);
                         continue;
@@ -636,6 +662,8 @@ async fn chaos(contenders: usize, holders: u32, length: Duration, seed: u64) {
         ending: Arc::default(),
         stuck: Vec::new(),
         operator_tokens: Default::default(),
+        lowerings: Vec::new(),
+        started: Default::default(),
         deletions: Vec::new(),
     };
     for i in 0..contenders {
@@ -719,7 +747,7 @@ async fn chaos(contenders: usize, holders: u32, length: Duration, seed: u64) {
     driver.tally.0.insert("410 Gone seen by a watch", expiries);
     let tally = &driver.tally;
 
-    let verdict = judge(&runs, &driver.deletions);
+    let verdict = judge_with(&runs, &driver.deletions, &driver.lowerings, &driver.started);
     let spans: Vec<(i32, u64, u64)> = runs.iter().map(Run::span).collect();
     let most = max_concurrent(&spans);
     // Time with no worker at all (with several slots: with none of them taken).
@@ -936,6 +964,20 @@ fn the_judge_flags_overlaps_and_tokens_that_do_not_rise_per_lease() {
     }
     let v = judge(&again, &[]);
     assert_eq!((v.resumed.len(), v.regressions.len()), (1, 0));
+    // After an operator lowered the token: a process started since may fall, one started before
+    // (which saw the higher token) may not.
+    let mut lowered = [
+        run(1, "a", 100, 200, Some(41)),
+        run(2, "a", 300, 400, Some(20)),
+    ];
+    lowered[1].identity = Some("c2-46".into());
+    let lowerings = [("a".to_string(), 250_000_000)];
+    let after: std::collections::HashMap<String, u64> = [("c2-46".to_string(), 260_000_000)].into();
+    let v = judge_with(&lowered, &[], &lowerings, &after);
+    assert_eq!((v.resets, v.regressions.len()), (1, 0), "{v:?}");
+    let before: std::collections::HashMap<String, u64> = [("c2-46".to_string(), 50_000_000)].into();
+    let v = judge_with(&lowered, &[], &lowerings, &before);
+    assert_eq!(v.regressions.len(), 1, "{v:?}");
     let v = judge(&deleted, &[("a".into(), 250_000_000)]);
     assert_eq!(v.resets, 1);
     assert_eq!(
