@@ -2090,3 +2090,128 @@ async fn a_shortened_lease_is_restored_before_a_client_go_follower_claims() {
     assert_eq!(follower.wait(LIMIT).await, 0, "{}", follower.stderr());
     assert_eq!(leader.wait(LIMIT).await, 143, "{}", leader.stderr());
 }
+
+// ------------------------------------------------------------------------------------------------
+// 11. One connection per process
+
+/// The established TCP connections of process `pid` to `port` (any address): its socket fds
+/// matched by inode against the kernel's TCP tables of its network namespace.
+fn established_to(pid: i32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut count = 0;
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+            let (Some(remote), Some(state), Some(inode)) =
+                (fields.get(2), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let remote_port = remote
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if remote_port == Some(port) && *state == "01" && inodes.contains(*inode) {
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
+/// Over HTTP/2 one connection carries a process's watch, renewals, claim, events and release: a
+/// follower waiting, a leader renewing, and the follower that takes over on its release hold
+/// exactly one established connection to the API server each, negotiated as h2, and the follower
+/// claims on the connection its watch already holds (no second connection is ever opened).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_http2_connection_per_process_while_waiting_and_leading() {
+    let Some(cluster) = Cluster::shared().await else {
+        return;
+    };
+    let space = Space::new(cluster, "one-connection").await;
+    put_lease(&space, "job", None, LEASE_SECONDS as u32).await;
+    let command = |identity: &str| {
+        let mut args: Vec<String> = TIMING.iter().map(|s| s.to_string()).collect();
+        args.extend([
+            "--identity".into(),
+            identity.into(),
+            "job".into(),
+            "--".into(),
+        ]);
+        args.extend(space.worker_args(-1.0));
+        let mut command = space.lease_exec(None, &args);
+        command.env("RUST_LOG", "lease_exec=debug");
+        command
+    };
+    let mut first = space.spawn(command("first"));
+    wait_started(&space, "first", LIMIT).await;
+    let mut second = space.spawn(command("second"));
+    wait_log(&second, LIMIT, "the second to wait", "watch opened").await;
+    // Two renewals by the first, so that its requests (renewals, the guard's watch, events) and
+    // the second's (its watch) have all gone out.
+    for _ in 0..2 {
+        let held = space.lease("job").await.expect("the lease");
+        space
+            .wait_lease("job", LIMIT, "a renewal", |l| {
+                holder(l) == "first" && spec_str(l, "renewTime") > spec_str(&held, "renewTime")
+            })
+            .await;
+    }
+    let counts = |running: &Running| established_to(running.pid(), cluster.port);
+    let (leading, waiting) = (counts(&first), counts(&second));
+    let logs = || {
+        format!(
+            "--- first\n{}--- second\n{}",
+            first.stderr(),
+            second.stderr()
+        )
+    };
+    assert_eq!(leading, 1, "the leader's connections\n{}", logs());
+    assert_eq!(waiting, 1, "the waiting follower's connections\n{}", logs());
+
+    first.signal(Signal::SIGTERM);
+    assert_eq!(first.wait(LIMIT).await, 143, "{}", first.stderr());
+    wait_started(&space, "second", LIMIT).await;
+    let held = space.lease("job").await.expect("the lease");
+    space
+        .wait_lease("job", LIMIT, "a renewal by the new leader", |l| {
+            holder(l) == "second" && spec_str(l, "renewTime") > spec_str(&held, "renewTime")
+        })
+        .await;
+    let taken_over = counts(&second);
+    second.signal(Signal::SIGTERM);
+    assert_eq!(second.wait(LIMIT).await, 143, "{}", second.stderr());
+    let (first_log, second_log) = (first.stderr(), second.stderr());
+    report(&format!(
+        "real tier: established connections to the API server: leader {leading}, waiting \
+         follower {waiting}, the follower after taking over {taken_over}"
+    ));
+    assert_eq!(taken_over, 1, "the new leader's connections\n{second_log}");
+    for (who, log) in [("first", &first_log), ("second", &second_log)] {
+        let opened: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("connection opened"))
+            .collect();
+        assert_eq!(
+            opened.len(),
+            1,
+            "the {who} opened one connection in all:\n{log}"
+        );
+        assert!(
+            opened[0].contains("protocol=\"h2\""),
+            "the {who}'s connection is HTTP/2: {}",
+            opened[0]
+        );
+    }
+}

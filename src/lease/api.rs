@@ -450,7 +450,7 @@ pub struct AccessError(pub String);
 /// decided by the configuration, else the kubeconfig context's, else `default`).
 pub async fn connect(config: &crate::config::Config) -> Result<(Client, LeaseApi), AccessError> {
     let (client, kube_namespace, connections) =
-        self::client(&config.access, config.timing.request_timeout()).await?;
+        self::client(&config.access, &config.timing).await?;
     let namespace = config.namespace.clone().unwrap_or(kube_namespace);
     let api = LeaseApi::new((client.clone(), connections), &namespace, &config.lease);
     Ok((client, api))
@@ -484,7 +484,7 @@ pub async fn connect_slots(
 /// bounds every call with [`crate::config::Timing::request_timeout`].
 pub async fn client(
     access: &Access,
-    connect_timeout: Duration,
+    timing: &crate::config::Timing,
 ) -> Result<(Client, String, Generation), AccessError> {
     let options = kube::config::KubeConfigOptions {
         context: access.context.clone(),
@@ -529,19 +529,17 @@ pub async fn client(
         })?
     };
     config.default_retry = false;
-    config.connect_timeout = Some(connect_timeout);
+    config.connect_timeout = Some(timing.request_timeout());
     let namespace = config.default_namespace.clone();
     let connections = Generation::default();
-    let client = if config.proxy_url.is_some() {
-        // kube's own stack, which names the proxy it was built without.
-        kube::client::ClientBuilder::try_from(config)
-            .map_err(|e| AccessError(format!("cannot build the API client: {}", chain(&e))))?
-            .with_layer(&tower::util::MapResponseLayer::new(carry_retry_after))
-            .build()
-    } else {
-        stack(config, connections.clone())
-            .map_err(|e| AccessError(format!("cannot build the API client: {}", chain(&e))))?
-    };
+    let environment = |name: &str| std::env::var(name).ok();
+    let client = stack(
+        config,
+        connections.clone(),
+        timing.renew_timeout(),
+        &environment,
+    )
+    .map_err(|e| AccessError(format!("cannot build the API client: {e}")))?;
     Ok((client, namespace, connections))
 }
 
@@ -587,27 +585,54 @@ impl TokenFile {
 }
 
 /// Counts the client's connections in generations: [`Generation::abandon`] ends the current one.
-/// A connection of an earlier generation fails its next write, so no new request is ever sent on
-/// it (a pooled connection that a load balancer dropped would hang that request too); a response
-/// already streaming on it (a watch) goes on, and is re-opened only when it ends or falls silent.
-/// Connections opened afterwards are unaffected. (Connections through a proxy, on kube's own
-/// stack, are not counted: there a timed-out request's connection is closed by hyper, and other
-/// idle ones may be reused.)
+///
+/// An HTTP/1.1 connection of an earlier generation fails its next write, so no new request is
+/// ever sent on it (a pooled connection that a load balancer dropped would hang that request too);
+/// a response already streaming on it (a watch) goes on, and is re-opened only when it ends or
+/// falls silent.
+///
+/// An HTTP/2 connection carries every request of the process at once, so it cannot be kept for
+/// the streams already on it and refused to new ones: it is closed the moment it is abandoned
+/// (woken, its next read and write fail), every stream on it fails and is retried by its caller,
+/// and the next request dials afresh. Connections opened afterwards are unaffected.
+///
+/// (Connections through a proxy count as any other.)
 #[derive(Debug, Clone, Default)]
-pub struct Generation(Arc<std::sync::atomic::AtomicU64>);
+pub struct Generation(Arc<Generations>);
+
+#[derive(Debug, Default)]
+struct Generations {
+    current: std::sync::atomic::AtomicU64,
+    /// The HTTP/2 connections to wake when they are abandoned.
+    h2: Mutex<Vec<std::sync::Weak<futures_util::task::AtomicWaker>>>,
+}
 
 impl Generation {
     /// Every connection opened so far is abandoned.
     pub fn abandon(&self) {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0
+            .current
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let wakers = std::mem::take(&mut *self.0.h2.lock().unwrap_or_else(|e| e.into_inner()));
+        for waker in wakers.iter().filter_map(std::sync::Weak::upgrade) {
+            waker.wake();
+        }
     }
 
     fn current(&self) -> u64 {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
+        self.0.current.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// `waker` is woken when the current generation is abandoned.
+    fn wake_on_abandon(&self, waker: &Arc<futures_util::task::AtomicWaker>) {
+        let mut wakers = self.0.h2.lock().unwrap_or_else(|e| e.into_inner());
+        wakers.retain(|w| w.strong_count() > 0);
+        wakers.push(Arc::downgrade(waker));
     }
 }
 
-/// A connector whose connections belong to the [`Generation`] current when they were opened.
+/// A connector whose connections belong to the [`Generation`] current when they were opened. It
+/// wraps the TLS connector, so it knows which protocol each connection speaks (ALPN).
 #[derive(Clone)]
 struct Generational<C> {
     inner: C,
@@ -618,6 +643,7 @@ impl<C> tower::Service<hyper::http::Uri> for Generational<C>
 where
     C: tower::Service<hyper::http::Uri>,
     C::Future: Send + 'static,
+    C::Response: hyper_util::client::legacy::connect::Connection,
 {
     type Response = Counted<C::Response>;
     type Error = C::Error;
@@ -638,10 +664,22 @@ where
         let connecting = self.inner.call(uri);
         Box::pin(async move {
             let io = connecting.await?;
+            use hyper_util::client::legacy::connect::Connection;
+            let h2 = io.connected().is_negotiated_h2();
+            let woken = h2.then(|| {
+                let waker = Arc::new(futures_util::task::AtomicWaker::new());
+                generation.wake_on_abandon(&waker);
+                waker
+            });
+            tracing::debug!(
+                protocol = if h2 { "h2" } else { "http/1.1" },
+                "connection opened"
+            );
             Ok(Counted {
                 io,
                 born,
                 generation,
+                woken,
             })
         })
     }
@@ -652,15 +690,28 @@ struct Counted<T> {
     io: T,
     born: u64,
     generation: Generation,
+    /// Set for an HTTP/2 connection, which is closed as soon as it is abandoned.
+    woken: Option<Arc<futures_util::task::AtomicWaker>>,
 }
 
 /// The error a connection abandoned earlier gives a new request (which it never sent).
 const ABANDONED: &str = "connection abandoned after a request on this client got no answer in time";
 
+/// The error every stream of an abandoned HTTP/2 connection ends with. The requests on it may have
+/// been sent: they are not sent again blindly, their callers decide.
+const ABANDONED_H2: &str =
+    "HTTP/2 connection closed after a request on this client got no answer in time";
+
 impl<T> Counted<T> {
     fn abandoned(&self) -> Option<std::io::Error> {
-        (self.generation.current() != self.born)
-            .then(|| std::io::Error::new(std::io::ErrorKind::ConnectionAborted, ABANDONED))
+        (self.generation.current() != self.born).then(|| {
+            let message = if self.woken.is_some() {
+                ABANDONED_H2
+            } else {
+                ABANDONED
+            };
+            std::io::Error::new(std::io::ErrorKind::ConnectionAborted, message)
+        })
     }
 }
 
@@ -670,6 +721,14 @@ impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Counted<T> {
         cx: &mut std::task::Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        // HTTP/2 only: an HTTP/1.1 response already streaming goes on (see `Generation`). The
+        // waker is registered before the check, so an abandonment in between still wakes it.
+        if let Some(waker) = &self.woken {
+            waker.register(cx.waker());
+            if let Some(e) = self.abandoned() {
+                return std::task::Poll::Ready(Err(e));
+            }
+        }
         std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
@@ -714,9 +773,7 @@ impl<T: hyper_util::client::legacy::connect::Connection>
 /// The TCP connector under TLS: kube's (`enforce_http(false)`, so that https URLs pass to the TLS
 /// layer) with `TCP_NODELAY` on, as Go's net package sets it on every connection. Without it a
 /// request written right after the TLS handshake on a new connection waits for the API server's
-/// delayed ACK of the handshake's last flight, about 40 ms (Nagle's algorithm): a follower's only
-/// pooled connection carries its watch, so its claim after a release usually opens a new one, and
-/// those 40 ms were most of a handoff.
+/// delayed ACK of the handshake's last flight, about 40 ms (Nagle's algorithm).
 fn tcp_connector() -> HttpConnector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
@@ -724,19 +781,50 @@ fn tcp_connector() -> HttpConnector {
     http
 }
 
-/// kube's default client stack (`ClientBuilder::try_from(Config)` with the features lease-exec
-/// builds kube with: TLS by rustls, no proxy, no compression), built here only to reach the TCP
-/// connector ([`tcp_connector`]), which kube builds privately. The same layers from kube's
-/// [`ConfigExt`]: the base URI, authentication (bearer tokens re-read as they rotate, exec
-/// plugins), impersonation headers; TLS from the kubeconfig; kube's connect and write timeouts.
-/// [`carry_retry_after`] is outermost, as before. Not kept: kube's per-request debug spans (its
-/// `kube_client::client` logs are off by default anyway) and `Client::valid_until` (the expiry of
-/// an exec plugin's client certificate, which nothing here reads).
-///
-/// This mirrors `make_generic_builder` of kube-client 5.0.0: re-check it on every kube upgrade, and
-/// go back to `ClientBuilder::try_from` once kube can set `TCP_NODELAY` itself (kube-rs/kube#2056).
-fn stack(mut config: Config, connections: Generation) -> Result<Client, kube::Error> {
+/// kube's TLS connector (`ConfigExt::rustls_https_connector_with_connector`: the kubeconfig's CA,
+/// client certificate, `tls-server-name`, in-cluster CA reloading), offering HTTP/2 by ALPN with
+/// HTTP/1.1 as the fallback (kube offers HTTP/1.1 only). Over HTTP/2 one connection carries the
+/// process's watch, renewals, claims, release and events at once, so a claim after a release
+/// goes out on the connection the watch already holds, with no new TLS handshake.
+fn tls_connector<C>(config: &Config, inner: C) -> Result<hyper_rustls::HttpsConnector<C>, String> {
     use kube::client::ConfigExt;
+    let tls = config.rustls_client_config().map_err(|e| chain(&e))?;
+    let mut builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    if let Some(name) = &config.tls_server_name {
+        let name = rustls::pki_types::ServerName::try_from(name.clone())
+            .map_err(|e| format!("tls-server-name {name:?} is not a server name: {e}"))?;
+        builder =
+            builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name));
+    }
+    Ok(builder.enable_all_versions().wrap_connector(inner))
+}
+
+/// kube's default client stack (`ClientBuilder::try_from(Config)` with the features lease-exec
+/// builds kube with: TLS by rustls, no compression), built here to reach the connectors kube
+/// builds privately: TCP ([`tcp_connector`]) and TLS ([`tls_connector`]). The same layers from
+/// kube's [`ConfigExt`]: the base URI, authentication (bearer tokens re-read as they rotate, exec
+/// plugins), impersonation headers; kube's connect and write timeouts. [`carry_retry_after`] is
+/// outermost, as before. Not kept: kube's per-request debug spans (its `kube_client::client` logs
+/// are off by default anyway) and `Client::valid_until` (the expiry of an exec plugin's client
+/// certificate, which nothing here reads).
+///
+/// HTTP/2 brings its own trap: a dead connection (a load balancer dropped it, a NAT forgot it)
+/// carries every request, and renewals can fail on it for minutes (client-go kubernetes#87615).
+/// So the client PINGs a connection that has streams open (the watch, a request) and has been
+/// silent for `ping` (half the time between a renewal that is due and the renew deadline), and
+/// closes it when no answer comes within `ping` again: a half-open connection is found within
+/// two `ping`s of its last frame (5 s at the defaults), and a request that times out closes it
+/// at once (see [`Generation`]). An idle connection (no stream open) is not pinged.
+///
+/// This mirrors `make_generic_builder` of kube-client 5.0.0: re-check it on every kube upgrade.
+fn stack(
+    mut config: Config,
+    connections: Generation,
+    ping: Duration,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Client, String> {
     // A token file (a kubeconfig's `tokenFile`; in a Pod, the projected service-account token the
     // kubelet rotates) is read at every request rather than kube's copy, refreshed only once a
     // minute: a token revoked right after its rotation would otherwise be sent until the renew
@@ -753,10 +841,10 @@ fn stack(mut config: Config, connections: Generation) -> Result<Client, kube::Er
     let token_file = match config.auth_info.token_file.take() {
         Some(path) if !before_file => {
             std::fs::read_to_string(&path).map_err(|e| {
-                kube::Error::Auth(kube::client::AuthError::ReadTokenFile(
+                chain(&kube::Error::Auth(kube::client::AuthError::ReadTokenFile(
                     e,
                     path.clone().into(),
-                ))
+                )))
             })?;
             config.auth_info.exec = None;
             Some(TokenFile::new(path))
@@ -766,32 +854,118 @@ fn stack(mut config: Config, connections: Generation) -> Result<Client, kube::Er
             None
         }
     };
-    let https = config.rustls_https_connector_with_connector(Generational {
-        inner: tcp_connector(),
-        generation: connections,
-    })?;
-    let mut connector = hyper_timeout::TimeoutConnector::new(https);
-    connector.set_connect_timeout(config.connect_timeout);
-    connector.set_read_timeout(config.read_timeout);
-    connector.set_write_timeout(config.write_timeout);
-    connector.set_reset_reader_on_write(config.reset_reader_on_write);
-    let http: hyper_util::client::legacy::Client<_, kube::client::Body> =
-        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
-    let service = tower::ServiceBuilder::new()
-        .map_response(|response: hyper::http::Response<hyper::body::Incoming>| {
-            carry_retry_after(response.map(|body| {
-                Box::new(http_body_util::BodyExt::map_err(body, BoxError::from)) as Box<DynBody>
-            }))
-        })
-        .layer(config.base_uri_layer())
-        .option_layer(config.auth_layer()?)
-        .option_layer(
-            token_file.map(|file| tower::util::MapRequestLayer::new(move |r| file.authorize(r))),
-        )
-        .layer(config.extra_headers_layer()?)
-        .map_err(BoxError::from)
-        .service(http);
-    Ok(Client::new(service, config.default_namespace))
+    let proxy = super::proxy::route(&config.cluster_url, config.proxy_url.as_ref(), env)?;
+    let layers = Layers {
+        token_file,
+        connections,
+        ping,
+    };
+    let Some(proxy) = proxy else {
+        let tls = tls_connector(&config, tcp_connector())?;
+        return layers.over(config, tls);
+    };
+    tracing::debug!(proxy = %proxy.intercept.uri(), from = %proxy.source, "connecting through a proxy");
+    let uri = proxy.intercept.uri().clone();
+    let tunnel = |inner| tunnel(&proxy.intercept, inner);
+    let tunnel_tls = |inner| self::tunnel(&proxy.intercept, inner);
+    match proxy.scheme() {
+        "http" => {
+            let tls = tls_connector(&config, tunnel(tcp_connector()))?;
+            layers.over(config, tls)
+        }
+        "https" => {
+            // TLS to the proxy with the cluster's TLS settings, as kube and client-go do;
+            // HTTP/1.1 only there (the CONNECT), whatever the server speaks through it.
+            use kube::client::ConfigExt;
+            let to_proxy = config
+                .rustls_https_connector_with_connector(tcp_connector())
+                .map_err(|e| chain(&e))?;
+            let tls = tls_connector(&config, tunnel_tls(to_proxy))?;
+            layers.over(config, tls)
+        }
+        _ => {
+            // socks5 (and socks5h): the server's name goes to the proxy, which resolves it.
+            let mut socks =
+                hyper_util::client::legacy::connect::proxy::SocksV5::new(uri, tcp_connector())
+                    .local_dns(false);
+            if let Some((user, password)) = proxy.intercept.raw_auth() {
+                socks = socks.with_auth(user.to_string(), password.to_string());
+            }
+            let tls = tls_connector(&config, socks)?;
+            layers.over(config, tls)
+        }
+    }
+}
+
+/// A `CONNECT` tunnel through the http(s) proxy `intercept` names, with its credentials.
+fn tunnel<C>(
+    intercept: &hyper_util::client::proxy::matcher::Intercept,
+    inner: C,
+) -> hyper_util::client::legacy::connect::proxy::Tunnel<C> {
+    let tunnel =
+        hyper_util::client::legacy::connect::proxy::Tunnel::new(intercept.uri().clone(), inner);
+    match intercept.basic_auth() {
+        Some(auth) => tunnel.with_auth(auth.clone()),
+        None => tunnel,
+    }
+}
+
+/// What [`stack`] puts around the connector, whichever way it reaches the API server.
+struct Layers {
+    token_file: Option<TokenFile>,
+    connections: Generation,
+    ping: Duration,
+}
+
+impl Layers {
+    /// The client over `tls`, the TLS connector on top of the way to the server (direct, a
+    /// tunnel through a proxy, SOCKS5).
+    fn over<C>(self, config: Config, tls: hyper_rustls::HttpsConnector<C>) -> Result<Client, String>
+    where
+        C: tower::Service<hyper::http::Uri> + Clone + Send + Sync + 'static,
+        C::Response: hyper::rt::Read
+            + hyper::rt::Write
+            + hyper_util::client::legacy::connect::Connection
+            + Send
+            + Unpin
+            + 'static,
+        C::Future: Send + Unpin + 'static,
+        C::Error: Into<BoxError>,
+    {
+        let mut connector = hyper_timeout::TimeoutConnector::new(Generational {
+            inner: tls,
+            generation: self.connections,
+        });
+        connector.set_connect_timeout(config.connect_timeout);
+        connector.set_read_timeout(config.read_timeout);
+        connector.set_write_timeout(config.write_timeout);
+        connector.set_reset_reader_on_write(config.reset_reader_on_write);
+        let http: hyper_util::client::legacy::Client<_, kube::client::Body> =
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .http2_keep_alive_interval(self.ping)
+                .http2_keep_alive_timeout(self.ping)
+                .http2_keep_alive_while_idle(false)
+                .build(connector);
+        use kube::client::ConfigExt;
+        let token_file = self.token_file;
+        let service = tower::ServiceBuilder::new()
+            .map_response(|response: hyper::http::Response<hyper::body::Incoming>| {
+                carry_retry_after(response.map(|body| {
+                    Box::new(http_body_util::BodyExt::map_err(body, BoxError::from)) as Box<DynBody>
+                }))
+            })
+            .layer(config.base_uri_layer())
+            .option_layer(config.auth_layer().map_err(|e| chain(&e))?)
+            .option_layer(
+                token_file
+                    .map(|file| tower::util::MapRequestLayer::new(move |r| file.authorize(r))),
+            )
+            .layer(config.extra_headers_layer().map_err(|e| chain(&e))?)
+            .map_err(BoxError::from)
+            .service(http);
+        Ok(Client::new(service, config.default_namespace))
+    }
 }
 
 #[cfg(test)]
@@ -856,7 +1030,13 @@ mod tests {
         });
         let mut config = config;
         config.cluster_url = url.parse().unwrap();
-        let client = stack(config, Generation::default()).unwrap();
+        let client = stack(
+            config,
+            Generation::default(),
+            Duration::from_secs(5),
+            &|_| None,
+        )
+        .unwrap();
         client.apiserver_version().await.unwrap();
         server.await.unwrap()
     }
@@ -895,10 +1075,15 @@ mod tests {
         );
         let mut missing = base();
         missing.auth_info.token_file = Some(dir.join("absent").to_string_lossy().into_owned());
-        let e = stack(missing, Generation::default())
-            .err()
-            .expect("a missing file fails");
-        assert!(chain(&e).contains("absent"), "{}", chain(&e));
+        let e = stack(
+            missing,
+            Generation::default(),
+            Duration::from_secs(5),
+            &|_| None,
+        )
+        .err()
+        .expect("a missing file fails");
+        assert!(e.contains("absent"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -925,7 +1110,13 @@ mod tests {
             socket.write_all(answer.as_bytes()).await.unwrap();
             (socket, peer)
         });
-        let client = stack(Config::new(url.parse().unwrap()), Generation::default()).unwrap();
+        let client = stack(
+            Config::new(url.parse().unwrap()),
+            Generation::default(),
+            Duration::from_secs(5),
+            &|_| None,
+        )
+        .unwrap();
         client.apiserver_version().await.unwrap();
         let (_socket, peer) = server.await.unwrap();
 
@@ -1013,7 +1204,13 @@ mod tests {
             });
         }
         let generation = Generation::default();
-        let client = stack(Config::new(url.parse().unwrap()), generation.clone()).unwrap();
+        let client = stack(
+            Config::new(url.parse().unwrap()),
+            generation.clone(),
+            Duration::from_secs(5),
+            &|_| None,
+        )
+        .unwrap();
         let api = LeaseApi::new((client, generation), "ns", "l");
         let second = Duration::from_secs(1);
         // Two connections in the pool.
@@ -1041,6 +1238,75 @@ mod tests {
         assert!(answered, "no answer on a new connection");
         assert!(started.elapsed() < timeout * 2);
         assert_eq!(accepted.load(Ordering::SeqCst), 3, "one new connection");
+    }
+
+    /// Reads from a [`Counted`] connection over an in-memory pipe.
+    async fn read_counted(
+        counted: &mut Counted<hyper_util::rt::TokioIo<tokio::io::DuplexStream>>,
+    ) -> std::io::Result<Vec<u8>> {
+        let mut buf = [0u8; 16];
+        let mut read = hyper::rt::ReadBuf::new(&mut buf);
+        std::future::poll_fn(|cx| {
+            hyper::rt::Read::poll_read(std::pin::Pin::new(&mut *counted), cx, read.unfilled())
+        })
+        .await?;
+        Ok(read.filled().to_vec())
+    }
+
+    /// An HTTP/2 connection is closed the moment it is abandoned: a read waiting on it (the
+    /// connection's task, with the watch and every request's stream on it) is woken and fails, not
+    /// left hanging on a peer that passes nothing. An HTTP/1.1 connection keeps reading (a watch
+    /// already streaming goes on) and only refuses the next write.
+    #[tokio::test]
+    async fn an_abandoned_h2_connection_fails_at_once_and_http1_keeps_reading() {
+        use tokio::io::AsyncWriteExt;
+        let generation = Generation::default();
+        let counted = |h2: bool| {
+            let (ours, theirs) = tokio::io::duplex(64);
+            let woken = h2.then(|| {
+                let waker = Arc::new(futures_util::task::AtomicWaker::new());
+                generation.wake_on_abandon(&waker);
+                waker
+            });
+            let counted = Counted {
+                io: hyper_util::rt::TokioIo::new(ours),
+                born: generation.current(),
+                generation: generation.clone(),
+                woken,
+            };
+            (counted, theirs)
+        };
+        let (mut h2, _h2_peer) = counted(true);
+        let (mut http1, mut http1_peer) = counted(false);
+        let waiting = tokio::spawn(async move {
+            let result = read_counted(&mut h2).await;
+            (result, h2)
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "the peer sent nothing");
+        generation.abandon();
+        let (result, mut h2) = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the waiting read is woken")
+            .unwrap();
+        let e = result.expect_err("an abandoned HTTP/2 connection fails its read");
+        assert!(e.to_string().contains(ABANDONED_H2), "{e}");
+        let written = std::future::poll_fn(|cx| {
+            hyper::rt::Write::poll_write(std::pin::Pin::new(&mut h2), cx, b"x")
+        })
+        .await;
+        assert!(written.is_err(), "and its writes");
+
+        http1_peer.write_all(b"streaming").await.unwrap();
+        assert_eq!(read_counted(&mut http1).await.unwrap(), b"streaming");
+        let written = std::future::poll_fn(|cx| {
+            hyper::rt::Write::poll_write(std::pin::Pin::new(&mut http1), cx, b"x")
+        })
+        .await;
+        assert!(
+            written.unwrap_err().to_string().contains(ABANDONED),
+            "an abandoned HTTP/1.1 connection refuses a new request"
+        );
     }
 
     #[test]

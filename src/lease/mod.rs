@@ -6,6 +6,7 @@ pub mod acquire;
 pub mod api;
 pub mod campaign;
 pub mod decide;
+pub mod proxy;
 pub mod renew;
 pub mod watch;
 

@@ -215,6 +215,9 @@ pub type KillNow = Arc<dyn Fn() + Send + Sync>;
 /// attempt runs on a fresh connection, the first still allowed to answer. The first success wins,
 /// with the start of the attempt that made it (the term counts from there). So at least two
 /// attempts fit between the renewal that is due and the renew deadline, whatever the timing.
+/// (Over HTTP/2 the first attempt shares the abandoned connection, which is closed at once: it
+/// fails, and the second alone can answer; a first that landed makes the second a 409, and the
+/// renewal is written again against the record read back.)
 async fn hedged(
     api: &LeaseApi,
     me: &Claimant<'_>,
