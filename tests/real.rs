@@ -9,6 +9,8 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/proxy.rs"]
+mod proxy;
 #[path = "support/relay.rs"]
 mod relay;
 mod support;
@@ -2214,4 +2216,57 @@ async fn one_http2_connection_per_process_while_waiting_and_leading() {
             opened[0]
         );
     }
+}
+
+/// Through an HTTP `CONNECT` proxy named by the kubeconfig's `proxy-url`, to the real API server:
+/// TLS end to end through the tunnel (the server's certificate verified as usual), HTTP/2 inside
+/// it, one tunnel for the whole run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_an_http_proxy_with_http2_inside_the_tunnel() {
+    let Some(cluster) = Cluster::shared().await else {
+        return;
+    };
+    let space = Space::new(cluster, "proxied").await;
+    put_lease(&space, "job", None, LEASE_SECONDS as u32).await;
+    let proxy = proxy::Proxy::start(([127, 0, 0, 1], cluster.port).into()).await;
+    let direct = std::fs::read_to_string(&space.kubeconfig).unwrap();
+    let line = format!("server: {}\n", cluster.server());
+    let proxied = direct.replace(
+        &line,
+        &format!("{line}    proxy-url: http://{}\n", proxy.addr()),
+    );
+    assert_ne!(proxied, direct, "the kubeconfig names {}", cluster.server());
+    let kubeconfig = space.path("proxied.kubeconfig");
+    std::fs::write(&kubeconfig, proxied).unwrap();
+    let mut args: Vec<String> = TIMING.iter().map(|s| s.to_string()).collect();
+    args.extend(["--identity".into(), "me".into(), "job".into(), "--".into()]);
+    args.extend(space.worker_args(1.0));
+    let mut command = space.lease_exec(Some(&kubeconfig), &args);
+    command.env("RUST_LOG", "lease_exec=debug");
+    let out = tokio::time::timeout(LIMIT, command.output())
+        .await
+        .expect("lease-exec ran too long")
+        .expect("run lease-exec");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert_eq!(starts(&space.entries()).len(), 1, "the worker ran\n{log}");
+    let lease = space.lease("job").await.expect("the lease");
+    assert_eq!(holder(&lease), "", "released: {lease}");
+    let tunnels = proxy.tunnels();
+    report(&format!(
+        "real tier: through an HTTP CONNECT proxy: {} tunnel(s) for acquire, renewals and release",
+        tunnels.len()
+    ));
+    assert_eq!(
+        tunnels.len(),
+        1,
+        "one tunnel for the whole run: {tunnels:?}\n{log}"
+    );
+    assert_eq!(tunnels[0].target, format!("127.0.0.1:{}", cluster.port));
+    let opened: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connection opened"))
+        .collect();
+    assert_eq!(opened.len(), 1, "{log}");
+    assert!(opened[0].contains("protocol=\"h2\""), "{}", opened[0]);
 }
