@@ -240,10 +240,10 @@ async fn hold(
         hand_over(lease_api, &claimant, config, outside, held).await;
         return Err(Error::Lost(why));
     }
-    logging::set_holder(Some(&config.identity));
-    outside.metrics.acquired();
+    // The event's object, for whatever this term reports; the Acquired event itself, the metrics
+    // and the log's holder come after the spawn, so that the command's start waits for nothing
+    // but the claim.
     outside.events.regarding(&held.lease);
-    outside.events.publish(LeaseEvent::Acquired, "");
 
     // Leading: renew in the background, run the command. The term's fencing token is the one
     // the claim wrote; renewals keep it (and restore it if lowered by hand).
@@ -332,7 +332,10 @@ async fn hold(
             });
         }
     };
+    outside.metrics.acquired();
     outside.metrics.child(true);
+    outside.events.publish(LeaseEvent::Acquired, "");
+    logging::set_holder(Some(&config.identity));
     tracing::info!(pid = child.pid.as_raw(), command = ?command.name, transitions = held.transitions(), "acquired the lease; command started");
 
     let (status, ended) = lead(

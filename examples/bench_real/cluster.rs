@@ -67,6 +67,16 @@ impl Cluster {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
     }
 
+    /// The API server's port, from the kubeconfig's `server: https://127.0.0.1:PORT`.
+    pub fn port(&self) -> u16 {
+        let text = std::fs::read_to_string(&self.kubeconfig).expect("read the kubeconfig");
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix("server: "))
+            .and_then(|url| url.rsplit(':').next())
+            .and_then(|port| port.trim_end_matches('/').parse().ok())
+            .expect("a server: https://127.0.0.1:PORT line")
+    }
+
     pub async fn client(&self) -> kube::Client {
         let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("read the kubeconfig");
         let config =

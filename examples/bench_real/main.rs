@@ -42,6 +42,7 @@ mod common;
 mod cluster;
 #[path = "../../tests/support/kernel.rs"]
 mod kernel;
+mod startup;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -124,7 +125,7 @@ fn options() -> Options {
         };
         match arg.as_str() {
             "all" => o.what.clear(),
-            "handoff" | "crash" | "load" => o.what.push(arg),
+            "handoff" | "crash" | "load" | "startup" => o.what.push(arg),
             "--handoffs" => o.handoffs = number("--handoffs") as usize,
             "--samples" => o.samples = number("--samples") as usize,
             "--window" => o.window = Duration::from_secs(number("--window")),
@@ -137,7 +138,7 @@ fn options() -> Options {
             },
             _ => {
                 eprintln!(
-                    "usage: bench_real [all | handoff crash load] [--handoffs N] [--samples N] [--window SECONDS] [--only lease-exec|client-go] [--ha] [--keep]"
+                    "usage: bench_real [all | handoff crash load startup] [--handoffs N] [--samples N] [--window SECONDS] [--only lease-exec|client-go] [--ha] [--keep]"
                 );
                 std::process::exit(2);
             }
@@ -444,6 +445,10 @@ async fn run(options: Options) {
     }
     if options.runs("load") {
         report.load = Some(load(&bench, options.window, &options.tools).await);
+    }
+    if options.runs("startup") {
+        let port = cluster.port();
+        report.startups = startup::startup(&bench, port, 20).await;
     }
 
     report.lost_exits = bench.kernel.as_ref().map(|e| e.lost());
@@ -978,6 +983,7 @@ fn mib(kib: u64) -> String {
 #[derive(Default)]
 struct Report {
     handoffs: Vec<Handoff>,
+    startups: Vec<startup::Startup>,
     crashes: Vec<Crash>,
     load: Option<Load>,
     kernel_stops: bool,
@@ -1021,6 +1027,30 @@ impl Report {
         );
         let mut targets: Vec<String> = Vec::new();
 
+        if !self.startups.is_empty() {
+            let _ = writeln!(
+                o,
+                "### Start-up: lease-exec's exec (kernel stamp) → its first bytes on the wire (the ClientHello at a relay) and → its worker's start, on a released Lease, ms\n"
+            );
+            let _ = writeln!(
+                o,
+                "| kubeconfig | samples | wire p50 | p90 | max | worker p50 | p90 | max |"
+            );
+            let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
+            for s in &self.startups {
+                let _ = writeln!(o, "{}", s.row());
+            }
+            if let Some(token) = self.startups.iter().find(|s| s.variant == "token") {
+                targets.push(format!(
+                    "start-up with a token: first request on the wire p50 {:.1} ms ≤ 10 ms: {}; worker start p50 {:.1} ms ≤ 30 ms: {}",
+                    percentile(&token.wire, 50.0),
+                    met(percentile(&token.wire, 50.0) <= 10.0),
+                    percentile(&token.worker, 50.0),
+                    met(percentile(&token.worker, 50.0) <= 30.0),
+                ));
+            }
+            let _ = writeln!(o);
+        }
         if !self.handoffs.is_empty() {
             let _ = writeln!(
                 o,
