@@ -315,7 +315,10 @@ async fn hold(
             child
         }
         Err(e) if child::is_late(&e) => {
-            // Nothing ran: release at once so the next candidate need not wait for expiry.
+            // Nothing ran: release at once so the next candidate need not wait for expiry. The
+            // claim did land: it is counted and reported before its release.
+            outside.metrics.acquired();
+            outside.events.publish(LeaseEvent::Acquired, "");
             leading.end();
             let last = state.borrow().held().clone();
             hand_over(lease_api, &claimant, config, outside, last).await;
@@ -323,6 +326,8 @@ async fn hold(
         }
         Err(e) => {
             // Nothing ran: release at once so the next candidate need not wait for expiry.
+            outside.metrics.acquired();
+            outside.events.publish(LeaseEvent::Acquired, "");
             leading.end();
             let last = state.borrow().held().clone();
             hand_over(lease_api, &claimant, config, outside, last).await;
@@ -335,7 +340,10 @@ async fn hold(
     outside.metrics.acquired();
     outside.metrics.child(true);
     outside.events.publish(LeaseEvent::Acquired, "");
-    logging::set_holder(Some(&config.identity));
+    // Not over a takeover the guard already reported (it cleared the holder).
+    if matches!(*state.borrow(), LeaseState::Held(_)) {
+        logging::set_holder(Some(&config.identity));
+    }
     tracing::info!(pid = child.pid.as_raw(), command = ?command.name, transitions = held.transitions(), "acquired the lease; command started");
 
     let (status, ended) = lead(

@@ -122,18 +122,83 @@ async fn http_proxy_from_the_environment() {
     );
 }
 
-/// Proxies in the environment that `NO_PROXY` (or loopback) takes the server out of are not used:
-/// lease-exec connects directly, as kubectl does, instead of refusing to start. Every proxy
-/// variable names a proxy that records what it is asked.
+/// A server that `NO_PROXY` covers is reached directly, not through the proxy the environment
+/// names: here the server's name does not resolve, so the direct attempt fails (a DNS error), and the proxy, which would have reached the server, sees nothing. Without
+/// `NO_PROXY` the same command goes through the proxy and works.
 #[tokio::test]
 async fn no_proxy_covering_the_server_goes_direct() {
     let world = World::start().await;
     let proxy = proxy::Proxy::start(world.server.addr()).await;
     let url = format!("http://{}", proxy.addr());
+    let config = kubeconfig(
+        &world,
+        "covered",
+        "http://api.lease-exec.invalid:8080",
+        None,
+    );
+    let status = |no_proxy: Option<&str>| {
+        let mut command = tokio::process::Command::new(BIN);
+        command
+            .args(["--status", "job"])
+            .env("KUBECONFIG", &config)
+            .env("HTTP_PROXY", &url)
+            .env("HTTPS_PROXY", &url)
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE");
+        if let Some(no) = no_proxy {
+            command.env("NO_PROXY", no);
+        }
+        command
+    };
+    for no in [
+        ".lease-exec.invalid",
+        "*.lease-exec.invalid",
+        "10.0.0.1,api.lease-exec.invalid",
+    ] {
+        let out = tokio::time::timeout(LIMIT, status(Some(no)).output())
+            .await
+            .expect("--status ran too long")
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(
+            out.status.code(),
+            Some(0),
+            "NO_PROXY={no}: reached the server\n{stderr}"
+        );
+        assert!(
+            stderr.contains("dns error"),
+            "NO_PROXY={no}: the direct attempt fails to resolve the server: {stderr}"
+        );
+        assert_eq!(proxy.tunnels(), vec![], "NO_PROXY={no}: the proxy was used");
+    }
+    let out = tokio::time::timeout(LIMIT, status(None).output())
+        .await
+        .expect("--status ran too long")
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !proxy.tunnels().is_empty(),
+        "without NO_PROXY the proxy is used"
+    );
+}
+
+/// With proxies in the environment, a loopback server is reached directly (as by kubectl), where
+/// lease-exec used to refuse to start (exit 125, "requires the disabled feature").
+#[tokio::test]
+async fn a_loopback_server_goes_direct_whatever_the_environment_says() {
+    let world = World::start().await;
+    let proxy = proxy::Proxy::start(world.server.addr()).await;
+    let url = format!("http://{}", proxy.addr());
     let command = contender(&world)
         .env("HTTP_PROXY", &url)
-        .env("HTTPS_PROXY", &url)
-        .env("NO_PROXY", "127.0.0.1,.cluster.local");
+        .env("HTTPS_PROXY", &url);
     lead_once(&world, command).await;
     assert_eq!(proxy.tunnels(), vec![], "the proxy was used");
 }
@@ -151,6 +216,26 @@ async fn an_unusable_proxy_is_named_with_exit_125() {
     assert_eq!(code, 125, "{log}");
     assert!(
         log.contains("HTTP_PROXY") && log.contains("ftp") && log.contains("http, https and socks5"),
+        "{log}"
+    );
+    assert!(
+        world.server.lease(NS, "job").is_none(),
+        "nothing was touched"
+    );
+}
+
+/// A malformed `HTTPS_PROXY` is named as such (kube would blame the kubeconfig), without its
+/// password.
+#[tokio::test]
+async fn a_malformed_https_proxy_is_named_without_its_password() {
+    let world = World::start().await;
+    let (code, log) = contender(&world)
+        .env("HTTPS_PROXY", "http://user:s3cret@bad host:1")
+        .run(LIMIT)
+        .await;
+    assert_eq!(code, 125, "{log}");
+    assert!(
+        log.contains("HTTPS_PROXY") && log.contains("not a proxy URL") && !log.contains("s3cret"),
         "{log}"
     );
     assert!(

@@ -1,7 +1,7 @@
 //! `bench_real startup`: from the `exec` of lease-exec to its first bytes on the wire (the TLS
 //! ClientHello of its first connection, as a relay in front of the API server receives it) and to
 //! its worker's start, on a released Lease, with a kubeconfig holding a token and with one whose
-//! token comes from an exec credential plugin (`/bin/sh` printing an `ExecCredential`). The exec
+//! token comes from an exec credential plugin (`/bin/cat` printing an `ExecCredential` from a file). The exec
 //! is stamped by the kernel (proc connector, CLOCK_MONOTONIC), the relay and the worker on the same
 //! clock.
 
@@ -94,9 +94,12 @@ fn kubeconfig(bench: &Bench, relay: std::net::SocketAddr, exec: bool, dir: &Path
         let credential = format!(
             r#"{{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","status":{{"token":"{token}"}}}}"#
         );
+        let file = dir.join("startup-exec-credential.json");
+        std::fs::write(&file, credential).unwrap();
         let indent = &token_line[..token_line.len() - token_line.trim_start().len()];
         let plugin = format!(
-            "{indent}exec:\n{indent}  apiVersion: client.authentication.k8s.io/v1\n{indent}  command: /bin/sh\n{indent}  args: [\"-c\", \"echo '{credential}'\"]\n{indent}  interactiveMode: Never"
+            "{indent}exec:\n{indent}  apiVersion: client.authentication.k8s.io/v1\n{indent}  command: /bin/cat\n{indent}  args: [{:?}]\n{indent}  interactiveMode: Never",
+            file.display().to_string()
         );
         text = text.replace(&token_line, &plugin);
     }

@@ -130,9 +130,10 @@ impl LeaseApi {
         }
     }
 
-    /// No new request goes on a connection opened so far (see [`Generation`]).
+    /// No new request goes on a connection opened so far, and an HTTP/2 connection is closed with
+    /// every stream on it (see [`Generation`]): for a renewal with no answer in time.
     pub fn abandon_connections(&self) {
-        self.connections.abandon();
+        self.connections.abandon_all();
     }
 
     /// The Lease name.
@@ -238,7 +239,7 @@ impl LeaseApi {
         let attempts = async {
             loop {
                 match request().await {
-                    Err(e) if chain(&e).contains(ABANDONED) => {
+                    Err(e) if never_sent(&e) => {
                         tracing::debug!(
                             "a connection abandoned earlier refused the request; sending it on another"
                         );
@@ -251,7 +252,11 @@ impl LeaseApi {
             Err(_) => {
                 // No answer in time: the connection may be half-open (a load balancer or
                 // conntrack dropped it, a proxy froze), and so may every other connection opened
-                // before. None of them is used again: the retry dials afresh.
+                // before. No HTTP/1.1 one is used again: the retry dials afresh. An HTTP/2
+                // connection also carries the renewals, which must not fail because a watch or
+                // a read was slow to answer: it is left to its PINGs (a dead one is closed within
+                // two renew timeouts of its last frame) and to the renewer, which closes it when a
+                // renewal has no answer in time (`LeaseApi::abandon_connections`).
                 self.connections.abandon();
                 Err(ApiError::Timeout(timeout))
             }
@@ -486,6 +491,22 @@ pub async fn client(
     access: &Access,
     timing: &crate::config::Timing,
 ) -> Result<(Client, String, Generation), AccessError> {
+    // kube parses HTTPS_PROXY while reading the kubeconfig, and blames the kubeconfig when it
+    // cannot: name the variable instead.
+    if let Some((name, value)) = ["HTTPS_PROXY", "https_proxy"].into_iter().find_map(|name| {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| (name, v))
+    }) && value.parse::<hyper::http::Uri>().is_err()
+    {
+        let source = super::proxy::Source::Env(name);
+        return Err(AccessError(
+            super::proxy::usable(source, &value)
+                .err()
+                .unwrap_or_else(|| format!("{name} is not a proxy URL: use http://HOST:PORT")),
+        ));
+    }
     let options = kube::config::KubeConfigOptions {
         context: access.context.clone(),
         ..Default::default()
@@ -584,48 +605,56 @@ impl TokenFile {
     }
 }
 
-/// Counts the client's connections in generations: [`Generation::abandon`] ends the current one.
+/// Counts the client's connections in generations.
 ///
-/// An HTTP/1.1 connection of an earlier generation fails its next write, so no new request is
-/// ever sent on it (a pooled connection that a load balancer dropped would hang that request too);
-/// a response already streaming on it (a watch) goes on, and is re-opened only when it ends or
-/// falls silent.
+/// [`Generation::abandon`] ends the current HTTP/1.1 generation: a connection of an earlier one
+/// fails its next write, so no new request is ever sent on it (a pooled connection that a load
+/// balancer dropped would hang that request too); a response already streaming on it (a watch)
+/// goes on, and is re-opened only when it ends or falls silent.
 ///
 /// An HTTP/2 connection carries every request of the process at once, so it cannot be kept for
-/// the streams already on it and refused to new ones: it is closed the moment it is abandoned
-/// (woken, its next read and write fail), every stream on it fails and is retried by its caller,
-/// and the next request dials afresh. Connections opened afterwards are unaffected.
-///
-/// (Connections through a proxy count as any other.)
+/// the streams already on it and refused to new ones. [`Generation::abandon_all`] also ends the
+/// current HTTP/2 generation: such a connection is closed at once (woken, its next read and write
+/// fail), every stream on it fails and is retried by its caller, and the next request dials
+/// afresh. Connections opened afterwards are unaffected.
 #[derive(Debug, Clone, Default)]
 pub struct Generation(Arc<Generations>);
 
 #[derive(Debug, Default)]
 struct Generations {
-    current: std::sync::atomic::AtomicU64,
+    http1: std::sync::atomic::AtomicU64,
+    h2: std::sync::atomic::AtomicU64,
     /// The HTTP/2 connections to wake when they are abandoned.
-    h2: Mutex<Vec<std::sync::Weak<futures_util::task::AtomicWaker>>>,
+    wakers: Mutex<Vec<std::sync::Weak<futures_util::task::AtomicWaker>>>,
 }
 
 impl Generation {
-    /// Every connection opened so far is abandoned.
+    /// No new request goes on an HTTP/1.1 connection opened so far.
     pub fn abandon(&self) {
         self.0
-            .current
+            .http1
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let wakers = std::mem::take(&mut *self.0.h2.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Every connection opened so far is abandoned, HTTP/2 ones closed.
+    pub fn abandon_all(&self) {
+        self.abandon();
+        self.0.h2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let wakers = std::mem::take(&mut *self.0.wakers.lock().unwrap_or_else(|e| e.into_inner()));
         for waker in wakers.iter().filter_map(std::sync::Weak::upgrade) {
             waker.wake();
         }
     }
 
-    fn current(&self) -> u64 {
-        self.0.current.load(std::sync::atomic::Ordering::SeqCst)
+    /// The current generation of connections speaking HTTP/2 (`h2`) or HTTP/1.1.
+    fn current(&self, h2: bool) -> u64 {
+        let counter = if h2 { &self.0.h2 } else { &self.0.http1 };
+        counter.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// `waker` is woken when the current generation is abandoned.
+    /// `waker` is woken when the current HTTP/2 generation is abandoned.
     fn wake_on_abandon(&self, waker: &Arc<futures_util::task::AtomicWaker>) {
-        let mut wakers = self.0.h2.lock().unwrap_or_else(|e| e.into_inner());
+        let mut wakers = self.0.wakers.lock().unwrap_or_else(|e| e.into_inner());
         wakers.retain(|w| w.strong_count() > 0);
         wakers.push(Arc::downgrade(waker));
     }
@@ -660,12 +689,14 @@ where
 
     fn call(&mut self, uri: hyper::http::Uri) -> Self::Future {
         let generation = self.generation.clone();
-        let born = generation.current();
         let connecting = self.inner.call(uri);
         Box::pin(async move {
             let io = connecting.await?;
             use hyper_util::client::legacy::connect::Connection;
             let h2 = io.connected().is_negotiated_h2();
+            // Born once connected (TLS included): a connection dialled while an abandonment
+            // happened is a fresh one, and sent nothing before it.
+            let born = generation.current(h2);
             let woken = h2.then(|| {
                 let waker = Arc::new(futures_util::task::AtomicWaker::new());
                 generation.wake_on_abandon(&waker);
@@ -702,15 +733,47 @@ const ABANDONED: &str = "connection abandoned after a request on this client got
 const ABANDONED_H2: &str =
     "HTTP/2 connection closed after a request on this client got no answer in time";
 
+/// The cause inside the I/O error of an abandoned connection; `never_sent` for an HTTP/1.1
+/// connection refusing a new request.
+#[derive(Debug)]
+struct Abandoned {
+    never_sent: bool,
+}
+
+impl std::fmt::Display for Abandoned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.never_sent {
+            ABANDONED
+        } else {
+            ABANDONED_H2
+        })
+    }
+}
+
+impl std::error::Error for Abandoned {}
+
+/// Whether `error` is an HTTP/1.1 connection abandoned earlier refusing the request, which it
+/// therefore never sent: found by type in the error's chain, never by its text. (Over HTTP/2
+/// the cause does not survive as a type, h2 shares one error among the streams, so an HTTP/2
+/// abandonment is never taken for "never sent".)
+fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source()).any(|e| {
+        e.downcast_ref::<Abandoned>().is_some_and(|a| a.never_sent)
+            || e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<Abandoned>())
+                .is_some_and(|a| a.never_sent)
+    })
+}
+
 impl<T> Counted<T> {
     fn abandoned(&self) -> Option<std::io::Error> {
-        (self.generation.current() != self.born).then(|| {
-            let message = if self.woken.is_some() {
-                ABANDONED_H2
-            } else {
-                ABANDONED
-            };
-            std::io::Error::new(std::io::ErrorKind::ConnectionAborted, message)
+        let h2 = self.woken.is_some();
+        (self.generation.current(h2) != self.born).then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                Abandoned { never_sent: !h2 },
+            )
         })
     }
 }
@@ -1270,7 +1333,7 @@ mod tests {
             });
             let counted = Counted {
                 io: hyper_util::rt::TokioIo::new(ours),
-                born: generation.current(),
+                born: generation.current(h2),
                 generation: generation.clone(),
                 woken,
             };
@@ -1285,12 +1348,19 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "the peer sent nothing");
         generation.abandon();
+        tokio::task::yield_now().await;
+        assert!(
+            !waiting.is_finished(),
+            "a timed-out read or watch leaves the HTTP/2 connection to its PINGs"
+        );
+        generation.abandon_all();
         let (result, mut h2) = tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("the waiting read is woken")
             .unwrap();
         let e = result.expect_err("an abandoned HTTP/2 connection fails its read");
         assert!(e.to_string().contains(ABANDONED_H2), "{e}");
+        assert!(!never_sent(&e), "a stream on it may have been sent");
         let written = std::future::poll_fn(|cx| {
             hyper::rt::Write::poll_write(std::pin::Pin::new(&mut h2), cx, b"x")
         })
@@ -1303,10 +1373,8 @@ mod tests {
             hyper::rt::Write::poll_write(std::pin::Pin::new(&mut http1), cx, b"x")
         })
         .await;
-        assert!(
-            written.unwrap_err().to_string().contains(ABANDONED),
-            "an abandoned HTTP/1.1 connection refuses a new request"
-        );
+        let refused = written.expect_err("an abandoned HTTP/1.1 connection refuses a new request");
+        assert!(never_sent(&refused), "{refused}");
     }
 
     #[test]

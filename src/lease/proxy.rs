@@ -62,21 +62,47 @@ fn first(
     })
 }
 
-/// Checks a proxy URL as written: a scheme lease-exec can speak and a host.
-fn usable(source: Source, value: &str) -> Result<Intercept, String> {
-    let with_scheme = if value.contains("://") {
+/// `value` with the password of any `user:password@` replaced, for messages.
+pub fn redacted(value: &str) -> String {
+    let (scheme, rest) = value.split_once("://").unwrap_or(("", value));
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let prefix = if scheme.is_empty() {
+                String::new()
+            } else {
+                format!("{scheme}://")
+            };
+            format!("{prefix}{user}:***@{host}{}", &rest[authority_end..])
+        }
+        None => value.to_string(),
+    }
+}
+
+/// Checks a proxy URL as written: a scheme lease-exec can speak and a host; a SOCKS5 proxy
+/// without a port gets 1080, as in Go (an http(s) one gets 80 or 443 from its scheme).
+pub fn usable(source: Source, value: &str) -> Result<Intercept, String> {
+    let shown = redacted(value);
+    let mut with_scheme = if value.contains("://") {
         value.to_string()
     } else {
         format!("http://{value}")
     };
     let uri: Uri = with_scheme.parse().map_err(|e| {
-        format!("{source}={value:?} is not a proxy URL ({e}): use http://HOST:PORT, https://HOST:PORT or socks5://HOST:PORT")
+        format!("{source}={shown:?} is not a proxy URL ({e}): use http://HOST:PORT, https://HOST:PORT or socks5://HOST:PORT")
     })?;
     let scheme = uri.scheme_str().unwrap_or_default();
     if !matches!(scheme, "http" | "https" | "socks5" | "socks5h") {
         return Err(format!(
-            "{source}={value:?}: lease-exec speaks to http, https and socks5 proxies, not {scheme}: use one of those"
+            "{source}={shown:?}: lease-exec speaks to http, https and socks5 proxies, not {scheme}: use one of those"
         ));
+    }
+    if scheme.starts_with("socks5")
+        && uri.port().is_none()
+        && let Some(authority) = uri.authority()
+    {
+        with_scheme = format!("{scheme}://{authority}:1080");
     }
     // The matcher parses the credentials; the same URL for both schemes of server.
     Matcher::builder()
@@ -84,7 +110,7 @@ fn usable(source: Source, value: &str) -> Result<Intercept, String> {
         .https(with_scheme)
         .build()
         .intercept(&"https://api-server".parse::<Uri>().expect("a URL"))
-        .ok_or_else(|| format!("{source}={value:?} names no host: use http://HOST:PORT"))
+        .ok_or_else(|| format!("{source}={shown:?} names no host: use http://HOST:PORT"))
 }
 
 /// Whether `host` (as in a URL, IPv6 in brackets) is `localhost` or a loopback address.
@@ -132,8 +158,19 @@ pub fn route(
     if loopback(host) {
         return Ok(None);
     }
+    // Go takes `*.example` as `.example`.
     let no = first(env, ["NO_PROXY", "no_proxy"])
-        .map(|(_, v)| v)
+        .map(|(_, v)| {
+            v.split(',')
+                .map(|entry| {
+                    let entry = entry.trim();
+                    entry
+                        .strip_prefix("*.")
+                        .map_or(entry.to_string(), |rest| format!(".{rest}"))
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        })
         .unwrap_or_default();
     // The matcher applies NO_PROXY (curl's rules, which Go's follow: names with their
     // subdomains, `.suffix`, addresses, CIDR blocks, `*`).
@@ -211,6 +248,7 @@ mod tests {
         for no in [
             "api.example",
             ".example",
+            "*.example",
             "example",
             "10.0.0.0/8",
             "*",
@@ -283,6 +321,23 @@ mod tests {
         let socks = route(&server, Some(&socks), &env(&[])).unwrap().unwrap();
         assert_eq!(socks.intercept.raw_auth(), Some(("user", "secret")));
         assert_eq!(socks.scheme(), "socks5");
+    }
+
+    #[test]
+    fn a_socks5_proxy_without_a_port_is_on_1080_and_passwords_are_never_shown() {
+        let server: Uri = "https://api.example".parse().unwrap();
+        let socks: Uri = "socks5://s".parse().unwrap();
+        let proxy = route(&server, Some(&socks), &env(&[])).unwrap().unwrap();
+        assert_eq!(proxy.intercept.uri().port_u16(), Some(1080));
+        let e = route(
+            &server,
+            None,
+            &env(&[("HTTPS_PROXY", "http://user:s3cret@bad host:1")]),
+        )
+        .unwrap_err();
+        assert!(!e.contains("s3cret") && e.contains("user:***@"), "{e}");
+        assert_eq!(redacted("http://p:1"), "http://p:1");
+        assert_eq!(redacted("u:pw@p:1"), "u:***@p:1");
     }
 
     #[test]

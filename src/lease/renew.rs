@@ -187,7 +187,12 @@ pub async fn renew(
                     tracing::debug!(%error, failures = failing, "renewal still failing");
                 }
                 next = match error {
-                    ApiError::Timeout(_) => Instant::now(),
+                    // No answer in time on the last attempt either: over HTTP/2 that connection
+                    // is closed too, so the retry at once dials afresh.
+                    ApiError::Timeout(_) => {
+                        api.abandon_connections();
+                        Instant::now()
+                    }
                     ApiError::Unreachable(_) => {
                         Instant::now() + UNREACHABLE_RETRY.min(timing.retry_period)
                     }
