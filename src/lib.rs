@@ -25,7 +25,11 @@
 //!    period), kill what is left of its group and every leftover descendant, then release the Lease
 //!    so the next candidate takes over at once, and exit with the command's status ([`exit`]).
 
+#![deny(unsafe_code)]
+
 pub mod check;
+// The one exception: fork, exec and raw process control (see the module's safety comments).
+#[allow(unsafe_code)]
 pub mod child;
 pub mod cli;
 pub mod clock;

@@ -123,6 +123,29 @@ pub async fn lease_metrics(client: &kube::Client) -> (BTreeMap<String, f64>, f64
     (by_verb, open_watches)
 }
 
+/// The API server's requests to etcd about Leases (`etcd_requests_total`), summed by operation.
+pub async fn etcd_lease_requests(client: &kube::Client) -> BTreeMap<String, f64> {
+    let request = hyper::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(request).await.expect("scrape /metrics");
+    let mut by_operation = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("etcd_requests_total{") else {
+            continue;
+        };
+        if !rest.contains(r#"resource="leases""#) {
+            continue;
+        }
+        let (labels, value) = rest.rsplit_once("} ").expect("a sample");
+        let operation = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("operation=\""))
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or("?");
+        *by_operation.entry(operation.to_string()).or_insert(0.0) += value.parse::<f64>().unwrap();
+    }
+    by_operation
+}
+
 fn leases(client: &kube::Client, namespace: &str) -> Api<Lease> {
     Api::namespaced(client.clone(), namespace)
 }

@@ -42,6 +42,7 @@ mod common;
 mod cluster;
 #[path = "../../tests/support/kernel.rs"]
 mod kernel;
+mod scale;
 mod startup;
 
 use std::collections::BTreeMap;
@@ -104,6 +105,9 @@ struct Options {
     /// On the highly available control plane (three etcd members, fsync on).
     ha: bool,
     tools: Vec<Tool>,
+    /// `scale`: the numbers of elections, and each point's window.
+    points: Vec<usize>,
+    scale_window: Duration,
 }
 
 fn options() -> Options {
@@ -115,6 +119,8 @@ fn options() -> Options {
         keep: false,
         ha: false,
         tools: vec![Tool::LeaseExec, Tool::ClientGo],
+        points: vec![1, 10, 50, 150],
+        scale_window: Duration::from_secs(180),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -125,7 +131,15 @@ fn options() -> Options {
         };
         match arg.as_str() {
             "all" => o.what.clear(),
-            "handoff" | "crash" | "load" | "startup" => o.what.push(arg),
+            "handoff" | "crash" | "load" | "startup" | "scale" => o.what.push(arg),
+            "--points" => {
+                o.points = args
+                    .next()
+                    .map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect())
+                    .filter(|p: &Vec<usize>| !p.is_empty())
+                    .expect("--points needs numbers, e.g. 1,10,50,150")
+            }
+            "--scale-window" => o.scale_window = Duration::from_secs(number("--scale-window")),
             "--handoffs" => o.handoffs = number("--handoffs") as usize,
             "--samples" => o.samples = number("--samples") as usize,
             "--window" => o.window = Duration::from_secs(number("--window")),
@@ -138,7 +152,7 @@ fn options() -> Options {
             },
             _ => {
                 eprintln!(
-                    "usage: bench_real [all | handoff crash load startup] [--handoffs N] [--samples N] [--window SECONDS] [--only lease-exec|client-go] [--ha] [--keep]"
+                    "usage: bench_real [all | handoff crash load startup scale] [--handoffs N] [--samples N] [--window SECONDS] [--only lease-exec|client-go] [--points 1,10,50,150] [--scale-window SECONDS] [--ha] [--keep]"
                 );
                 std::process::exit(2);
             }
@@ -148,8 +162,9 @@ fn options() -> Options {
 }
 
 impl Options {
+    /// `scale` (about 40 minutes) runs only when named.
     fn runs(&self, part: &str) -> bool {
-        self.what.is_empty() || self.what.iter().any(|w| w == part)
+        (self.what.is_empty() && part != "scale") || self.what.iter().any(|w| w == part)
     }
 }
 
@@ -446,6 +461,21 @@ async fn run(options: Options) {
     if options.runs("load") {
         report.load = Some(load(&bench, options.window, &options.tools).await);
     }
+    if options.runs("scale") {
+        report.scale = scale::scale(
+            &bench,
+            &options.tools,
+            &options.points,
+            options.scale_window,
+        )
+        .await;
+        let svg = root.join("docs/scale.svg");
+        std::fs::create_dir_all(root.join("docs")).unwrap();
+        match scale::plot(&report.scale, &svg) {
+            Ok(()) => eprintln!("scale: drawn in {}", svg.display()),
+            Err(e) => eprintln!("scale: cannot draw {}: {e}", svg.display()),
+        }
+    }
     if options.runs("startup") {
         let port = cluster.port();
         report.startups = startup::startup(&bench, port, 20).await;
@@ -564,6 +594,18 @@ impl Handoff {
 async fn handoff(bench: &Bench, tool: Tool, contenders: usize, handoffs: usize) -> Handoff {
     eprintln!("handoff: {} with {contenders} contenders", tool.name());
     let lease = format!("handoff-{}-{contenders}", tool.short());
+    handoff_on(bench, tool, contenders, handoffs, &lease).await
+}
+
+/// `handoffs` graceful handoffs among `contenders` on the Lease `lease` (created released).
+async fn handoff_on(
+    bench: &Bench,
+    tool: Tool,
+    contenders: usize,
+    handoffs: usize,
+    lease: &str,
+) -> Handoff {
+    let lease = lease.to_string();
     cluster::create_released(&bench.client, NS, &lease).await;
     let journal = bench.journal(&lease);
     let mut running: Vec<(Child, Option<usize>)> = (0..contenders)
@@ -983,6 +1025,7 @@ fn mib(kib: u64) -> String {
 #[derive(Default)]
 struct Report {
     handoffs: Vec<Handoff>,
+    scale: Vec<scale::Point>,
     startups: Vec<startup::Startup>,
     crashes: Vec<Crash>,
     load: Option<Load>,
@@ -1027,6 +1070,19 @@ impl Report {
         );
         let mut targets: Vec<String> = Vec::new();
 
+        if !self.scale.is_empty() {
+            let _ = writeln!(
+                o,
+                "### Cost as elections grow: E elections × 3 contenders, one pool at a time, {} s windows after settling\n",
+                options.scale_window.as_secs()
+            );
+            let _ = writeln!(o, "{}", scale::HEADER);
+            for p in &self.scale {
+                let _ = writeln!(o, "{}", p.row());
+            }
+            let _ = writeln!(o);
+            targets.extend(scale::targets(&self.scale));
+        }
         if !self.startups.is_empty() {
             let _ = writeln!(
                 o,

@@ -23,8 +23,18 @@ fn cargo_build(what: &[&str]) {
     assert!(status.success(), "cargo build {} failed", what.join(" "));
 }
 
-/// The lease-exec binary next to this example, built with the same profile.
+/// The lease-exec binary next to this example, built with the same profile; or the one
+/// `LEASE_EXEC_BENCH_BINARY` names, to measure another build (an older commit) on the same bench.
 pub fn lease_exec_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("LEASE_EXEC_BENCH_BINARY") {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "LEASE_EXEC_BENCH_BINARY={} is not a file",
+            path.display()
+        );
+        return path;
+    }
     cargo_build(&["--bin", "lease-exec"]);
     profile_dir().join("lease-exec")
 }

@@ -23,6 +23,9 @@ pub const WATCH_SECONDS: u32 = 290;
 /// is half-open.
 pub const WATCH_IDLE: Duration = Duration::from_secs(WATCH_SECONDS as u64 + 30);
 
+/// The shortest wait for an HTTP/2 PING's answer, and the shortest silence before one is sent.
+pub const PING_FLOOR: Duration = Duration::from_secs(1);
+
 /// Verbs lease-exec uses on `coordination.k8s.io` leases (`deploy/rbac.yaml` grants exactly these).
 pub const LEASE_VERBS: [&str; 4] = ["get", "create", "update", "watch"];
 
@@ -557,7 +560,9 @@ pub async fn client(
     let client = stack(
         config,
         connections.clone(),
-        timing.renew_timeout(),
+        // Not below a second: an API server busy for a moment (a GC pause) must not cost every
+        // stream of the process.
+        timing.renew_timeout().max(PING_FLOOR),
         &environment,
     )
     .map_err(|e| AccessError(format!("cannot build the API client: {e}")))?;
@@ -876,7 +881,8 @@ fn tls_connector<C>(config: &Config, inner: C) -> Result<hyper_rustls::HttpsConn
 /// HTTP/2 brings its own trap: a dead connection (a load balancer dropped it, a NAT forgot it)
 /// carries every request, and renewals can fail on it for minutes (client-go kubernetes#87615).
 /// So the client PINGs a connection that has streams open (the watch, a request) and has been
-/// silent for `ping` (half the time between a renewal that is due and the renew deadline), and
+/// silent for `ping` (half the time between a renewal that is due and the renew deadline, at
+/// least [`PING_FLOOR`]), and
 /// closes it when no answer comes within `ping` again: a half-open connection is found within
 /// two `ping`s of its last frame (5 s at the defaults), and a request that times out closes it
 /// at once (see [`Generation`]). An idle connection (no stream open) is not pinged.
@@ -1154,6 +1160,7 @@ mod tests {
     /// as lease-exec builds it, the server is a bare socket, and the option is read back from the
     /// client's own socket in this process (the fd whose local address is the peer the server saw).
     #[tokio::test]
+    #[allow(unsafe_code)] // borrows the client's socket fd to read its options back
     async fn the_api_connection_has_tcp_nodelay_on() {
         use nix::sys::socket::{SockaddrStorage, getsockname, getsockopt, sockopt};
         use std::os::fd::AsRawFd;
