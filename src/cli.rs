@@ -15,12 +15,9 @@ lease-exec waits until it holds the Lease, then starts the command in its own pr
 keeps renewing the Lease. If leadership is lost, or the API server cannot be reached before \
 --renew-deadline, it stops the command (SIGTERM, then SIGKILL before the Lease can expire in \
 anyone else's eyes) and exits 75. When the command exits by itself, the Lease is released so the \
-next candidate takes over at once, and lease-exec exits with the command's code.
+next candidate takes over at once, and lease-exec exits with the command's code.";
 
-Every option can also be set from an environment variable, shown with each option.";
-
-const AFTER_LONG_HELP: &str = concat!(
-    "\
+const EXAMPLES: &str = "\
 Examples:
   Run one copy of a worker across all replicas of a Deployment:
     lease-exec my-worker -- ./worker --flag
@@ -29,17 +26,188 @@ Examples:
     lease-exec -n jobs --context staging --wait-timeout 1m my-worker -- ./worker
 
   Faster failover with shorter durations (retry < renew deadline < lease duration):
-    lease-exec --lease-duration 6s --renew-deadline 4s --retry-period 1s my-worker -- ./worker
+    lease-exec --lease-duration 6s --renew-deadline 4s --retry-period 1s my-worker -- ./worker";
 
-The command sees LEASE_EXEC_HELD_LEASE, LEASE_EXEC_HELD_NAMESPACE, LEASE_EXEC_HELD_IDENTITY and \
-LEASE_EXEC_TRANSITIONS (the Lease's leaseTransitions after acquiring, a number that grows with \
-every change of holder: usable as a fencing token), and with --holders, LEASE_EXEC_SLOT. The option variables (LEASE_EXEC_LEASE, \
-LEASE_EXEC_IDENTITY, ...) are removed from its environment, so a lease-exec it starts is an \
-ordinary new candidate.
+/// One item of a list in `--help` and the man page: a name and what it means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Item {
+    /// What the item is about (a signal, a variable).
+    pub name: &'static str,
+    /// What it means, in sentences.
+    pub meaning: &'static str,
+}
 
-",
-    crate::exit_table!()
-);
+/// The SIGNALS section of `--help` and the man page.
+pub const SIGNALS: [Item; 7] = [
+    Item {
+        name: "SIGTERM, SIGINT",
+        meaning: "Forwarded to the command's process group, followed by SIGCONT so that a stopped \
+                  command can act on it. The command then has --grace-period before what is left \
+                  of its group is SIGKILLed; a second SIGTERM or SIGINT kills it at once. The \
+                  Lease is then released and lease-exec exits with the command's status. While \
+                  waiting for the Lease, lease-exec stops waiting and exits 128+N (130 for \
+                  SIGINT, 143 for SIGTERM).",
+    },
+    Item {
+        name: "SIGHUP, SIGQUIT",
+        meaning: "Forwarded to the command's process group. While waiting for the Lease: exit \
+                  128+N.",
+    },
+    Item {
+        name: "SIGUSR1, SIGUSR2",
+        meaning: "Forwarded to the command's process group; ignored while waiting.",
+    },
+    Item {
+        name: "Ctrl-C in a terminal",
+        meaning: "When stdin is a terminal and lease-exec is in its foreground, the command's \
+                  process group is the terminal's foreground group: Ctrl-C and Ctrl-\\ reach the \
+                  command directly, as without lease-exec.",
+    },
+    Item {
+        name: "leadership lost",
+        meaning: "SIGTERM to the command's group once renewals have failed for --renew-deadline \
+                  (counted from the start of the last renewal that succeeded), SIGKILL at the \
+                  latest --lease-duration minus a safety margin (200ms + 2% of --lease-duration) \
+                  after that start, before anyone else can take the Lease over; SIGKILL at once \
+                  when another holder took the Lease. Then exit 75 (with --recampaign, wait for \
+                  the Lease again).",
+    },
+    Item {
+        name: "the command's end",
+        meaning: "Once the command has exited, SIGKILL to what is left of its process group and \
+                  to every descendant that left it (as PID 1: every other process in the PID \
+                  namespace), before the Lease is released.",
+    },
+    Item {
+        name: "SIGKILL to lease-exec",
+        meaning: "The command gets SIGKILL too (its parent-death signal); the Lease is not \
+                  released and expires. Only as PID 1 of a container does everything the command \
+                  started die with lease-exec.",
+    },
+];
+
+/// Variables lease-exec reads besides its options: the ENVIRONMENT section of `--help` and the man
+/// page.
+pub const ENVIRONMENT_READ: [Item; 6] = [
+    Item {
+        name: "POD_NAME",
+        meaning: "The holder identity's prefix (else the hostname); with --owner-pod, the Pod \
+                  named as the Lease's owner. Set it from the downward API.",
+    },
+    Item {
+        name: "POD_NAMESPACE",
+        meaning: "The Lease's namespace when -n is not given.",
+    },
+    Item {
+        name: "POD_UID",
+        meaning: "With --owner-pod, the uid of the owner reference.",
+    },
+    Item {
+        name: "KUBECONFIG",
+        meaning: "The kubeconfig file(s) when --kubeconfig is not given (else ~/.kube/config, \
+                  else in a Pod the in-cluster configuration: KUBERNETES_SERVICE_HOST, \
+                  KUBERNETES_SERVICE_PORT and the service account's files).",
+    },
+    Item {
+        name: "HTTPS_PROXY, HTTP_PROXY, NO_PROXY",
+        meaning: "As kubectl takes them (upper case first, then lower case), unless the \
+                  kubeconfig's cluster names a proxy-url; loopback addresses and localhost never \
+                  go through them.",
+    },
+    Item {
+        name: "RUST_LOG",
+        meaning: "The log filter (default: info).",
+    },
+];
+
+/// Variables lease-exec gives the command: the ENVIRONMENT section of `--help` and the man page.
+pub const ENVIRONMENT_GIVEN: [Item; 5] = [
+    Item {
+        name: HELD_LEASE,
+        meaning: "The Lease held (with --holders, the slot's Lease).",
+    },
+    Item {
+        name: HELD_NAMESPACE,
+        meaning: "The Lease's namespace.",
+    },
+    Item {
+        name: HELD_IDENTITY,
+        meaning: "The holder identity.",
+    },
+    Item {
+        name: HELD_TRANSITIONS,
+        meaning: "The Lease's leaseTransitions after acquiring: new for every command started, \
+                  and never repeating nor decreasing for any process that saw the earlier value, \
+                  so usable as a fencing token.",
+    },
+    Item {
+        name: HELD_SLOT,
+        meaning: "With --holders N > 1: the slot held, 0 to N-1.",
+    },
+];
+
+const ENVIRONMENT_OPTIONS: &str = "Every option can also be set from its environment variable \
+    (LEASE_EXEC_LEASE_DURATION=6s), so that a pod spec can configure it: --help shows each with its \
+    option, the man page lists them below. The option variables are removed from the command's \
+    environment, so a lease-exec it starts is an ordinary new candidate with its own identity.";
+
+/// Width of the lists laid out here: under clap's 100 columns, so `--help` does not re-wrap them
+/// on a wide terminal.
+const WIDTH: usize = 98;
+
+/// `text` broken into lines of at most [`WIDTH`] columns, each starting with `indent` spaces.
+fn wrap(text: &str, indent: usize) -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && indent + line.len() + 1 + word.len() > WIDTH {
+            out.push_str(&format!("{:indent$}{line}\n", ""));
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        out.push_str(&format!("{:indent$}{line}\n", ""));
+    }
+    out
+}
+
+/// The items as (name, meaning) pairs.
+fn items(list: &[Item]) -> impl Iterator<Item = (String, String)> + '_ {
+    list.iter()
+        .map(|item| (item.name.to_string(), item.meaning.to_string()))
+}
+
+/// A list as clap lays out long help: the name, then its meaning indented below it.
+fn help_list(out: &mut String, items: impl IntoIterator<Item = (String, String)>) {
+    for (name, meaning) in items {
+        out.push_str(&format!("  {name}\n"));
+        out.push_str(&wrap(&meaning, 10));
+    }
+}
+
+/// What `--help` shows after the options: examples, exit status, signals and environment, built
+/// from [`crate::exit::TABLE`], [`SIGNALS`] and the environment lists.
+pub fn after_long_help() -> String {
+    let mut out = format!("{EXAMPLES}\n\nExit status:\n");
+    help_list(
+        &mut out,
+        crate::exit::TABLE
+            .iter()
+            .map(|row| (row.code.label(), row.meaning.to_string())),
+    );
+    out.push_str("\nSignals:\n");
+    help_list(&mut out, items(&SIGNALS));
+    out.push_str("\nEnvironment:\n");
+    out.push_str(&wrap(ENVIRONMENT_OPTIONS, 2));
+    help_list(&mut out, items(&ENVIRONMENT_READ));
+    out.push_str("\nGiven to the command:\n");
+    help_list(&mut out, items(&ENVIRONMENT_GIVEN));
+    out.trim_end().to_string()
+}
 
 /// Given to the command: the Lease held.
 pub const HELD_LEASE: &str = "LEASE_EXEC_HELD_LEASE";
@@ -77,7 +245,7 @@ pub fn option_variables() -> Vec<String> {
     version,
     about = ABOUT,
     long_about = LONG_ABOUT,
-    after_long_help = AFTER_LONG_HELP,
+    after_long_help = after_long_help(),
     max_term_width = 100
 )]
 pub struct Cli {
@@ -131,7 +299,8 @@ pub struct Cli {
     pub holders: u32,
 
     /// Send no watch request at all (for API servers or proxies that break watches): poll the Lease
-    /// every retry period while waiting; while leading, renewals alone notice a takeover or an edit
+    /// every retry period while waiting; while leading, read it every retry period to notice a
+    /// takeover or an edit
     #[arg(long, env = "LEASE_EXEC_NO_WATCH", help_heading = "Lease")]
     pub no_watch: bool,
 
@@ -162,12 +331,13 @@ pub struct Cli {
     #[arg(long, env = "LEASE_EXEC_GRACE_PERIOD", default_value = "5s", value_parser = parse_duration, help_heading = "Timing")]
     pub grace_period: Duration,
 
-    /// Give up (exit 124) if not leader by then [default: wait forever]
+    /// Give up (exit 124) if not leader by then; with --handover, if not handed over by then
+    /// [default: wait forever]
     #[arg(long, env = "LEASE_EXEC_WAIT_TIMEOUT", value_parser = parse_duration, help_heading = "Timing")]
     pub wait_timeout: Option<Duration>,
 
     /// Print the Lease as a person wants to read it (holder, renewed, expires, transitions, owner)
-    /// and exit 0; no command is run
+    /// and what a new candidate with this identity would do with it, and exit 0; no command is run
     #[arg(long, env = "LEASE_EXEC_STATUS", help_heading = "Debugging")]
     pub status: bool,
 
@@ -312,20 +482,14 @@ pub fn generate(what: Generate, out: &mut dyn std::io::Write) -> std::io::Result
     match what {
         Generate::Man => {
             command.build();
-            let environment = environment_section(&command);
+            let sections = man_sections(&command);
             let man = clap_mangen::Man::new(command);
             man.render_title(out)?;
             man.render_name_section(out)?;
             man.render_synopsis_section(out)?;
             man.render_description_section(out)?;
             man.render_options_section(out)?;
-            out.write_all(environment.as_bytes())?;
-            // The examples and the exit-code table are laid out by hand: keep them unfilled.
-            let escaped = AFTER_LONG_HELP.replace('\\', "\\\\").replace('-', "\\-");
-            write!(
-                out,
-                ".SH \"EXAMPLES AND EXIT CODES\"\n.nf\n{escaped}\n.fi\n"
-            )?;
+            out.write_all(sections.as_bytes())?;
             man.render_version_section(out)
         }
         Generate::Bash => {
@@ -343,26 +507,52 @@ pub fn generate(what: Generate, out: &mut dyn std::io::Write) -> std::io::Result
     }
 }
 
-/// The ENVIRONMENT section of the man page: each option's variable (clap_mangen leaves them out).
-fn environment_section(command: &clap::Command) -> String {
-    let escape = |text: &str| text.replace('\\', "\\\\").replace('-', "\\-");
-    let mut roff =
-        String::from(".SH ENVIRONMENT\nEvery option can be set from an environment variable:\n");
-    for arg in command.get_arguments() {
-        let Some(env) = arg.get_env() else { continue };
-        let name = match arg.get_long() {
-            Some(long) => format!("\\-\\-{}", escape(long)),
-            None => format!("<{}>", arg.get_id()),
-        };
-        roff.push_str(&format!(
+/// Text escaped for roff.
+fn roff(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('-', "\\-")
+}
+
+/// A list in roff: each name in bold, its meaning indented below it.
+fn man_list(out: &mut String, items: impl IntoIterator<Item = (String, String)>) {
+    for (name, meaning) in items {
+        out.push_str(&format!(
             ".TP\n\\fB{}\\fR\n{}\n",
-            escape(&env.to_string_lossy()),
-            name
+            roff(&name),
+            roff(&meaning)
         ));
     }
-    roff.push_str(".TP\n\\fBRUST_LOG\\fR\nlog filter (default \\fIinfo\\fR)\n");
-    roff.push_str(".TP\n\\fBPOD_NAME\\fR, \\fBPOD_NAMESPACE\\fR, \\fBPOD_UID\\fR\nfrom the downward API: identity prefix, default namespace, owner reference of the Lease (with \\-\\-owner\\-pod)\n");
-    roff
+}
+
+/// The man page's sections after OPTIONS, from the same sources as `--help`'s: EXIT STATUS,
+/// SIGNALS, ENVIRONMENT (with each option's variable, which clap_mangen leaves out) and EXAMPLES.
+fn man_sections(command: &clap::Command) -> String {
+    let mut out = String::from(".SH \"EXIT STATUS\"\n");
+    man_list(
+        &mut out,
+        crate::exit::TABLE
+            .iter()
+            .map(|row| (row.code.label(), row.meaning.to_string())),
+    );
+    out.push_str(".SH SIGNALS\n");
+    man_list(&mut out, items(&SIGNALS));
+    out.push_str(&format!(".SH ENVIRONMENT\n{}\n", roff(ENVIRONMENT_OPTIONS)));
+    man_list(
+        &mut out,
+        command.get_arguments().filter_map(|arg| {
+            let env = arg.get_env()?.to_string_lossy().into_owned();
+            Some(match arg.get_long() {
+                Some(long) => (env, format!("--{long}")),
+                None => (env, arg.get_id().to_string().to_uppercase()),
+            })
+        }),
+    );
+    man_list(&mut out, items(&ENVIRONMENT_READ));
+    out.push_str(".PP\nGiven to the command:\n");
+    man_list(&mut out, items(&ENVIRONMENT_GIVEN));
+    // The examples are laid out by hand: keep them unfilled.
+    let examples = EXAMPLES.strip_prefix("Examples:\n").unwrap_or(EXAMPLES);
+    out.push_str(&format!(".SH EXAMPLES\n.nf\n{}\n.fi\n", roff(examples)));
+    out
 }
 
 /// Parses human durations (`500ms`, `15s`, `2m`) with `humantime`.
@@ -394,9 +584,68 @@ mod tests {
         }
     }
 
+    /// Words only, one space between them.
+    fn words(text: &str) -> String {
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
     #[test]
-    fn help_carries_the_exit_code_table() {
-        assert!(AFTER_LONG_HELP.ends_with(crate::exit::TABLE));
+    fn help_and_man_page_carry_the_exit_code_table() {
+        let help = words(&after_long_help());
+        let mut man = Vec::new();
+        generate(Generate::Man, &mut man).unwrap();
+        let man = String::from_utf8(man).unwrap();
+        for row in crate::exit::TABLE {
+            let label = row.code.label();
+            assert!(
+                help.contains(&format!("{label} {}", words(row.meaning))),
+                "--help lacks exit code {label}"
+            );
+            assert!(
+                man.contains(&format!(".TP\n\\fB{label}\\fR\n{}\n", roff(row.meaning))),
+                "the man page lacks exit code {label}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_forwarded_signal_is_described() {
+        for signal in crate::child::FORWARDED {
+            assert!(
+                SIGNALS
+                    .iter()
+                    .any(|item| item.name.split(", ").any(|name| name == signal.as_str())),
+                "{signal} is not in SIGNALS"
+            );
+        }
+    }
+
+    #[test]
+    fn the_signals_state_the_safety_margin_the_code_uses() {
+        use crate::config::Timing;
+        let margin = format!(
+            "safety margin ({}ms + {}% of --lease-duration)",
+            Timing::KILL_LATENCY.as_millis(),
+            Timing::DRIFT_PER_MILLE / 10
+        );
+        assert!(
+            SIGNALS
+                .iter()
+                .any(|item| words(item.meaning).contains(&margin)),
+            "no item says {margin}"
+        );
+    }
+
+    #[test]
+    fn the_environment_lists_what_the_code_reads_and_gives() {
+        for name in crate::config::POD_ENV {
+            assert!(
+                ENVIRONMENT_READ.iter().any(|item| item.name == name),
+                "{name} is not in ENVIRONMENT_READ"
+            );
+        }
+        let given: Vec<&str> = ENVIRONMENT_GIVEN.iter().map(|item| item.name).collect();
+        assert_eq!(given, GIVEN_TO_COMMAND);
     }
 
     #[test]

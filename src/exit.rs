@@ -1,6 +1,6 @@
 //! Exit codes: one table, named constants, one mapping function.
 //!
-//! The same table appears in `--help` ([`TABLE`]), the man page and the README.
+//! The same table ([`TABLE`]) appears in `--help`, the man page (EXIT STATUS) and the README.
 
 /// Usage or configuration error: nothing was touched.
 pub const USAGE: u8 = 2;
@@ -18,26 +18,69 @@ pub const NOT_FOUND: u8 = 127;
 /// A process killed by signal N reports 128 + N.
 pub const SIGNAL_BASE: u8 = 128;
 
-/// The exit-code table's text, as a macro so that `--help` is built from it (`concat!` takes
-/// literals only): the one copy of the table in the code.
-#[macro_export]
-macro_rules! exit_table {
-    () => {
-        "\
-Exit codes:
-  <child's>  the command's own exit code; 128+N if it was killed by signal N
-  2          usage or configuration error (nothing was touched)
-  75         leadership lost, or API server unreachable past --renew-deadline (the command was stopped)
-  124        --wait-timeout reached before the lease was acquired (--handover: before the handover)
-  125        lease-exec failed before starting the command (authorization, unusable kubeconfig;
-             --handover: refused; --check: a check failed)
-  126        the command is not executable
-  127        the command was not found"
-    };
+/// What a row of [`TABLE`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    /// The command's own exit status, passed on.
+    Command,
+    /// One of lease-exec's own codes.
+    Own(u8),
 }
 
-/// The exit-code table as shown in `--help`.
-pub const TABLE: &str = exit_table!();
+impl Code {
+    /// How `--help`, the man page and the README name it: `the command's`, or the number.
+    pub fn label(self) -> String {
+        match self {
+            Code::Command => "the command's".to_string(),
+            Code::Own(code) => code.to_string(),
+        }
+    }
+}
+
+/// One exit code and what it means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    /// The code.
+    pub code: Code,
+    /// What it means, one sentence without a final stop.
+    pub meaning: &'static str,
+}
+
+/// The exit-code table: the one copy in the code, from which `--help` and the man page are built
+/// ([`crate::cli`]) and against which a test checks the README's.
+pub const TABLE: [Row; 7] = [
+    Row {
+        code: Code::Command,
+        meaning: "the command's own exit code; 128+N if it was killed by signal N",
+    },
+    Row {
+        code: Code::Own(USAGE),
+        meaning: "usage or configuration error (nothing was touched)",
+    },
+    Row {
+        code: Code::Own(LOST),
+        meaning: "leadership lost, or API server unreachable past --renew-deadline (the command was \
+                  stopped)",
+    },
+    Row {
+        code: Code::Own(WAIT_TIMEOUT),
+        meaning: "--wait-timeout reached before the Lease was acquired (--handover: before the \
+                  handover)",
+    },
+    Row {
+        code: Code::Own(FAILED),
+        meaning: "lease-exec failed before starting the command (authorization, unusable \
+                  kubeconfig; --handover: refused; --check: a check failed)",
+    },
+    Row {
+        code: Code::Own(NOT_EXECUTABLE),
+        meaning: "the command is not executable",
+    },
+    Row {
+        code: Code::Own(NOT_FOUND),
+        meaning: "the command was not found",
+    },
+];
 
 /// The exit code that reports a signal death, as shells do.
 pub fn for_signal(signal: i32) -> u8 {
@@ -96,12 +139,15 @@ mod tests {
     #[test]
     fn table_lists_every_constant() {
         for code in [USAGE, LOST, WAIT_TIMEOUT, FAILED, NOT_EXECUTABLE, NOT_FOUND] {
-            assert!(
+            assert_eq!(
                 TABLE
-                    .lines()
-                    .any(|l| l.trim_start().starts_with(&code.to_string())),
-                "exit code {code} missing from the table"
+                    .iter()
+                    .filter(|row| row.code == Code::Own(code))
+                    .count(),
+                1,
+                "exit code {code} is not in the table once"
             );
         }
+        assert_eq!(TABLE[0].code, Code::Command);
     }
 }
