@@ -17,7 +17,7 @@
 use std::collections::HashSet;
 use std::io;
 use std::os::unix::process::CommandExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Mutex, OnceLock};
 
@@ -45,6 +45,13 @@ static REAP_LOCK: Mutex<()> = Mutex::new(());
 
 /// Commands spawned so far; read and written under [`REAP_LOCK`].
 static SPAWNS: AtomicU64 = AtomicU64::new(0);
+
+/// The pid of the command spawned last while it is unreaped, else 0; written under [`REAP_LOCK`].
+/// On SIGCHLD the reaper tries this pid first, so the command's exit reaches the supervisor (and
+/// the Lease's release) before the scan of `/proc` for other children. Cleared when reaped, so a
+/// reused pid (a credential plugin of ours, in our own group) is never waited for by mistake: until
+/// the command is reaped its pid cannot be reused.
+static COMMAND: AtomicI32 = AtomicI32::new(0);
 
 fn reap_lock() -> std::sync::MutexGuard<'static, ()> {
     // A panic while holding the lock leaves nothing half-done that reaping depends on.
@@ -96,7 +103,9 @@ struct SpawnRequest {
     reply: oneshot::Sender<io::Result<(Pid, u64)>>,
 }
 
-/// The long-lived spawner thread's inbox.
+/// The long-lived spawner thread's inbox. Started by [`Reaper::start`], before the campaign, so
+/// that starting a thread is not part of the command's start after a claim (about a millisecond on
+/// a busy machine).
 fn spawner() -> &'static std_mpsc::Sender<SpawnRequest> {
     static SPAWNER: OnceLock<std_mpsc::Sender<SpawnRequest>> = OnceLock::new();
     SPAWNER.get_or_init(|| {
@@ -116,6 +125,7 @@ fn spawner() -> &'static std_mpsc::Sender<SpawnRequest> {
                         let pid = Pid::from_raw(child.id() as i32);
                         // Dropping std's handle neither waits nor kills: the Reaper owns waitpid.
                         drop(child);
+                        COMMAND.store(pid.as_raw(), Ordering::SeqCst);
                         (pid, SPAWNS.fetch_add(1, Ordering::SeqCst) + 1)
                     });
                     drop(lock);
@@ -239,12 +249,19 @@ pub struct Reaper {
 type Reaped = (Pid, ChildStatus, u64);
 
 impl Reaper {
-    /// Starts reaping. Call before spawning anything, so no SIGCHLD is missed.
+    /// Starts reaping, and the spawner thread. Call before spawning anything, so no SIGCHLD is
+    /// missed.
     pub fn start() -> io::Result<Reaper> {
         let mut sigchld = signal(SignalKind::child())?;
         let (tx, exits) = mpsc::unbounded_channel();
+        spawner();
         tokio::spawn(async move {
             loop {
+                // The command first: its exit is reported before the scan of /proc below, which
+                // then runs while the supervisor already kills the group's leftovers and releases.
+                if reap_command(&tx) {
+                    tokio::task::yield_now().await;
+                }
                 reap_all(&tx);
                 if sigchld.recv().await.is_none() {
                     return;
@@ -271,11 +288,62 @@ impl Reaper {
     }
 }
 
+/// Reaps the command spawned last if it has exited ([`COMMAND`]); returns whether it did.
+fn reap_command(tx: &mpsc::UnboundedSender<Reaped>) -> bool {
+    let _lock = reap_lock();
+    let pid = COMMAND.load(Ordering::SeqCst);
+    if pid == 0 {
+        return false;
+    }
+    let reaped = match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::Exited(pid, code)) => Some((pid, ChildStatus::Exited(code))),
+        Ok(WaitStatus::Signaled(pid, signal, _)) => {
+            Some((pid, ChildStatus::Signaled(signal as i32)))
+        }
+        Ok(_) => None,
+        // Reaped already (the scan below got it first, or it was never ours to wait for).
+        Err(_) => {
+            COMMAND.store(0, Ordering::SeqCst);
+            None
+        }
+    };
+    let Some((pid, status)) = reaped else {
+        return false;
+    };
+    COMMAND.store(0, Ordering::SeqCst);
+    let _ = tx.send((pid, status, SPAWNS.load(Ordering::SeqCst)));
+    true
+}
+
 /// Reaps every exited child that is not in our own process group.
 fn reap_all(tx: &mpsc::UnboundedSender<Reaped>) {
     let _lock = reap_lock();
     let spawns = SPAWNS.load(Ordering::SeqCst);
     let own_group = nix::unistd::getpgrp();
+    // Peek first (`WNOWAIT` leaves the child waitable): one system call when nothing is left to
+    // reap, the usual case, instead of a scan of /proc that would run while the supervisor
+    // releases the Lease. An exited child in our own group is its owner's to wait for: the scan
+    // below then finds the others.
+    loop {
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        let pid = match nix::sys::wait::waitid(nix::sys::wait::Id::All, flags) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(status) => match status.pid() {
+                Some(pid) => pid,
+                None => return,
+            },
+        };
+        match nix::unistd::getpgid(Some(pid)) {
+            Ok(group) if group == own_group => break,
+            // Gone meanwhile (reaped by its owner): peek again.
+            Err(Errno::ESRCH) => continue,
+            _ => {
+                if !reap(pid, spawns, tx) {
+                    break;
+                }
+            }
+        }
+    }
     let Some(children) = own_children() else {
         // A /proc of another PID namespace cannot tell our children: reap anything.
         reap(Pid::from_raw(-1), spawns, tx);
@@ -284,27 +352,40 @@ fn reap_all(tx: &mpsc::UnboundedSender<Reaped>) {
     for pid in children {
         match nix::unistd::getpgid(Some(pid)) {
             Ok(group) if group == own_group => continue,
-            _ => reap(pid, spawns, tx),
+            _ => {
+                reap(pid, spawns, tx);
+            }
         }
     }
 }
 
-fn reap(which: Pid, spawns: u64, tx: &mpsc::UnboundedSender<Reaped>) {
+/// Reaps `which` (-1: any child) until nothing is left to reap; returns whether it reaped one.
+fn reap(which: Pid, spawns: u64, tx: &mpsc::UnboundedSender<Reaped>) -> bool {
+    let mut reaped = false;
     loop {
         match waitpid(which, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) => {
+                forget_command(pid);
                 let _ = tx.send((pid, ChildStatus::Exited(code), spawns));
+                reaped = true;
             }
             Ok(WaitStatus::Signaled(pid, signal, _)) => {
+                forget_command(pid);
                 let _ = tx.send((pid, ChildStatus::Signaled(signal as i32), spawns));
+                reaped = true;
             }
-            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(WaitStatus::StillAlive) | Err(_) => return reaped,
             Ok(_) => {}
         }
         if which.as_raw() > 0 {
-            return;
+            return reaped;
         }
     }
+}
+
+/// The command `pid` was reaped by the scan: [`reap_command`] must not wait for its pid again.
+fn forget_command(pid: Pid) {
+    let _ = COMMAND.compare_exchange(pid.as_raw(), 0, Ordering::SeqCst, Ordering::SeqCst);
 }
 
 /// SIGKILL to everything the command may have left running, at once, without waiting or logging
