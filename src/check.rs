@@ -18,10 +18,11 @@ use kube::api::{Api, PostParams, WatchEvent, WatchParams};
 use serde_json::{Value, json};
 
 use crate::cli::OutputFormat;
-use crate::config::{Config, Timing};
+use crate::config::Config;
 use crate::error::{Error, Outcome};
 use crate::lease::api;
 use crate::status::Status;
+use crate::timing::Timing;
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -622,7 +622,7 @@ mod tests {
 
     #[test]
     fn the_signals_state_the_safety_margin_the_code_uses() {
-        use crate::config::Timing;
+        use crate::timing::Timing;
         let margin = format!(
             "safety margin ({}ms + {}% of --lease-duration)",
             Timing::KILL_LATENCY.as_millis(),

@@ -3,7 +3,7 @@
 //! - **Deadlines** (renew deadline, kill deadline, expiry of another holder's record) are measured
 //!   on the monotonic clock (`tokio::time::Instant`, CLOCK_MONOTONIC): it never jumps when NTP or a
 //!   person sets the wall clock, and its rate is disciplined to within 500 ppm of real time, which
-//!   the safety margin covers (see [`crate::config::Timing`]).
+//!   the safety margin covers (see [`crate::timing::Timing`]).
 //! - **Wall-clock** `MicroTime` values (`acquireTime`, `renewTime`) are written for people and
 //!   other tools, and never compared with the local clock to decide anything.
 //! - **Suspend**: CLOCK_MONOTONIC stops while the machine is suspended (a laptop running lease-exec

@@ -25,7 +25,7 @@ use crate::error::{Error, Outcome};
 use crate::exit::ChildStatus;
 use crate::lease::Record;
 use crate::lease::api::{self, ApiError, LeaseApi};
-use crate::lease::decide::{ANY_OTHER, HANDOVER_STRATEGY};
+use crate::lease::record::{ANY_OTHER, HANDOVER_STRATEGY};
 use crate::lease::watch::{Failure as WatchFailure, LeaseWatch, Seen as Sighting};
 
 /// How a handover ended.

@@ -16,7 +16,7 @@
 //!    `--renew-interval` ([`lease::renew`]), each attempt bounded so two fit before the renew
 //!    deadline, and watch the Lease for a takeover, a handover request or an edit to undo at once
 //!    (unless `--no-watch`). The fencing token (`leaseTransitions`) only rises: a process carries
-//!    the highest value it has seen of the Lease across its terms ([`lease::decide::Memory`]). If no renewal succeeds for the renew deadline, SIGTERM the
+//!    the highest value it has seen of the Lease across its terms ([`lease::record::Memory`]). If no renewal succeeds for the renew deadline, SIGTERM the
 //!    group; on a handover request, SIGTERM it with the grace period (renewals go on); if another
 //!    holder shows up, SIGKILL it at once; in every case SIGKILL it at the latest at
 //!    `last renewal start + lease duration - safety margin`, before anyone else can take over, also
@@ -43,6 +43,7 @@ pub mod status;
 pub mod supervise;
 pub mod telemetry;
 pub mod term;
+pub mod timing;
 
 use clap::Parser;
 

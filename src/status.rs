@@ -10,11 +10,12 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
 use crate::cli::OutputFormat;
-use crate::config::{Config, Timing};
+use crate::config::Config;
 use crate::error::{Error, Outcome};
 use crate::lease::api;
 use crate::lease::campaign::{Action, Campaign, Input};
 use crate::lease::{Decision, Record};
+use crate::timing::Timing;
 
 /// The facts shown.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,7 +103,7 @@ impl Outlook {
             },
             Action::Wait { until } => {
                 if let Some((to, _)) = campaign.deferring(now) {
-                    let to = if to == crate::lease::decide::ANY_OTHER {
+                    let to = if to == crate::lease::record::ANY_OTHER {
                         "any other candidate".to_string()
                     } else {
                         to
@@ -283,7 +284,7 @@ impl Status {
             self.owner_pod.as_deref().unwrap_or("none")
         ));
         if let Some(preferred) = &self.preferred {
-            let to = if preferred == crate::lease::decide::ANY_OTHER {
+            let to = if preferred == crate::lease::record::ANY_OTHER {
                 "any other candidate".to_string()
             } else {
                 preferred.clone()
@@ -473,7 +474,7 @@ mod tests {
         let mut l = lease(Some("a"), 995, 15);
         let spec = l.spec.as_mut().unwrap();
         spec.preferred_holder = Some("b".into());
-        spec.strategy = Some(crate::lease::decide::HANDOVER_STRATEGY.into());
+        spec.strategy = Some(crate::lease::record::HANDOVER_STRATEGY.into());
         let status = Status::of("l", "ns", Some(&l), "me", &Timing::default(), now);
         assert!(
             status

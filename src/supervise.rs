@@ -25,7 +25,7 @@ use crate::error::{Error, Outcome};
 use crate::exit::ChildStatus;
 use crate::lease::acquire::{Feed, Held, Remembered, WriteGate, acquire_any, remember};
 use crate::lease::api::{self, ApiError, LeaseApi};
-use crate::lease::renew::{LeaseState, Nudge, Owned, guard, renew};
+use crate::lease::renew::{LeaseState, Nudge, guard, renew};
 use crate::lease::{Claimant, Record};
 use crate::logging;
 use crate::telemetry::{self, Events, LeaseEvent, Metrics, Statsd};
@@ -126,7 +126,7 @@ struct Carry {
     /// record, of that slot).
     handed_over: Option<(usize, i32)>,
     /// What this process has seen of each slot's Lease, in every term (the fencing token and
-    /// the longest term: see [`crate::lease::decide::Memory`]).
+    /// the longest term: see [`crate::lease::record::Memory`]).
     memory: Vec<Remembered>,
 }
 
@@ -141,12 +141,11 @@ async fn hold(
     (reaper, watchdog): (&mut Reaper, &Watchdog),
     carry: &mut Carry,
 ) -> Result<Outcome, Error> {
-    let owned = Owned {
+    let claimant = Claimant {
         identity: config.identity.clone(),
         timing: config.timing,
         owner: config.owner.clone(),
     };
-    let claimant = owned.claimant();
 
     // Waiting.
     let wait_deadline = config.timing.wait_timeout.map(|t| Instant::now() + t);
@@ -225,10 +224,9 @@ async fn hold(
     if !uncertain.is_empty() {
         // A write of ours to another slot went unanswered and may have landed: that slot must not
         // stay claimed by a process that runs nothing for it.
-        let (slots, config, owned) = (slots.to_vec(), config.clone(), owned.clone());
+        let (slots, config, claimant) = (slots.to_vec(), config.clone(), claimant.clone());
         _strays = Some(AbortOnDrop(tokio::spawn(
-            async move { abandon(&slots, &uncertain, &owned.claimant(), &config).await }
-                .in_current_span(),
+            async move { abandon(&slots, &uncertain, &claimant, &config).await }.in_current_span(),
         )));
     }
     if let Some(to) = Record::of(&held.lease).handover_from(&config.identity) {
@@ -263,7 +261,7 @@ async fn hold(
         renewer: Some(tokio::spawn(
             renew(
                 lease_api.clone(),
-                owned.clone(),
+                claimant.clone(),
                 (held.clone(), token),
                 state_tx.clone(),
                 (nudge.clone(), memory.clone(), kill.clone()),
@@ -276,7 +274,7 @@ async fn hold(
         guard: Some(tokio::spawn(
             guard(
                 lease_api.clone(),
-                (owned.clone(), token, config.watch),
+                (claimant.clone(), token, config.watch),
                 state_tx,
                 (nudge, memory, kill),
             )
@@ -442,13 +440,7 @@ impl Leading {
 }
 
 /// Releases the Lease for the next candidate (unless `--no-release`) and records that it did.
-async fn hand_over(
-    api: &LeaseApi,
-    me: &Claimant<'_>,
-    config: &Config,
-    outside: &Outside,
-    last: Held,
-) {
+async fn hand_over(api: &LeaseApi, me: &Claimant, config: &Config, outside: &Outside, last: Held) {
     if !config.release {
         tracing::info!("keeping the lease claimed (--no-release); it expires unless renewed");
     } else if release(api, me, config, last).await {
@@ -582,7 +574,7 @@ async fn lead(
 async fn abandon(
     slots: &[LeaseApi],
     check: &[(usize, Option<Instant>)],
-    me: &Claimant<'_>,
+    me: &Claimant,
     config: &Config,
 ) {
     let timeout = config.timing.request_timeout();
@@ -623,11 +615,13 @@ async fn abandon(
 /// Reads the Lease; returns it if it names us.
 async fn ours(
     api: &LeaseApi,
-    me: &Claimant<'_>,
+    me: &Claimant,
     config: &Config,
 ) -> Option<k8s_openapi::api::coordination::v1::Lease> {
     match api.get(config.timing.request_timeout()).await {
-        Ok(Some(lease)) if Record::of(&lease).holder.as_deref() == Some(me.identity) => Some(lease),
+        Ok(Some(lease)) if Record::of(&lease).holder.as_deref() == Some(me.identity.as_str()) => {
+            Some(lease)
+        }
         Ok(_) => None,
         Err(e) => {
             tracing::warn!(
@@ -651,7 +645,7 @@ impl Drop for AbortOnDrop {
 
 /// Releases the Lease if it is still ours: holder cleared, conditioned on the resourceVersion.
 /// Returns whether it was released.
-async fn release(api: &LeaseApi, me: &Claimant<'_>, config: &Config, last: Held) -> bool {
+async fn release(api: &LeaseApi, me: &Claimant, config: &Config, last: Held) -> bool {
     let timeout = config.timing.request_timeout();
     let mut lease = last.lease;
     for _ in 0..3 {
@@ -665,7 +659,7 @@ async fn release(api: &LeaseApi, me: &Claimant<'_>, config: &Config, last: Held)
             }
             Err(ApiError::Conflict) => match api.get(timeout).await {
                 Ok(Some(current))
-                    if Record::of(&current).holder.as_deref() == Some(me.identity) =>
+                    if Record::of(&current).holder.as_deref() == Some(me.identity.as_str()) =>
                 {
                     lease = current;
                 }

@@ -7,7 +7,7 @@
 //!   command gets SIGTERM (and SIGCONT, so a stopped command can act on it).
 //! - `kill_at ≤ renewed_at + lease_duration − safety_margin`: the command's group gets SIGKILL,
 //!   whatever else happened. Nobody else can take an *expired* Lease over before
-//!   `renewed_at + lease_duration` (see [`crate::config::Timing`]), so the command is dead first.
+//!   `renewed_at + lease_duration` (see [`crate::timing::Timing`]), so the command is dead first.
 //!
 //! A takeover without expiry (another holder written over ours, or ours cleared by someone else)
 //! gives no such head start: the other worker may already run, so `kill_at` is the moment it was
@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::Timing;
+use crate::timing::Timing;
 
 /// Why a term is ending.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +76,7 @@ impl Reason {
                 "the machine was suspended past --renew-deadline since the last renewal".into()
             }
             Reason::Taken(why) => why.clone(),
-            Reason::Handover(to) if to == crate::lease::decide::ANY_OTHER => {
+            Reason::Handover(to) if to == crate::lease::record::ANY_OTHER => {
                 "handed over on request (spec.preferredHolder) to any other candidate".into()
             }
             Reason::Handover(to) => {

@@ -18,9 +18,10 @@ use tokio::time::{Instant, sleep_until};
 
 use super::api::{ApiError, LeaseApi};
 use super::campaign::{Action, Campaign, HoldBack, Input};
-use super::decide::{Claimant, Decision, Memory, Record};
+use super::decide::{Claimant, Decision};
+use super::record::{ANY_OTHER, Memory, Record};
 use super::watch::{Failure as WatchFailure, LeaseWatch, Seen};
-use crate::config::Timing;
+use crate::timing::Timing;
 
 /// The Lease as we hold it.
 #[derive(Debug, Clone)]
@@ -107,7 +108,7 @@ impl WriteGate {
 /// gate); writes of ours that may have landed elsewhere are in [`WriteGate::uncertain`].
 pub async fn acquire_any(
     apis: &[LeaseApi],
-    me: &Claimant<'_>,
+    me: &Claimant,
     timing: &Timing,
     feed: Feed,
     stepped_down: Option<(usize, i32)>,
@@ -145,7 +146,7 @@ pub async fn acquire_any(
 /// errors; transient failures are logged and retried with backoff.
 pub async fn acquire(
     api: &LeaseApi,
-    me: &Claimant<'_>,
+    me: &Claimant,
     timing: &Timing,
     feed: Feed,
     stepped_down: Option<i32>,
@@ -153,7 +154,7 @@ pub async fn acquire(
     gate: (&WriteGate, usize),
 ) -> Result<Held, ApiError> {
     let remembered = *memory.lock().unwrap_or_else(|e| e.into_inner());
-    let mut campaign = Campaign::new(me.identity, *timing).remembering(remembered);
+    let mut campaign = Campaign::new(&me.identity, *timing).remembering(remembered);
     if let Some(transitions) = stepped_down {
         campaign.after_handover(transitions);
     }
@@ -403,7 +404,7 @@ impl Narrator {
         if let Some((to, until)) = campaign.deferring(Instant::now())
             && self.shown_deferral != Some(until)
         {
-            let to = if to == super::decide::ANY_OTHER {
+            let to = if to == ANY_OTHER {
                 "any other candidate".to_string()
             } else {
                 to
@@ -485,7 +486,7 @@ fn round_ms(d: Duration) -> Duration {
 /// Creates the Lease naming us, with `transitions` as its fencing token.
 async fn create(
     api: &LeaseApi,
-    me: &Claimant<'_>,
+    me: &Claimant,
     timing: &Timing,
     transitions: i32,
 ) -> Result<Held, ApiError> {
@@ -504,7 +505,7 @@ async fn create(
 /// Writes our claim on `current`, conditioned on its resourceVersion.
 async fn claim(
     api: &LeaseApi,
-    me: &Claimant<'_>,
+    me: &Claimant,
     timing: &Timing,
     current: &Lease,
     decision: &Decision,

@@ -489,10 +489,10 @@ pub async fn connect_slots(
 ///
 /// kube's own retry of 429/503/504 (`Config::default_retry`) is turned off: it backs off without
 /// regard to our renew deadline. lease-exec retries on its own schedule, inside the deadline, and
-/// bounds every call with [`crate::config::Timing::request_timeout`].
+/// bounds every call with [`crate::timing::Timing::request_timeout`].
 pub async fn client(
     access: &Access,
-    timing: &crate::config::Timing,
+    timing: &crate::timing::Timing,
 ) -> Result<(Client, String, Generation), AccessError> {
     // kube parses HTTPS_PROXY while reading the kubeconfig, and blames the kubeconfig when it
     // cannot: name the variable instead.

@@ -47,8 +47,9 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use tokio::time::Instant;
 
-use super::decide::{Decision, Memory, Record, decide};
-use crate::config::Timing;
+use super::decide::{Decision, decide};
+use super::record::{Memory, Record};
+use crate::timing::Timing;
 
 /// What the API told us, or that a timer fired.
 #[derive(Debug, Clone)]
@@ -463,7 +464,7 @@ impl Campaign {
             let (duration, _) = record.effective_duration(self.timing.lease_duration);
             let end = observed_at
                 .checked_add(duration)
-                .unwrap_or(now + crate::config::MAX_DURATION);
+                .unwrap_or(now + crate::timing::MAX_DURATION);
             self.hold_off_until(end, now);
         }
         self.view = View::Absent;
@@ -1222,7 +1223,7 @@ mod tests {
     fn preferring(mut l: Lease, preferred: &str) -> Lease {
         let spec = l.spec.as_mut().unwrap();
         spec.preferred_holder = Some(preferred.into());
-        spec.strategy = Some(crate::lease::decide::HANDOVER_STRATEGY.into());
+        spec.strategy = Some(crate::lease::record::HANDOVER_STRATEGY.into());
         l
     }
 
@@ -1286,7 +1287,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_handover_to_any_other_candidate_defers_only_the_one_who_stepped_down() {
         let t0 = Instant::now();
-        let released = preferring(lease(None, 1, 3, "6"), crate::lease::decide::ANY_OTHER);
+        let released = preferring(lease(None, 1, 3, "6"), crate::lease::record::ANY_OTHER);
         let mut c = campaign();
         assert!(is_claim(
             &c.step(Input::Read(Some(released.clone())), t0),
@@ -1383,7 +1384,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stepping_down_applies_to_the_term_handed_over_only() {
         let t0 = Instant::now();
-        let any = crate::lease::decide::ANY_OTHER;
+        let any = crate::lease::record::ANY_OTHER;
         let mut c = campaign();
         c.after_handover(3);
         // A later term (another holder took it, then handed it over to any other): we compete.

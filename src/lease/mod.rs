@@ -1,4 +1,4 @@
-//! The Lease: pure decisions ([`decide`]) and the acquisition state machine ([`campaign`]), bounded
+//! The Lease: its record ([`record`]), pure decisions ([`decide`]) and the acquisition state machine ([`campaign`]), bounded
 //! API calls ([`api`]), one watch for every caller ([`watch`]), and the two loops that act on them:
 //! [`acquire`] (waiting until we hold it) and [`renew`] (keeping it while the command runs).
 
@@ -7,8 +7,10 @@ pub mod api;
 pub mod campaign;
 pub mod decide;
 pub mod proxy;
+pub mod record;
 pub mod renew;
 pub mod watch;
 
 pub use api::{ApiError, LeaseApi};
-pub use decide::{Claimant, Decision, Record};
+pub use decide::{Claimant, Decision};
+pub use record::Record;

@@ -23,9 +23,10 @@ use tokio::time::{Instant, sleep_until};
 
 use super::acquire::{Held, Remembered, remember};
 use super::api::{ApiError, LeaseApi};
-use super::decide::{Claimant, Record};
+use super::decide::Claimant;
+use super::record::Record;
 use super::watch::{Failure as WatchFailure, LeaseWatch, Seen as Sighting};
-use crate::config::Timing;
+use crate::timing::Timing;
 
 /// What the renewer publishes.
 #[derive(Debug, Clone)]
@@ -47,28 +48,6 @@ impl LeaseState {
     pub fn held(&self) -> &Held {
         match self {
             LeaseState::Held(held) | LeaseState::Taken { last: held, .. } => held,
-        }
-    }
-}
-
-/// Owned parts of a [`Claimant`], so the renewer can run as its own task.
-#[derive(Debug, Clone)]
-pub struct Owned {
-    /// Identity.
-    pub identity: String,
-    /// Timing.
-    pub timing: Timing,
-    /// Owner Pod.
-    pub owner: Option<crate::config::PodOwner>,
-}
-
-impl Owned {
-    /// Borrowed view.
-    pub fn claimant(&self) -> Claimant<'_> {
-        Claimant {
-            identity: &self.identity,
-            timing: &self.timing,
-            owner: self.owner.as_ref(),
         }
     }
 }
@@ -105,13 +84,12 @@ const UNREACHABLE_RETRY: Duration = Duration::from_millis(100);
 /// fencing token, which every renewal keeps (see [`crate::lease::decide::renewal_token`]).
 pub async fn renew(
     api: LeaseApi,
-    me: Owned,
+    me: Claimant,
     (held, own): (Held, i32),
     state: Arc<watch::Sender<LeaseState>>,
     (nudge, memory, kill): (Arc<Nudge>, Remembered, KillNow),
     metrics: std::sync::Arc<crate::telemetry::Metrics>,
 ) {
-    let claimant = me.claimant();
     let timing = me.timing;
     let mut held = held;
     // While renewals succeed, every --renew-interval. Each renewal is hedged (see `hedged`): at
@@ -136,7 +114,7 @@ pub async fn renew(
         }
         let deadline = held.renewed_at + timing.renew_deadline;
         let (result, started, started_boot) =
-            hedged(&api, &claimant, (&held, own), &timing, deadline).await;
+            hedged(&api, &me, (&held, own), &timing, deadline).await;
         match &result {
             Ok(lease) => remember(&memory, &Record::of(lease)),
             Err(Failure::Refreshed(lease)) => remember(&memory, &Record::of(lease)),
@@ -225,7 +203,7 @@ pub type KillNow = Arc<dyn Fn() + Send + Sync>;
 /// renewal is written again against the record read back.)
 async fn hedged(
     api: &LeaseApi,
-    me: &Claimant<'_>,
+    me: &Claimant,
     (held, own): (&Held, i32),
     timing: &Timing,
     deadline: Instant,
@@ -295,7 +273,7 @@ fn taken(state: &watch::Sender<LeaseState>, reason: String, last: Held, kill: &K
 /// never delays a renewal.
 pub async fn guard(
     api: LeaseApi,
-    (me, own, watching): (Owned, i32, bool),
+    (me, own, watching): (Claimant, i32, bool),
     state: Arc<watch::Sender<LeaseState>>,
     (nudge, memory, kill): (Arc<Nudge>, Remembered, KillNow),
 ) {
@@ -337,7 +315,7 @@ pub async fn guard(
             Seen::Handover(lease) => {
                 // An edit that comes with the request is undone all the same: the term goes on
                 // through the grace period, and the preferred candidate must not see it shorter.
-                if me.claimant().must_restore(&Record::of(&lease), own) {
+                if me.must_restore(&Record::of(&lease), own) {
                     restore((*lease).clone());
                 }
                 // Still ours, with a handover requested: published for the supervisor, with the
@@ -391,7 +369,7 @@ impl Guard {
         &mut self,
         api: &LeaseApi,
         held: &Held,
-        (me, own): (&Owned, i32),
+        (me, own): (&Claimant, i32),
         memory: &Remembered,
     ) -> Seen {
         let identity = me.identity.as_str();
@@ -431,9 +409,7 @@ impl Guard {
                     Some(_) if record.handover_from(identity).is_some() => {
                         Seen::Handover(Box::new(lease))
                     }
-                    Some(_) if me.claimant().must_restore(&record, own) => {
-                        Seen::Edited(Box::new(lease))
-                    }
+                    Some(_) if me.must_restore(&record, own) => Seen::Edited(Box::new(lease)),
                     Some(holder) if holder == identity => Seen::Nothing,
                     Some(holder) => Seen::Taken(format!("the lease is now held by {holder}")),
                     None => Seen::Taken("the lease was released by someone else".into()),
@@ -482,7 +458,7 @@ enum Failure {
 
 async fn write(
     api: &LeaseApi,
-    me: &Claimant<'_>,
+    me: &Claimant,
     held: &Held,
     own: i32,
     timeout: Duration,
@@ -514,7 +490,7 @@ async fn write(
 /// command dies.
 async fn recreate(
     api: &LeaseApi,
-    me: &Claimant<'_>,
+    me: &Claimant,
     held: &Held,
     own: i32,
     timeout: Duration,

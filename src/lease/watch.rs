@@ -30,7 +30,7 @@ use tokio::time::{Instant, sleep_until};
 
 use super::api::{ApiError, LeaseApi, WATCH_IDLE};
 use super::campaign::{FAST_TRIES, backoff, jitter, resync_delay};
-use crate::config::Timing;
+use crate::timing::Timing;
 
 /// What a watch delivered.
 #[derive(Debug)]
