@@ -21,13 +21,16 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// `testenv/cluster up DIR [--ha]`: builds testenv/bin if needed and waits for /readyz.
-    pub fn up(root: &Path, dir: &Path, ha: bool) -> Cluster {
+    /// `testenv/cluster up DIR [--ha] [-- FLAGS]`: builds testenv/bin if needed and waits for
+    /// /readyz. `apiserver_flags` go to every API server.
+    pub fn up(root: &Path, dir: &Path, ha: bool, apiserver_flags: &[String]) -> Cluster {
         let script = root.join("testenv/cluster");
         let status = Command::new(&script)
             .arg("up")
             .arg(dir)
             .args(ha.then_some("--ha"))
+            .args((!apiserver_flags.is_empty()).then_some("--"))
+            .args(apiserver_flags)
             .stdout(std::process::Stdio::null())
             .status()
             .expect("run testenv/cluster");
@@ -264,4 +267,60 @@ impl SystemWrites {
         };
         (count(&self.at), count(&self.reopened))
     }
+}
+
+/// The API server's audit policy for `bench_real --audit`: Leases in `namespace` only, metadata
+/// only (no bodies), no RequestReceived stage (each request is one line, with both stamps).
+pub fn audit_flags(dir: &Path, namespace: &str) -> Vec<String> {
+    let policy = dir.join("audit-policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [\"RequestReceived\"]\nrules:\n\
+             - level: Metadata\n  resources:\n  - group: coordination.k8s.io\n    resources: [\"leases\"]\n  namespaces: [\"{namespace}\"]\n\
+             - level: None\n"
+        ),
+    )
+    .expect("write the audit policy");
+    vec![
+        format!("--audit-policy-file={}", policy.display()),
+        format!("--audit-log-path={}", dir.join("audit.log").display()),
+        // Written off the request path; one event per write (the log backend's default batch
+        // size), so the stamps are the API server's and the log costs the requests little.
+        "--audit-log-mode=batch".into(),
+    ]
+}
+
+/// One successful or refused write of a Lease, as the API server's audit log stamped it
+/// (CLOCK_REALTIME, microseconds).
+#[derive(Clone, Copy, Debug)]
+pub struct AuditedWrite {
+    /// When the API server received the request, ns on CLOCK_MONOTONIC.
+    pub received: u64,
+    /// When it had answered, ns on CLOCK_MONOTONIC.
+    pub answered: u64,
+    pub code: u16,
+}
+
+/// The updates of Lease `name` in the audit log at `path`, by arrival.
+pub fn audited_updates(path: &Path, name: &str, real_minus_mono: i128) -> Vec<AuditedWrite> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mono = |v: &serde_json::Value| -> Option<u64> {
+        let t = v.as_str()?.parse::<k8s_openapi::jiff::Timestamp>().ok()?;
+        Some((t.as_nanosecond() - real_minus_mono) as u64)
+    };
+    let mut writes: Vec<AuditedWrite> = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|e| e["verb"] == "update" && e["objectRef"]["name"] == name)
+        .filter_map(|e| {
+            Some(AuditedWrite {
+                received: mono(&e["requestReceivedTimestamp"])?,
+                answered: mono(&e["stageTimestamp"])?,
+                code: e["responseStatus"]["code"].as_u64()? as u16,
+            })
+        })
+        .collect();
+    writes.sort_by_key(|w| w.received);
+    writes
 }

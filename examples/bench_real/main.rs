@@ -4,11 +4,14 @@
 //!
 //!     cargo run --release --example bench_real
 //!     cargo run --release --example bench_real -- [handoff] [crash] [load] [--handoffs 60]
-//!         [--samples 5] [--window 120] [--only lease-exec|client-go] [--ha] [--keep]
+//!         [--samples 5] [--window 120] [--only lease-exec|client-go] [--ha] [--audit] [--keep]
 //!
 //! `--ha` runs it all on `testenv/cluster up DIR --ha`: three etcd members with fsync on and two
 //! API servers (every contender on the first), the figures for a real etcd; without it, one
-//! member without fsync.
+//! member without fsync. `--audit` has the API server log every Lease request (metadata only,
+//! written off the request path): each graceful handoff is then also split by the API server's
+//! own stamps, so the time in lease-exec, on the wire and in the API server and etcd are told
+//! apart.
 //!
 //! The client-go side is `testenv/bin/contender` (client-go `LeaseLock`, `ReleaseOnCancel`), built
 //! by `testenv/cluster up` along with the control plane (needs Go the first time). Every contender
@@ -104,6 +107,9 @@ struct Options {
     keep: bool,
     /// On the highly available control plane (three etcd members, fsync on).
     ha: bool,
+    /// The API server writes an audit log of Lease requests: each handoff is also split by the
+    /// API server's own stamps.
+    audit: bool,
     tools: Vec<Tool>,
     /// `scale`: the numbers of elections, and each point's window.
     points: Vec<usize>,
@@ -118,6 +124,7 @@ fn options() -> Options {
         window: Duration::from_secs(120),
         keep: false,
         ha: false,
+        audit: false,
         tools: vec![Tool::LeaseExec, Tool::ClientGo],
         points: vec![1, 10, 50, 150],
         scale_window: Duration::from_secs(180),
@@ -145,6 +152,7 @@ fn options() -> Options {
             "--window" => o.window = Duration::from_secs(number("--window")),
             "--keep" => o.keep = true,
             "--ha" => o.ha = true,
+            "--audit" => o.audit = true,
             "--only" => match args.next().as_deref() {
                 Some("lease-exec") => o.tools = vec![Tool::LeaseExec],
                 Some("client-go") => o.tools = vec![Tool::ClientGo],
@@ -152,7 +160,7 @@ fn options() -> Options {
             },
             _ => {
                 eprintln!(
-                    "usage: bench_real [all | handoff crash load startup scale] [--handoffs N] [--samples N] [--window SECONDS] [--only lease-exec|client-go] [--points 1,10,50,150] [--scale-window SECONDS] [--ha] [--keep]"
+                    "usage: bench_real [all | handoff crash load startup scale] [--handoffs N] [--samples N] [--window SECONDS] [--only lease-exec|client-go] [--points 1,10,50,150] [--scale-window SECONDS] [--ha] [--audit] [--keep]"
                 );
                 std::process::exit(2);
             }
@@ -305,6 +313,8 @@ struct Bench {
     rng: Mutex<u64>,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC, ns, to put log timestamps on the monotonic clock.
     real_minus_mono: i128,
+    /// The API server's audit log of Lease requests (`--audit`).
+    audit_log: Option<PathBuf>,
 }
 
 impl Bench {
@@ -411,7 +421,12 @@ async fn run(options: Options) {
     std::fs::create_dir_all(&logs).unwrap();
 
     eprintln!("starting the control plane in {}", cluster_dir.display());
-    let cluster = Cluster::up(&root, &cluster_dir, options.ha);
+    let apiserver_flags = if options.audit {
+        cluster::audit_flags(&run_dir, NS)
+    } else {
+        Vec::new()
+    };
+    let cluster = Cluster::up(&root, &cluster_dir, options.ha, &apiserver_flags);
     install_cleanup(cluster.script(), &cluster.dir, &journals);
     let client = cluster.client().await;
     let kernel = match Kernel::start(&worker) {
@@ -435,6 +450,7 @@ async fn run(options: Options) {
         kernel,
         rng: Mutex::new(mono_ns() ^ std::process::id() as u64),
         real_minus_mono: real_minus_mono(),
+        audit_log: options.audit.then(|| run_dir.join("audit.log")),
     };
     // Run time: from here (binaries built, control plane up) to the report.
     let began = Instant::now();
@@ -575,6 +591,10 @@ struct Handoff {
     /// From the contenders' logs, ms, sorted: previous worker's exit → Lease released (the
     /// leader's log line), released → claimed (the next leader's), claimed → next worker's start.
     segments: [Vec<f64>; 3],
+    /// With `--audit`, by the API server's stamps, ms, sorted: exit → release received, release
+    /// in the API server, release answered → claim received (the watch event or the poll, and
+    /// the follower's decision), claim in the API server, claim answered → next worker's start.
+    server: [Vec<f64>; 5],
 }
 
 impl Handoff {
@@ -663,8 +683,18 @@ async fn handoff_on(
         overlaps: 0,
         elapsed,
         segments: Default::default(),
+        server: Default::default(),
     };
     let logs = LogEvents::read(&bench.logs, &lease, bench.real_minus_mono);
+    let audited = bench
+        .audit_log
+        .as_deref()
+        .map(|log| {
+            // Batch mode writes the log off the request path: let it catch up.
+            std::thread::sleep(Duration::from_millis(500));
+            cluster::audited_updates(log, &lease, bench.real_minus_mono)
+        })
+        .unwrap_or_default();
     for pair in starts.windows(2).take(handoffs) {
         let (previous, next) = (&pair[0], &pair[1]);
         let (kernel, own) = bench.stop_of(previous, &stops);
@@ -679,6 +709,24 @@ async fn handoff_on(
             result.overlaps += 1;
         }
         result.ms.push((next.mono as f64 - stop as f64) / 1e6);
+        // The release: the first successful update received after the exit; the claim: the
+        // next successful one (the followers that lost the race got 409s).
+        let mut ok = audited.iter().filter(|w| w.code == 200 && w.received > stop);
+        if let (Some(release), Some(claim)) = (ok.next(), ok.next())
+            && claim.answered <= next.mono
+        {
+            let marks = [
+                stop,
+                release.received,
+                release.answered,
+                claim.received,
+                claim.answered,
+                next.mono,
+            ];
+            for (segment, pair) in result.server.iter_mut().zip(marks.windows(2)) {
+                segment.push((pair[1] as f64 - pair[0] as f64) / 1e6);
+            }
+        }
         if let Some(times) = logs.handoff(previous.pid, stop, next.pid) {
             let mut at = stop as f64;
             for (segment, t) in result
@@ -691,7 +739,7 @@ async fn handoff_on(
             }
         }
     }
-    for segment in &mut result.segments {
+    for segment in result.segments.iter_mut().chain(result.server.iter_mut()) {
         segment.sort_by(f64::total_cmp);
     }
     result.ms.sort_by(f64::total_cmp);
@@ -1138,6 +1186,25 @@ impl Report {
                 );
             }
             let _ = writeln!(o);
+            if self.handoffs.iter().any(|h| !h.server[0].is_empty()) {
+                let _ = writeln!(
+                    o,
+                    "By the API server's own stamps (audit log, medians; handoffs split: n):\n\n| contenders | tool | n | exit → release received | release in the API server | release answered → claim received | claim in the API server | claim answered → next worker's start |\n|---|---|---|---|---|---|---|---|"
+                );
+                for h in &self.handoffs {
+                    let mut row = format!(
+                        "| {} | {} | {} |",
+                        h.contenders,
+                        h.tool.name(),
+                        h.server[0].len()
+                    );
+                    for segment in &h.server {
+                        let _ = write!(row, " {} |", ms(percentile(segment, 50.0)));
+                    }
+                    let _ = writeln!(o, "{row}");
+                }
+                let _ = writeln!(o);
+            }
             let stop = if self.kernel_stops {
                 "the kernel's exit event (proc connector, CLOCK_MONOTONIC)"
             } else {
