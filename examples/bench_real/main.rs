@@ -711,7 +711,9 @@ async fn handoff_on(
         result.ms.push((next.mono as f64 - stop as f64) / 1e6);
         // The release: the first successful update received after the exit; the claim: the
         // next successful one (the followers that lost the race got 409s).
-        let mut ok = audited.iter().filter(|w| w.code == 200 && w.received > stop);
+        let mut ok = audited
+            .iter()
+            .filter(|w| w.code == 200 && w.received > stop);
         if let (Some(release), Some(claim)) = (ok.next(), ok.next())
             && claim.answered <= next.mono
         {
