@@ -592,3 +592,60 @@ async fn signalled_while_waiting_exits_128_plus_n() {
         assert!(world.starts().is_empty());
     }
 }
+
+/// A kubeconfig credential plugin runs in lease-exec's own process group, started and waited for
+/// by the API client. The reaper must leave it to that owner: here the plugin exits while a
+/// process it left behind still holds its stdout, so it stays a zombie well past the SIGCHLD its
+/// exit sends lease-exec, until the client, done reading, waits for it. Its credential expires at
+/// once, so it runs again for each request while the command runs and the reaper is at work.
+/// Reaped by lease-exec instead, the client's wait fails and the renewals with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_plugin_is_left_to_the_client_that_runs_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let world = World::start().await;
+    let plugin = world.path("credential-plugin");
+    let runs = world.path("plugin-runs");
+    std::fs::write(
+        &plugin,
+        format!(
+            r#"#!/bin/sh
+echo ran >> {runs}
+(sleep 0.05; echo) &
+now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+echo '{{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","status":{{"token":"test-token","expirationTimestamp":"'$now'"}}}}'
+"#,
+            runs = runs.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let text = std::fs::read_to_string(&world.kubeconfig).unwrap();
+    let with_plugin = text.replace(
+        "    token: test-token\n",
+        &format!(
+            "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: {}\n      interactiveMode: Never\n",
+            plugin.display()
+        ),
+    );
+    assert_ne!(
+        text, with_plugin,
+        "the kubeconfig's user has a token to replace"
+    );
+    let kubeconfig = world.path("plugin-kubeconfig");
+    std::fs::write(&kubeconfig, with_plugin).unwrap();
+    let (code, log) = sh(&world, "sleep 2; echo ran > $DIR/ran; exit 4")
+        .env("KUBECONFIG", &kubeconfig)
+        .run(LIMIT)
+        .await;
+    assert_eq!(code, 4, "{log}");
+    assert!(world.path("ran").exists(), "{log}");
+    assert_eq!(world.server.holder(NS, "job"), None, "{log}");
+    let ran = std::fs::read_to_string(&runs)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    assert!(
+        ran >= 4,
+        "the plugin ran {ran} times: not while the command ran\n{log}"
+    );
+}
