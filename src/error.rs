@@ -5,6 +5,8 @@ use std::time::Duration;
 use crate::config::ConfigError;
 use crate::exit::{self, ChildStatus};
 use crate::lease::api::{AccessError, ApiError};
+use crate::lease::record::describe_preferred;
+use crate::term::Reason;
 
 /// A run that went as intended.
 #[derive(Debug)]
@@ -42,7 +44,7 @@ pub enum Error {
     },
     /// Leadership lost; the command was stopped.
     #[error("leadership lost: {0}; the command was stopped")]
-    Lost(String),
+    Lost(Reason),
     /// The command could not be started.
     #[error("cannot start {program}: {error}")]
     Spawn {
@@ -51,12 +53,85 @@ pub enum Error {
         /// Why it failed.
         error: std::io::Error,
     },
+    /// `--handover` could not request the handover, or the request was dropped or superseded.
+    #[error("{0}")]
+    Handover(#[from] HandoverError),
     /// `--check`: this many checks failed (each printed with what to do).
     #[error("{0} check(s) failed")]
     Check(usize),
     /// Anything else that stops lease-exec before the command runs.
     #[error("{0}")]
     Fatal(String),
+}
+
+/// Why a handover could not be requested, or was given up: each a one-line message saying what to
+/// do instead (exit code 125).
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    /// The Lease does not exist.
+    #[error("lease {lease} does not exist: nothing to hand over")]
+    Missing {
+        /// `namespace/name`.
+        lease: String,
+    },
+    /// Nobody holds the Lease.
+    #[error(
+        "lease {lease} is not held (released): nothing to hand over, the next candidate takes it at once"
+    )]
+    NotHeld {
+        /// `namespace/name`.
+        lease: String,
+    },
+    /// The identity asked for holds it already.
+    #[error("{preferred} already holds lease {lease}: nothing to hand over")]
+    AlreadyHeld {
+        /// The identity asked for.
+        preferred: String,
+        /// `namespace/name`.
+        lease: String,
+    },
+    /// Another handover is pending.
+    #[error(
+        "a handover of lease {lease} to {} is pending already: wait for it (lease-exec --status), or clear spec.preferredHolder first",
+        describe_preferred(.pending)
+    )]
+    Pending {
+        /// `namespace/name`.
+        lease: String,
+        /// `spec.preferredHolder` as found.
+        pending: String,
+    },
+    /// The API server dropped the request: the feature gate is off.
+    #[error(
+        "the API server dropped spec.preferredHolder: its CoordinatedLeaderElection feature gate is off (kube-apiserver --feature-gates=CoordinatedLeaderElection=true); without it, stop the holder with SIGTERM instead"
+    )]
+    GateOff,
+    /// The Lease was deleted while the request was written.
+    #[error("lease {lease} was deleted meanwhile: nothing to hand over")]
+    Deleted {
+        /// `namespace/name`.
+        lease: String,
+    },
+    /// Every conditional write of the request met a newer Lease.
+    #[error("lease {lease} kept changing under the request; try again")]
+    KeptChanging {
+        /// `namespace/name`.
+        lease: String,
+    },
+    /// Someone asked for a handover to another identity meanwhile.
+    #[error("the request was superseded by a handover to {}", describe_preferred(.to))]
+    Superseded {
+        /// `spec.preferredHolder` now.
+        to: String,
+    },
+    /// The holder (or someone) cleared the request and the holder stays.
+    #[error(
+        "{holder} still holds the lease and dropped the handover request: it does not take part in handovers (a lease-exec holder does; client-go does with Coordinated=true), or someone withdrew it; stop the holder with SIGTERM instead"
+    )]
+    Dropped {
+        /// The holder.
+        holder: String,
+    },
 }
 
 /// The one mapping from a run's end onto the exit-code table in [`crate::exit`].
@@ -67,7 +142,13 @@ pub fn exit_code(result: &Result<Outcome, Error>) -> u8 {
         Err(Error::Config(ConfigError::CommandNotFound(_))) => exit::NOT_FOUND,
         Err(Error::Config(ConfigError::CommandNotExecutable { .. })) => exit::NOT_EXECUTABLE,
         Err(Error::Config(_)) => exit::USAGE,
-        Err(Error::Access(_) | Error::Api(_) | Error::Fatal(_) | Error::Check(_)) => exit::FAILED,
+        Err(
+            Error::Access(_)
+            | Error::Api(_)
+            | Error::Handover(_)
+            | Error::Fatal(_)
+            | Error::Check(_),
+        ) => exit::FAILED,
         Err(Error::WaitTimeout(_) | Error::HandoverTimeout { .. }) => exit::WAIT_TIMEOUT,
         Err(Error::Lost(_)) => exit::LOST,
         Err(Error::Spawn { error, .. }) => spawn_failure(error),
@@ -132,7 +213,9 @@ mod tests {
                 Err(Error::WaitTimeout(Duration::from_secs(1))),
                 exit::WAIT_TIMEOUT,
             ),
-            (Err(Error::Lost("x".into())), exit::LOST),
+            (Err(Error::Lost(Reason::Suspended)), exit::LOST),
+            (Err(Error::Lost(Reason::Late)), exit::LOST),
+            (Err(HandoverError::GateOff.into()), exit::FAILED),
         ];
         let spawn = |error: std::io::Error| {
             Err(Error::Spawn {
@@ -159,5 +242,34 @@ mod tests {
         for (result, code) in cases {
             assert_eq!(exit_code(&result), code, "{result:?}");
         }
+    }
+
+    #[test]
+    fn a_lost_term_says_why_and_that_the_command_was_stopped() {
+        assert_eq!(
+            Error::Lost(Reason::RenewDeadline(Duration::from_secs(10))).to_string(),
+            "leadership lost: no successful renewal for 10s (--renew-deadline); the command was stopped"
+        );
+        assert_eq!(
+            Error::Lost(Reason::Taken("the lease is now held by b".into())).to_string(),
+            "leadership lost: the lease is now held by b; the command was stopped"
+        );
+    }
+
+    #[test]
+    fn a_handover_error_names_the_lease_and_what_to_do() {
+        let pending = HandoverError::Pending {
+            lease: "ns/l".into(),
+            pending: crate::lease::record::ANY_OTHER.into(),
+        };
+        assert_eq!(
+            Error::from(pending).to_string(),
+            "a handover of lease ns/l to any other candidate is pending already: wait for it (lease-exec --status), or clear spec.preferredHolder first"
+        );
+        let superseded = HandoverError::Superseded { to: "c".into() };
+        assert_eq!(
+            superseded.to_string(),
+            "the request was superseded by a handover to c"
+        );
     }
 }

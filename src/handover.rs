@@ -21,11 +21,11 @@ use tokio::time::{Instant, sleep, sleep_until};
 
 use crate::cli::OutputFormat;
 use crate::config::Config;
-use crate::error::{Error, Outcome};
+use crate::error::{Error, HandoverError, Outcome};
 use crate::exit::ChildStatus;
 use crate::lease::Record;
 use crate::lease::api::{self, ApiError, LeaseApi};
-use crate::lease::record::{ANY_OTHER, HANDOVER_STRATEGY};
+use crate::lease::record::{ANY_OTHER, HANDOVER_STRATEGY, describe_preferred};
 use crate::lease::watch::{Failure as WatchFailure, LeaseWatch, Seen as Sighting};
 
 /// How a handover ended.
@@ -56,7 +56,7 @@ pub async fn run(
     let wait_deadline = config.timing.wait_timeout.map(|t| Instant::now() + t);
     let (requested, from) = request(&lease_api, preferred, timeout).await?;
     let requested_at = Instant::now();
-    tracing::info!(from = %from, to = %describe(preferred), "handover requested; waiting for the new holder");
+    tracing::info!(from = %from, to = %describe_preferred(preferred), "handover requested; waiting for the new holder");
     let done = tokio::select! {
         done = follow(&lease_api, &requested, &from, preferred, config) => done?,
         () = sleep_until_opt(wait_deadline) => {
@@ -90,14 +90,6 @@ pub async fn run(
         ),
     }
     Ok(Outcome::Child(ChildStatus::Exited(0)))
-}
-
-fn describe(preferred: &str) -> String {
-    if preferred == ANY_OTHER {
-        "any other candidate".into()
-    } else {
-        preferred.into()
-    }
 }
 
 /// The line printed for people.
@@ -134,29 +126,28 @@ async fn request(
     let name = format!("{}/{}", api.namespace(), api.name());
     for _ in 0..5 {
         let Some(current) = api.get(timeout).await.map_err(Error::Api)? else {
-            return Err(Error::Fatal(format!(
-                "lease {name} does not exist: nothing to hand over"
-            )));
+            return Err(HandoverError::Missing { lease: name }.into());
         };
         let record = Record::of(&current);
         let Some(holder) = record.holder else {
-            return Err(Error::Fatal(format!(
-                "lease {name} is not held (released): nothing to hand over, the next candidate takes it at once"
-            )));
+            return Err(HandoverError::NotHeld { lease: name }.into());
         };
         if holder == preferred {
-            return Err(Error::Fatal(format!(
-                "{preferred} already holds lease {name}: nothing to hand over"
-            )));
+            return Err(HandoverError::AlreadyHeld {
+                preferred: preferred.to_string(),
+                lease: name,
+            }
+            .into());
         }
         match record.preferred.as_deref() {
             // The same request is pending already: wait for it.
             Some(pending) if pending == preferred => return Ok((current, holder)),
             Some(pending) => {
-                return Err(Error::Fatal(format!(
-                    "a handover of lease {name} to {} is pending already: wait for it (lease-exec --status), or clear spec.preferredHolder first",
-                    describe(pending)
-                )));
+                return Err(HandoverError::Pending {
+                    lease: name,
+                    pending: pending.to_string(),
+                }
+                .into());
             }
             None => {}
         }
@@ -169,24 +160,18 @@ async fn request(
         match api.replace(&asked, timeout).await {
             Ok(written) => {
                 if Record::of(&written).preferred.as_deref() != Some(preferred) {
-                    return Err(Error::Fatal(
-                        "the API server dropped spec.preferredHolder: its CoordinatedLeaderElection feature gate is off (kube-apiserver --feature-gates=CoordinatedLeaderElection=true); without it, stop the holder with SIGTERM instead".into(),
-                    ));
+                    return Err(HandoverError::GateOff.into());
                 }
                 return Ok((written, holder));
             }
             Err(ApiError::Conflict) => continue,
             Err(ApiError::NotFound) => {
-                return Err(Error::Fatal(format!(
-                    "lease {name} was deleted meanwhile: nothing to hand over"
-                )));
+                return Err(HandoverError::Deleted { lease: name }.into());
             }
             Err(e) => return Err(Error::Api(e)),
         }
     }
-    Err(Error::Fatal(format!(
-        "lease {name} kept changing under the request; try again"
-    )))
+    Err(HandoverError::KeptChanging { lease: name }.into())
 }
 
 /// What one observation of the Lease means for the handover.
@@ -225,13 +210,14 @@ async fn follow(
             }
             Some(_) => match record.preferred.as_deref() {
                 Some(p) if p == preferred => Ok(Step::Waiting),
-                Some(other) => Err(Error::Fatal(format!(
-                    "the request was superseded by a handover to {}",
-                    describe(other)
-                ))),
-                None => Err(Error::Fatal(format!(
-                    "{from} still holds the lease and dropped the handover request: it does not take part in handovers (a lease-exec holder does; client-go does with Coordinated=true), or someone withdrew it; stop the holder with SIGTERM instead"
-                ))),
+                Some(other) => Err(HandoverError::Superseded {
+                    to: other.to_string(),
+                }
+                .into()),
+                None => Err(HandoverError::Dropped {
+                    holder: from.to_string(),
+                }
+                .into()),
             },
         }
     };

@@ -232,7 +232,7 @@ async fn hold(
     if let Some(to) = Record::of(&held.lease).handover_from(&config.identity) {
         // Resumed (the Lease already named this identity) with a handover pending: hand it over
         // at once, without starting the command.
-        let why = Reason::Handover(to.to_string()).describe(&config.timing);
+        let why = Reason::Handover(to.to_string());
         tracing::info!(reason = %why, "a handover is pending; releasing the lease without starting the command");
         carry.handed_over = Some((slot, held.transitions()));
         hand_over(lease_api, &claimant, config, outside, held).await;
@@ -301,7 +301,7 @@ async fn hold(
     let latest = state.borrow().clone();
     if let LeaseState::Taken { reason, .. } = &latest {
         leading.end();
-        return Err(Error::Lost(reason.clone()));
+        return Err(Error::Lost(Reason::Taken(reason.clone())));
     }
     let latest = latest.held().clone();
     let not_after = latest.renewed_at_boot + config.timing.renew_deadline;
@@ -320,7 +320,7 @@ async fn hold(
             leading.end();
             let last = state.borrow().held().clone();
             hand_over(lease_api, &claimant, config, outside, last).await;
-            return Err(Error::Lost(e.to_string()));
+            return Err(Error::Lost(Reason::Late));
         }
         Err(e) => {
             // Nothing ran: release at once so the next candidate need not wait for expiry.
@@ -372,9 +372,10 @@ async fn hold(
     match lost {
         Some(reason @ Reason::Taken(_)) => {
             // Not ours any more: nothing to release.
-            let why = reason.describe(&config.timing);
-            outside.events.publish(LeaseEvent::Lost, &why);
-            Err(Error::Lost(why))
+            outside
+                .events
+                .publish(LeaseEvent::Lost, &reason.to_string());
+            Err(Error::Lost(reason))
         }
         Some(reason) => {
             // Renewals stopped at the loss (or, for a handover, with the command). The group is
@@ -387,12 +388,13 @@ async fn hold(
             if ended.handover.is_some() {
                 carry.handed_over = Some((slot, last.transitions()));
             }
-            let why = reason.describe(&config.timing);
-            outside.events.publish(LeaseEvent::Lost, &why);
+            outside
+                .events
+                .publish(LeaseEvent::Lost, &reason.to_string());
             if all_gone {
                 hand_over(lease_api, &claimant, config, outside, last).await;
             }
-            Err(Error::Lost(why))
+            Err(Error::Lost(reason))
         }
         None if !all_gone => {
             tracing::error!(
@@ -492,8 +494,8 @@ async fn lead(
             biased;
             status = &mut exit => return (status, term),
             () = sleep_until_opt(due.lose_at) => {
-                let reason = if suspended { Reason::Suspended } else { Reason::RenewDeadline };
-                tracing::warn!(reason = %reason.describe(timing), "leadership lost; stopping the command");
+                let reason = if suspended { Reason::Suspended } else { Reason::RenewDeadline(timing.renew_deadline) };
+                tracing::warn!(reason = %reason, "leadership lost; stopping the command");
                 term.end(reason, Instant::now())
             }
             changed = state.changed(), if !renewer_done => {
@@ -513,7 +515,7 @@ async fn lead(
                     Some(reason @ Reason::Handover(_)) => {
                         let act = term.end(reason.clone(), Instant::now());
                         if act.terminate {
-                            tracing::info!(reason = %reason.describe(timing), "handing the lease over; stopping the command");
+                            tracing::info!(reason = %reason, "handing the lease over; stopping the command");
                             leading.metrics.lost(reason.label());
                         }
                         act

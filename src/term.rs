@@ -31,8 +31,8 @@ pub enum Reason {
     Asked,
     /// Another stop signal while stopping: SIGKILL now.
     Insisted,
-    /// No successful renewal for `--renew-deadline`.
-    RenewDeadline,
+    /// No successful renewal for `--renew-deadline` (its value).
+    RenewDeadline(Duration),
     /// The machine was suspended long enough for the renew deadline to pass.
     Suspended,
     /// Another identity holds the Lease, or it was cleared by someone else: SIGKILL now.
@@ -41,6 +41,9 @@ pub enum Reason {
     /// the command is stopped as for a stop signal (grace period, renewals go on), then the Lease
     /// is released for the preferred candidate.
     Handover(String),
+    /// The command never started: the term's renew deadline passed before the spawn (see the
+    /// spawn rule in [`crate::supervise`]). Nothing runs, so nothing is stopped.
+    Late,
 }
 
 impl Reason {
@@ -48,7 +51,7 @@ impl Reason {
     pub fn loses(&self) -> bool {
         matches!(
             self,
-            Reason::RenewDeadline | Reason::Suspended | Reason::Taken(_)
+            Reason::RenewDeadline(_) | Reason::Suspended | Reason::Taken(_) | Reason::Late
         )
     }
 
@@ -57,31 +60,36 @@ impl Reason {
         match self {
             Reason::Asked => "signal",
             Reason::Insisted => "second_signal",
-            Reason::RenewDeadline => "renew_deadline",
+            Reason::RenewDeadline(_) => "renew_deadline",
             Reason::Suspended => "suspended",
             Reason::Taken(_) => "taken",
             Reason::Handover(_) => "handover",
+            Reason::Late => "late",
         }
     }
+}
 
-    /// Why leadership was lost, for the last log line and the Event.
-    pub fn describe(&self, timing: &Timing) -> String {
+/// Why leadership was lost, for the last log line, the error lease-exec exits with and the Event.
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Reason::Asked | Reason::Insisted => "stopped by a signal".into(),
-            Reason::RenewDeadline => format!(
+            Reason::Asked | Reason::Insisted => f.write_str("stopped by a signal"),
+            Reason::RenewDeadline(deadline) => write!(
+                f,
                 "no successful renewal for {} (--renew-deadline)",
-                humantime::format_duration(timing.renew_deadline)
+                humantime::format_duration(*deadline)
             ),
-            Reason::Suspended => {
-                "the machine was suspended past --renew-deadline since the last renewal".into()
-            }
-            Reason::Taken(why) => why.clone(),
+            Reason::Suspended => f.write_str(
+                "the machine was suspended past --renew-deadline since the last renewal",
+            ),
+            Reason::Taken(why) => f.write_str(why),
             Reason::Handover(to) if to == crate::lease::record::ANY_OTHER => {
-                "handed over on request (spec.preferredHolder) to any other candidate".into()
+                f.write_str("handed over on request (spec.preferredHolder) to any other candidate")
             }
             Reason::Handover(to) => {
-                format!("handed over on request (spec.preferredHolder) to {to}")
+                write!(f, "handed over on request (spec.preferredHolder) to {to}")
             }
+            Reason::Late => write!(f, "{}", crate::child::Late),
         }
     }
 }
@@ -140,7 +148,7 @@ impl Term {
             Reason::Insisted => {
                 self.kill_from.get_or_insert(now);
             }
-            Reason::RenewDeadline | Reason::Suspended => {
+            Reason::RenewDeadline(_) | Reason::Suspended => {
                 if self.lost.is_none() {
                     self.lost = Some(reason);
                     act.lose = true;
@@ -165,6 +173,8 @@ impl Term {
                     self.grace_from = Some(now);
                 }
             }
+            // Reported when the spawn refused to start the command: there is nothing to stop.
+            Reason::Late => {}
         }
         act
     }
@@ -283,7 +293,7 @@ mod tests {
         let mut term = Term::default();
         let at = r + Duration::from_secs(10);
         assert_eq!(
-            term.end(Reason::RenewDeadline, at),
+            term.end(Reason::RenewDeadline(Duration::from_secs(10)), at),
             Act {
                 lose: true,
                 terminate: true
@@ -295,7 +305,10 @@ mod tests {
         assert_eq!(d.kill_at, r + 14_500 * MS);
         // Lost once only.
         assert_eq!(term.end(Reason::Suspended, at), Act::default());
-        assert_eq!(term.lost, Some(Reason::RenewDeadline));
+        assert_eq!(
+            term.lost,
+            Some(Reason::RenewDeadline(Duration::from_secs(10)))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -304,7 +317,10 @@ mod tests {
         let mut term = Term::default();
         term.end(Reason::Asked, r + Duration::from_secs(1));
         assert_eq!(
-            term.end(Reason::RenewDeadline, r + Duration::from_secs(10)),
+            term.end(
+                Reason::RenewDeadline(Duration::from_secs(10)),
+                r + Duration::from_secs(10)
+            ),
             Act {
                 lose: true,
                 terminate: false
@@ -334,13 +350,19 @@ mod tests {
         assert_eq!(d.lose_at, None);
         // Also while a grace period already runs.
         let mut term = Term::default();
-        term.end(Reason::RenewDeadline, r + Duration::from_secs(10));
+        term.end(
+            Reason::RenewDeadline(Duration::from_secs(10)),
+            r + Duration::from_secs(10),
+        );
         term.end(Reason::Taken("x".into()), r + Duration::from_secs(11));
         assert_eq!(
             deadlines(&term, r, &timing()).kill_at,
             r + Duration::from_secs(11)
         );
-        assert_eq!(term.lost, Some(Reason::RenewDeadline));
+        assert_eq!(
+            term.lost,
+            Some(Reason::RenewDeadline(Duration::from_secs(10)))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -349,7 +371,7 @@ mod tests {
         let t = timing();
         for reason in [
             Reason::Asked,
-            Reason::RenewDeadline,
+            Reason::RenewDeadline(Duration::from_secs(10)),
             Reason::Suspended,
             Reason::Insisted,
             Reason::Taken("x".into()),
@@ -390,10 +412,11 @@ mod tests {
     fn only_losses_lose() {
         assert!(!Reason::Asked.loses());
         assert!(!Reason::Insisted.loses());
-        assert!(Reason::RenewDeadline.loses());
+        assert!(Reason::RenewDeadline(Duration::from_secs(10)).loses());
         assert!(Reason::Suspended.loses());
         assert!(Reason::Taken(String::new()).loses());
         assert!(!Reason::Handover(String::new()).loses());
+        assert!(Reason::Late.loses());
     }
 
     #[tokio::test(start_paused = true)]
@@ -417,8 +440,14 @@ mod tests {
         assert_eq!(term.ended_by(), Some(Reason::Handover("b".into())));
         // A second request changes nothing; a loss meanwhile is the reason given.
         assert_eq!(term.end(Reason::Handover("c".into()), at), Act::default());
-        term.end(Reason::RenewDeadline, r + Duration::from_secs(13));
-        assert_eq!(term.ended_by(), Some(Reason::RenewDeadline));
+        term.end(
+            Reason::RenewDeadline(Duration::from_secs(10)),
+            r + Duration::from_secs(13),
+        );
+        assert_eq!(
+            term.ended_by(),
+            Some(Reason::RenewDeadline(Duration::from_secs(10)))
+        );
         // Asked to stop first: the handover is not taken up (the exit is the signal's).
         let mut term = Term::default();
         term.end(Reason::Asked, at);
@@ -441,9 +470,59 @@ mod tests {
         assert_eq!(term.ended_by(), None, "a plain stop: the command's status");
         // After a loss, the loss is still the reason.
         let mut term = Term::default();
-        term.end(Reason::RenewDeadline, at);
+        term.end(Reason::RenewDeadline(Duration::from_secs(10)), at);
         term.end(Reason::Asked, at);
-        assert_eq!(term.ended_by(), Some(Reason::RenewDeadline));
+        assert_eq!(
+            term.ended_by(),
+            Some(Reason::RenewDeadline(Duration::from_secs(10)))
+        );
         assert!(term.was_asked());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_spawn_ends_nothing_that_runs() {
+        let r = Instant::now();
+        let mut term = Term::default();
+        assert_eq!(term.end(Reason::Late, r), Act::default());
+        assert_eq!(term.ended_by(), None);
+        assert_eq!(
+            deadlines(&term, r, &timing()),
+            deadlines(&Term::default(), r, &timing())
+        );
+    }
+
+    #[test]
+    fn each_reason_says_why_leadership_ended() {
+        let cases = [
+            (Reason::Asked, "stopped by a signal"),
+            (Reason::Insisted, "stopped by a signal"),
+            (
+                Reason::RenewDeadline(Duration::from_secs(10)),
+                "no successful renewal for 10s (--renew-deadline)",
+            ),
+            (
+                Reason::Suspended,
+                "the machine was suspended past --renew-deadline since the last renewal",
+            ),
+            (
+                Reason::Taken("the lease is now held by x".into()),
+                "the lease is now held by x",
+            ),
+            (
+                Reason::Handover("b".into()),
+                "handed over on request (spec.preferredHolder) to b",
+            ),
+            (
+                Reason::Handover(crate::lease::record::ANY_OTHER.into()),
+                "handed over on request (spec.preferredHolder) to any other candidate",
+            ),
+            (
+                Reason::Late,
+                "the term's renew deadline passed before the command could start",
+            ),
+        ];
+        for (reason, text) in cases {
+            assert_eq!(reason.to_string(), text);
+        }
     }
 }

@@ -17,7 +17,7 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::time::{Instant, sleep_until};
 
 use super::api::{ApiError, LeaseApi};
-use super::campaign::{Action, Campaign, HoldBack, Input};
+use super::campaign::{Action, Campaign, HoldBack, Input, Request};
 use super::decide::{Claimant, Decision};
 use super::record::{ANY_OTHER, Memory, Record};
 use super::watch::{Failure as WatchFailure, LeaseWatch, Seen};
@@ -171,10 +171,7 @@ pub async fn acquire(
                 let mut won = enter(gate).await;
                 match create(api, me, timing, transitions).await {
                     Ok(held) => return Ok(won.win(held)),
-                    Err(e) => match won.failed(e) {
-                        ApiError::AlreadyExists => Input::LostCreate,
-                        e => narrator.failed(e, "create")?,
-                    },
+                    Err(e) => narrator.failed(won.failed(e), Request::Create)?,
                 }
             }
             Action::Claim {
@@ -185,7 +182,7 @@ pub async fn acquire(
                 let mut won = enter(gate).await;
                 match claim(api, me, timing, &current, &decision, transitions).await {
                     Ok(held) => return Ok(won.win(held)),
-                    Err(e) => narrator.failed(won.failed(e), "claim")?,
+                    Err(e) => narrator.failed(won.failed(e), Request::Claim)?,
                 }
             }
             Action::Read { at } => {
@@ -206,7 +203,7 @@ pub async fn acquire(
                             campaign.polling();
                             Input::Tick
                         }
-                        Err(WatchEnd::Failed(e)) => narrator.failed(e, "watch")?,
+                        Err(WatchEnd::Failed(e)) => narrator.failed(e, Request::Watch)?,
                     },
                     None => {
                         // Polling: wake at the deadline asked for, and read at least every retry
@@ -311,7 +308,7 @@ async fn read(
             narrator.reachable(campaign);
             Ok(Input::Read(lease))
         }
-        Err(e) => narrator.failed(e, "read"),
+        Err(e) => narrator.failed(e, Request::Read),
     }
 }
 
@@ -380,7 +377,7 @@ struct Narrator {
     shown_deferral: Option<Instant>,
     failing: bool,
     /// A failure to log once the campaign has said when it retries: what failed, and why.
-    failure: Option<(String, String)>,
+    failure: Option<(Request, String)>,
 }
 
 impl Narrator {
@@ -439,27 +436,22 @@ impl Narrator {
         }
     }
 
-    /// Turns a failed request into the campaign's input, or ends the wait on a refusal.
-    fn failed(&mut self, e: ApiError, what: &str) -> Result<Input, ApiError> {
-        match e {
-            ApiError::Denied { .. } | ApiError::NoNamespace(_) => Err(e),
-            ApiError::Conflict | ApiError::AlreadyExists | ApiError::NotFound => Ok(Input::Lost),
-            e => {
-                self.failing = true;
-                let retry_after = e.retry_after();
-                let answered = e.answered();
-                self.failure = Some((what.to_string(), e.to_string()));
-                Ok(Input::Failed {
-                    retry_after,
-                    answered,
-                })
-            }
+    /// Turns a failed request into the campaign's input ([`Input::from_error`]), or ends the wait
+    /// on a refusal; a failure worth retrying is logged once the campaign says when.
+    fn failed(&mut self, e: ApiError, request: Request) -> Result<Input, ApiError> {
+        let Some(input) = Input::from_error(&e, request) else {
+            return Err(e);
+        };
+        if let Input::Failed { .. } = input {
+            self.failing = true;
+            self.failure = Some((request, e.to_string()));
         }
+        Ok(input)
     }
 
     /// Logs the failure just fed to the campaign, with when it is retried.
     fn retrying(&mut self, action: &Action, campaign: &Campaign, now: Instant) {
-        let Some((what, error)) = self.failure.take() else {
+        let Some((request, error)) = self.failure.take() else {
             return;
         };
         let at = match action {
@@ -469,6 +461,7 @@ impl Narrator {
         };
         // A watching follower retries every second or so during an outage: log the 1st, 2nd,
         // 4th, 8th… failure in a row, the others at debug level.
+        let what = request.verb();
         let attempt = campaign.failures();
         let retry_in = humantime::format_duration(round_ms(at.saturating_duration_since(now)));
         if attempt.is_power_of_two() {

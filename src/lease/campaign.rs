@@ -47,6 +47,7 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use tokio::time::Instant;
 
+use super::api::ApiError;
 use super::decide::{Decision, decide};
 use super::record::{Memory, Record};
 use crate::timing::Timing;
@@ -79,6 +80,47 @@ pub enum Input {
     },
     /// A deadline the machine asked for passed.
     Tick,
+}
+
+/// A request the campaign asked for, as named in the log when it fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// [`Action::Create`].
+    Create,
+    /// [`Action::Claim`].
+    Claim,
+    /// [`Action::Read`], or a poll.
+    Read,
+    /// The watch of a waiting campaign.
+    Watch,
+}
+
+impl Request {
+    /// The verb, for "cannot … the lease".
+    pub fn verb(self) -> &'static str {
+        match self {
+            Request::Create => "create",
+            Request::Claim => "claim",
+            Request::Read => "read",
+            Request::Watch => "watch",
+        }
+    }
+}
+
+impl Input {
+    /// What a failed request tells the campaign; `None` for a refusal that ends the wait (401,
+    /// 403, a missing namespace: retrying cannot help).
+    pub fn from_error(error: &ApiError, request: Request) -> Option<Input> {
+        match error {
+            ApiError::Denied { .. } | ApiError::NoNamespace(_) => None,
+            ApiError::AlreadyExists if request == Request::Create => Some(Input::LostCreate),
+            ApiError::Conflict | ApiError::AlreadyExists | ApiError::NotFound => Some(Input::Lost),
+            e => Some(Input::Failed {
+                retry_after: e.retry_after(),
+                answered: e.answered(),
+            }),
+        }
+    }
 }
 
 /// What to do next.
@@ -1530,5 +1572,81 @@ mod tests {
             }
         );
         assert_eq!(c.memory().longest, Some(10 * S));
+    }
+
+    #[test]
+    fn a_failed_request_becomes_an_input_or_ends_the_wait() {
+        let denied = ApiError::Denied {
+            code: 403,
+            verb: "update",
+            name: "l".into(),
+            namespace: "ns".into(),
+            message: "forbidden".into(),
+        };
+        let every = [
+            Request::Create,
+            Request::Claim,
+            Request::Read,
+            Request::Watch,
+        ];
+        for request in every {
+            // Refusals end the wait, whatever the request.
+            assert!(Input::from_error(&denied, request).is_none());
+            assert!(Input::from_error(&ApiError::NoNamespace("ns".into()), request).is_none());
+            // Someone else's write won.
+            for lost in [ApiError::Conflict, ApiError::NotFound] {
+                assert!(matches!(
+                    Input::from_error(&lost, request),
+                    Some(Input::Lost)
+                ));
+            }
+            // Failures worth retrying: whether the server answered, and when it asked us back.
+            assert!(matches!(
+                Input::from_error(&ApiError::Unreachable("refused".into()), request),
+                Some(Input::Failed {
+                    retry_after: None,
+                    answered: false
+                })
+            ));
+            for answered in [
+                ApiError::Timeout(Duration::from_secs(5)),
+                ApiError::Transient("503".into()),
+                ApiError::Rejected("400".into()),
+            ] {
+                assert!(matches!(
+                    Input::from_error(&answered, request),
+                    Some(Input::Failed {
+                        retry_after: None,
+                        answered: true
+                    })
+                ));
+            }
+            let busy = ApiError::Busy {
+                message: "429".into(),
+                retry_after: Duration::from_secs(3),
+            };
+            assert!(matches!(
+                Input::from_error(&busy, request),
+                Some(Input::Failed {
+                    retry_after: Some(d),
+                    answered: true
+                }) if d == Duration::from_secs(3)
+            ));
+        }
+        // Only a create loses to another create; an AlreadyExists on anything else is a lost write.
+        assert!(matches!(
+            Input::from_error(&ApiError::AlreadyExists, Request::Create),
+            Some(Input::LostCreate)
+        ));
+        for request in [Request::Claim, Request::Read, Request::Watch] {
+            assert!(matches!(
+                Input::from_error(&ApiError::AlreadyExists, request),
+                Some(Input::Lost)
+            ));
+        }
+        assert_eq!(
+            every.map(Request::verb),
+            ["create", "claim", "read", "watch"]
+        );
     }
 }

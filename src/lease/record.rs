@@ -35,6 +35,16 @@ pub const HANDOVER_STRATEGY: &str = "lease-exec/handover";
 /// `--identity` refuses it.
 pub const ANY_OTHER: &str = "*";
 
+/// A preferred holder as people read it: the identity, or "any other candidate" for
+/// [`ANY_OTHER`].
+pub fn describe_preferred(preferred: &str) -> &str {
+    if preferred == ANY_OTHER {
+        "any other candidate"
+    } else {
+        preferred
+    }
+}
+
 impl Record {
     /// Reads the record from a Lease.
     pub fn of(lease: &Lease) -> Record {
