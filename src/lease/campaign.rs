@@ -48,6 +48,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use tokio::time::Instant;
 
 use super::api::ApiError;
+use super::backoff::{FAST_TRIES, backoff, jitter, resync_delay};
 use super::decide::{Decision, decide};
 use super::record::{Memory, Record};
 use crate::timing::Timing;
@@ -366,107 +367,130 @@ impl Campaign {
     /// Feeds one input observed at `now` and returns what to do next.
     pub fn step(&mut self, input: Input, now: Instant) -> Action {
         match input {
-            Input::Read(Some(lease)) => {
-                self.failures = 0;
-                self.read_at = None;
-                if self.replaced(&lease) {
-                    // Deleted and created again since we last looked: whoever held the old one
-                    // may still run, exactly as after a 404.
-                    self.absent(None, now);
-                }
-                let position_expired = self.position_expired;
-                self.present(lease, now);
-                if position_expired {
-                    self.resource_version = None;
-                }
-            }
-            Input::Changed(lease) => {
-                self.expirations = 0;
-                self.position_expired = false;
-                self.present(lease, now);
-            }
-            Input::Read(None) => {
-                self.failures = 0;
-                self.read_at = None;
-                self.absent(None, now);
-            }
-            Input::Deleted(lease) => {
-                self.expirations = 0;
-                self.position_expired = false;
-                self.absent(Some(lease), now);
-            }
-            Input::Bookmark(rv) => {
-                self.expirations = 0;
-                self.position_expired = false;
-                self.resource_version = Some(rv);
-            }
-            Input::Expired => {
-                self.expirations += 1;
-                // The first 410 is normal (compaction): read at once. Repeated ones without an
-                // event in between (a server that cannot serve this watch) back off.
-                let delay = match self.expirations {
-                    1 => Duration::ZERO,
-                    n => backoff(&self.timing, n - 1),
-                };
-                self.resource_version = None;
-                self.position_expired = true;
-                self.unknown(now + delay);
-            }
-            Input::Lost => {
-                let rv = match &self.view {
-                    View::Present(lease) => lease.metadata.resource_version.clone(),
-                    _ => None,
-                };
-                // The winner's write shows up as an event or on the next read; if nothing shows
-                // up by a retry period, our view is stale: read again then.
-                let recheck = now + self.timing.retry_period;
-                match rv {
-                    Some(rv) => self.lost = Some((rv, recheck)),
-                    None => self.unknown(recheck),
-                }
-            }
-            Input::LostCreate => {
-                // A record exists now. Read it at once rather than wait for it on the watch (which
-                // a read drops): its expiry is counted from when it is seen, so seeing it a retry
-                // period late would delay a takeover after its holder dies by as much. Reading
-                // sooner only observes sooner: the record's write began before this read, so its
-                // duration still runs from after it. One GET per lost create, and a create comes
-                // only after a lease duration of absence, so this cannot loop fast.
-                //
-                // Its holder is one we never saw a record of: if the read finds the Lease gone
-                // again, that holder may still run, so the absence starts over from then (one
-                // more lease duration before a create), as for any unexplained 404.
-                self.absent_since = None;
-                self.unknown(now);
-            }
+            Input::Read(lease) => self.on_read(lease, now),
+            Input::Changed(lease) => self.on_changed(lease, now),
+            Input::Deleted(lease) => self.on_deleted(lease, now),
+            Input::Bookmark(rv) => self.on_bookmark(rv),
+            Input::Expired => self.on_expired(now),
+            Input::Lost => self.on_lost(now),
+            Input::LostCreate => self.on_lost_create(now),
             Input::Failed {
                 retry_after,
                 answered,
-            } => {
-                self.failures += 1;
-                // A watching follower looks again within a second while the server does not
-                // answer at all (it is restarting, the connection broke): that costs the server
-                // nothing, and a release is missed meanwhile. A server that answers with errors
-                // is struggling: after a few fast tries, back off as a polling follower does.
-                let delay = if self.watching && (!answered || self.failures <= FAST_TRIES) {
-                    let jitter = self.jitter();
-                    resync_delay(&self.timing, self.failures, jitter)
-                } else if self.watching {
-                    backoff(&self.timing, self.failures - FAST_TRIES)
-                } else {
-                    backoff(&self.timing, self.failures)
-                };
-                // The server said how much it can bear: never ask sooner than it asked. But never
-                // stay blind to the Lease for more than a lease duration on its word (a
-                // `--wait-timeout` ends the wait anyway when it comes first).
-                let delay = retry_after.map_or(delay, |asked| {
-                    delay.max(asked.min(self.timing.lease_duration))
-                });
-                self.unknown(now + delay);
-            }
+            } => self.on_failed(retry_after, answered, now),
             Input::Tick => {}
         }
         self.next(now)
+    }
+
+    /// A GET answered: the Lease, or `None` for 404.
+    fn on_read(&mut self, lease: Option<Lease>, now: Instant) {
+        self.failures = 0;
+        self.read_at = None;
+        let Some(lease) = lease else {
+            self.absent(None, now);
+            return;
+        };
+        if self.replaced(&lease) {
+            // Deleted and created again since we last looked: whoever held the old one
+            // may still run, exactly as after a 404.
+            self.absent(None, now);
+        }
+        let position_expired = self.position_expired;
+        self.present(lease, now);
+        if position_expired {
+            self.resource_version = None;
+        }
+    }
+
+    /// A watch event: the Lease was added or modified.
+    fn on_changed(&mut self, lease: Lease, now: Instant) {
+        self.expirations = 0;
+        self.position_expired = false;
+        self.present(lease, now);
+    }
+
+    /// A watch event: the Lease was deleted; its last state.
+    fn on_deleted(&mut self, lease: Lease, now: Instant) {
+        self.expirations = 0;
+        self.position_expired = false;
+        self.absent(Some(lease), now);
+    }
+
+    /// A watch bookmark: the resourceVersion reached.
+    fn on_bookmark(&mut self, rv: String) {
+        self.expirations = 0;
+        self.position_expired = false;
+        self.resource_version = Some(rv);
+    }
+
+    /// The watch's position is too old (410 Gone).
+    fn on_expired(&mut self, now: Instant) {
+        self.expirations += 1;
+        // The first 410 is normal (compaction): read at once. Repeated ones without an
+        // event in between (a server that cannot serve this watch) back off.
+        let delay = match self.expirations {
+            1 => Duration::ZERO,
+            n => backoff(&self.timing, n - 1),
+        };
+        self.resource_version = None;
+        self.position_expired = true;
+        self.unknown(now + delay);
+    }
+
+    /// Our claim lost to another writer.
+    fn on_lost(&mut self, now: Instant) {
+        let rv = match &self.view {
+            View::Present(lease) => lease.metadata.resource_version.clone(),
+            _ => None,
+        };
+        // The winner's write shows up as an event or on the next read; if nothing shows
+        // up by a retry period, our view is stale: read again then.
+        let recheck = now + self.timing.retry_period;
+        match rv {
+            Some(rv) => self.lost = Some((rv, recheck)),
+            None => self.unknown(recheck),
+        }
+    }
+
+    /// Our create lost to another writer's.
+    fn on_lost_create(&mut self, now: Instant) {
+        // A record exists now. Read it at once rather than wait for it on the watch (which
+        // a read drops): its expiry is counted from when it is seen, so seeing it a retry
+        // period late would delay a takeover after its holder dies by as much. Reading
+        // sooner only observes sooner: the record's write began before this read, so its
+        // duration still runs from after it. One GET per lost create, and a create comes
+        // only after a lease duration of absence, so this cannot loop fast.
+        //
+        // Its holder is one we never saw a record of: if the read finds the Lease gone
+        // again, that holder may still run, so the absence starts over from then (one
+        // more lease duration before a create), as for any unexplained 404.
+        self.absent_since = None;
+        self.unknown(now);
+    }
+
+    /// A request failed in a way worth retrying.
+    fn on_failed(&mut self, retry_after: Option<Duration>, answered: bool, now: Instant) {
+        self.failures += 1;
+        // A watching follower looks again within a second while the server does not
+        // answer at all (it is restarting, the connection broke): that costs the server
+        // nothing, and a release is missed meanwhile. A server that answers with errors
+        // is struggling: after a few fast tries, back off as a polling follower does.
+        let delay = if self.watching && (!answered || self.failures <= FAST_TRIES) {
+            let jitter = self.jitter();
+            resync_delay(&self.timing, self.failures, jitter)
+        } else if self.watching {
+            backoff(&self.timing, self.failures - FAST_TRIES)
+        } else {
+            backoff(&self.timing, self.failures)
+        };
+        // The server said how much it can bear: never ask sooner than it asked. But never
+        // stay blind to the Lease for more than a lease duration on its word (a
+        // `--wait-timeout` ends the wait anyway when it comes first).
+        let delay = retry_after.map_or(delay, |asked| {
+            delay.max(asked.min(self.timing.lease_duration))
+        });
+        self.unknown(now + delay);
     }
 
     fn present(&mut self, lease: Lease, now: Instant) {
@@ -636,55 +660,10 @@ impl Campaign {
     }
 }
 
-/// The next number in [0, 1) of the xorshift64 sequence `state` (never 0), for jitter.
-pub fn jitter(state: &mut u64) -> f64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    (*state >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Failed requests in a row a watching follower retries fast even when the server answers them
-/// (with 5xx, 429 or too late), before it backs off.
-pub const FAST_TRIES: u32 = 3;
-/// The shortest delay between attempts, whatever the retry period.
-pub const RESYNC_FLOOR: Duration = Duration::from_millis(50);
-/// The first delay before re-establishing a broken watch (before jitter).
-pub const RESYNC_FIRST: Duration = Duration::from_millis(200);
-/// The longest delay between attempts to re-establish a watch (before jitter): a follower sees the
-/// API server again within about this long after it comes back, whatever the retry period.
-pub const RESYNC_CAP: Duration = Duration::from_secs(1);
-
-/// Delay before the next attempt to re-establish a watch after `failures` consecutive transient
-/// errors: doubling from [`RESYNC_FIRST`], capped at [`RESYNC_CAP`] and at the retry period, with
-/// "equal jitter" (between half and all of it, drawn from `jitter` in [0, 1)) so that followers cut
-/// off together do not come back in step. A follower blind to the Lease misses a release, so it
-/// looks again soon; a server that cannot bear it says so with Retry-After, which is honoured on
-/// top of this (see [`Campaign::step`]).
-pub fn resync_delay(timing: &Timing, failures: u32, jitter: f64) -> Duration {
-    let factor = 1u32 << failures.saturating_sub(1).min(16);
-    let full = RESYNC_FIRST
-        .saturating_mul(factor)
-        .min(RESYNC_CAP)
-        .min(timing.retry_period);
-    (full / 2 + (full / 2).mul_f64(jitter.clamp(0.0, 1.0))).max(RESYNC_FLOOR)
-}
-
-/// Delay before the next attempt after `failures` consecutive transient errors while polling (and
-/// after repeated 410s): doubling from the retry period, capped at the lease duration (a handoff
-/// cannot be noticed faster than that anyway) and at 30 s.
-pub fn backoff(timing: &Timing, failures: u32) -> Duration {
-    let cap = timing
-        .lease_duration
-        .min(Duration::from_secs(30))
-        .max(timing.retry_period);
-    let factor = 1u32 << failures.saturating_sub(1).min(16);
-    timing.retry_period.saturating_mul(factor).min(cap)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lease::backoff::{RESYNC_CAP, RESYNC_FIRST};
     use k8s_openapi::api::coordination::v1::LeaseSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
     use k8s_openapi::jiff::Timestamp;
@@ -1173,14 +1152,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn backoff_doubles_up_to_the_lease_duration() {
-        let t = Timing::default();
-        let delays: Vec<_> = (1..=6).map(|n| backoff(&t, n).as_secs()).collect();
-        assert_eq!(delays, [2, 4, 8, 15, 15, 15]);
-        assert_eq!(backoff(&t, 1000), Duration::from_secs(15));
-    }
-
     fn failed() -> Input {
         Input::Failed {
             retry_after: None,
@@ -1460,15 +1431,6 @@ mod tests {
         for _ in 0..10 {
             assert!(read_in(c.step(failed(), t0), t0) <= RESYNC_CAP);
         }
-    }
-
-    #[test]
-    fn the_fast_schedule_has_a_floor() {
-        let tiny = Timing {
-            retry_period: Duration::from_millis(1),
-            ..Timing::default()
-        };
-        assert_eq!(resync_delay(&tiny, 1, 0.0), RESYNC_FLOOR);
     }
 
     fn claim_token(action: &Action) -> Option<i32> {

@@ -1,9 +1,11 @@
-//! The Lease: its record ([`record`]), pure decisions ([`decide`]) and the acquisition state machine ([`campaign`]), bounded
-//! API calls ([`api`]), one watch for every caller ([`watch`]), and the two loops that act on them:
-//! [`acquire`] (waiting until we hold it) and [`renew`] (keeping it while the command runs).
+//! The Lease: its record ([`record`]), pure decisions ([`decide`]) and the acquisition state
+//! machine ([`campaign`]) with its retry schedule ([`backoff`]), bounded API calls ([`api`]), one
+//! watch for every caller ([`watch`]), and the two loops that act on them: [`acquire`] (waiting
+//! until we hold it) and [`renew`] (keeping it while the command runs).
 
 pub mod acquire;
 pub mod api;
+pub mod backoff;
 pub mod campaign;
 pub mod decide;
 pub mod proxy;

@@ -7,9 +7,9 @@
 //!   was, so a server (or a proxy) that ends every watch at once cannot turn any caller into a
 //!   busy loop.
 //! - **Backoff**: after a failure to open or a broken stream, the next open waits
-//!   [`super::campaign::resync_delay`] (jittered, up to 1 s) while the server does not answer at
-//!   all, and [`super::campaign::backoff`] (doubling from the retry period) once it answers with
-//!   errors more than [`super::campaign::FAST_TRIES`] times in a row: the same schedule as the
+//!   [`super::backoff::resync_delay`] (jittered, up to 1 s) while the server does not answer at
+//!   all, and [`super::backoff::backoff`] (doubling from the retry period) once it answers with
+//!   errors more than [`super::backoff::FAST_TRIES`] times in a row: the same schedule as the
 //!   waiting follower's reads.
 //! - **Idle timeout**: the server ends every watch after [`super::api::WATCH_SECONDS`] and sends bookmarks
 //!   meanwhile, so a stream silent for [`WATCH_IDLE`] is a dead (half-open) connection: it is
@@ -29,7 +29,7 @@ use kube::api::WatchEvent;
 use tokio::time::{Instant, sleep_until};
 
 use super::api::{ApiError, LeaseApi, WATCH_IDLE};
-use super::campaign::{FAST_TRIES, backoff, jitter, resync_delay};
+use super::backoff::{FAST_TRIES, backoff, jitter, resync_delay};
 use crate::timing::Timing;
 
 /// What a watch delivered.
