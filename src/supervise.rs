@@ -11,7 +11,6 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -24,12 +23,13 @@ use crate::config::{Command, Config};
 use crate::error::{Error, Outcome};
 use crate::exit::ChildStatus;
 use crate::lease::acquire::{Feed, Held, Remembered, WriteGate, acquire_any, remember};
-use crate::lease::api::{self, ApiError, LeaseApi};
+use crate::lease::api::{self, LeaseApi};
+use crate::lease::release::{abandon, release};
 use crate::lease::renew::{LeaseState, Nudge, guard, renew};
 use crate::lease::{Claimant, Record};
 use crate::logging;
 use crate::telemetry::{self, Events, LeaseEvent, Metrics, Statsd};
-use crate::term::{self, Reason, Term};
+use crate::term::{self, Finish, Reason, Term};
 
 /// How long leftover members of the command's process group may take to die after SIGKILL before
 /// the Lease is left to expire instead of being released.
@@ -193,7 +193,7 @@ async fn hold(
             if let ([_], []) = (slots, check.as_slice()) {
                 check.push((0, None));
             }
-            let checking = abandon(slots, &check, &claimant, config);
+            let checking = abandon(slots, &check, &claimant, config.release);
             if by_signal.is_some() {
                 tokio::select! {
                     () = checking => {}
@@ -224,9 +224,9 @@ async fn hold(
     if !uncertain.is_empty() {
         // A write of ours to another slot went unanswered and may have landed: that slot must not
         // stay claimed by a process that runs nothing for it.
-        let (slots, config, claimant) = (slots.to_vec(), config.clone(), claimant.clone());
+        let (slots, claimant, release) = (slots.to_vec(), claimant.clone(), config.release);
         _strays = Some(AbortOnDrop(tokio::spawn(
-            async move { abandon(&slots, &uncertain, &claimant, &config).await }.in_current_span(),
+            async move { abandon(&slots, &uncertain, &claimant, release).await }.in_current_span(),
         )));
     }
     if let Some(to) = Record::of(&held.lease).handover_from(&config.identity) {
@@ -353,7 +353,7 @@ async fn hold(
         &mut leading,
     )
     .await;
-    let (lost, asked) = (ended.ended_by(), ended.was_asked());
+    let asked = ended.was_asked();
     tracing::info!(%status, "command exited");
 
     // The command is gone. Before the Lease can be handed over, nothing it started may remain:
@@ -369,41 +369,32 @@ async fn hold(
     leading.end();
     let last = state.borrow().held().clone();
 
-    match lost {
-        Some(reason @ Reason::Taken(_)) => {
-            // Not ours any more: nothing to release.
-            outside
-                .events
-                .publish(LeaseEvent::Lost, &reason.to_string());
-            Err(Error::Lost(reason))
-        }
-        Some(reason) => {
-            // Renewals stopped at the loss (or, for a handover, with the command). The group is
-            // gone: if the Lease still names us (our last write may have landed after all),
-            // release it so followers need not wait a whole lease duration. A handover request
-            // stays in the released Lease for the preferred candidate to see.
-            // A handover started this term's end, whatever ended it at last (renewals that
-            // failed during the grace period): the Lease was left to the others, and must not
-            // come back to this process with the request still in it.
-            if ended.handover.is_some() {
+    // Release only once the group is gone (`all_gone`): see term::finish.
+    match term::finish(&ended, all_gone) {
+        Finish::Lost {
+            reason,
+            release,
+            stepped_down,
+        } => {
+            if stepped_down {
                 carry.handed_over = Some((slot, last.transitions()));
             }
             outside
                 .events
                 .publish(LeaseEvent::Lost, &reason.to_string());
-            if all_gone {
+            if release {
                 hand_over(lease_api, &claimant, config, outside, last).await;
             }
             Err(Error::Lost(reason))
         }
-        None if !all_gone => {
+        Finish::Keep => {
             tracing::error!(
                 pgid = child.pid.as_raw(),
                 "processes the command started survived SIGKILL; not releasing the lease, it will expire"
             );
             Ok(Outcome::Child(status))
         }
-        None => {
+        Finish::Release => {
             hand_over(lease_api, &claimant, config, outside, last).await;
             Ok(Outcome::Child(status))
         }
@@ -445,7 +436,7 @@ impl Leading {
 async fn hand_over(api: &LeaseApi, me: &Claimant, config: &Config, outside: &Outside, last: Held) {
     if !config.release {
         tracing::info!("keeping the lease claimed (--no-release); it expires unless renewed");
-    } else if release(api, me, config, last).await {
+    } else if release(api, me, last).await {
         logging::set_holder(None);
         outside.events.publish(LeaseEvent::Released, "");
     }
@@ -568,74 +559,6 @@ async fn lead(
     }
 }
 
-/// Checks the slots a create or claim of ours may have landed on unanswered (`check`: the slot, and
-/// when that write started if it may still be on its way): a Lease naming a process that runs
-/// nothing for it is released. Every slot concurrently: each is read at once and, while its write
-/// may still land, once more a request timeout after that write started. The reads take at most
-/// two request timeouts, however many slots; a release found needed is then carried out in full.
-async fn abandon(
-    slots: &[LeaseApi],
-    check: &[(usize, Option<Instant>)],
-    me: &Claimant,
-    config: &Config,
-) {
-    let timeout = config.timing.request_timeout();
-    let reads = check.iter().map(|&(slot, started)| {
-        let api = &slots[slot];
-        async move {
-            if let Some(lease) = ours(api, me, config).await {
-                return Some((api, lease));
-            }
-            let again = started.map(|s| s + timeout)?;
-            if Instant::now() < again {
-                sleep_until(again).await;
-                return ours(api, me, config).await.map(|lease| (api, lease));
-            }
-            None
-        }
-    });
-    let found = match tokio::time::timeout(timeout * 2, futures_util::future::join_all(reads)).await
-    {
-        Ok(found) => found,
-        Err(_) => {
-            tracing::warn!(
-                "cannot check in time whether a claim of ours landed; if one did, the lease expires"
-            );
-            return;
-        }
-    };
-    if !config.release {
-        return;
-    }
-    let releases = found.into_iter().flatten().map(|(api, lease)| {
-        let last = Held::written(lease, Instant::now(), clock::boot_time());
-        release(api, me, config, last)
-    });
-    futures_util::future::join_all(releases).await;
-}
-
-/// Reads the Lease; returns it if it names us.
-async fn ours(
-    api: &LeaseApi,
-    me: &Claimant,
-    config: &Config,
-) -> Option<k8s_openapi::api::coordination::v1::Lease> {
-    match api.get(config.timing.request_timeout()).await {
-        Ok(Some(lease)) if Record::of(&lease).holder.as_deref() == Some(me.identity.as_str()) => {
-            Some(lease)
-        }
-        Ok(_) => None,
-        Err(e) => {
-            tracing::warn!(
-                lease = %api.name(),
-                error = %e,
-                "cannot check whether a claim of ours landed; if it did, the lease expires"
-            );
-            None
-        }
-    }
-}
-
 /// A task that ends with its owner.
 struct AbortOnDrop(JoinHandle<()>);
 
@@ -643,45 +566,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// Releases the Lease if it is still ours: holder cleared, conditioned on the resourceVersion.
-/// Returns whether it was released.
-async fn release(api: &LeaseApi, me: &Claimant, config: &Config, last: Held) -> bool {
-    let timeout = config.timing.request_timeout();
-    let mut lease = last.lease;
-    for _ in 0..3 {
-        match api
-            .replace(&me.release(&lease, Timestamp::now()), timeout)
-            .await
-        {
-            Ok(_) => {
-                tracing::info!("released the lease");
-                return true;
-            }
-            Err(ApiError::Conflict) => match api.get(timeout).await {
-                Ok(Some(current))
-                    if Record::of(&current).holder.as_deref() == Some(me.identity.as_str()) =>
-                {
-                    lease = current;
-                }
-                Ok(_) => {
-                    tracing::info!("the lease is no longer ours; nothing to release");
-                    return false;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot release the lease; it will expire");
-                    return false;
-                }
-            },
-            Err(ApiError::NotFound) => return false,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot release the lease; it will expire");
-                return false;
-            }
-        }
-    }
-    false
 }
 
 fn build_command(

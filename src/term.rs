@@ -238,6 +238,56 @@ pub fn deadlines(term: &Term, renewed_at: Instant, timing: &Timing) -> Deadlines
     }
 }
 
+/// What to do with the Lease once the command's group and every leftover were killed; `all_gone`:
+/// they were seen gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    /// The command ended the term (it exited, or a stop signal ended it): release the Lease for
+    /// the next candidate (unless `--no-release`) and exit with the command's status.
+    Release,
+    /// Processes the command started survived SIGKILL: keep the Lease claimed, so that it expires
+    /// rather than letting a next worker start beside them.
+    Keep,
+    /// Leadership was lost, or the Lease handed over: lease-exec exits 75 (or, with
+    /// `--recampaign`, campaigns again once everything is gone and no stop signal asked to end).
+    Lost {
+        /// Why.
+        reason: Reason,
+        /// Release the Lease first: it may still name us.
+        release: bool,
+        /// The term ended in a handover: the next campaign leaves that record to the others.
+        stepped_down: bool,
+    },
+}
+
+/// The end-of-term choice, from how the term ended ([`Term::ended_by`]) and whether everything
+/// the command started was seen gone. Releasing lets the next candidate claim at once, so it
+/// happens only with `all_gone`: the next worker can never overlap anything of this one.
+pub fn finish(term: &Term, all_gone: bool) -> Finish {
+    match term.ended_by() {
+        // Not ours any more: nothing to release.
+        Some(reason @ Reason::Taken(_)) => Finish::Lost {
+            reason,
+            release: false,
+            stepped_down: false,
+        },
+        // Renewals stopped at the loss (or, for a handover, with the command). The group is
+        // gone: if the Lease still names us (our last write may have landed after all),
+        // release it so followers need not wait a whole lease duration. A handover request
+        // stays in the released Lease for the preferred candidate to see.
+        // A handover started this term's end, whatever ended it at last (renewals that
+        // failed during the grace period): the Lease was left to the others, and must not
+        // come back to this process with the request still in it.
+        Some(reason) => Finish::Lost {
+            reason,
+            release: all_gone,
+            stepped_down: term.handover.is_some(),
+        },
+        None if !all_gone => Finish::Keep,
+        None => Finish::Release,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,5 +574,70 @@ mod tests {
         for (reason, text) in cases {
             assert_eq!(reason.to_string(), text);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lease_is_released_only_once_everything_is_gone_and_never_after_a_takeover() {
+        let r = Instant::now();
+        let deadline = Reason::RenewDeadline(Duration::from_secs(10));
+        // The command exited, or a stop signal ended it.
+        let mut asked = Term::default();
+        asked.end(Reason::Asked, r);
+        for term in [Term::default(), asked] {
+            assert_eq!(finish(&term, true), Finish::Release);
+            assert_eq!(finish(&term, false), Finish::Keep);
+        }
+        // Lost: released only when everything is gone.
+        let mut lost = Term::default();
+        lost.end(deadline.clone(), r);
+        for all_gone in [true, false] {
+            assert_eq!(
+                finish(&lost, all_gone),
+                Finish::Lost {
+                    reason: deadline.clone(),
+                    release: all_gone,
+                    stepped_down: false
+                }
+            );
+        }
+        // Taken: never released, whatever else happened.
+        let taken = Reason::Taken("the lease is now held by x".into());
+        let mut term = Term::default();
+        term.end(Reason::Handover("b".into()), r);
+        term.end(taken.clone(), r + Duration::from_secs(1));
+        assert_eq!(
+            finish(&term, true),
+            Finish::Lost {
+                reason: taken,
+                release: false,
+                stepped_down: false
+            }
+        );
+        // A handover: released, and left to the others next time, even when renewals failed
+        // during its grace period.
+        let mut term = Term::default();
+        term.end(Reason::Handover("b".into()), r);
+        assert_eq!(
+            finish(&term, true),
+            Finish::Lost {
+                reason: Reason::Handover("b".into()),
+                release: true,
+                stepped_down: true
+            }
+        );
+        term.end(deadline.clone(), r + Duration::from_secs(10));
+        assert_eq!(
+            finish(&term, true),
+            Finish::Lost {
+                reason: deadline,
+                release: true,
+                stepped_down: true
+            }
+        );
+        // A stop signal during a handover's grace period: the command's own end.
+        let mut term = Term::default();
+        term.end(Reason::Handover("b".into()), r);
+        term.end(Reason::Asked, r + Duration::from_secs(1));
+        assert_eq!(finish(&term, true), Finish::Release);
     }
 }
