@@ -130,8 +130,9 @@ struct Carry {
     memory: Vec<Remembered>,
 }
 
-/// Waits for the lease, runs the command while holding it, and stops. Fills `carry` for the next
-/// term, and reads the last one's handover from it.
+/// Waits for the lease, runs the command while holding it, and stops: one term, phase by phase
+/// (see [`Supervisor`]). Fills `carry` for the next term, and reads the last one's handover from
+/// it.
 async fn hold(
     config: &Config,
     command: &Command,
@@ -141,262 +142,356 @@ async fn hold(
     (reaper, watchdog): (&mut Reaper, &Watchdog),
     carry: &mut Carry,
 ) -> Result<Outcome, Error> {
-    let claimant = Claimant {
-        identity: config.identity.clone(),
-        timing: config.timing,
-        owner: config.owner.clone(),
-    };
-
-    // Waiting.
-    let wait_deadline = config.timing.wait_timeout.map(|t| Instant::now() + t);
-    tracing::info!(
-        lease_duration = %humantime::format_duration(config.timing.lease_duration),
-        "waiting for the lease"
-    );
-    let feed = if config.watch {
-        Feed::Watch
-    } else {
-        Feed::Poll
-    };
-    let stepped_down = carry.handed_over.take();
-    let gate = WriteGate::default();
-    let acquiring = acquire_any(
-        slots,
-        &claimant,
-        &config.timing,
-        feed,
-        stepped_down,
-        (&carry.memory, &gate),
-    );
-    let stopped = tokio::select! {
-        won = acquiring => match won {
-            Ok(won) => Ok(won),
-            Err(e) => Err((Err(Error::Api(e)), None)),
-        },
-        () = sleep_until_opt(wait_deadline) => {
-            Err((Err(Error::WaitTimeout(config.timing.wait_timeout.unwrap_or_default())), None))
-        }
-        sig = wait_for_stop(signals) => {
-            tracing::info!(signal = sig.as_str(), "stopping before the lease was acquired");
-            Err((Ok(Outcome::Interrupted(sig as i32)), Some(())))
-        }
-    };
-    let (slot, held) = match stopped {
-        Ok(won) => won,
-        Err((result, by_signal)) => {
-            // The campaigns are dropped: a write of ours in flight or unanswered may still land.
-            let mut check: Vec<_> = gate
-                .uncertain(None)
-                .into_iter()
-                .map(|(slot, started)| (slot, Some(started)))
-                .collect();
-            if let ([_], []) = (slots, check.as_slice()) {
-                check.push((0, None));
-            }
-            let checking = abandon(slots, &check, &claimant, config.release);
-            if by_signal.is_some() {
-                tokio::select! {
-                    () = checking => {}
-                    sig = wait_for_stop(signals) => tracing::warn!(
-                        signal = sig.as_str(),
-                        "second stop signal; not checking whether a claim of ours landed (if it did, the lease expires)"
-                    ),
-                }
-            } else {
-                checking.await;
-            }
-            return result;
-        }
-    };
-    let lease_api = &slots[slot];
-    remember(&carry.memory[slot], &Record::of(&held.lease));
-    if slots.len() > 1 {
-        tracing::info!(lease = %lease_api.name(), slot, "won a slot");
-    }
-    // Aborted when this term ends: a later term may hold one of these slots for real. In the
-    // background, so that checking never delays the command's start (see the spawn rule below).
-    let mut _strays = None;
-    let uncertain: Vec<_> = gate
-        .uncertain(Some(slot))
-        .into_iter()
-        .map(|(slot, started)| (slot, Some(started)))
-        .collect();
-    if !uncertain.is_empty() {
-        // A write of ours to another slot went unanswered and may have landed: that slot must not
-        // stay claimed by a process that runs nothing for it.
-        let (slots, claimant, release) = (slots.to_vec(), claimant.clone(), config.release);
-        _strays = Some(AbortOnDrop(tokio::spawn(
-            async move { abandon(&slots, &uncertain, &claimant, release).await }.in_current_span(),
-        )));
-    }
-    if let Some(to) = Record::of(&held.lease).handover_from(&config.identity) {
-        // Resumed (the Lease already named this identity) with a handover pending: hand it over
-        // at once, without starting the command.
-        let why = Reason::Handover(to.to_string());
-        tracing::info!(reason = %why, "a handover is pending; releasing the lease without starting the command");
-        carry.handed_over = Some((slot, held.transitions()));
-        hand_over(lease_api, &claimant, config, outside, held).await;
-        return Err(Error::Lost(why));
-    }
-    // The event's object, for whatever this term reports; the Acquired event itself, the metrics
-    // and the log's holder come after the spawn, so that the command's start waits for nothing
-    // but the claim.
-    outside.events.regarding(&held.lease);
-
-    // Leading: renew in the background, run the command. The term's fencing token is the one
-    // the claim wrote; renewals keep it (and restore it if lowered by hand).
-    let token = held.transitions();
-    let memory = carry.memory[slot].clone();
-    let (state_tx, mut state) = watch::channel(LeaseState::Held(held.clone()));
-    let state_tx = Arc::new(state_tx);
-    let nudge = Arc::new(Nudge::default());
-    // A takeover kills the command's group from the watchdog's thread at once, before the log
-    // line that reports it (which blocks this thread when stderr is stuck). Nothing is armed
-    // before the spawn; the spawn itself checks for a takeover first.
-    let kill: crate::lease::renew::KillNow = {
-        let watchdog = watchdog.clone();
-        Arc::new(move || watchdog.fire_now())
-    };
-    let mut leading = Leading {
-        renewer: Some(tokio::spawn(
-            renew(
-                lease_api.clone(),
-                claimant.clone(),
-                (held.clone(), token),
-                state_tx.clone(),
-                (nudge.clone(), memory.clone(), kill.clone()),
-                outside.metrics.clone(),
-            )
-            .in_current_span(),
-        )),
-        // With --no-watch, no watch request at all: the guard reads the Lease every retry
-        // period instead.
-        guard: Some(tokio::spawn(
-            guard(
-                lease_api.clone(),
-                (claimant.clone(), token, config.watch),
-                state_tx,
-                (nudge, memory, kill),
-            )
-            .in_current_span(),
-        )),
-        heartbeat: outside
-            .statsd
-            .as_ref()
-            .and_then(|s| s.heartbeat(config.timing.retry_period)),
-        metrics: outside.metrics.clone(),
-    };
-    let process = build_command(
+    let term = Supervisor {
         config,
         command,
-        (lease_api.name(), namespace),
-        (slots.len() > 1).then_some(slot),
-        token,
-    );
-    // The spawn rule: the command starts only while `now < renewed_at + renew-deadline` for the
-    // term's last successful write (the claim, or a renewal since), checked in the forked child
-    // right before exec (child::spawn). Nothing between the claim and here waits on the API
-    // server, but a slow claim, a stuck log or a suspend may have used the term up: then the
-    // command never starts, so it can never run past what the followers count.
-    let latest = state.borrow().clone();
-    if let LeaseState::Taken { reason, .. } = &latest {
-        leading.end();
-        return Err(Error::Lost(Reason::Taken(reason.clone())));
-    }
-    let latest = latest.held().clone();
-    let not_after = latest.renewed_at_boot + config.timing.renew_deadline;
-    let child = match child::spawn(process, not_after).await {
-        Ok(child) => {
-            // Armed before anything else can block this thread (the next log line included):
-            // the command dies by the last write's safety deadline at the latest.
-            watchdog.arm(child, latest.renewed_at_boot + config.timing.kill_by());
-            child
-        }
-        Err(e) if child::is_late(&e) => {
-            // Nothing ran: release at once so the next candidate need not wait for expiry. The
-            // claim did land: it is counted and reported before its release.
-            outside.metrics.acquired();
-            outside.events.publish(LeaseEvent::Acquired, "");
-            leading.end();
-            let last = state.borrow().held().clone();
-            hand_over(lease_api, &claimant, config, outside, last).await;
-            return Err(Error::Lost(Reason::Late));
-        }
-        Err(e) => {
-            // Nothing ran: release at once so the next candidate need not wait for expiry.
-            outside.metrics.acquired();
-            outside.events.publish(LeaseEvent::Acquired, "");
-            leading.end();
-            let last = state.borrow().held().clone();
-            hand_over(lease_api, &claimant, config, outside, last).await;
-            return Err(Error::Spawn {
-                program: command.program.display().to_string(),
-                error: e,
-            });
-        }
+        namespace,
+        slots,
+        outside,
+        claimant: Claimant {
+            identity: config.identity.clone(),
+            timing: config.timing,
+            owner: config.owner.clone(),
+        },
     };
-    outside.metrics.acquired();
-    outside.metrics.child(true);
-    outside.events.publish(LeaseEvent::Acquired, "");
-    // Not over a takeover the guard already reported (it cleared the holder).
-    if matches!(*state.borrow(), LeaseState::Held(_)) {
-        logging::set_holder(Some(&config.identity));
-    }
-    tracing::info!(pid = child.pid.as_raw(), command = ?command.name, transitions = held.transitions(), "acquired the lease; command started");
-
+    let (slot, held, gate) = match term.wait(signals, carry).await {
+        Ok(won) => won,
+        Err(end) => return end,
+    };
+    let mut started = match term.start((slot, held, &gate), watchdog, carry).await {
+        Ok(started) => started,
+        Err(end) => return end,
+    };
     let (status, ended) = lead(
         config,
-        child,
+        started.child,
         (reaper, watchdog),
         signals,
-        &mut state,
-        &mut leading,
+        &mut started.state,
+        &mut started.leading,
     )
     .await;
-    let asked = ended.was_asked();
-    tracing::info!(%status, "command exited");
+    term.finish(slot, (status, ended), &mut started, watchdog, carry)
+        .await
+}
 
-    // The command is gone. Before the Lease can be handed over, nothing it started may remain:
-    // its process group, and whatever left the group (a daemon in its own session) that is still
-    // our descendant. As PID 1, every other process of the namespace.
-    child.reclaim_terminal();
-    child.signal_group(Signal::SIGKILL);
-    let all_gone = child::kill_leftovers(child, Instant::now() + GROUP_EXIT_TIMEOUT).await;
-    watchdog.disarm();
-    carry.clean = all_gone;
-    carry.asked = asked;
-    outside.metrics.child(false);
-    leading.end();
-    let last = state.borrow().held().clone();
+/// How a phase ended the term early: the run's result.
+type End = Result<Outcome, Error>;
 
-    // Release only once the group is gone (`all_gone`): see term::finish.
-    match term::finish(&ended, all_gone) {
-        Finish::Lost {
-            reason,
-            release,
+/// One term's phases, in order: [`Supervisor::wait`] for the Lease, [`Supervisor::start`] the
+/// term (the renewer, the guard and the command, under the spawn rule), [`lead`] until the command
+/// exits, and [`Supervisor::finish`]: everything the command started killed and gone, then the
+/// end-of-term choice of [`term::finish`].
+struct Supervisor<'a> {
+    config: &'a Config,
+    command: &'a Command,
+    namespace: &'a str,
+    slots: &'a [LeaseApi],
+    outside: &'a Outside,
+    claimant: Claimant,
+}
+
+/// A term whose command runs.
+struct Started {
+    child: Child,
+    leading: Leading,
+    state: watch::Receiver<LeaseState>,
+    /// Aborted when this term ends: a later term may hold one of these slots for real.
+    _strays: Option<AbortOnDrop>,
+}
+
+impl Supervisor<'_> {
+    /// Waiting: campaigns for every slot until one is won (the slot, its claim, and the gate that
+    /// knows which other writes of ours are unanswered), or the wait ends (`--wait-timeout`, a stop
+    /// signal, a refusal).
+    async fn wait(
+        &self,
+        signals: &mut Signals,
+        carry: &mut Carry,
+    ) -> Result<(usize, Held, WriteGate), End> {
+        // Waiting.
+        let wait_deadline = self.config.timing.wait_timeout.map(|t| Instant::now() + t);
+        tracing::info!(
+            lease_duration = %humantime::format_duration(self.config.timing.lease_duration),
+            "waiting for the lease"
+        );
+        let feed = if self.config.watch {
+            Feed::Watch
+        } else {
+            Feed::Poll
+        };
+        let stepped_down = carry.handed_over.take();
+        let gate = WriteGate::default();
+        let acquiring = acquire_any(
+            self.slots,
+            &self.claimant,
+            &self.config.timing,
+            feed,
             stepped_down,
-        } => {
-            if stepped_down {
-                carry.handed_over = Some((slot, last.transitions()));
+            (&carry.memory, &gate),
+        );
+        let stopped = tokio::select! {
+            won = acquiring => match won {
+                Ok(won) => Ok(won),
+                Err(e) => Err((Err(Error::Api(e)), None)),
+            },
+            () = sleep_until_opt(wait_deadline) => {
+                Err((Err(Error::WaitTimeout(self.config.timing.wait_timeout.unwrap_or_default())), None))
             }
-            outside
-                .events
-                .publish(LeaseEvent::Lost, &reason.to_string());
-            if release {
-                hand_over(lease_api, &claimant, config, outside, last).await;
+            sig = wait_for_stop(signals) => {
+                tracing::info!(signal = sig.as_str(), "stopping before the lease was acquired");
+                Err((Ok(Outcome::Interrupted(sig as i32)), Some(())))
             }
-            Err(Error::Lost(reason))
+        };
+        match stopped {
+            Ok((slot, held)) => Ok((slot, held, gate)),
+            Err((result, by_signal)) => {
+                // The campaigns are dropped: a write of ours in flight or unanswered may still land.
+                let mut check: Vec<_> = gate
+                    .uncertain(None)
+                    .into_iter()
+                    .map(|(slot, started)| (slot, Some(started)))
+                    .collect();
+                if let ([_], []) = (self.slots, check.as_slice()) {
+                    check.push((0, None));
+                }
+                let checking = abandon(self.slots, &check, &self.claimant, self.config.release);
+                if by_signal.is_some() {
+                    tokio::select! {
+                        () = checking => {}
+                        sig = wait_for_stop(signals) => tracing::warn!(
+                            signal = sig.as_str(),
+                            "second stop signal; not checking whether a claim of ours landed (if it did, the lease expires)"
+                        ),
+                    }
+                } else {
+                    checking.await;
+                }
+                Err(result)
+            }
         }
-        Finish::Keep => {
-            tracing::error!(
-                pgid = child.pid.as_raw(),
-                "processes the command started survived SIGKILL; not releasing the lease, it will expire"
+    }
+
+    /// Starting the term: the renewer and the guard, then the command, only under the spawn rule.
+    /// Nothing between the claim and the spawn waits on the API server.
+    async fn start(
+        &self,
+        (slot, held, gate): (usize, Held, &WriteGate),
+        watchdog: &Watchdog,
+        carry: &mut Carry,
+    ) -> Result<Started, End> {
+        let lease_api = &self.slots[slot];
+        remember(&carry.memory[slot], &Record::of(&held.lease));
+        if self.slots.len() > 1 {
+            tracing::info!(lease = %lease_api.name(), slot, "won a slot");
+        }
+        // Aborted when this term ends: a later term may hold one of these slots for real. In the
+        // background, so that checking never delays the command's start (see the spawn rule below).
+        let mut _strays = None;
+        let uncertain: Vec<_> = gate
+            .uncertain(Some(slot))
+            .into_iter()
+            .map(|(slot, started)| (slot, Some(started)))
+            .collect();
+        if !uncertain.is_empty() {
+            // A write of ours to another slot went unanswered and may have landed: that slot must not
+            // stay claimed by a process that runs nothing for it.
+            let (slots, claimant, release) = (
+                self.slots.to_vec(),
+                self.claimant.clone(),
+                self.config.release,
             );
-            Ok(Outcome::Child(status))
+            _strays = Some(AbortOnDrop(tokio::spawn(
+                async move { abandon(&slots, &uncertain, &claimant, release).await }
+                    .in_current_span(),
+            )));
         }
-        Finish::Release => {
-            hand_over(lease_api, &claimant, config, outside, last).await;
-            Ok(Outcome::Child(status))
+        if let Some(to) = Record::of(&held.lease).handover_from(&self.config.identity) {
+            // Resumed (the Lease already named this identity) with a handover pending: hand it over
+            // at once, without starting the command.
+            let why = Reason::Handover(to.to_string());
+            tracing::info!(reason = %why, "a handover is pending; releasing the lease without starting the command");
+            carry.handed_over = Some((slot, held.transitions()));
+            hand_over(lease_api, &self.claimant, self.config, self.outside, held).await;
+            return Err(Err(Error::Lost(why)));
+        }
+        // The event's object, for whatever this term reports; the Acquired event itself, the metrics
+        // and the log's holder come after the spawn, so that the command's start waits for nothing
+        // but the claim.
+        self.outside.events.regarding(&held.lease);
+
+        // Leading: renew in the background, run the command. The term's fencing token is the one
+        // the claim wrote; renewals keep it (and restore it if lowered by hand).
+        let token = held.transitions();
+        let memory = carry.memory[slot].clone();
+        let (state_tx, state) = watch::channel(LeaseState::Held(held.clone()));
+        let state_tx = Arc::new(state_tx);
+        let nudge = Arc::new(Nudge::default());
+        // A takeover kills the command's group from the watchdog's thread at once, before the log
+        // line that reports it (which blocks this thread when stderr is stuck). Nothing is armed
+        // before the spawn; the spawn itself checks for a takeover first.
+        let kill: crate::lease::renew::KillNow = {
+            let watchdog = watchdog.clone();
+            Arc::new(move || watchdog.fire_now())
+        };
+        let mut leading = Leading {
+            renewer: Some(tokio::spawn(
+                renew(
+                    lease_api.clone(),
+                    self.claimant.clone(),
+                    (held.clone(), token),
+                    state_tx.clone(),
+                    (nudge.clone(), memory.clone(), kill.clone()),
+                    self.outside.metrics.clone(),
+                )
+                .in_current_span(),
+            )),
+            // With --no-watch, no watch request at all: the guard reads the Lease every retry
+            // period instead.
+            guard: Some(tokio::spawn(
+                guard(
+                    lease_api.clone(),
+                    (self.claimant.clone(), token, self.config.watch),
+                    state_tx,
+                    (nudge, memory, kill),
+                )
+                .in_current_span(),
+            )),
+            heartbeat: self
+                .outside
+                .statsd
+                .as_ref()
+                .and_then(|s| s.heartbeat(self.config.timing.retry_period)),
+            metrics: self.outside.metrics.clone(),
+        };
+        let process = build_command(
+            self.config,
+            self.command,
+            (lease_api.name(), self.namespace),
+            (self.slots.len() > 1).then_some(slot),
+            token,
+        );
+        // The spawn rule: the command starts only while `now < renewed_at + renew-deadline` for the
+        // term's last successful write (the claim, or a renewal since), checked in the forked child
+        // right before exec (child::spawn). Nothing between the claim and here waits on the API
+        // server, but a slow claim, a stuck log or a suspend may have used the term up: then the
+        // command never starts, so it can never run past what the followers count.
+        let latest = state.borrow().clone();
+        if let LeaseState::Taken { reason, .. } = &latest {
+            leading.end();
+            return Err(Err(Error::Lost(Reason::Taken(reason.clone()))));
+        }
+        let latest = latest.held().clone();
+        let not_after = latest.renewed_at_boot + self.config.timing.renew_deadline;
+        let child = match child::spawn(process, not_after).await {
+            Ok(child) => {
+                // Armed before anything else can block this thread (the next log line included):
+                // the command dies by the last write's safety deadline at the latest.
+                watchdog.arm(child, latest.renewed_at_boot + self.config.timing.kill_by());
+                child
+            }
+            Err(e) if child::is_late(&e) => {
+                // Nothing ran: release at once so the next candidate need not wait for expiry. The
+                // claim did land: it is counted and reported before its release.
+                self.outside.metrics.acquired();
+                self.outside.events.publish(LeaseEvent::Acquired, "");
+                leading.end();
+                let last = state.borrow().held().clone();
+                hand_over(lease_api, &self.claimant, self.config, self.outside, last).await;
+                return Err(Err(Error::Lost(Reason::Late)));
+            }
+            Err(e) => {
+                // Nothing ran: release at once so the next candidate need not wait for expiry.
+                self.outside.metrics.acquired();
+                self.outside.events.publish(LeaseEvent::Acquired, "");
+                leading.end();
+                let last = state.borrow().held().clone();
+                hand_over(lease_api, &self.claimant, self.config, self.outside, last).await;
+                return Err(Err(Error::Spawn {
+                    program: self.command.program.display().to_string(),
+                    error: e,
+                }));
+            }
+        };
+        self.outside.metrics.acquired();
+        self.outside.metrics.child(true);
+        self.outside.events.publish(LeaseEvent::Acquired, "");
+        // Not over a takeover the guard already reported (it cleared the holder).
+        if matches!(*state.borrow(), LeaseState::Held(_)) {
+            logging::set_holder(Some(&self.config.identity));
+        }
+        tracing::info!(pid = child.pid.as_raw(), command = ?self.command.name, transitions = held.transitions(), "acquired the lease; command started");
+        Ok(Started {
+            child,
+            leading,
+            state,
+            _strays,
+        })
+    }
+
+    /// Finishing: the command has exited; nothing it started may remain before the Lease is handed
+    /// over.
+    async fn finish(
+        &self,
+        slot: usize,
+        (status, ended): (ChildStatus, Term),
+        started: &mut Started,
+        watchdog: &Watchdog,
+        carry: &mut Carry,
+    ) -> End {
+        let Started {
+            child,
+            leading,
+            state,
+            ..
+        } = started;
+        let child = *child;
+        let lease_api = &self.slots[slot];
+        let asked = ended.was_asked();
+        tracing::info!(%status, "command exited");
+
+        // The command is gone. Before the Lease can be handed over, nothing it started may remain:
+        // its process group, and whatever left the group (a daemon in its own session) that is still
+        // our descendant. As PID 1, every other process of the namespace.
+        child.reclaim_terminal();
+        child.signal_group(Signal::SIGKILL);
+        let all_gone = child::kill_leftovers(child, Instant::now() + GROUP_EXIT_TIMEOUT).await;
+        watchdog.disarm();
+        carry.clean = all_gone;
+        carry.asked = asked;
+        self.outside.metrics.child(false);
+        leading.end();
+        let last = state.borrow().held().clone();
+
+        // Release only once the group is gone (`all_gone`): see term::finish.
+        match term::finish(&ended, all_gone) {
+            Finish::Lost {
+                reason,
+                release,
+                stepped_down,
+            } => {
+                if stepped_down {
+                    carry.handed_over = Some((slot, last.transitions()));
+                }
+                self.outside
+                    .events
+                    .publish(LeaseEvent::Lost, &reason.to_string());
+                if release {
+                    hand_over(lease_api, &self.claimant, self.config, self.outside, last).await;
+                }
+                Err(Error::Lost(reason))
+            }
+            Finish::Keep => {
+                tracing::error!(
+                    pgid = child.pid.as_raw(),
+                    "processes the command started survived SIGKILL; not releasing the lease, it will expire"
+                );
+                Ok(Outcome::Child(status))
+            }
+            Finish::Release => {
+                hand_over(lease_api, &self.claimant, self.config, self.outside, last).await;
+                Ok(Outcome::Child(status))
+            }
         }
     }
 }
