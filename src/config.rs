@@ -145,163 +145,21 @@ pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 impl Config {
     /// Validates raw arguments. `env` reads the environment (`POD_NAME`, `POD_NAMESPACE`, `PATH`...).
-    pub fn from_cli(cli: Cli, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
-        let Some(lease) = cli.lease else {
-            return Err(ConfigError::Usage(
-                "no lease name given: `lease-exec <LEASE> -- <COMMAND>...`, e.g. `lease-exec my-lease -- ./worker`".into(),
-            ));
-        };
-        if !is_dns_subdomain(&lease) {
-            return Err(ConfigError::LeaseName(lease));
-        }
-
-        let timing = Timing {
-            lease_duration: cli.lease_duration,
-            renew_deadline: cli.renew_deadline,
-            retry_period: cli.retry_period,
-            renew_interval: cli.renew_interval.unwrap_or_else(|| {
-                Timing::default_renew_interval(
-                    cli.lease_duration,
-                    cli.renew_deadline,
-                    cli.retry_period,
-                )
-            }),
-            grace_period: cli.grace_period,
-            wait_timeout: cli.wait_timeout,
-        };
-        timing.validate()?;
-
-        let (namespace, namespace_from) = match cli.namespace {
-            Some(ns) => (Some(ns), Some("-n, --namespace or LEASE_EXEC_NAMESPACE")),
-            None => match non_empty(env(POD_NAMESPACE)) {
-                Some(ns) => (Some(ns), Some("POD_NAMESPACE")),
-                None => {
-                    let mounted = std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
-                        .ok()
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty());
-                    let from = mounted
-                        .as_ref()
-                        .map(|_| "the service account's namespace file");
-                    (mounted, from)
-                }
-            },
-        };
-        if let Some(ns) = &namespace
-            && !is_dns_label(ns)
-        {
-            return Err(ConfigError::Namespace(ns.clone()));
-        }
-
-        let (identity, identity_from) = match cli.identity {
-            Some(identity) => {
-                validate_identity(&identity)?;
-                (identity, "--identity or LEASE_EXEC_IDENTITY")
-            }
-            None if non_empty(env(POD_NAME)).is_some() => {
-                (default_identity(env), "POD_NAME and a random suffix")
-            }
-            None => (default_identity(env), "the host name and a random suffix"),
-        };
-
+    /// Each concern is checked in turn, in this order, so the first problem found is the one
+    /// named.
+    pub fn from_cli(mut cli: Cli, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+        let lease = lease_name(cli.lease.take())?;
+        let timing = timing(&cli)?;
+        let (namespace, namespace_from) = namespace(cli.namespace.take(), env)?;
+        let (identity, identity_from) = identity(cli.identity.take(), env)?;
         let owner = if cli.owner_pod {
             Some(pod_owner(namespace.as_deref(), env)?)
         } else {
             None
         };
-
-        let action = if cli.handover {
-            if cli.holders > 1 {
-                return Err(ConfigError::Usage(format!(
-                    "--handover hands over one Lease: name the slot instead of --holders, e.g. `lease-exec --handover {}`",
-                    slot_name(&lease, cli.holders, 0)
-                )));
-            }
-            if !cli.command.is_empty() {
-                return Err(ConfigError::Usage(
-                    "--handover asks the holder to hand the lease over and runs nothing: drop the command after `--`".into(),
-                ));
-            }
-            if let Some(to) = &cli.to {
-                if to.trim().is_empty() || to == ANY_OTHER {
-                    return Err(ConfigError::Usage(format!(
-                        "invalid --to {to:?}: name the identity to hand the lease over to, or leave --to out for any other candidate"
-                    )));
-                }
-                if validate_identity(to).is_err() {
-                    return Err(ConfigError::Usage(format!(
-                        "invalid --to {to:?}: an identity has at most 253 characters and no control characters"
-                    )));
-                }
-            }
-            Action::Handover {
-                to: cli.to,
-                format: cli.output,
-            }
-        } else if cli.status {
-            if !cli.command.is_empty() {
-                return Err(ConfigError::Usage(
-                    "--status shows the lease and runs nothing: drop the command after `--`".into(),
-                ));
-            }
-            Action::Status(cli.output)
-        } else if cli.check {
-            if !cli.command.is_empty() {
-                return Err(ConfigError::Usage(
-                    "--check checks that lease-exec would work here and runs nothing: drop the command after `--`".into(),
-                ));
-            }
-            Action::Check(cli.output)
-        } else {
-            let mut argv = cli.command.into_iter();
-            let Some(name) = argv.next() else {
-                return Err(ConfigError::Usage(
-                    "no command given: put the command after `--`, e.g. `lease-exec my-lease -- ./worker`".into(),
-                ));
-            };
-            let program = resolve_command(&name, env("PATH").as_deref())?;
-            Action::Run(Command {
-                program,
-                args: argv.collect(),
-                name,
-            })
-        };
-        if cli.statsd_prefix.is_empty() || cli.statsd_prefix.contains([':', '|', '@', ' ']) {
-            return Err(ConfigError::Usage(format!(
-                "invalid --statsd-prefix {:?}: use letters, digits, '.', '_' or '-'",
-                cli.statsd_prefix
-            )));
-        }
-        if let Some(addr) = &cli.statsd_addr {
-            let port = addr
-                .rsplit_once(':')
-                .map(|(host, port)| (host, port.parse::<u16>()));
-            if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p != 0) {
-                return Err(ConfigError::Usage(format!(
-                    "invalid --statsd-addr {addr:?}: use HOST:PORT, e.g. statsd.monitoring:8125"
-                )));
-            }
-        }
-        let observability = Observability {
-            metrics_addr: cli.metrics_addr,
-            statsd: cli.statsd_addr.map(|addr| (addr, cli.statsd_prefix)),
-            events: !cli.no_events,
-            log_format: cli.log_format,
-        };
-
-        if cli.holders == 0 || cli.holders > MAX_HOLDERS {
-            return Err(ConfigError::Usage(format!(
-                "invalid --holders {}: it must be from 1 to {MAX_HOLDERS}",
-                cli.holders
-            )));
-        }
-        let last = slot_name(&lease, cli.holders, cli.holders - 1);
-        if !is_dns_subdomain(&last) {
-            return Err(ConfigError::Usage(format!(
-                "--holders {} makes the Lease names {lease}-0 to {last}, and {last:?} is not a valid name (at most 63 characters between dots): choose a shorter lease name",
-                cli.holders
-            )));
-        }
+        let action = action(&mut cli, &lease, env)?;
+        let observability = observability(&mut cli)?;
+        check_holders(&lease, cli.holders)?;
 
         Ok(Config {
             lease,
@@ -323,6 +181,194 @@ impl Config {
             owner,
         })
     }
+}
+
+/// The Lease's name (`<LEASE>`): given, and a DNS subdomain.
+fn lease_name(lease: Option<String>) -> Result<String, ConfigError> {
+    let Some(lease) = lease else {
+        return Err(ConfigError::Usage(
+            "no lease name given: `lease-exec <LEASE> -- <COMMAND>...`, e.g. `lease-exec my-lease -- ./worker`".into(),
+        ));
+    };
+    if !is_dns_subdomain(&lease) {
+        return Err(ConfigError::LeaseName(lease));
+    }
+    Ok(lease)
+}
+
+/// The timing options, checked against each other (see [`Timing::validate`]).
+fn timing(cli: &Cli) -> Result<Timing, ConfigError> {
+    let timing = Timing {
+        lease_duration: cli.lease_duration,
+        renew_deadline: cli.renew_deadline,
+        retry_period: cli.retry_period,
+        renew_interval: cli.renew_interval.unwrap_or_else(|| {
+            Timing::default_renew_interval(cli.lease_duration, cli.renew_deadline, cli.retry_period)
+        }),
+        grace_period: cli.grace_period,
+        wait_timeout: cli.wait_timeout,
+    };
+    timing.validate()?;
+    Ok(timing)
+}
+
+/// The Lease's namespace, if decided before the kubeconfig is read, and where it came from:
+/// `-n`, else `POD_NAMESPACE`, else the service account's namespace file.
+fn namespace(
+    namespace: Option<String>,
+    env: EnvLookup<'_>,
+) -> Result<(Option<String>, Option<&'static str>), ConfigError> {
+    let (namespace, namespace_from) = match namespace {
+        Some(ns) => (Some(ns), Some("-n, --namespace or LEASE_EXEC_NAMESPACE")),
+        None => match non_empty(env(POD_NAMESPACE)) {
+            Some(ns) => (Some(ns), Some("POD_NAMESPACE")),
+            None => {
+                let mounted = std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty());
+                let from = mounted
+                    .as_ref()
+                    .map(|_| "the service account's namespace file");
+                (mounted, from)
+            }
+        },
+    };
+    if let Some(ns) = &namespace
+        && !is_dns_label(ns)
+    {
+        return Err(ConfigError::Namespace(ns.clone()));
+    }
+    Ok((namespace, namespace_from))
+}
+
+/// The holder identity and where it came from: `--identity`, else `POD_NAME` (or the host name)
+/// and a random suffix.
+fn identity(
+    identity: Option<String>,
+    env: EnvLookup<'_>,
+) -> Result<(String, &'static str), ConfigError> {
+    let (identity, identity_from) = match identity {
+        Some(identity) => {
+            validate_identity(&identity)?;
+            (identity, "--identity or LEASE_EXEC_IDENTITY")
+        }
+        None if non_empty(env(POD_NAME)).is_some() => {
+            (default_identity(env), "POD_NAME and a random suffix")
+        }
+        None => (default_identity(env), "the host name and a random suffix"),
+    };
+    Ok((identity, identity_from))
+}
+
+/// What to do: hand over, show, check, or run the command (found in `PATH`). Only running takes a
+/// command.
+fn action(cli: &mut Cli, lease: &str, env: EnvLookup<'_>) -> Result<Action, ConfigError> {
+    let action = if cli.handover {
+        if cli.holders > 1 {
+            return Err(ConfigError::Usage(format!(
+                "--handover hands over one Lease: name the slot instead of --holders, e.g. `lease-exec --handover {}`",
+                slot_name(lease, cli.holders, 0)
+            )));
+        }
+        if !cli.command.is_empty() {
+            return Err(ConfigError::Usage(
+                "--handover asks the holder to hand the lease over and runs nothing: drop the command after `--`".into(),
+            ));
+        }
+        if let Some(to) = &cli.to {
+            if to.trim().is_empty() || to == ANY_OTHER {
+                return Err(ConfigError::Usage(format!(
+                    "invalid --to {to:?}: name the identity to hand the lease over to, or leave --to out for any other candidate"
+                )));
+            }
+            if validate_identity(to).is_err() {
+                return Err(ConfigError::Usage(format!(
+                    "invalid --to {to:?}: an identity has at most 253 characters and no control characters"
+                )));
+            }
+        }
+        Action::Handover {
+            to: cli.to.take(),
+            format: cli.output,
+        }
+    } else if cli.status {
+        if !cli.command.is_empty() {
+            return Err(ConfigError::Usage(
+                "--status shows the lease and runs nothing: drop the command after `--`".into(),
+            ));
+        }
+        Action::Status(cli.output)
+    } else if cli.check {
+        if !cli.command.is_empty() {
+            return Err(ConfigError::Usage(
+                "--check checks that lease-exec would work here and runs nothing: drop the command after `--`".into(),
+            ));
+        }
+        Action::Check(cli.output)
+    } else {
+        let mut argv = std::mem::take(&mut cli.command).into_iter();
+        let Some(name) = argv.next() else {
+            return Err(ConfigError::Usage(
+                "no command given: put the command after `--`, e.g. `lease-exec my-lease -- ./worker`".into(),
+            ));
+        };
+        let program = resolve_command(&name, env("PATH").as_deref())?;
+        Action::Run(Command {
+            program,
+            args: argv.collect(),
+            name,
+        })
+    };
+    Ok(action)
+}
+
+/// Metrics, statsd, events and logs; the statsd prefix and address checked.
+fn observability(cli: &mut Cli) -> Result<Observability, ConfigError> {
+    if cli.statsd_prefix.is_empty() || cli.statsd_prefix.contains([':', '|', '@', ' ']) {
+        return Err(ConfigError::Usage(format!(
+            "invalid --statsd-prefix {:?}: use letters, digits, '.', '_' or '-'",
+            cli.statsd_prefix
+        )));
+    }
+    if let Some(addr) = &cli.statsd_addr {
+        let port = addr
+            .rsplit_once(':')
+            .map(|(host, port)| (host, port.parse::<u16>()));
+        if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p != 0) {
+            return Err(ConfigError::Usage(format!(
+                "invalid --statsd-addr {addr:?}: use HOST:PORT, e.g. statsd.monitoring:8125"
+            )));
+        }
+    }
+    let observability = Observability {
+        metrics_addr: cli.metrics_addr,
+        statsd: cli
+            .statsd_addr
+            .take()
+            .map(|addr| (addr, std::mem::take(&mut cli.statsd_prefix))),
+        events: !cli.no_events,
+        log_format: cli.log_format,
+    };
+    Ok(observability)
+}
+
+/// `--holders`: from 1 to [`MAX_HOLDERS`], and every slot's Lease name valid.
+fn check_holders(lease: &str, holders: u32) -> Result<(), ConfigError> {
+    if holders == 0 || holders > MAX_HOLDERS {
+        return Err(ConfigError::Usage(format!(
+            "invalid --holders {}: it must be from 1 to {MAX_HOLDERS}",
+            holders
+        )));
+    }
+    let last = slot_name(lease, holders, holders - 1);
+    if !is_dns_subdomain(&last) {
+        return Err(ConfigError::Usage(format!(
+            "--holders {} makes the Lease names {lease}-0 to {last}, and {last:?} is not a valid name (at most 63 characters between dots): choose a shorter lease name",
+            holders
+        )));
+    }
+    Ok(())
 }
 
 /// Most slots `--holders` accepts: each is a Lease, and a candidate watches every one.
