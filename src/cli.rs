@@ -637,13 +637,8 @@ mod tests {
     }
 
     #[test]
-    fn the_environment_lists_what_the_code_reads_and_gives() {
-        for name in crate::config::POD_ENV {
-            assert!(
-                ENVIRONMENT_READ.iter().any(|item| item.name == name),
-                "{name} is not in ENVIRONMENT_READ"
-            );
-        }
+    fn the_environment_lists_what_the_code_gives() {
+        // What the code reads is checked against ENVIRONMENT_READ where it is read (config).
         let given: Vec<&str> = ENVIRONMENT_GIVEN.iter().map(|item| item.name).collect();
         assert_eq!(given, GIVEN_TO_COMMAND);
     }

@@ -586,6 +586,18 @@ mod tests {
     }
 
     #[test]
+    fn the_environment_list_names_what_the_code_reads() {
+        for name in POD_ENV {
+            assert!(
+                crate::cli::ENVIRONMENT_READ
+                    .iter()
+                    .any(|item| item.name == name),
+                "{name} is not in ENVIRONMENT_READ"
+            );
+        }
+    }
+
+    #[test]
     fn defaults_follow_client_go() {
         let c = config(&["my-lease", "--", "true"]).unwrap();
         assert_eq!(c.timing, Timing::default());
