@@ -273,7 +273,10 @@ pub fn finish(term: &Term, all_gone: bool) -> Finish {
         },
         // Renewals stopped at the loss (or, for a handover, with the command). The group is
         // gone: if the Lease still names us (our last write may have landed after all),
-        // release it so followers need not wait a whole lease duration. A handover request
+        // release it so followers need not wait a whole lease duration. "If": another holder
+        // may have taken it since the loss (a takeover after a renew-deadline loss still ends
+        // here); the release is then refused, being conditioned on the resourceVersion of our
+        // last write and re-checking the holder on a conflict (lease::release). A handover request
         // stays in the released Lease for the preferred candidate to see.
         // A handover started this term's end, whatever ended it at last (renewals that
         // failed during the grace period): the Lease was left to the others, and must not
