@@ -553,10 +553,62 @@ fn judge(runs: &[Run], deletions: &[(String, u64)]) -> Verdict {
     judge_with(runs, deletions, &[], &Default::default())
 }
 
+/// Per identity, until when (CLOCK_MONOTONIC ns) its lease-exec can be sure to have seen nothing of
+/// the Lease: the later of its start (`started`) and its first successful read, which its log
+/// shows by the first line that follows one ("waiting: ...", "took over", "created the lease"),
+/// less a request timeout (FAST: 500 ms), since the read was answered no earlier than that before
+/// the line. A process kept from reading (429s, a hung API server) for seconds after its start
+/// sees only what the Lease is by then.
+fn unseen_until(
+    started: &std::collections::HashMap<String, u64>,
+    logs: &Path,
+) -> std::collections::HashMap<String, u64> {
+    const REQUEST_TIMEOUT_NS: u64 = 500_000_000;
+    let real = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME).unwrap();
+    let real_ns = real.tv_sec() as i128 * 1_000_000_000 + real.tv_nsec() as i128;
+    let real_minus_mono = real_ns - mono_ns() as i128;
+    // Each identity logs to one file, in order: the first such line is its first read.
+    let mut first_read: std::collections::HashMap<String, u64> = Default::default();
+    for entry in std::fs::read_dir(logs).into_iter().flatten().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in text.lines() {
+            let Some((stamp, rest)) = line.split_once(' ') else {
+                continue;
+            };
+            let Some((identity, message)) = rest
+                .split_once("identity=")
+                .and_then(|(_, r)| r.split_once("}: "))
+            else {
+                continue;
+            };
+            if !(message.starts_with("waiting: ")
+                || message.starts_with("took over")
+                || message.starts_with("created the lease"))
+            {
+                continue;
+            }
+            let Ok(at) = stamp.parse::<k8s_openapi::jiff::Timestamp>() else {
+                continue;
+            };
+            let mono = (at.as_nanosecond() - real_minus_mono).max(0) as u64;
+            first_read.entry(identity.to_string()).or_insert(mono);
+        }
+    }
+    started
+        .iter()
+        .map(|(identity, &start)| {
+            let read = first_read
+                .get(identity)
+                .map_or(0, |&r| r.saturating_sub(REQUEST_TIMEOUT_NS));
+            (identity.clone(), start.max(read))
+        })
+        .collect()
+}
+
 /// [`judge`], where an operator's edit that lowered `leaseTransitions` (`lowerings`: `(Lease,
-/// when)`) also lets the token fall, for a process started after it (`started`: identity → when
-/// its lease-exec started): it never saw the earlier value, only the lowered record. A process
-/// that saw the earlier value must not fall, edit or not.
+/// when)`) also lets the token fall, for a process that had seen nothing of the Lease until after
+/// it (`started`: identity → until when, see [`unseen_until`]): it never saw the earlier value,
+/// only the lowered record. A process that saw the earlier value must not fall, edit or not.
 fn judge_with(
     runs: &[Run],
     deletions: &[(String, u64)],
@@ -747,7 +799,8 @@ async fn chaos(contenders: usize, holders: u32, length: Duration, seed: u64) {
     driver.tally.0.insert("410 Gone seen by a watch", expiries);
     let tally = &driver.tally;
 
-    let verdict = judge_with(&runs, &driver.deletions, &driver.lowerings, &driver.started);
+    let unseen_until = unseen_until(&driver.started, world.dir.path());
+    let verdict = judge_with(&runs, &driver.deletions, &driver.lowerings, &unseen_until);
     let spans: Vec<(i32, u64, u64)> = runs.iter().map(Run::span).collect();
     let most = max_concurrent(&spans);
     // Time with no worker at all (with several slots: with none of them taken).
@@ -1060,4 +1113,62 @@ async fn two_workers_forced_together_are_caught_by_the_kernel() {
     let overlap_ms = (a.exit_ns.min(b.exit_ns) - b.exec_ns) / 1_000_000;
     assert!((49..=75).contains(&overlap_ms), "{overlap_ms} ms: {runs:?}");
     assert_eq!(verdict.regressions.len(), 1, "the same token twice");
+}
+
+/// A process counts as having seen nothing of the Lease until its first read, as its log shows it
+/// (less a request timeout), when that comes later than its start; lines before any read (waiting
+/// to start, failed reads) and other identities' lines do not count.
+#[test]
+fn a_process_kept_from_reading_has_seen_nothing_until_its_first_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME).unwrap();
+    let real_ns = real.tv_sec() as i128 * 1_000_000_000 + real.tv_nsec() as i128;
+    let mono = mono_ns();
+    let stamp =
+        |after_ns: i128| k8s_openapi::jiff::Timestamp::from_nanosecond(real_ns + after_ns).unwrap();
+    let line = |after_ns: i128, identity: &str, message: &str| {
+        format!(
+            "{}  INFO lease{{name=job namespace=default identity={identity}}}: {message}\n",
+            stamp(after_ns)
+        )
+    };
+    let log = [
+        line(0, "c1-1", "waiting for the lease lease_duration=2s"),
+        line(
+            1_000_000_000,
+            "c1-1",
+            "cannot read the lease; retrying error=\"429\"",
+        ),
+        line(
+            3_000_000_000,
+            "c1-1",
+            "waiting: the lease is held by another identity holder=\"c0-1\"",
+        ),
+        line(
+            4_000_000_000,
+            "c1-1",
+            "took over the expired lease previous=c0-1 transitions=9",
+        ),
+        line(
+            2_000_000_000,
+            "c2-2",
+            "waiting: the lease is held by another identity holder=\"c0-1\"",
+        ),
+    ]
+    .concat();
+    std::fs::write(dir.path().join("lease-exec-0.log"), log).unwrap();
+    let started: std::collections::HashMap<String, u64> = [
+        ("c1-1".to_string(), mono),
+        ("c2-2".to_string(), mono + 2_900_000_000),
+        ("c3-3".to_string(), mono + 10),
+    ]
+    .into();
+    let bounds = unseen_until(&started, dir.path());
+    let near = |got: u64, want: u64| got.abs_diff(want) < 50_000_000;
+    // c1-1: its first read answered at most 500 ms before its line 3 s in.
+    assert!(near(bounds["c1-1"], mono + 2_500_000_000), "{bounds:?}");
+    // c2-2: started after its line minus the timeout: its start.
+    assert_eq!(bounds["c2-2"], mono + 2_900_000_000);
+    // c3-3: no line at all: its start.
+    assert_eq!(bounds["c3-3"], mono + 10);
 }
