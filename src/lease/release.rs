@@ -18,12 +18,16 @@ use crate::clock;
 /// Returns whether it was released.
 pub async fn release(api: &LeaseApi, me: &Claimant, last: Held) -> bool {
     let timeout = me.timing.request_timeout();
+    // The term's fencing token. An edit that lowered it while renewals could not restore it is
+    // undone by the release too: the next claim is then one above this term's, never equal.
+    let token = last.transitions();
     let mut lease = last.lease;
     for _ in 0..3 {
-        match api
-            .replace(&me.release(&lease, Timestamp::now()), timeout)
-            .await
-        {
+        let mut released = me.release(&lease, Timestamp::now());
+        if let Some(spec) = released.spec.as_mut() {
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).max(token));
+        }
+        match api.replace(&released, timeout).await {
             Ok(_) => {
                 tracing::info!("released the lease");
                 return true;
