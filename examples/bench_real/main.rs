@@ -686,14 +686,14 @@ async fn handoff_on(
         server: Default::default(),
     };
     let logs = LogEvents::read(&bench.logs, &lease, bench.real_minus_mono);
+    if bench.audit_log.is_some() {
+        // Batch mode writes the log off the request path: let it catch up.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let audited = bench
         .audit_log
         .as_deref()
-        .map(|log| {
-            // Batch mode writes the log off the request path: let it catch up.
-            std::thread::sleep(Duration::from_millis(500));
-            cluster::audited_updates(log, &lease, bench.real_minus_mono)
-        })
+        .map(|log| cluster::audited_updates(log, &lease, bench.real_minus_mono))
         .unwrap_or_default();
     for pair in starts.windows(2).take(handoffs) {
         let (previous, next) = (&pair[0], &pair[1]);
