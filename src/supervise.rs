@@ -330,9 +330,9 @@ impl Supervisor<'_> {
         // A takeover kills the command's group from the watchdog's thread at once, before the log
         // line that reports it (which blocks this thread when stderr is stuck). Nothing is armed
         // before the spawn; the spawn itself checks for a takeover first.
-        let kill: crate::lease::renew::KillNow = {
-            let watchdog = watchdog.clone();
-            Arc::new(move || watchdog.fire_now())
+        let kill = {
+            let (now, by) = (watchdog.clone(), watchdog.clone());
+            crate::lease::renew::Kill::new(move || now.fire_now(), move |at| by.tighten(at))
         };
         let mut leading = Leading {
             renewer: Some(tokio::spawn(
@@ -382,12 +382,16 @@ impl Supervisor<'_> {
             return Err(Err(Error::Lost(Reason::Taken(reason.clone()))));
         }
         let latest = latest.held().clone();
-        let not_after = latest.renewed_at_boot + self.config.timing.renew_deadline;
+        // Both from the duration others may count: ours, or shorter after an edit (see
+        // renew::shortened).
+        let timing = &self.config.timing;
+        let counted = latest.counted(timing);
+        let not_after = latest.renewed_at_boot + timing.renew_deadline_within(counted);
         let child = match child::spawn(process, not_after).await {
             Ok(child) => {
                 // Armed before anything else can block this thread (the next log line included):
                 // the command dies by the last write's safety deadline at the latest.
-                watchdog.arm(child, latest.renewed_at_boot + self.config.timing.kill_by());
+                watchdog.arm(child, latest.renewed_at_boot + timing.kill_within(counted));
                 child
             }
             Err(e) if child::is_late(&e) => {
@@ -559,17 +563,17 @@ async fn lead(
     let mut suspend_check = tokio::time::interval(timing.retry_period);
     suspend_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let (renewed_at, renewed_at_boot) = {
+        let (renewed_at, renewed_at_boot, counted) = {
             let state = state.borrow();
             let held = state.held();
-            (held.renewed_at, held.renewed_at_boot)
+            (held.renewed_at, held.renewed_at_boot, held.counted(timing))
         };
         let (renewal, suspended) = Term::effective_renewal(
             renewed_at,
             clock::boot_time().saturating_sub(renewed_at_boot),
             renewed_at.elapsed(),
         );
-        let due = term::deadlines(&term, renewal, timing);
+        let due = term::deadlines(&term, (renewal, counted), timing);
         // The same kill deadline, enforced from another thread on CLOCK_BOOTTIME: it holds even
         // if this thread is stuck (a blocked stderr) or the machine slept past it.
         watchdog.arm(

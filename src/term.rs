@@ -214,14 +214,21 @@ impl Term {
     }
 }
 
-/// The deadlines of a term, from the state of the term and the last renewal (moved back for a
-/// suspend, see [`Term::effective_renewal`]).
+/// The deadlines of a term, from the state of the term, the last renewal (moved back for a
+/// suspend, see [`Term::effective_renewal`]) and the lease duration others may count from it
+/// (`counted`: ours, or shorter after someone's edit of the record, see
+/// [`crate::lease::renew`]'s `shortened`).
 ///
-/// `kill_at` is never later than `renewed_at + lease_duration − safety_margin`, whatever the
+/// `kill_at` is never later than `renewed_at + counted − its safety margin`, whatever the
 /// reason; it is the moment of the takeover or of the second signal when there was one; else the
-/// end of the grace period, when one runs.
-pub fn deadlines(term: &Term, renewed_at: Instant, timing: &Timing) -> Deadlines {
-    let safety = renewed_at + timing.kill_by();
+/// end of the grace period, when one runs. `lose_at` is the renew deadline, scaled down with a
+/// shorter `counted` so that it never comes after the kill.
+pub fn deadlines(
+    term: &Term,
+    (renewed_at, counted): (Instant, Duration),
+    timing: &Timing,
+) -> Deadlines {
+    let safety = renewed_at + timing.kill_within(counted);
     let mut kill_at = safety;
     if let Some(from) = term.grace_from {
         kill_at = kill_at.min(from + timing.grace_period);
@@ -233,7 +240,7 @@ pub fn deadlines(term: &Term, renewed_at: Instant, timing: &Timing) -> Deadlines
         lose_at: term
             .lost
             .is_none()
-            .then(|| renewed_at + timing.renew_deadline),
+            .then(|| renewed_at + timing.renew_deadline_within(counted)),
         kill_at,
     }
 }
@@ -304,7 +311,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn while_leading_the_deadlines_come_from_the_last_renewal() {
         let r = Instant::now();
-        let d = deadlines(&Term::default(), r, &timing());
+        let d = deadlines(&Term::default(), (r, timing().lease_duration), &timing());
         assert_eq!(d.lose_at, Some(r + Duration::from_secs(10)));
         assert_eq!(d.kill_at, r + 14_500 * MS);
     }
@@ -321,13 +328,16 @@ mod tests {
                 terminate: true
             }
         );
-        let d = deadlines(&term, r, &timing());
+        let d = deadlines(&term, (r, timing().lease_duration), &timing());
         assert_eq!(d.kill_at, r + Duration::from_secs(6));
         // Renewals go on while the command stops: a late stop is cut by the safety deadline.
         assert_eq!(d.lose_at, Some(r + Duration::from_secs(10)));
         let mut term = Term::default();
         term.end(Reason::Asked, r + Duration::from_secs(12));
-        assert_eq!(deadlines(&term, r, &timing()).kill_at, r + 14_500 * MS);
+        assert_eq!(
+            deadlines(&term, (r, timing().lease_duration), &timing()).kill_at,
+            r + 14_500 * MS
+        );
         // A second signal kills at once; so does another stop signal, only once.
         assert_eq!(
             term.end(Reason::Asked, r + Duration::from_secs(13)),
@@ -335,7 +345,7 @@ mod tests {
         );
         term.end(Reason::Insisted, r + Duration::from_secs(13));
         assert_eq!(
-            deadlines(&term, r, &timing()).kill_at,
+            deadlines(&term, (r, timing().lease_duration), &timing()).kill_at,
             r + Duration::from_secs(13)
         );
     }
@@ -352,7 +362,7 @@ mod tests {
                 terminate: true
             }
         );
-        let d = deadlines(&term, r, &timing());
+        let d = deadlines(&term, (r, timing().lease_duration), &timing());
         assert_eq!(d.lose_at, None);
         // Grace 5 s would end at 15 s, past the safety deadline: 14.5 s wins.
         assert_eq!(d.kill_at, r + 14_500 * MS);
@@ -380,7 +390,7 @@ mod tests {
             }
         );
         assert_eq!(
-            deadlines(&term, r, &timing()).kill_at,
+            deadlines(&term, (r, timing().lease_duration), &timing()).kill_at,
             r + Duration::from_secs(6)
         );
     }
@@ -398,7 +408,7 @@ mod tests {
                 terminate: false
             }
         );
-        let d = deadlines(&term, r, &timing());
+        let d = deadlines(&term, (r, timing().lease_duration), &timing());
         assert_eq!(d.kill_at, seen);
         assert_eq!(d.lose_at, None);
         // Also while a grace period already runs.
@@ -409,7 +419,7 @@ mod tests {
         );
         term.end(Reason::Taken("x".into()), r + Duration::from_secs(11));
         assert_eq!(
-            deadlines(&term, r, &timing()).kill_at,
+            deadlines(&term, (r, timing().lease_duration), &timing()).kill_at,
             r + Duration::from_secs(11)
         );
         assert_eq!(
@@ -434,11 +444,39 @@ mod tests {
                 let mut term = Term::default();
                 term.end(reason.clone(), r + at * MS);
                 assert!(
-                    deadlines(&term, r, &t).kill_at <= r + t.kill_by(),
+                    deadlines(&term, (r, t.lease_duration), &t).kill_at <= r + t.kill_by(),
                     "{reason:?} at {at} ms"
                 );
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_shortened_by_someone_else_shortens_the_term_from_the_last_renewal() {
+        let r = Instant::now();
+        let t = timing();
+        let d = deadlines(&Term::default(), (r, Duration::from_secs(1)), &t);
+        // 1 s less its margin (200 ms + 2%), counted from our last renewal, not from the edit.
+        assert_eq!(d.kill_at, r + 780 * MS);
+        // Leadership is lost first, so the end is a loss (exit 75), with what is left as grace.
+        let lose = d.lose_at.unwrap();
+        assert!(lose > r && lose <= d.kill_at, "{d:?}");
+        // And every way the term ends keeps that bound.
+        for reason in [
+            Reason::Asked,
+            Reason::RenewDeadline(t.renew_deadline),
+            Reason::Handover("x".into()),
+        ] {
+            let mut term = Term::default();
+            term.end(reason.clone(), r + 100 * MS);
+            let d = deadlines(&term, (r, Duration::from_secs(1)), &t);
+            assert!(d.kill_at <= r + 780 * MS, "{reason:?}: {d:?}");
+        }
+        // A longer duration than ours counts as ours.
+        assert_eq!(
+            deadlines(&Term::default(), (r, Duration::from_secs(60)), &t),
+            deadlines(&Term::default(), (r, t.lease_duration), &t)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -454,7 +492,11 @@ mod tests {
             Term::effective_renewal(r, Duration::from_secs(23), Duration::from_secs(3));
         assert!(suspended);
         assert_eq!(moved, r - Duration::from_secs(20));
-        let d = deadlines(&Term::default(), moved, &timing());
+        let d = deadlines(
+            &Term::default(),
+            (moved, timing().lease_duration),
+            &timing(),
+        );
         assert!(
             d.kill_at < r + Duration::from_secs(3),
             "kill at once on resume"
@@ -487,7 +529,7 @@ mod tests {
             }
         );
         // Still a leader's deadlines: a renewal moves them, the grace period bounds the kill.
-        let d = deadlines(&term, r + Duration::from_secs(3), &t);
+        let d = deadlines(&term, (r + Duration::from_secs(3), t.lease_duration), &t);
         assert_eq!(d.lose_at, Some(r + Duration::from_secs(13)));
         assert_eq!(d.kill_at, at + t.grace_period);
         assert_eq!(term.ended_by(), Some(Reason::Handover("b".into())));
@@ -518,7 +560,10 @@ mod tests {
         // The first signal is a request, not an insistence: the grace period runs on.
         let act = term.end(Reason::Asked, at + Duration::from_millis(300));
         assert_eq!(act, Act::default());
-        assert_eq!(deadlines(&term, r, &t).kill_at, at + t.grace_period);
+        assert_eq!(
+            deadlines(&term, (r, t.lease_duration), &t).kill_at,
+            at + t.grace_period
+        );
         assert!(term.was_asked());
         assert_eq!(term.ended_by(), None, "a plain stop: the command's status");
         // After a loss, the loss is still the reason.
@@ -539,8 +584,8 @@ mod tests {
         assert_eq!(term.end(Reason::Late, r), Act::default());
         assert_eq!(term.ended_by(), None);
         assert_eq!(
-            deadlines(&term, r, &timing()),
-            deadlines(&Term::default(), r, &timing())
+            deadlines(&term, (r, timing().lease_duration), &timing()),
+            deadlines(&Term::default(), (r, timing().lease_duration), &timing())
         );
     }
 

@@ -67,6 +67,31 @@ impl Timing {
         self.lease_duration.saturating_sub(self.safety_margin())
     }
 
+    /// The kill window when others may count `counted` instead of our `lease_duration` from our
+    /// last renewal: an edit shortened `leaseDurationSeconds` of the record we hold, and a candidate
+    /// that first saw the edited record counts the shorter duration from that first sight, which
+    /// came after our renewal started. The margin is the one `counted` has as a lease duration.
+    /// Never longer than [`Timing::kill_by`].
+    pub fn kill_within(&self, counted: Duration) -> Duration {
+        let counted = counted.min(self.lease_duration);
+        let margin = Self::KILL_LATENCY + counted * Self::DRIFT_PER_MILLE / 1000;
+        counted.saturating_sub(margin)
+    }
+
+    /// The renew deadline when others may count `counted` (see [`Timing::kill_within`]):
+    /// `renew_deadline` scaled down with the kill window, so leadership is lost (and the grace
+    /// period starts) no later than the command must be dead, as with our own duration.
+    pub fn renew_deadline_within(&self, counted: Duration) -> Duration {
+        let own = self.kill_by();
+        let within = self.kill_within(counted);
+        if within >= own || own.is_zero() {
+            return self.renew_deadline;
+        }
+        self.renew_deadline
+            .mul_f64(within.as_secs_f64() / own.as_secs_f64())
+            .min(within)
+    }
+
     /// The default `--renew-interval`: a third of the lease duration (5 s by default), so a leader
     /// costs the API server 12 requests a minute instead of 30, but never longer than half the
     /// renew deadline (two tries before it) nor shorter than the retry period.
@@ -200,3 +225,62 @@ impl Timing {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct TimingError(pub String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing(lease: u64, deadline_ms: u64) -> Timing {
+        Timing {
+            lease_duration: Duration::from_secs(lease),
+            renew_deadline: Duration::from_millis(deadline_ms),
+            retry_period: Duration::from_millis(100),
+            renew_interval: Duration::from_millis(deadline_ms / 3),
+            ..Timing::default()
+        }
+    }
+
+    #[test]
+    fn a_shortened_record_shortens_the_kill_window_with_its_own_margin() {
+        let t = Timing::default();
+        // 1 s counted by others: 1 s − (200 ms + 2% of 1 s).
+        assert_eq!(
+            t.kill_within(Duration::from_secs(1)),
+            Duration::from_millis(780)
+        );
+        // Our own duration, or a longer one, changes nothing.
+        assert_eq!(t.kill_within(t.lease_duration), t.kill_by());
+        assert_eq!(t.kill_within(Duration::from_secs(60)), t.kill_by());
+        assert_eq!(t.renew_deadline_within(t.lease_duration), t.renew_deadline);
+        // 10 s of a 14.5 s window, scaled to the 780 ms one.
+        let scaled = t.renew_deadline_within(Duration::from_secs(1));
+        assert_eq!(scaled.as_millis(), 537);
+    }
+
+    #[test]
+    fn leadership_is_lost_no_later_than_the_shortened_kill_window_at_any_valid_timing() {
+        for lease in [1, 2, 6, 15, 60, 3600] {
+            for pct in [30, 50, 70, 90, 97] {
+                let t = timing(lease, lease * 10 * pct);
+                if t.validate().is_err() {
+                    continue;
+                }
+                for counted in [1, 2, 3, 5, 10, 30, 3600] {
+                    let counted = Duration::from_secs(counted);
+                    let (lose, kill) = (t.renew_deadline_within(counted), t.kill_within(counted));
+                    assert!(
+                        lose <= kill,
+                        "{t:?} counted {counted:?}: {lose:?} > {kill:?}"
+                    );
+                    assert!(
+                        lose <= t.renew_deadline && kill <= t.kill_by(),
+                        "{t:?} {counted:?}"
+                    );
+                    // The margin a duration of `counted` would have, never less.
+                    let margin = Timing::KILL_LATENCY + counted.min(t.lease_duration) / 50;
+                    assert!(kill + margin <= counted.max(margin), "{t:?} {counted:?}");
+                }
+            }
+        }
+    }
+}

@@ -611,3 +611,42 @@ async fn an_overwrite_kills_at_once_even_when_the_leaders_stderr_is_stuck() {
     let spans: Vec<_> = world.kernel_runs().await.iter().map(Run::span).collect();
     assert_no_overlap(&spans, &format!("log of the follower:\n{}", next.stderr()));
 }
+
+/// A shrink the holder cannot undo shortens its term: when `leaseDurationSeconds` of the held
+/// Lease is edited down to 1 s and no renewal of the holder's lands after it (every update
+/// refused), a candidate that first sees the edited record may claim 1 s after that sight. The
+/// holder's worker must be dead by then, counted from the edit (which is no later than that
+/// sight): it dies by the last renewal + 1 s − its margin, not by the holder's own 6 s term, and
+/// the holder exits 75. The edit comes 300 ms into the renew interval, so the holder's own renew
+/// deadline (4 s) or kill deadline (5.68 s) would end the worker seconds too late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrink_the_holder_cannot_undo_ends_its_worker_before_anyone_may_count_it() {
+    let world = World::start().await;
+    let mut me = leader(&world, &[]);
+    let pid = world.wait_leading().await;
+    let death = death_watch(pid);
+    wait_for(LIMIT, "the leader's watch", || {
+        world.server.open_watches() > 0
+    })
+    .await;
+    let writes = world.server.writes().len();
+    wait_for(LIMIT, "a renewal", || world.server.writes().len() > writes).await;
+    let renewal = world.server.writes().last().unwrap().at_ns;
+    world.server.deny("update", 500);
+    // 300 ms into the renew interval; the next renewal (due 2 s after the last) is refused.
+    tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_millis(300)).await;
+    let edited = edit(&world, |spec| spec["leaseDurationSeconds"] = json!(1));
+    wait_for(LIMIT, "the leader's worker to die", || death.is_finished()).await;
+    let died = death.join().unwrap();
+    world.server.allow("update");
+    let code = me.wait(LIMIT).await;
+    let log = me.stderr();
+    assert!(
+        edited > renewal && died < edited + SEC,
+        "the worker died {} ms after the edit (the renewal {} ms before it); log:\n{log}",
+        (died as i128 - edited as i128) / 1_000_000,
+        (edited - renewal) / 1_000_000
+    );
+    assert_eq!(code, i32::from(lease_exec::exit::LOST), "{log}");
+    assert_eq!(world.starts().len(), 1, "{:?}", world.journal_entries());
+}

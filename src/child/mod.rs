@@ -561,6 +561,18 @@ impl Watchdog {
         }
     }
 
+    /// Bring the kill deadline of the armed command forward to `deadline` (a CLOCK_BOOTTIME
+    /// instant), never back: for a shortened term seen on a thread that may block right after.
+    /// Nothing happens when nothing is armed.
+    pub fn tighten(&self, deadline: std::time::Duration) {
+        let (lock, wake) = &*self.shared;
+        let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if armed.child.is_some() {
+            armed.deadline = Some(armed.deadline.map_or(deadline, |d| d.min(deadline)));
+            wake.notify_one();
+        }
+    }
+
     /// Whether it killed.
     pub fn fired(&self) -> bool {
         self.shared

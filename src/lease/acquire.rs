@@ -33,6 +33,10 @@ pub struct Held {
     pub renewed_at: Instant,
     /// The same moment on CLOCK_BOOTTIME, which also counts time the machine spent suspended.
     pub renewed_at_boot: std::time::Duration,
+    /// The shortest `leaseDurationSeconds` someone else's edit gave this record since our last
+    /// write, when shorter than ours: a candidate that first saw the edited record counts it from
+    /// that sight, which came after `renewed_at`. Our next successful write ends it.
+    pub shortened: Option<Duration>,
 }
 
 impl Held {
@@ -47,7 +51,14 @@ impl Held {
             lease,
             renewed_at: started,
             renewed_at_boot: started_boot,
+            shortened: None,
         }
+    }
+
+    /// The lease duration others may count from `renewed_at`: ours, or shorter after an edit.
+    pub fn counted(&self, timing: &Timing) -> Duration {
+        self.shortened
+            .map_or(timing.lease_duration, |d| d.min(timing.lease_duration))
     }
 }
 

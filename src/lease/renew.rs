@@ -87,7 +87,7 @@ pub async fn renew(
     me: Claimant,
     (held, own): (Held, i32),
     state: Arc<watch::Sender<LeaseState>>,
-    (nudge, memory, kill): (Arc<Nudge>, Remembered, KillNow),
+    (nudge, memory, kill): (Arc<Nudge>, Remembered, Kill),
     metrics: std::sync::Arc<crate::telemetry::Metrics>,
 ) {
     let timing = me.timing;
@@ -130,11 +130,7 @@ pub async fn renew(
                     tracing::info!(failures = failing, "renewal succeeded again");
                 }
                 failing = 0;
-                held = Held {
-                    lease,
-                    renewed_at: started,
-                    renewed_at_boot: started_boot,
-                };
+                held = Held::written(lease, started, started_boot);
                 // Never over a takeover the guard already reported.
                 let still_ours = state.send_if_modified(|s| match s {
                     LeaseState::Held(_) => {
@@ -187,9 +183,36 @@ pub async fn renew(
     }
 }
 
-/// What to do the moment a takeover is seen, before anything that may block (a log line on a
-/// stuck stderr): kill the command's group from another thread (the watchdog's).
-pub type KillNow = Arc<dyn Fn() + Send + Sync>;
+/// What to do the moment a takeover or a shortened record is seen, before anything that may block
+/// (a log line on a stuck stderr, which blocks the whole runtime): the command's group is killed
+/// from another thread (the watchdog's), now or by a CLOCK_BOOTTIME deadline.
+#[derive(Clone)]
+pub struct Kill {
+    now: Arc<dyn Fn() + Send + Sync>,
+    by: Arc<dyn Fn(Duration) + Send + Sync>,
+}
+
+impl Kill {
+    /// `now` kills at once; `by(deadline)` brings the kill deadline forward to `deadline` (a
+    /// CLOCK_BOOTTIME instant), never back.
+    pub fn new(
+        now: impl Fn() + Send + Sync + 'static,
+        by: impl Fn(Duration) + Send + Sync + 'static,
+    ) -> Kill {
+        Kill {
+            now: Arc::new(now),
+            by: Arc::new(by),
+        }
+    }
+
+    fn now(&self) {
+        (self.now)();
+    }
+
+    fn by(&self, deadline: Duration) {
+        (self.by)(deadline);
+    }
+}
 
 /// One renewal, hedged. The first attempt may take the whole request timeout (a slow server is
 /// still a working one), never past the renew deadline. If it has no answer after
@@ -247,9 +270,9 @@ async fn hedged(
     }
 }
 
-fn taken(state: &watch::Sender<LeaseState>, reason: String, last: Held, kill: &KillNow) {
+fn taken(state: &watch::Sender<LeaseState>, reason: String, last: Held, kill: &Kill) {
     if matches!(*state.borrow(), LeaseState::Held(_)) {
-        kill();
+        kill.now();
     }
     let already = state.send_if_modified(|s| match s {
         LeaseState::Taken { .. } => false,
@@ -275,7 +298,7 @@ pub async fn guard(
     api: LeaseApi,
     (me, own, watching): (Claimant, i32, bool),
     state: Arc<watch::Sender<LeaseState>>,
-    (nudge, memory, kill): (Arc<Nudge>, Remembered, KillNow),
+    (nudge, memory, kill): (Arc<Nudge>, Remembered, Kill),
 ) {
     let identity = me.identity.clone();
     let mut guard = Guard {
@@ -311,11 +334,15 @@ pub async fn guard(
             // their clock on any change and count the duration they see, so this record must be
             // replaced by a renewal within milliseconds, not at the next renew interval.
             // lease-exec followers never count such an edit as a new term.
-            Seen::Edited(lease) => restore(*lease),
+            Seen::Edited(lease) => {
+                shortened(&state, &lease, &me.timing, &kill);
+                restore(*lease);
+            }
             Seen::Handover(lease) => {
                 // An edit that comes with the request is undone all the same: the term goes on
                 // through the grace period, and the preferred candidate must not see it shorter.
                 if me.must_restore(&Record::of(&lease), own) {
+                    shortened(&state, &lease, &me.timing, &kill);
                     restore((*lease).clone());
                 }
                 // Still ours, with a handover requested: published for the supervisor, with the
@@ -333,6 +360,39 @@ pub async fn guard(
             Seen::Nothing => {}
         }
     }
+}
+
+/// Still ours, edited by someone else: when the edit shortened `leaseDurationSeconds`, the term
+/// as others may count it is shorter too. A candidate that first sees the edited record (one that
+/// started after the edit, or any client-go candidate, which restarts its clock on any change)
+/// counts the shorter duration from that sight; the edit, and so that sight, came after our last
+/// successful write started (`renewed_at`: the guard's watch only shows writes after ours). So
+/// until a write of ours lands (the restore asked for right after), the command must be dead by
+/// `renewed_at + kill_within(shorter)` on our clock, and leadership is lost by the scaled renew
+/// deadline (see [`Timing::kill_within`]). An edit seen later than that kills at once: such a
+/// candidate may already have claimed.
+///
+/// The watchdog is told first, before anything that may block this thread (the restore's log line
+/// on a stuck stderr); the supervisor then derives the same deadlines from the published
+/// [`Held::shortened`].
+fn shortened(state: &watch::Sender<LeaseState>, edited: &Lease, timing: &Timing, kill: &Kill) {
+    let counted = Record::of(edited)
+        .effective_duration(timing.lease_duration)
+        .0;
+    if counted >= timing.lease_duration {
+        return;
+    }
+    state.send_if_modified(|s| match s {
+        LeaseState::Held(held) => {
+            kill.by(held.renewed_at_boot + timing.kill_within(counted));
+            if held.shortened.is_some_and(|d| d <= counted) {
+                return false;
+            }
+            held.shortened = Some(counted);
+            true
+        }
+        LeaseState::Taken { .. } => false,
+    });
 }
 
 /// What the leader's watch of its own Lease saw.
