@@ -80,6 +80,7 @@ pub fn main() -> u8 {
     {
         Ok(runtime) => runtime,
         Err(e) => {
+            logging::flush();
             eprintln!("lease-exec: cannot start the async runtime: {e}");
             return exit::FAILED;
         }
@@ -139,14 +140,19 @@ fn usage_error(error: clap::Error) -> u8 {
 }
 
 /// The last word on stderr: one plain line (`lease-exec: ...`), or a JSON log line with
-/// `--log-format json` so that log collectors parse every line.
+/// `--log-format json` so that log collectors parse every line; after every queued log line (for
+/// a second at most: stderr may be what is stuck).
 fn report(result: &Result<Outcome, Error>, format: cli::LogFormat) {
     if let Err(e) = result {
         match (e, format) {
             (_, cli::LogFormat::Json) | (Error::Lost(_), _) => {
                 tracing::error!(exit_code = exit_code(result), "{e}")
             }
-            _ => eprintln!("lease-exec: {e}"),
+            _ => {
+                logging::flush();
+                eprintln!("lease-exec: {e}")
+            }
         }
     }
+    logging::flush();
 }

@@ -14,12 +14,12 @@
 //!   `leaseDurationSeconds` shrunk to 1 s with holder and renewTime kept, its `leaseTransitions`
 //!   lowered by hand, and an overwrite of a deleted Lease that starts its token again at 1.
 //!   Without them, an overwrite writes a token above any the Lease ever had.
-//! - Two known gaps, off unless asked for: `CHAOS_FROZEN_SHRINK=1` freezes the holder right after
-//!   a shrink (a follower started after the edit has never seen the holder's own duration, and the
-//!   frozen holder cannot restore it, so that follower may claim while the holder's command still
-//!   runs); `CHAOS_STUCK_OVERWRITE=1` overwrites a leader whose stderr is stuck with a 1 s lease
-//!   (its runtime, blocked on a log line, does not see the overwrite; only the watchdog's kill
-//!   deadline acts). See the README, "The other ways the Lease changes hands".
+//! - A known gap, off unless asked for: `CHAOS_FROZEN_SHRINK=1` freezes the holder right after a
+//!   shrink (a follower started after the edit has never seen the holder's own duration, and the
+//!   frozen holder neither restores it nor learns of it, so that follower may claim while the
+//!   holder's command still runs). See docs/timing.md, "The other ways the Lease changes hands".
+//!   Leaders whose stderr is stuck get the same overwrites and shrinks as any other: their log
+//!   lines never block their runtime.
 //!
 //! The verdict comes from the kernel, not from the workers: each worker's span runs from the exec
 //! of the worker binary to its exit, both stamped by the proc connector (`support::kernel`), with
@@ -98,12 +98,6 @@ fn strict_resume() -> bool {
 /// Whether the operator edits lease-exec does not survive yet are in the mix (see the top).
 fn operator_edits() -> bool {
     std::env::var("CHAOS_OPERATOR_EDITS").map_or(true, |v| v != "0")
-}
-
-/// Whether a leader whose stderr is stuck is overwritten with a 1 s lease (a known gap, see the
-/// top).
-fn stuck_overwrite() -> bool {
-    std::env::var("CHAOS_STUCK_OVERWRITE").is_ok_and(|v| v == "1")
 }
 
 /// Whether the holder is frozen right after a shrink of its duration (a known gap, see the top).
@@ -271,17 +265,12 @@ impl Driver {
                 }
             }
             6 => {
-                // An operator writes another holder over whoever holds it, for 1 or 2 s (2 s over a
-                // leader whose stderr is stuck, unless CHAOS_STUCK_OVERWRITE: see the top).
+                // An operator writes another holder over whoever holds it, for 1 or 2 s.
                 let slot = self.random_slot();
                 let stuck = server
                     .holder(NS, &slot)
                     .is_some_and(|h| self.stuck.contains(&h));
-                let seconds = if stuck && !stuck_overwrite() {
-                    2
-                } else {
-                    1 + self.rng.below(2) as i64
-                };
+                let seconds = 1 + self.rng.below(2) as i64;
                 if operator_edits() {
                     // On an absent Lease (deleted), this starts the token again at 1.
                     server.steal(NS, &slot, "operator", seconds);

@@ -572,14 +572,13 @@ async fn a_recampaign_after_a_loss_takes_a_new_token_even_from_its_own_record() 
 
 /// A leader whose stderr pipe is full (nobody reads it: a stuck log driver, `| less`) while an
 /// operator writes another holder over its Lease with a 1 s lease duration. The overwrite rule is
-/// "the old holder's command dies at once: the new holder may already run". When the log line
-/// that blocks is the takeover's own, the watchdog's thread kills first. But any earlier log line
-/// (often the one right after the spawn, as the command fills the pipe at once) blocks the runtime
-/// before the overwrite, so the guard never sees it and only the watchdog's kill deadline acts:
-/// up to 0.7 s of overlap with a follower claiming 1 s after the overwrite. (Chaos seed
-/// 1758248203278: 640 ms.) Fixing it needs a log writer that never blocks the runtime.
+/// "the old holder's command dies at once: the new holder may already run". Its log lines are
+/// queued for a thread of their own, so the runtime never blocks on one: the guard sees the
+/// overwrite and the command dies at once, long before the follower's claim 1 s later. (With
+/// lines written on the runtime's thread, the line right after the spawn blocked it, only the
+/// watchdog's kill deadline acted, and the two workers overlapped by up to 0.7 s: chaos seed
+/// 1758248203278.) The overlap is measured by the kernel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: a runtime blocked on a stuck stderr before an overwrite does not see it"]
 async fn an_overwrite_kills_at_once_even_when_the_leaders_stderr_is_stuck() {
     kernel();
     let world = World::start().await;
@@ -590,12 +589,28 @@ async fn an_overwrite_kills_at_once_even_when_the_leaders_stderr_is_stuck() {
     );
     let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
     args.extend(["--identity", "stuck", "job", "--", "sh", "-c", &script].map(String::from));
-    // Never drained: killed with the test.
+    // Never drained: killed with the test. Debug lines (every request's) make sure the leader logs
+    // something between the pipe filling up and the overwrite.
     let _stuck = world
         .lease_exec(args)
+        .env("RUST_LOG", "debug")
         .spawn_with_stderr_held(std::future::pending());
     wait_for(LIMIT, "the stuck leader's worker", || {
         !world.starts().is_empty()
+    })
+    .await;
+    let worker = world.starts()[0].pid;
+    wait_for(LIMIT, "the shared stderr pipe to be full", || {
+        children(worker).iter().any(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/wchan"))
+                .is_ok_and(|w| w.contains("pipe_write"))
+        })
+    })
+    .await;
+    // Renewals go on (each one logging lines nobody reads) before the overwrite.
+    let writes = world.server.writes().len();
+    wait_for(LIMIT, "a renewal after the pipe filled up", || {
+        world.server.writes().len() > writes
     })
     .await;
     world.server.steal(NS, "job", "operator", 1);
@@ -649,4 +664,20 @@ async fn a_shrink_the_holder_cannot_undo_ends_its_worker_before_anyone_may_count
     );
     assert_eq!(code, i32::from(lease_exec::exit::LOST), "{log}");
     assert_eq!(world.starts().len(), 1, "{:?}", world.journal_entries());
+}
+
+/// The children of `pid`, from `/proc/<pid>/task/*/children`.
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
 }
