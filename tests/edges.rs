@@ -681,3 +681,59 @@ fn children(pid: i32) -> Vec<i32> {
         })
         .collect()
 }
+
+/// A token lowered by hand that the holder has not restored yet (it reads its own Lease only every
+/// 1.5 s with `--no-watch`) is undone by its release: the release, conditioned on the holder's
+/// last write, meets a 409, re-reads the lowered record and writes at least its term's token. So a
+/// candidate that never saw the term's token (started after the release) claims one above it,
+/// never the same token again. (Chaos seed 45577035728178: the released Lease carried the lowered
+/// token and the next claim repeated the term's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_after_an_unrestored_lowering_keeps_the_terms_token() {
+    kernel();
+    let world = World::start().await;
+    world.server.put_lease(
+        NS,
+        "job",
+        json!({"spec": {"leaseDurationSeconds": 1, "leaseTransitions": 5}}),
+    );
+    let options = [
+        "--lease-duration",
+        "6s",
+        "--renew-deadline",
+        "4s",
+        "--retry-period",
+        "1500ms",
+        "--renew-interval",
+        "2s",
+        "--no-watch",
+        "--identity",
+        "me",
+        "job",
+    ];
+    let mut me = world.worker_command(&options, -1.0, 0, &[]).spawn();
+    world.wait_leading().await;
+    let token = |w: &apiserver::Write| w.object["spec"]["leaseTransitions"].as_i64();
+    assert_eq!(token(world.server.writes().last().unwrap()), Some(6));
+    let writes = world.server.writes().len();
+    wait_for(LIMIT, "a renewal", || world.server.writes().len() > writes).await;
+    // Right after a renewal: the holder's next read of its Lease is up to 1.5 s away, its next
+    // renewal 2 s.
+    edit(&world, |spec| spec["leaseTransitions"] = json!(0));
+    me.signal(Signal::SIGTERM);
+    assert_eq!(me.wait(LIMIT).await, 143, "{}", me.stderr());
+    let release = world.server.writes().last().unwrap().clone();
+    assert_eq!(release.holder, None, "{}", me.stderr());
+    assert_eq!(token(&release), Some(6), "{}", me.stderr());
+    let mut next = follower(&world, "next", &[]);
+    wait_for(LIMIT, "the next worker", || world.starts().len() >= 2).await;
+    next.signal(Signal::SIGTERM);
+    next.wait(LIMIT).await;
+    let tokens: Vec<Option<i64>> = world
+        .kernel_runs()
+        .await
+        .iter()
+        .map(|r| r.transitions)
+        .collect();
+    assert_eq!(tokens, [Some(6), Some(7)], "{}", next.stderr());
+}
