@@ -389,9 +389,14 @@ impl Supervisor<'_> {
         let not_after = latest.renewed_at_boot + timing.renew_deadline_within(counted);
         let child = match child::spawn(process, not_after).await {
             Ok(child) => {
-                // Armed before anything else can block this thread (the next log line included):
-                // the command dies by the last write's safety deadline at the latest.
-                watchdog.arm(child, latest.renewed_at_boot + timing.kill_within(counted));
+                // Armed before anything else can block this thread: the command dies by the last
+                // write's safety deadline at the latest. From the state as it is now: a renewal,
+                // or a shrink seen while the spawn ran, is in it (nothing was armed to tighten).
+                let now = state.borrow().held().clone();
+                watchdog.arm(
+                    child,
+                    now.renewed_at_boot + timing.kill_within(now.counted(timing)),
+                );
                 child
             }
             Err(e) if child::is_late(&e) => {
@@ -584,7 +589,8 @@ async fn lead(
             biased;
             status = &mut exit => return (status, term),
             () = sleep_until_opt(due.lose_at) => {
-                let reason = if suspended { Reason::Suspended } else { Reason::RenewDeadline(timing.renew_deadline) };
+                // The renew deadline as it applied: shortened with a shrunk record's duration.
+                let reason = if suspended { Reason::Suspended } else { Reason::RenewDeadline(timing.renew_deadline_within(counted)) };
                 tracing::warn!(reason = %reason, "leadership lost; stopping the command");
                 term.end(reason, Instant::now())
             }

@@ -1,15 +1,10 @@
 //! The promise at its edges: an operator's edit of a held Lease (a shrunk duration, a lowered
-//! token), the spawn rule (never after the term's renew deadline), the token carried across
-//! terms, `--no-watch` without watches, stopping a wait over many slots, and a handover that
-//! meets a deletion or a loss. Each test fails if a second worker could start while the first
+//! token), the token carried across terms, `--no-watch` without watches, a stderr nobody reads,
+//! stopping a wait over many slots, and a handover that meets a deletion or a loss. Each test fails if a second worker could start while the first
 //! still runs, or if a fencing token could repeat or go down.
 
 mod support;
 
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -244,136 +239,6 @@ async fn no_watch_sends_no_watch_request_while_waiting_or_leading() {
     assert_eq!(world.server.total("watch"), 0);
 }
 
-/// The spawn rule: the command never starts past the term's renew deadline. lease-exec's stderr
-/// is a pipe that is full when it claims: the log line after the claim blocks it for longer than
-/// the renew deadline. When it can write again, it must not start the command; it releases the
-/// Lease (nothing ran) and exits 75.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_command_never_starts_after_the_terms_renew_deadline() {
-    let world = World::start().await;
-    world.server.steal(NS, "job", "other", 30);
-    let (read_end, write_end) = nix::unistd::pipe().unwrap();
-    let ours = write_end.try_clone().unwrap();
-    let stderr = Reader::start(read_end);
-    let mut options: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
-    options.extend(["--identity", "late", "job"].map(String::from));
-    let mut command = world.worker_command(&options, -1.0, 0, &[]).command;
-    command.stderr(std::process::Stdio::from(write_end));
-    let mut running = command.spawn().unwrap();
-    wait_for(LIMIT, "the follower to wait", || {
-        stderr.text().contains("held by another identity")
-    })
-    .await;
-    // Fill the pipe: lease-exec's next log line blocks.
-    stderr.pause();
-    let filler = std::thread::spawn(move || {
-        let mut file = std::fs::File::from(ours);
-        let _ = file.write_all(&vec![b'\n'; 4 << 20]);
-    });
-    wait_for(LIMIT, "the pipe to fill", || stderr.full()).await;
-    let released = mono_ns();
-    let mut lease = world.server.lease(NS, "job").unwrap();
-    lease["spec"]["holderIdentity"] = json!(null);
-    world.server.put_lease(NS, "job", lease);
-    wait_for(LIMIT, "the claim", || {
-        world.server.first_write_by("late").is_some()
-    })
-    .await;
-    let claim = world.server.first_write_by("late").unwrap();
-    // Stuck past the renew deadline (1 s) from the claim, and some.
-    wait_for(LIMIT, "the renew deadline to pass", || {
-        mono_ns() > claim.at_ns + 3 * SEC / 2
-    })
-    .await;
-    stderr.resume();
-    let code = tokio::time::timeout(LIMIT, running.wait())
-        .await
-        .expect("lease-exec to exit")
-        .unwrap();
-    filler.join().unwrap();
-    let log = stderr.text();
-    assert!(claim.at_ns > released);
-    assert!(
-        world.starts().is_empty(),
-        "the command started {} ms after the claim, past the 1 s renew deadline; log:\n{log}",
-        (world.starts()[0].at_ns - claim.at_ns) / 1_000_000
-    );
-    assert_eq!(
-        code.code(),
-        Some(i32::from(lease_exec::exit::LOST)),
-        "{log}"
-    );
-    assert!(
-        log.contains("renew deadline passed before the command could start"),
-        "{log}"
-    );
-    // Nothing ran: the Lease was released for the next candidate.
-    assert_eq!(world.server.holder(NS, "job"), None, "{log}");
-}
-
-/// Reads a pipe in a thread, and can stop reading (so the pipe fills) and start again.
-struct Reader {
-    fd: Arc<OwnedFd>,
-    paused: Arc<AtomicBool>,
-    text: Arc<std::sync::Mutex<Vec<u8>>>,
-}
-
-impl Reader {
-    fn start(fd: OwnedFd) -> Reader {
-        let reader = Reader {
-            fd: Arc::new(fd),
-            paused: Arc::default(),
-            text: Arc::default(),
-        };
-        let (fd, paused, text) = (
-            reader.fd.clone(),
-            reader.paused.clone(),
-            reader.text.clone(),
-        );
-        std::thread::spawn(move || {
-            let mut file = std::fs::File::from(fd.as_fd().try_clone_to_owned().unwrap());
-            let mut buf = [0u8; 4096];
-            loop {
-                if paused.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
-                }
-                match file.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => text.lock().unwrap().extend_from_slice(&buf[..n]),
-                }
-            }
-        });
-        reader
-    }
-
-    fn pause(&self) {
-        self.paused.store(true, Ordering::SeqCst);
-    }
-
-    fn resume(&self) {
-        self.paused.store(false, Ordering::SeqCst);
-    }
-
-    /// Whether the pipe holds as much as it can.
-    fn full(&self) -> bool {
-        let fd = self.fd.as_raw_fd();
-        let capacity =
-            nix::fcntl::fcntl(self.fd.as_fd(), nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap_or(65536);
-        let mut queued: nix::libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int to the pointer, which points at a live local.
-        let ok = unsafe { nix::libc::ioctl(fd, nix::libc::FIONREAD, &mut queued) } == 0;
-        ok && queued >= capacity
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned()
-    }
-}
-
-/// Stopping while waiting for one of many slots, with the API server hung, ends at once: only
-/// slots a write of ours may have landed on are read (none here), concurrently and under one
-/// limit, not every slot one request timeout after another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_a_wait_over_many_slots_with_the_api_hung_ends_at_once() {
     let world = World::start().await;
@@ -736,4 +601,68 @@ async fn a_release_after_an_unrestored_lowering_keeps_the_terms_token() {
         .map(|r| r.transitions)
         .collect();
     assert_eq!(tokens, [Some(6), Some(7)], "{}", next.stderr());
+}
+
+/// A shrink (6 s to 5 s) that comes right after a renewal was committed but before its answer
+/// arrived: the guard sees the shrink first, then the renewal's answer comes. That renewal landed
+/// before the shrink (it was conditioned on the record before), so the shrink still stands and
+/// counts from that renewal's start; the answer must not end it. With every later update refused,
+/// the worker (which ignores SIGTERM) is dead before 5 s after the edit, what a candidate that
+/// first saw it counts, and the leader exits 75. (Had the answer ended the shrink, the worker would
+/// run until the leader's own kill deadline, 5.68 s after that renewal.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_answered_after_a_shrink_it_preceded_keeps_the_shrink() {
+    let world = World::start().await;
+    // A worker that ignores SIGTERM: only the kill deadline ends it.
+    let mut me = {
+        let options = [
+            "--lease-duration",
+            "6s",
+            "--renew-deadline",
+            "4s",
+            "--retry-period",
+            "250ms",
+            "--renew-interval",
+            "2s",
+            "--identity",
+            "me",
+            "job",
+        ];
+        world
+            .worker_command(&options, -1.0, 0, &["ignore-term"])
+            .spawn()
+    };
+    let pid = world.wait_leading().await;
+    let death = death_watch(pid);
+    wait_for(LIMIT, "the leader's watch", || {
+        world.server.open_watches() > 0
+    })
+    .await;
+    let writes = world.server.writes().len();
+    wait_for(LIMIT, "a renewal", || world.server.writes().len() > writes).await;
+    // The next renewal is committed at once and answered 300 ms later.
+    world
+        .server
+        .slow_answers("update", "job", Duration::from_millis(300));
+    let writes = world.server.writes().len();
+    wait_for(LIMIT, "the next renewal", || {
+        world.server.writes().len() > writes
+    })
+    .await;
+    let renewal = world.server.writes().last().unwrap().at_ns;
+    world.server.deny("update", 500);
+    let edited = edit(&world, |spec| spec["leaseDurationSeconds"] = json!(5));
+    wait_for(LIMIT, "the leader's worker to die", || death.is_finished()).await;
+    let died = death.join().unwrap();
+    world.server.allow("update");
+    world.server.keep_answers();
+    let code = me.wait(LIMIT).await;
+    let log = me.stderr();
+    assert!(
+        edited - renewal < 200_000_000 && died < edited + 5 * SEC,
+        "the worker died {} ms after the edit ({} ms after the renewal); log:\n{log}",
+        (died as i128 - edited as i128) / 1_000_000,
+        (edited - renewal) / 1_000_000
+    );
+    assert_eq!(code, i32::from(lease_exec::exit::LOST), "{log}");
 }

@@ -687,3 +687,45 @@ impl Signals {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn touch(marker: &std::path::Path) -> std::process::Command {
+        let mut command = std::process::Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg(format!("echo > '{}'", marker.display()));
+        command
+    }
+
+    /// The spawn rule, checked in the forked child right before exec: past `not_after` (on
+    /// CLOCK_BOOTTIME) the command never runs and the spawn says it was late; before it, it runs.
+    /// Whatever held lease-exec up between the claim and the spawn (a suspend, a frozen or starved
+    /// process), the check is the last thing before exec.
+    #[tokio::test]
+    async fn the_command_never_starts_past_the_terms_renew_deadline() {
+        let dir = std::env::temp_dir().join(format!("lease-exec-spawn-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let late = dir.join("late");
+        let passed = crate::clock::boot_time() - std::time::Duration::from_millis(1);
+        let Err(error) = spawn(touch(&late), passed).await else {
+            panic!("started past its deadline");
+        };
+        assert!(is_late(&error), "{error}");
+        // Refused before exec (the child reported it through the exec pipe): nothing ran.
+        assert!(!late.exists());
+        let on_time = dir.join("on-time");
+        let ahead = crate::clock::boot_time() + std::time::Duration::from_secs(60);
+        let child = spawn(touch(&on_time), ahead).await.expect("started");
+        let status = nix::sys::wait::waitpid(child.pid, None).unwrap();
+        assert!(
+            matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0)),
+            "{status:?}"
+        );
+        assert!(on_time.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -33,10 +33,22 @@ pub struct Held {
     pub renewed_at: Instant,
     /// The same moment on CLOCK_BOOTTIME, which also counts time the machine spent suspended.
     pub renewed_at_boot: std::time::Duration,
-    /// The shortest `leaseDurationSeconds` someone else's edit gave this record since our last
-    /// write, when shorter than ours: a candidate that first saw the edited record counts it from
-    /// that sight, which came after `renewed_at`. Our next successful write ends it.
-    pub shortened: Option<Duration>,
+    /// Set while the stored record is someone else's edit of ours with a shorter
+    /// `leaseDurationSeconds`: see [`Shortened`].
+    pub shortened: Option<Shortened>,
+}
+
+/// Someone else's edit left our record with a shorter `leaseDurationSeconds` than ours. A candidate
+/// that first sees that record counts the shorter duration from that sight, which came after the
+/// start of our last successful write (the edit came after it). The shortest such duration, and
+/// the resourceVersion of the edited record now stored: a write of ours conditioned on it replaces
+/// it, and ends this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shortened {
+    /// The shortest duration an edit gave our record since it was last ours as we wrote it.
+    pub duration: Duration,
+    /// The edited record's resourceVersion.
+    pub resource_version: Option<String>,
 }
 
 impl Held {
@@ -57,8 +69,9 @@ impl Held {
 
     /// The lease duration others may count from `renewed_at`: ours, or shorter after an edit.
     pub fn counted(&self, timing: &Timing) -> Duration {
-        self.shortened
-            .map_or(timing.lease_duration, |d| d.min(timing.lease_duration))
+        self.shortened.as_ref().map_or(timing.lease_duration, |s| {
+            s.duration.min(timing.lease_duration)
+        })
     }
 }
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, sleep_until};
 
-use super::acquire::{Held, Remembered, remember};
+use super::acquire::{Held, Remembered, Shortened, remember};
 use super::api::{ApiError, LeaseApi};
 use super::decide::Claimant;
 use super::record::Record;
@@ -113,6 +113,8 @@ pub async fn renew(
             return;
         }
         let deadline = held.renewed_at + timing.renew_deadline;
+        // The record this write is conditioned on (see below, on success).
+        let base = held.lease.metadata.resource_version.clone();
         let (result, started, started_boot) =
             hedged(&api, &me, (&held, own), &timing, deadline).await;
         match &result {
@@ -133,7 +135,16 @@ pub async fn renew(
                 held = Held::written(lease, started, started_boot);
                 // Never over a takeover the guard already reported.
                 let still_ours = state.send_if_modified(|s| match s {
-                    LeaseState::Held(_) => {
+                    LeaseState::Held(current) => {
+                        // A shrink seen meanwhile (see `observed`) stays in force unless this write
+                        // replaced the shrunk record itself. Conditioned on any other record, it
+                        // landed before the shrink (else it would have met a 409): its answer was
+                        // merely slower than the guard's event. The shrink then came after this
+                        // write started, and counts from it.
+                        held.shortened = current
+                            .shortened
+                            .take()
+                            .filter(|s| s.resource_version != base);
                         *s = LeaseState::Held(held.clone());
                         true
                     }
@@ -176,6 +187,8 @@ pub async fn renew(
             Err(Failure::Refreshed(lease)) => {
                 // Someone changed the Lease without taking it (a label, our own earlier write that
                 // timed out but landed): renew again at once against the fresh resourceVersion.
+                // A shrunk duration in it shortens the term until that write lands.
+                observed(&state, &lease, &timing, &kill);
                 held.lease = *lease;
                 next = Instant::now();
             }
@@ -335,14 +348,16 @@ pub async fn guard(
             // replaced by a renewal within milliseconds, not at the next renew interval.
             // lease-exec followers never count such an edit as a new term.
             Seen::Edited(lease) => {
-                shortened(&state, &lease, &me.timing, &kill);
+                observed(&state, &lease, &me.timing, &kill);
                 restore(*lease);
             }
+            // Our own record again, as we write it: a shrink seen before is no longer stored.
+            Seen::Ours(lease) => observed(&state, &lease, &me.timing, &kill),
             Seen::Handover(lease) => {
                 // An edit that comes with the request is undone all the same: the term goes on
                 // through the grace period, and the preferred candidate must not see it shorter.
+                observed(&state, &lease, &me.timing, &kill);
                 if me.must_restore(&Record::of(&lease), own) {
-                    shortened(&state, &lease, &me.timing, &kill);
                     restore((*lease).clone());
                 }
                 // Still ours, with a handover requested: published for the supervisor, with the
@@ -362,36 +377,50 @@ pub async fn guard(
     }
 }
 
-/// Still ours, edited by someone else: when the edit shortened `leaseDurationSeconds`, the term
-/// as others may count it is shorter too. A candidate that first sees the edited record (one that
-/// started after the edit, or any client-go candidate, which restarts its clock on any change)
-/// counts the shorter duration from that sight; the edit, and so that sight, came after our last
-/// successful write started (`renewed_at`: the guard's watch only shows writes after ours). So
-/// until a write of ours lands (the restore asked for right after), the command must be dead by
-/// `renewed_at + kill_within(shorter)` on our clock, and leadership is lost by the scaled renew
-/// deadline (see [`Timing::kill_within`]). An edit seen later than that kills at once: such a
-/// candidate may already have claimed.
+/// Our record as someone else's write left it (seen by the guard, or read by the renewer after a
+/// 409). When that write shortened `leaseDurationSeconds`, the term as others may count it is
+/// shorter too: a candidate that first sees the edited record (one started after the edit, or any
+/// client-go candidate, which restarts its clock on any change) counts the shorter duration from
+/// that sight; the edit, and so that sight, came after our last successful write started
+/// (`renewed_at`: a write of ours conditioned on an earlier record would have met a 409). So
+/// until a write of ours replaces that record (the restore asked for right after), the command
+/// must be dead by `renewed_at + kill_within(shorter)` on our clock, and leadership is lost by the
+/// scaled renew deadline (see [`Timing::kill_within`]). An edit seen later than that kills at
+/// once: such a candidate may already have claimed.
 ///
-/// The watchdog is told first, before anything that may block this thread (the restore's log line
-/// on a stuck stderr); the supervisor then derives the same deadlines from the published
-/// [`Held::shortened`].
-fn shortened(state: &watch::Sender<LeaseState>, edited: &Lease, timing: &Timing, kill: &Kill) {
-    let counted = Record::of(edited)
+/// The watchdog is told first, before anything that may block this thread; the supervisor then
+/// derives the same deadlines from the published [`Held::shortened`]. A record of ours with our
+/// duration, other than the shrunk one, means the shrunk record is no longer stored: a claim
+/// conditioned on it fails, and the term counts our duration again.
+fn observed(state: &watch::Sender<LeaseState>, current: &Lease, timing: &Timing, kill: &Kill) {
+    let counted = Record::of(current)
         .effective_duration(timing.lease_duration)
         .0;
-    if counted >= timing.lease_duration {
-        return;
-    }
+    let version = &current.metadata.resource_version;
     state.send_if_modified(|s| match s {
-        LeaseState::Held(held) => {
+        LeaseState::Held(held) if counted < timing.lease_duration => {
             kill.by(held.renewed_at_boot + timing.kill_within(counted));
-            if held.shortened.is_some_and(|d| d <= counted) {
-                return false;
-            }
-            held.shortened = Some(counted);
+            let shortened = Some(Shortened {
+                duration: held
+                    .shortened
+                    .as_ref()
+                    .map_or(counted, |s| s.duration.min(counted)),
+                resource_version: version.clone(),
+            });
+            let changed = held.shortened != shortened;
+            held.shortened = shortened;
+            changed
+        }
+        LeaseState::Held(held)
+            if held
+                .shortened
+                .as_ref()
+                .is_some_and(|s| &s.resource_version != version) =>
+        {
+            held.shortened = None;
             true
         }
-        LeaseState::Taken { .. } => false,
+        _ => false,
     });
 }
 
@@ -406,7 +435,9 @@ enum Seen {
     /// Still ours, but edited in a way a renewal must undo at once (see
     /// [`Claimant::must_restore`]).
     Edited(Box<Lease>),
-    /// Nothing that matters (our own renewals, bookmarks, a re-opened stream).
+    /// Ours, as we write it (our own renewals, or a record restored by someone).
+    Ours(Box<Lease>),
+    /// Nothing that matters (bookmarks, a re-opened stream).
     Nothing,
 }
 
@@ -470,7 +501,7 @@ impl Guard {
                         Seen::Handover(Box::new(lease))
                     }
                     Some(_) if me.must_restore(&record, own) => Seen::Edited(Box::new(lease)),
-                    Some(holder) if holder == identity => Seen::Nothing,
+                    Some(holder) if holder == identity => Seen::Ours(Box::new(lease)),
                     Some(holder) => Seen::Taken(format!("the lease is now held by {holder}")),
                     None => Seen::Taken("the lease was released by someone else".into()),
                 }

@@ -238,6 +238,8 @@ struct Inner {
     coordinated: bool,
     /// `(verb, Lease name)` whose requests are carried out but never answered.
     lost_answers: Vec<(&'static str, String)>,
+    /// See [`ApiServer::slow_answers`].
+    slow_answers: Vec<(&'static str, String, Duration)>,
     /// `(Lease name, holder, duration, deleted)`: the next create of that Lease loses to a record
     /// of that holder, stored just before it (and deleted right after it, if `deleted`); and when
     /// that record was stored.
@@ -369,6 +371,7 @@ impl ApiServer {
                 open_watches: 0,
                 coordinated: true,
                 lost_answers: Vec::new(),
+                slow_answers: Vec::new(),
                 beaten_create: None,
                 beaten_at: None,
                 doors: vec![DoorState::new(addr)],
@@ -454,6 +457,16 @@ impl ApiServer {
             .unwrap()
             .lost_answers
             .push((verb, name.to_string()));
+    }
+
+    /// Carries out every `verb` request of the Lease `name` at once and answers it `delay` later: a
+    /// write committed while its answer is still on its way (a slow network back to the client).
+    pub fn slow_answers(&self, verb: &'static str, name: &str, delay: Duration) {
+        self.inner
+            .lock()
+            .unwrap()
+            .slow_answers
+            .push((verb, name.to_string(), delay));
     }
 
     /// The next create of the Lease `name` loses the race to another writer: a Lease held by
@@ -972,7 +985,7 @@ impl ApiServer {
                 &format!("Request entity too large: limit is {MAX_BODY}"),
             );
         }
-        let lost = {
+        let (lost, slow) = {
             let inner = self.inner.lock().unwrap();
             let name = route.target().2;
             let lease_write = matches!(
@@ -982,11 +995,17 @@ impl ApiServer {
                     | Route::Patch { .. }
                     | Route::Delete { .. }
             );
-            (door_fault == Fault::LoseAnswers && lease_write)
+            let slow = inner
+                .slow_answers
+                .iter()
+                .find(|(v, n, _)| *v == verb && Some(n.as_str()) == name)
+                .map(|(_, _, delay)| *delay);
+            let lost = (door_fault == Fault::LoseAnswers && lease_write)
                 || inner
                     .lost_answers
                     .iter()
-                    .any(|(v, n)| *v == verb && Some(n.as_str()) == name)
+                    .any(|(v, n)| *v == verb && Some(n.as_str()) == name);
+            (lost, slow)
         };
         let response = self
             .route(
@@ -1000,6 +1019,9 @@ impl ApiServer {
             .await;
         if lost {
             return std::future::pending().await;
+        }
+        if let Some(delay) = slow {
+            tokio::time::sleep(delay).await;
         }
         response
     }
@@ -1747,9 +1769,11 @@ impl ApiServer {
     }
 
     /// Answers again the requests [`ApiServer::lose_answers`] named (those already lost stay
-    /// unanswered).
+    /// unanswered), and those [`ApiServer::slow_answers`] named at once.
     pub fn keep_answers(&self) {
-        self.inner.lock().unwrap().lost_answers.clear();
+        let mut inner = self.inner.lock().unwrap();
+        inner.lost_answers.clear();
+        inner.slow_answers.clear();
     }
 }
 
