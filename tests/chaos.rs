@@ -188,8 +188,8 @@ impl Driver {
         }
         if self.rng.one_in(10) {
             // Its command fills the stderr pipe it shares with lease-exec, which nobody reads
-            // until 1 to 6 s after its worker started: lease-exec's next log line blocks its
-            // runtime; only the watchdog thread can still kill in time.
+            // until 1 to 6 s after its worker started: lease-exec's log lines wait (or are
+            // dropped) meanwhile, and nothing else may wait on them.
             self.tally.add("contender with a stuck stderr");
             self.stuck.push(identity.clone());
             let script = format!("head -c 200000 /dev/zero >&2 & exec {worker}");
