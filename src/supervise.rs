@@ -383,7 +383,7 @@ impl Supervisor<'_> {
         }
         let latest = latest.held().clone();
         // Both from the duration others may count: ours, or shorter after an edit (see
-        // renew::shortened).
+        // renew::observed).
         let timing = &self.config.timing;
         let counted = latest.counted(timing);
         let not_after = latest.renewed_at_boot + timing.renew_deadline_within(counted);

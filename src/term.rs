@@ -217,7 +217,7 @@ impl Term {
 /// The deadlines of a term, from the state of the term, the last renewal (moved back for a
 /// suspend, see [`Term::effective_renewal`]) and the lease duration others may count from it
 /// (`counted`: ours, or shorter after someone's edit of the record, see
-/// [`crate::lease::renew`]'s `shortened`).
+/// [`crate::lease::renew`]'s `observed`).
 ///
 /// `kill_at` is never later than `renewed_at + counted − its safety margin`, whatever the
 /// reason; it is the moment of the takeover or of the second signal when there was one; else the
