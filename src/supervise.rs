@@ -374,7 +374,7 @@ impl Supervisor<'_> {
         // The spawn rule: the command starts only while `now < renewed_at + renew-deadline` for the
         // term's last successful write (the claim, or a renewal since), checked in the forked child
         // right before exec (child::spawn). Nothing between the claim and here waits on the API
-        // server, but a slow claim, a stuck log or a suspend may have used the term up: then the
+        // server, but a slow claim, a frozen or starved process or a suspend may have used the term up: then the
         // command never starts, so it can never run past what the followers count.
         let latest = state.borrow().clone();
         if let LeaseState::Taken { reason, .. } = &latest {

@@ -174,7 +174,7 @@ pub async fn spawn(
         command.pre_exec(move || {
             // The last check before the command runs: never past the term's renew deadline
             // (`not_after` on CLOCK_BOOTTIME, which counts a suspend too). Whatever delayed the
-            // spawn (a slow API call, a stuck log), the command must not start with less than
+            // spawn (a slow API call, a frozen process), the command must not start with less than
             // the margin between the renew deadline and the kill deadline left.
             if let Ok(now) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
                 && std::time::Duration::new(now.tv_sec() as u64, now.tv_nsec() as u32) >= not_after

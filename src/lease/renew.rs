@@ -197,7 +197,7 @@ pub async fn renew(
 }
 
 /// What to do the moment a takeover or a shortened record is seen, before anything that may block
-/// (a log line on a stuck stderr, which blocks the whole runtime): the command's group is killed
+/// (this thread may be held up: a frozen or starved process): the command's group is killed
 /// from another thread (the watchdog's), now or by a CLOCK_BOOTTIME deadline.
 #[derive(Clone)]
 pub struct Kill {
