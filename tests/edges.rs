@@ -16,6 +16,11 @@ const SEC: u64 = 1_000_000_000;
 
 /// A leader "me" (lease 6 s, renew deadline 4 s, renews every 2 s) running a worker forever.
 fn leader(world: &World, extra: &[&str]) -> Running {
+    leader_worker(world, extra, &[])
+}
+
+/// [`leader`], its worker given `flags` (`ignore-term`).
+fn leader_worker(world: &World, extra: &[&str], flags: &[&str]) -> Running {
     let mut options = vec![
         "--lease-duration",
         "6s",
@@ -30,7 +35,7 @@ fn leader(world: &World, extra: &[&str]) -> Running {
     ];
     options.extend(extra);
     options.push("job");
-    world.worker_command(&options, -1.0, 0, &[]).spawn()
+    world.worker_command(&options, -1.0, 0, flags).spawn()
 }
 
 /// A follower with FAST timings (its own lease duration 2 s), running a worker forever.
@@ -514,7 +519,10 @@ async fn a_shrink_the_holder_cannot_undo_ends_its_worker_before_anyone_may_count
     let renewal = world.server.writes().last().unwrap().at_ns;
     world.server.deny("update", 500);
     // 300 ms into the renew interval; the next renewal (due 2 s after the last) is refused.
-    tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_millis(300)).await;
+    wait_for(LIMIT, "300 ms past the renewal", || {
+        mono_ns() > renewal + 300_000_000
+    })
+    .await;
     let edited = edit(&world, |spec| spec["leaseDurationSeconds"] = json!(1));
     wait_for(LIMIT, "the leader's worker to die", || death.is_finished()).await;
     let died = death.join().unwrap();
@@ -614,24 +622,7 @@ async fn a_release_after_an_unrestored_lowering_keeps_the_terms_token() {
 async fn a_renewal_answered_after_a_shrink_it_preceded_keeps_the_shrink() {
     let world = World::start().await;
     // A worker that ignores SIGTERM: only the kill deadline ends it.
-    let mut me = {
-        let options = [
-            "--lease-duration",
-            "6s",
-            "--renew-deadline",
-            "4s",
-            "--retry-period",
-            "250ms",
-            "--renew-interval",
-            "2s",
-            "--identity",
-            "me",
-            "job",
-        ];
-        world
-            .worker_command(&options, -1.0, 0, &["ignore-term"])
-            .spawn()
-    };
+    let mut me = leader_worker(&world, &[], &["ignore-term"]);
     let pid = world.wait_leading().await;
     let death = death_watch(pid);
     wait_for(LIMIT, "the leader's watch", || {
