@@ -59,7 +59,7 @@ pub fn main() -> u8 {
         return match cli::generate(what, &mut std::io::stdout().lock()) {
             Ok(()) => 0,
             Err(e) => {
-                eprintln!("lease-exec: cannot write to stdout: {e}");
+                logging::last_words(&format!("lease-exec: cannot write to stdout: {e}\n"));
                 exit::FAILED
             }
         };
@@ -80,8 +80,9 @@ pub fn main() -> u8 {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            logging::flush();
-            eprintln!("lease-exec: cannot start the async runtime: {e}");
+            logging::last_words(&format!(
+                "lease-exec: cannot start the async runtime: {e}\n"
+            ));
             return exit::FAILED;
         }
     };
@@ -109,7 +110,18 @@ fn usage_error(error: clap::Error) -> u8 {
         ErrorKind::DisplayHelp
         | ErrorKind::DisplayVersion
         | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            let _ = error.print();
+            if error.use_stderr() {
+                // The help shown for a missing argument goes to stderr: bounded like any last words.
+                let rendered = error.render();
+                let text = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    rendered.ansi().to_string()
+                } else {
+                    rendered.to_string()
+                };
+                logging::last_words(&text);
+            } else {
+                let _ = error.print();
+            }
             if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 exit::USAGE
             } else {
@@ -133,26 +145,23 @@ fn usage_error(error: clap::Error) -> u8 {
                     .collect();
                 message = format!("{} {}", message, items.join(", "));
             }
-            eprintln!("lease-exec: {message} (see lease-exec --help)");
+            logging::last_words(&format!("lease-exec: {message} (see lease-exec --help)\n"));
             exit::USAGE
         }
     }
 }
 
 /// The last word on stderr: one plain line (`lease-exec: ...`), or a JSON log line with
-/// `--log-format json` so that log collectors parse every line; after every queued log line (for
-/// a second at most: stderr may be what is stuck).
+/// `--log-format json` so that log collectors parse every line; after every queued log line, and
+/// waited for [`logging::FLUSH_TIMEOUT`] at most, once: stderr may be what is stuck, and the exit
+/// must come all the same.
 fn report(result: &Result<Outcome, Error>, format: cli::LogFormat) {
-    if let Err(e) = result {
-        match (e, format) {
-            (_, cli::LogFormat::Json) | (Error::Lost(_), _) => {
-                tracing::error!(exit_code = exit_code(result), "{e}")
-            }
-            _ => {
-                logging::flush();
-                eprintln!("lease-exec: {e}")
-            }
+    match (result, format) {
+        (Err(e), cli::LogFormat::Json) | (Err(e @ Error::Lost(_)), _) => {
+            tracing::error!(exit_code = exit_code(result), "{e}");
+            logging::flush();
         }
+        (Err(e), cli::LogFormat::Text) => logging::last_words(&format!("lease-exec: {e}\n")),
+        (Ok(_), _) => logging::flush(),
     }
-    logging::flush();
 }

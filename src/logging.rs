@@ -62,8 +62,7 @@ const DEFAULT_FILTER: &str =
 pub fn init(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let queue = Queue::start(std::io::stderr(), format);
-    if let Ok(queue) = queue {
+    if let Ok(queue) = Queue::start(std::io::stderr(), format) {
         let _ = QUEUE.set(queue);
     }
     match format {
@@ -156,10 +155,37 @@ impl Write for Lines {
 }
 
 /// Waits until every queued line has been written, for [`FLUSH_TIMEOUT`] at most (stderr may be
-/// what is stuck): before lease-exec's last words on stderr, and at exit.
+/// what is stuck): at exit.
 pub fn flush() {
     if let Some(queue) = QUEUE.get() {
         queue.flush(Instant::now() + FLUSH_TIMEOUT);
+    }
+}
+
+/// lease-exec's last words on stderr (a usage error, why it exits): queued after every line
+/// before them, written by the writer thread, and waited for [`FLUSH_TIMEOUT`] at most, as
+/// [`flush`] does. Never written by the caller itself: a stderr pipe that is full and that nobody
+/// reads would block it for good, and so would the lock on stderr that the writer thread holds
+/// while it is stuck on an earlier line. So every exit comes within [`FLUSH_TIMEOUT`] of deciding
+/// it, whatever stderr does. Starts the writer thread if [`init`] has not (the command line is
+/// parsed before the log starts).
+pub fn last_words(text: &str) {
+    let queue = match QUEUE.get() {
+        Some(queue) => Some(queue),
+        None => Queue::start(std::io::stderr(), LogFormat::Text)
+            .ok()
+            .map(|queue| QUEUE.get_or_init(|| queue)),
+    };
+    match queue {
+        Some(queue) => {
+            // Past the cap too: these lines say why lease-exec exits.
+            queue.push_anyway(text.as_bytes());
+            queue.flush(Instant::now() + FLUSH_TIMEOUT);
+        }
+        // No thread could be started to write it: written here, as the log's lines are then.
+        None => {
+            let _ = std::io::stderr().write_all(text.as_bytes());
+        }
     }
 }
 
@@ -239,8 +265,17 @@ impl Queue {
     }
 
     fn push(&self, line: &[u8]) {
+        self.push_within(line, self.cap);
+    }
+
+    /// Queues `line` whatever the cap (the lines before it may have been dropped).
+    fn push_anyway(&self, line: &[u8]) {
+        self.push_within(line, usize::MAX);
+    }
+
+    fn push_within(&self, line: &[u8], cap: usize) {
         let mut state = self.lock();
-        if state.bytes + line.len() > self.cap {
+        if state.bytes.saturating_add(line.len()) > cap {
             match state.lines.back_mut() {
                 Some(Entry::Dropped(n)) => *n += 1,
                 _ => state.lines.push_back(Entry::Dropped(1)),

@@ -327,9 +327,9 @@ impl Supervisor<'_> {
         let (state_tx, state) = watch::channel(LeaseState::Held(held.clone()));
         let state_tx = Arc::new(state_tx);
         let nudge = Arc::new(Nudge::default());
-        // A takeover kills the command's group from the watchdog's thread at once, before the log
-        // line that reports it (which blocks this thread when stderr is stuck). Nothing is armed
-        // before the spawn; the spawn itself checks for a takeover first.
+        // A takeover kills the command's group from the watchdog's thread at once, whatever this
+        // thread does after (see child::Watchdog): also one seen while the command is spawned, as
+        // the watchdog expects the command from before the spawn on.
         let kill = {
             let (now, by) = (watchdog.clone(), watchdog.clone());
             crate::lease::renew::Kill::new(move || now.fire_now(), move |at| by.tighten(at))
@@ -387,19 +387,32 @@ impl Supervisor<'_> {
         let timing = &self.config.timing;
         let counted = latest.counted(timing);
         let not_after = latest.renewed_at_boot + timing.renew_deadline_within(counted);
-        let child = match child::spawn(process, not_after).await {
+        // Armed before the spawn, with the kill deadline of the term's last write: the spawner's
+        // thread hands the command's pid to the watchdog right after the exec, so the command dies
+        // by that deadline at the latest even if this thread is stuck from the spawn on; a
+        // takeover or a shrink the guard sees meanwhile reaches the watchdog as it happens
+        // (`kill` above). Nothing between the check of the state above and here awaits, so no
+        // takeover can fall in between: the guard runs on this thread.
+        watchdog.expect(latest.renewed_at_boot + timing.kill_within(counted));
+        let child = match child::spawn(process, not_after, Some(watchdog)).await {
             Ok(child) => {
-                // Armed before anything else can block this thread: the command dies by the last
-                // write's safety deadline at the latest. From the state as it is now: a renewal,
-                // or a shrink seen while the spawn ran, is in it (nothing was armed to tighten).
-                let now = state.borrow().held().clone();
+                // From the state as it is now: a renewal during the spawn moves the deadline
+                // (later: the term is longer), a shrink it tightened already stays in it. After a
+                // takeover the watchdog has fired already (fire_now sticks until disarmed); told
+                // again all the same.
+                let now = state.borrow().clone();
+                let held = now.held();
                 watchdog.arm(
                     child,
-                    now.renewed_at_boot + timing.kill_within(now.counted(timing)),
+                    held.renewed_at_boot + timing.kill_within(held.counted(timing)),
                 );
+                if let LeaseState::Taken { .. } = now {
+                    watchdog.fire_now();
+                }
                 child
             }
             Err(e) if child::is_late(&e) => {
+                watchdog.disarm();
                 // Nothing ran: release at once so the next candidate need not wait for expiry. The
                 // claim did land: it is counted and reported before its release.
                 self.outside.metrics.acquired();
@@ -410,6 +423,7 @@ impl Supervisor<'_> {
                 return Err(Err(Error::Lost(Reason::Late)));
             }
             Err(e) => {
+                watchdog.disarm();
                 // Nothing ran: release at once so the next candidate need not wait for expiry.
                 self.outside.metrics.acquired();
                 self.outside.events.publish(LeaseEvent::Acquired, "");

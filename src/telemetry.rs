@@ -379,10 +379,11 @@ impl Events {
                 Err(e) => tracing::debug!(error = %e, "cannot record an Event"),
             }
         });
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(task);
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the tasks still sending are kept for `flush`: with --recampaign every term
+        // publishes, and a process may run for months.
+        pending.retain(|task| !task.is_finished());
+        pending.push(task);
     }
 
     /// Waits (briefly) for events still being sent, before exiting.
@@ -395,5 +396,60 @@ impl Events {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An API server that answers every request at once (with a 500: the Event is not recorded,
+    /// its task ends all the same).
+    fn client() -> kube::Client {
+        let service = tower::service_fn(|_: Request<kube::client::Body>| async {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(StatusCode::INTERNAL_SERVER_ERROR)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+        });
+        kube::Client::new(service, "default")
+    }
+
+    /// Each term of `--recampaign` publishes its events: the tasks that sent them are not kept once
+    /// they have ended, so a process that runs for months holds only the ones still sending.
+    #[tokio::test]
+    async fn finished_event_tasks_are_not_kept() {
+        let events = Events::new(client(), "me", true);
+        let mut lease = k8s_openapi::api::coordination::v1::Lease::default();
+        lease.metadata.name = Some("job".into());
+        lease.metadata.namespace = Some("default".into());
+        events.regarding(&lease);
+        let pending = || {
+            let tasks = events.pending.lock().unwrap();
+            (
+                tasks.len(),
+                tasks.iter().filter(|t| !t.is_finished()).count(),
+            )
+        };
+        for _ in 0..100 {
+            events.publish(LeaseEvent::Acquired, "");
+            events.publish(LeaseEvent::Lost, "the lease was taken");
+            events.publish(LeaseEvent::Released, "");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while pending().1 > 0 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "events still sending"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let (kept, running) = pending();
+        assert_eq!(running, 0);
+        // At most the last term's three, whose ending nothing has looked at yet.
+        assert!(kept <= 3, "{kept} tasks kept after 100 terms");
+        events.flush(Duration::from_secs(1)).await;
     }
 }

@@ -100,19 +100,27 @@ impl Child {
 /// What the spawner thread is asked to do.
 struct SpawnRequest {
     command: std::process::Command,
-    reply: oneshot::Sender<io::Result<(Pid, u64)>>,
+    has_terminal: bool,
+    /// Told the command's pid by the spawner thread itself, the moment the exec has happened.
+    watchdog: Option<Watchdog>,
+    reply: oneshot::Sender<io::Result<Child>>,
 }
 
 /// Forks and execs `command` under [`REAP_LOCK`], so the reaper cannot reap a child whose exec
-/// failed before std's spawn has waited for it. Returns the pid and the new [`SPAWNS`].
-fn spawn_now(command: &mut std::process::Command) -> io::Result<(Pid, u64)> {
+/// failed before std's spawn has waited for it. Returns the child, whose `spawned` is the new
+/// [`SPAWNS`].
+fn spawn_now(command: &mut std::process::Command, has_terminal: bool) -> io::Result<Child> {
     let _lock = reap_lock();
     command.spawn().map(|child| {
         let pid = Pid::from_raw(child.id() as i32);
         // Dropping std's handle neither waits nor kills: the Reaper owns waitpid.
         drop(child);
         COMMAND.store(pid.as_raw(), Ordering::SeqCst);
-        (pid, SPAWNS.fetch_add(1, Ordering::SeqCst) + 1)
+        Child {
+            pid,
+            has_terminal,
+            spawned: SPAWNS.fetch_add(1, Ordering::SeqCst) + 1,
+        }
     })
 }
 
@@ -133,8 +141,19 @@ fn spawner() -> &'static std_mpsc::Sender<SpawnRequest> {
                 // so a parent-death signal set by children it forks fires only when lease-exec
                 // itself dies.
                 for request in rx {
-                    let SpawnRequest { mut command, reply } = request;
-                    let _ = reply.send(spawn_now(&mut command));
+                    let SpawnRequest {
+                        mut command,
+                        has_terminal,
+                        watchdog,
+                        reply,
+                    } = request;
+                    let spawned = spawn_now(&mut command, has_terminal);
+                    // From this thread, before the reply: the runtime's thread, which reads the
+                    // reply, may be stuck from now on (see Watchdog::expect).
+                    if let (Ok(child), Some(watchdog)) = (&spawned, &watchdog) {
+                        watchdog.attach(*child);
+                    }
+                    let _ = reply.send(spawned);
                 }
             })
             .expect("cannot start the spawner thread");
@@ -154,9 +173,13 @@ fn in_terminal_foreground() -> bool {
 /// When lease-exec runs in a terminal's foreground, the command's group becomes the foreground
 /// group (as a shell does for a job, and tini does for its child), so an interactive command can
 /// read the terminal, and Ctrl-C reaches the command directly.
+///
+/// `watchdog`, [`Watchdog::expect`]ing the command, learns its pid from the thread that spawns it,
+/// as soon as the exec has happened, whatever this task's thread is doing by then.
 pub async fn spawn(
     mut command: std::process::Command,
     not_after: std::time::Duration,
+    watchdog: Option<&Watchdog>,
 ) -> io::Result<Child> {
     let parent = nix::unistd::getpid();
     let has_terminal = in_terminal_foreground();
@@ -204,9 +227,14 @@ pub async fn spawn(
     }
     let (reply, answer) = oneshot::channel();
     spawner()
-        .send(SpawnRequest { command, reply })
+        .send(SpawnRequest {
+            command,
+            has_terminal,
+            watchdog: watchdog.cloned(),
+            reply,
+        })
         .map_err(|_| io::Error::other("the spawner thread is gone"))?;
-    let (pid, spawned) = answer
+    answer
         .await
         .map_err(|_| io::Error::other("the spawner thread is gone"))?
         .map_err(|e| {
@@ -217,12 +245,7 @@ pub async fn spawn(
             } else {
                 e
             }
-        })?;
-    Ok(Child {
-        pid,
-        has_terminal,
-        spawned,
-    })
+        })
 }
 
 /// Why [`spawn`] did not start the command: its deadline had passed.
@@ -475,11 +498,24 @@ pub async fn kill_leftovers(child: Child, deadline: tokio::time::Instant) -> boo
 /// Enforces the kill deadline from a thread of its own, on CLOCK_BOOTTIME.
 ///
 /// The supervisor's timers run on the async runtime's one thread, on CLOCK_MONOTONIC. If that
-/// thread is stuck (a write to a stderr pipe nobody reads, a slow `/proc`), or the machine was
+/// thread is stuck (a page fault on a hung disk, a starved CPU, a slow `/proc`), or the machine was
 /// suspended (CLOCK_MONOTONIC stops; others' clocks do not), those timers fire late, while the
 /// Lease expires for everyone else on time. The watchdog needs neither: the supervisor arms it with
-/// the same deadline on every change, and it [`kill_all`]s at that instant of CLOCK_BOOTTIME
-/// (checked at least every [`Watchdog::TICK`]) whatever the runtime is doing.
+/// the same deadline on every change, and at that instant of CLOCK_BOOTTIME (checked at least every
+/// [`Watchdog::TICK`]) it kills, whatever the runtime is doing.
+///
+/// It kills until nothing of the command is left, as [`kill_leftovers`] does on the runtime's
+/// path: a process that left the command's group (`setsid`) is re-parented to lease-exec only once
+/// its parent has died, so a single round of [`kill_all`] misses it, and its own children are
+/// re-parented only once it has died in turn. So it runs [`kill_all`] every [`Watchdog::KILL_TICK`]
+/// until every child of ours outside our own process group is dead ([`nothing_left`]; a zombie
+/// waits for the reaper, on the runtime's thread, and counts as dead).
+///
+/// It is armed before the command exists ([`Watchdog::expect`], before the spawn), and the
+/// spawner's thread hands it the command's pid right after the exec ([`Watchdog::attach`]), so a
+/// takeover or a shortened term seen during the spawn ([`Watchdog::fire_now`],
+/// [`Watchdog::tighten`]) applies to the command the moment it exists, and the runtime's thread may
+/// be stuck from the spawn on.
 #[derive(Clone)]
 pub struct Watchdog {
     shared: std::sync::Arc<(Mutex<Armed>, std::sync::Condvar)>,
@@ -487,16 +523,32 @@ pub struct Watchdog {
 
 #[derive(Default)]
 struct Armed {
+    /// The command, once spawned.
     child: Option<Child>,
-    /// CLOCK_BOOTTIME instant.
+    /// CLOCK_BOOTTIME instant; `None`: disarmed.
     deadline: Option<std::time::Duration>,
+    /// A takeover: kill at once, whatever deadline is armed later, until disarmed.
+    now: bool,
+    /// The deadline passed: killing until nothing of the command is left.
     fired: bool,
+    /// Nothing of the command is left alive.
+    done: bool,
+}
+
+impl Armed {
+    /// Whether to kill now.
+    fn due(&self, now: std::time::Duration) -> bool {
+        self.fired || self.now || self.deadline.is_some_and(|deadline| now >= deadline)
+    }
 }
 
 impl Watchdog {
     /// How often the armed watchdog reads CLOCK_BOOTTIME (condition-variable timeouts run on the
     /// monotonic clock, which stops during suspend).
     pub const TICK: std::time::Duration = std::time::Duration::from_millis(50);
+
+    /// How often it kills again once fired, until nothing of the command is left.
+    pub const KILL_TICK: std::time::Duration = std::time::Duration::from_millis(5);
 
     /// Starts the thread, disarmed.
     pub fn start() -> io::Result<Watchdog> {
@@ -510,16 +562,26 @@ impl Watchdog {
                 let (lock, wake) = &*shared;
                 let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
-                    let wait = match (armed.child, armed.deadline, armed.fired) {
-                        (Some(child), Some(deadline), false) => {
+                    let wait = match (armed.child, armed.deadline) {
+                        (Some(child), Some(deadline)) if !armed.done => {
                             let now = crate::clock::boot_time();
-                            if now >= deadline {
-                                // No logging here: stderr may be what is stuck.
-                                kill_all(child);
+                            if armed.due(now) {
                                 armed.fired = true;
-                                continue;
+                                // Not under the lock: the runtime's thread arms and disarms
+                                // without waiting for /proc. No logging here: stderr may be what
+                                // is stuck.
+                                drop(armed);
+                                kill_all(child);
+                                let gone = nothing_left() == Some(true);
+                                armed = lock.lock().unwrap_or_else(|e| e.into_inner());
+                                if gone && armed.child == Some(child) && armed.fired {
+                                    armed.done = true;
+                                    continue;
+                                }
+                                Some(Self::KILL_TICK)
+                            } else {
+                                Some((deadline - now).min(Self::TICK))
                             }
-                            Some((deadline - now).min(Self::TICK))
                         }
                         _ => None,
                     };
@@ -536,13 +598,39 @@ impl Watchdog {
         Ok(watchdog)
     }
 
+    /// A term's command is about to be spawned: kill it at `deadline` (a CLOCK_BOOTTIME instant),
+    /// or at once after [`Watchdog::fire_now`], from the moment the spawner's thread hands its pid
+    /// over ([`Watchdog::attach`]). Forgets any earlier command.
+    pub fn expect(&self, deadline: std::time::Duration) {
+        let (lock, wake) = &*self.shared;
+        let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
+        *armed = Armed {
+            deadline: Some(deadline),
+            ..Armed::default()
+        };
+        wake.notify_one();
+    }
+
+    /// The command [`Watchdog::expect`]ed exists: from the spawner's thread, right after the exec.
+    fn attach(&self, child: Child) {
+        let (lock, wake) = &*self.shared;
+        let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if armed.child != Some(child) {
+            armed.child = Some(child);
+            armed.fired = false;
+            armed.done = false;
+        }
+        wake.notify_one();
+    }
+
     /// Kill `child` (and its leftovers) at `deadline`, a CLOCK_BOOTTIME instant, unless re-armed
-    /// or disarmed before.
+    /// or disarmed before. Once it has fired for `child`, or after [`Watchdog::fire_now`], a later
+    /// deadline changes nothing: it kills until nothing is left.
     pub fn arm(&self, child: Child, deadline: std::time::Duration) {
         let (lock, wake) = &*self.shared;
         let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
         if armed.child != Some(child) {
-            armed.fired = false;
+            *armed = Armed::default();
         }
         armed.child = Some(child);
         armed.deadline = Some(deadline);
@@ -550,25 +638,26 @@ impl Watchdog {
     }
 
     /// Kill the armed command now, from the watchdog's own thread: for a takeover seen on a thread
-    /// that may block right after (its log line on a stderr nobody reads), so the kill never waits
-    /// for that thread. Nothing happens when nothing is armed.
+    /// that may block right after, so the kill never waits for that thread. A command still being
+    /// spawned ([`Watchdog::expect`]) is killed the moment it exists. Nothing happens when nothing
+    /// is armed.
     pub fn fire_now(&self) {
         let (lock, wake) = &*self.shared;
         let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
-        if armed.child.is_some() {
-            armed.deadline = Some(std::time::Duration::ZERO);
+        if armed.deadline.is_some() {
+            armed.now = true;
             wake.notify_one();
         }
     }
 
-    /// Bring the kill deadline of the armed command forward to `deadline` (a CLOCK_BOOTTIME
-    /// instant), never back: for a shortened term seen on a thread that may block right after.
-    /// Nothing happens when nothing is armed.
+    /// Bring the kill deadline of the armed (or expected) command forward to `deadline` (a
+    /// CLOCK_BOOTTIME instant), never back: for a shortened term seen on a thread that may block
+    /// right after. Nothing happens when nothing is armed.
     pub fn tighten(&self, deadline: std::time::Duration) {
         let (lock, wake) = &*self.shared;
         let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
-        if armed.child.is_some() {
-            armed.deadline = Some(armed.deadline.map_or(deadline, |d| d.min(deadline)));
+        if let Some(armed_deadline) = armed.deadline {
+            armed.deadline = Some(armed_deadline.min(deadline));
             wake.notify_one();
         }
     }
@@ -582,13 +671,46 @@ impl Watchdog {
             .fired
     }
 
-    /// Stop watching (the command is gone).
+    /// Stop watching (the command is gone, or was never spawned).
     pub fn disarm(&self) {
         let (lock, wake) = &*self.shared;
         let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
         *armed = Armed::default();
         wake.notify_one();
     }
+}
+
+/// Whether every child of ours outside our own process group, the ones [`kill_all`] signals, is
+/// dead (a zombie at most, or reaped); `None` when `/proc` cannot tell. Then nothing of the command
+/// is left: a live descendant's parent is alive too, up to a child of ours (a process's children
+/// are re-parented to us when it dies, before it becomes a zombie), unless a subreaper below us
+/// took it. The children are read twice, around the check: one re-parented meanwhile, when its
+/// parent died, is new in the second reading.
+fn nothing_left() -> Option<bool> {
+    let own_group = nix::unistd::getpgrp();
+    let outside = |children: HashSet<Pid>| -> HashSet<Pid> {
+        children
+            .into_iter()
+            .filter(|&pid| nix::unistd::getpgid(Some(pid)).is_ok_and(|group| group != own_group))
+            .collect()
+    };
+    let before = outside(own_children()?);
+    if !before.iter().all(|&pid| is_dead(pid)) {
+        return Some(false);
+    }
+    Some(outside(own_children()?).is_subset(&before))
+}
+
+/// Whether `pid` is a zombie or gone, from `/proc/<pid>/stat`.
+fn is_dead(pid: Pid) -> bool {
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat,
+        Err(e) => return e.kind() == io::ErrorKind::NotFound,
+    };
+    // The state follows the command name, which may contain spaces and parentheses.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| matches!(state, "Z" | "X" | "x"))
 }
 
 /// Our direct children, from `/proc/self/task/*/children`. `None` when `/proc` cannot tell: a kernel
@@ -711,7 +833,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let late = dir.join("late");
         let passed = crate::clock::boot_time() - std::time::Duration::from_millis(1);
-        let Err(error) = spawn(touch(&late), passed).await else {
+        let Err(error) = spawn(touch(&late), passed, None).await else {
             panic!("started past its deadline");
         };
         assert!(is_late(&error), "{error}");
@@ -719,7 +841,7 @@ mod tests {
         assert!(!late.exists());
         let on_time = dir.join("on-time");
         let ahead = crate::clock::boot_time() + std::time::Duration::from_secs(60);
-        let child = spawn(touch(&on_time), ahead).await.expect("started");
+        let child = spawn(touch(&on_time), ahead, None).await.expect("started");
         let status = nix::sys::wait::waitpid(child.pid, None).unwrap();
         assert!(
             matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0)),
