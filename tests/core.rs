@@ -528,12 +528,14 @@ async fn a_metrics_port_in_use_exits_125_before_the_lease_is_touched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recampaign_runs_the_command_again_after_a_loss_and_its_own_exit_still_ends_it() {
+    kernel();
     let world = World::start().await;
     let mut options: Vec<&str> = FAST.to_vec();
     options.extend(["--recampaign", "--identity", "me", "job"]);
     let mut running = world.worker_command(&options, -1.0, 0, &[]).spawn();
     let first = world.wait_leading().await;
     // Taken by an operator for 1 s: the command dies at once, lease-exec stays and campaigns.
+    let stolen_ns = mono_ns();
     world.server.steal(NS, "job", "operator", 1);
     wait_for(LIMIT, "the command to run again", || {
         world.starts().len() == 2
@@ -544,14 +546,18 @@ async fn recampaign_runs_the_command_again_after_a_loss_and_its_own_exit_still_e
     let log = running.stderr();
     assert!(log.contains("campaigning again"), "{log}");
     assert!(log.contains("term=2"), "{log}");
-    // It ran again only after the operator's 1 s term: the first term's command was long dead.
-    let starts = world.starts();
-    assert!(
-        starts[1].at_ns - starts[0].at_ns > 1_000_000_000,
-        "{starts:?}"
-    );
     running.signal(Signal::SIGTERM);
     assert_eq!(running.wait(LIMIT).await, 143, "{}", running.stderr());
+    // By the kernel's stamps: the second command was exec'd only after the operator's 1 s term,
+    // and the first term's command was dead by then.
+    let runs = world.kernel_runs().await;
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_one_at_a_time(&runs, &format!("{runs:?}"));
+    assert!(
+        runs[1].exec_ns >= stolen_ns + 1_000_000_000,
+        "ran again {:.1} ms after the operator's 1 s term began: {runs:?}",
+        (runs[1].exec_ns - stolen_ns) as f64 / 1e6
+    );
 
     // The command's own exit ends lease-exec with its code.
     let mut options: Vec<&str> = FAST.to_vec();
