@@ -1031,39 +1031,67 @@ fn the_judge_flags_overlaps_and_tokens_that_do_not_rise_per_lease() {
     );
 }
 
+/// The check a chaos run ends with is [`judge`] on the kernel's stamps: a 2 ms overlap is flagged
+/// where the workers' own journals (a start written after the exec, a stop before the exit) show
+/// none; back to back is no overlap; a worker SIGKILLed before it journaled anything still counts.
 #[test]
 fn the_overlap_check_flags_a_2_ms_overlap() {
     let ms = 1_000_000;
-    let entry = |what: &str, pid: i32, at_ns: u64| Entry {
+    let journaled = |mut run: Run, at_ms: u64| {
+        run.journaled_ns = Some(at_ms * ms);
+        run
+    };
+    // The kernel: 1 ran 100..200 ms, 2 was exec'd at 198 ms. Their journals: 1 from 101 to 199,
+    // 2 from 201.
+    let runs = [
+        journaled(run(1, "a", 100, 200, Some(1)), 101),
+        journaled(run(2, "a", 198, 300, Some(2)), 201),
+    ];
+    let entry = |what: &str, pid: i32, at_ms: u64| Entry {
         what: what.into(),
         pid,
-        at_ns,
+        at_ns: at_ms * ms,
         identity: "-".into(),
         transitions: "-".into(),
-        lease: "-".into(),
+        lease: "a".into(),
     };
     let journal = [
-        entry("start", 1, 100 * ms),
-        entry("stop", 1, 200 * ms),
-        entry("start", 2, 198 * ms),
-        entry("stop", 2, 300 * ms),
-    ];
-    let spans = closed_spans(&journal, |_| None, 400 * ms);
-    assert_eq!(first_overlap(&spans).map(|[a, b]| (a.0, b.0)), Some((1, 2)));
-    // Back to back is no overlap.
-    let journal = [
-        entry("start", 1, 100 * ms),
-        entry("stop", 1, 200 * ms),
-        entry("start", 2, 200 * ms),
+        entry("start", 1, 101),
+        entry("stop", 1, 199),
+        entry("start", 2, 201),
     ];
     assert_eq!(
         first_overlap(&closed_spans(&journal, |_| None, 400 * ms)),
-        None
+        None,
+        "the journals hide it"
     );
-    // A worker that never wrote `stop` is open until its observed death.
-    let journal = [entry("start", 1, 100 * ms), entry("start", 2, 150 * ms)];
-    let spans = closed_spans(&journal, |pid| (pid == 1).then_some(152 * ms), 400 * ms);
-    assert!(first_overlap(&spans).is_some());
+    let v = judge(&runs, &[]);
+    assert_eq!(
+        v.overlaps
+            .iter()
+            .map(|[a, b]| (a.pid, b.pid))
+            .collect::<Vec<_>>(),
+        [(1, 2)]
+    );
+    // Back to back is no overlap: a gap of 0.
+    let v = judge(
+        &[
+            run(1, "a", 100, 200, Some(1)),
+            run(2, "a", 200, 300, Some(2)),
+        ],
+        &[],
+    );
+    assert!(v.overlaps.is_empty(), "{v:?}");
+    assert_eq!(v.smallest_gap.map(|g| g.0), Some(0));
+    // A worker killed 2 ms after its exec, before its first journal line, inside another's run.
+    let v = judge(
+        &[
+            journaled(run(1, "a", 100, 200, Some(1)), 101),
+            run(2, "a", 150, 152, Some(2)),
+        ],
+        &[],
+    );
+    assert_eq!(v.overlaps.len(), 1, "{v:?}");
 }
 
 /// The kernel's stamps, end to end: two workers forced together, the second (50 ms) inside the

@@ -286,6 +286,7 @@ async fn forbidden_exits_125_naming_the_verb_and_the_rule() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_and_three_contenders_never_overlap() {
+    kernel();
     for n in [2, 3] {
         let world = World::start().await;
         let mut all: Vec<Running> = (0..n)
@@ -294,20 +295,115 @@ async fn two_and_three_contenders_never_overlap() {
         for running in &mut all {
             assert_eq!(running.wait(LIMIT).await, 0, "{}", running.stderr());
         }
-        let entries = world.journal_entries();
-        assert_eq!(world.starts().len(), n, "each ran once: {entries:?}");
-        assert_no_overlap(
-            &closed_spans(&entries, |_| None, mono_ns()),
-            &format!("{entries:?}"),
-        );
+        // Exec and exit as the kernel stamped them: a worker's own journal writes its start after
+        // the exec and its stop before the exit, so a short overlap would not show in it.
+        let runs = world.kernel_runs().await;
+        assert_eq!(runs.len(), n, "each ran once: {runs:?}");
+        assert_one_at_a_time(&runs, &format!("{runs:?}"));
         // Transitions grow with every change of holder: a usable fencing token.
-        let tokens: Vec<i64> = world
-            .starts()
-            .iter()
-            .map(|e| e.transitions.parse().unwrap())
-            .collect();
+        let tokens: Vec<i64> = runs.iter().map(|r| r.transitions.unwrap()).collect();
         assert!(tokens.windows(2).all(|w| w[1] > w[0]), "{tokens:?}");
     }
+}
+
+/// The check every overlap test uses ([`assert_one_at_a_time`]), on hand-made kernel stamps: a
+/// 2 ms overlap that the workers' own journals would hide (the second wrote its start after the
+/// first wrote its stop) is caught; back to back is not an overlap; runs of other Leases (slots)
+/// may overlap; a run nested in a longer one is caught. [`most_at_once`] counts the same way.
+#[test]
+fn the_kernel_overlap_check_catches_what_the_journal_hides() {
+    let ms = 1_000_000;
+    let run = |pid: i32, lease: &str, exec: u64, exit: u64, journaled: u64| Run {
+        pid,
+        exec_ns: exec * ms,
+        exit_ns: exit * ms,
+        lease: Some(lease.into()),
+        identity: None,
+        transitions: None,
+        journaled_ns: Some(journaled * ms),
+    };
+    // Journals: 1 ran 101..199, 2 ran 201..: no overlap there. The kernel: 1 exited at 200, 2 was
+    // exec'd at 198.
+    let hidden = [run(1, "a", 100, 200, 101), run(2, "a", 198, 300, 201)];
+    let entries: Vec<Entry> = [("start", 1, 101), ("stop", 1, 199), ("start", 2, 201)]
+        .iter()
+        .map(|&(what, pid, at)| Entry {
+            what: what.into(),
+            pid,
+            at_ns: at * ms,
+            identity: "-".into(),
+            transitions: "-".into(),
+            lease: "a".into(),
+        })
+        .collect();
+    assert_eq!(
+        first_overlap(&closed_spans(&entries, |_| None, 400 * ms)),
+        None
+    );
+    let found = overlaps(&hidden);
+    assert_eq!(
+        found
+            .iter()
+            .map(|[a, b]| (a.pid, b.pid))
+            .collect::<Vec<_>>(),
+        [(1, 2)]
+    );
+    let caught = std::panic::catch_unwind(|| assert_one_at_a_time(&hidden, &"hand-made"));
+    assert!(
+        caught.is_err(),
+        "assert_one_at_a_time let a 2 ms overlap pass"
+    );
+    assert_eq!(most_at_once(&hidden), (2, 198 * ms));
+    // Back to back, and another Lease at the same time.
+    let clean = [
+        run(1, "a", 100, 200, 101),
+        run(2, "a", 200, 300, 201),
+        run(3, "b", 150, 250, 151),
+    ];
+    assert!(overlaps(&clean).is_empty());
+    assert_one_at_a_time(&clean, &"hand-made");
+    assert_eq!(most_at_once(&clean).0, 2);
+    // Nested: 2 inside 1, and 3 starting inside 1 after 2 ended.
+    let nested = [
+        run(1, "a", 100, 500, 101),
+        run(2, "a", 200, 300, 201),
+        run(3, "a", 400, 600, 401),
+    ];
+    assert_eq!(
+        overlaps(&nested)
+            .iter()
+            .map(|[a, b]| (a.pid, b.pid))
+            .collect::<Vec<_>>(),
+        [(1, 2), (1, 3)]
+    );
+    assert_eq!(most_at_once(&nested).0, 2);
+}
+
+/// The same check end to end: two journaling workers started by hand, the second (50 ms) while
+/// the first (300 ms) runs, are caught from the kernel's exec and exit stamps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_forced_together_fail_the_overlap_check() {
+    kernel();
+    let world = World::start().await;
+    let run = |seconds: &str| {
+        std::process::Command::new(world.worker())
+            .args([world.journal().to_str().unwrap(), seconds, "0"])
+            .env("LEASE_EXEC_HELD_LEASE", "job")
+            .spawn()
+            .unwrap()
+    };
+    let mut first = run("0.3");
+    wait_for(LIMIT, "the first worker", || !world.starts().is_empty()).await;
+    let mut second = run("0.05");
+    second.wait().unwrap();
+    first.wait().unwrap();
+    let runs = world.kernel_runs().await;
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let found = overlaps(&runs);
+    assert_eq!(found.len(), 1, "{runs:?}");
+    assert_eq!(found[0][0].pid, runs[0].pid);
+    let caught = std::panic::catch_unwind(|| assert_one_at_a_time(&runs, &"forced"));
+    assert!(caught.is_err(), "the forced overlap passed: {runs:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,12 +528,14 @@ async fn a_metrics_port_in_use_exits_125_before_the_lease_is_touched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recampaign_runs_the_command_again_after_a_loss_and_its_own_exit_still_ends_it() {
+    kernel();
     let world = World::start().await;
     let mut options: Vec<&str> = FAST.to_vec();
     options.extend(["--recampaign", "--identity", "me", "job"]);
     let mut running = world.worker_command(&options, -1.0, 0, &[]).spawn();
     let first = world.wait_leading().await;
     // Taken by an operator for 1 s: the command dies at once, lease-exec stays and campaigns.
+    let stolen_ns = mono_ns();
     world.server.steal(NS, "job", "operator", 1);
     wait_for(LIMIT, "the command to run again", || {
         world.starts().len() == 2
@@ -448,14 +546,18 @@ async fn recampaign_runs_the_command_again_after_a_loss_and_its_own_exit_still_e
     let log = running.stderr();
     assert!(log.contains("campaigning again"), "{log}");
     assert!(log.contains("term=2"), "{log}");
-    // It ran again only after the operator's 1 s term: the first term's command was long dead.
-    let starts = world.starts();
-    assert!(
-        starts[1].at_ns - starts[0].at_ns > 1_000_000_000,
-        "{starts:?}"
-    );
     running.signal(Signal::SIGTERM);
     assert_eq!(running.wait(LIMIT).await, 143, "{}", running.stderr());
+    // By the kernel's stamps: the second command was exec'd only after the operator's 1 s term,
+    // and the first term's command was dead by then.
+    let runs = world.kernel_runs().await;
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_one_at_a_time(&runs, &format!("{runs:?}"));
+    assert!(
+        runs[1].exec_ns >= stolen_ns + 1_000_000_000,
+        "ran again {:.1} ms after the operator's 1 s term began: {runs:?}",
+        (runs[1].exec_ns - stolen_ns) as f64 / 1e6
+    );
 
     // The command's own exit ends lease-exec with its code.
     let mut options: Vec<&str> = FAST.to_vec();

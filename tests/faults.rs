@@ -349,6 +349,47 @@ async fn wait_timeout_is_honoured_while_the_api_is_down() {
     assert!(log.contains("--wait-timeout"), "{log}");
 }
 
+/// `--wait-timeout 1500ms` against a hung API server, both sides, by the kernel's stamp of
+/// lease-exec's exit: between 1.5 s and 2.0 s after the wait began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "lease-exec exits ~2.02 s after the wait began: when the wait ends it reads the one \
+            slot once more even with no write of its own in flight, for a whole request timeout \
+            (500 ms) against a hung server, then exits"]
+async fn wait_timeout_exits_on_schedule_while_the_api_is_down() {
+    let world = World::start().await;
+    world.server.set_mode(Mode::Hang);
+    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+    args.extend(["--wait-timeout", "1500ms", "job", "--", "true"].map(String::from));
+    kernel();
+    let mut running = world.lease_exec(args).spawn();
+    let pid = running.pid() as u32;
+    let code = running.wait(LIMIT).await;
+    let log = running.stderr();
+    assert_eq!(code, i32::from(exit::WAIT_TIMEOUT), "{log}");
+    // On schedule, both sides: from the start of the wait (its log line, stamped right after the
+    // deadline was set) to lease-exec's exit as the kernel stamped it, not before the 1.5 s and
+    // not held up past one request timeout (500 ms: the last read of the Lease, whose answer
+    // never comes) by the requests the hung server never answers.
+    let waiting = log
+        .lines()
+        .find(|l| l.contains("waiting for the lease"))
+        .unwrap_or_else(|| panic!("no start of the wait; log:\n{log}"));
+    let from_ns = mono_ns_of_log_line(waiting);
+    let mut exit_ns = None;
+    wait_for(LIMIT, "the kernel's stamp of lease-exec's exit", || {
+        exit_ns = kernel().exit_of(pid, from_ns);
+        exit_ns.is_some()
+    })
+    .await;
+    let took_ms = (exit_ns.unwrap() - from_ns) as f64 / 1e6;
+    // The log's stamp is truncated to the µs.
+    assert!(
+        (1499.999..=2000.0).contains(&took_ms),
+        "exited {took_ms:.1} ms after the wait began (--wait-timeout 1500ms); log:\n{log}"
+    );
+    assert!(log.contains("--wait-timeout"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_garbage_holder_with_a_huge_duration_is_honoured() {
     let world = World::start().await;

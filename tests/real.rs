@@ -23,7 +23,8 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::Value;
 use support::{
-    Entry, Running, alive, assert_no_overlap, closed_spans, holds_for, mono_ns, wait_for,
+    Entry, Run, Running, alive, assert_one_at_a_time, holds_for, kernel, kernel_runs_in, mono_ns,
+    most_at_once, wait_for,
 };
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -68,6 +69,36 @@ async fn wait_started(space: &Space<'_>, identity: &str, limit: Duration) -> Ent
     })
     .await;
     found.unwrap()
+}
+
+/// The exit of `pid` after `after_ns` (CLOCK_MONOTONIC ns) as the kernel stamped it, waiting up
+/// to `limit` for it (the proc connector's reader may also lag the exit by a few ms); [`kernel`]
+/// must have been opened before the process exited.
+async fn kernel_exit(pid: i32, after_ns: u64, limit: Duration) -> u64 {
+    let mut exit_ns = None;
+    wait_for(
+        limit,
+        &format!("the kernel's stamp of the exit of {pid}"),
+        || {
+            exit_ns = kernel().exit_of(pid as u32, after_ns);
+            exit_ns.is_some()
+        },
+    )
+    .await;
+    exit_ns.unwrap()
+}
+
+/// A wall-clock time in seconds since the epoch (a `MicroTime` the server stored, say) on
+/// CLOCK_MONOTONIC ns, as the kernel's stamps are.
+fn mono_ns_of_wall(secs: f64) -> i64 {
+    let offset_ns = now_secs() * 1e9 - mono_ns() as f64;
+    (secs * 1e9 - offset_ns) as i64
+}
+
+/// The workers of `space` as the kernel stamped them (see [`kernel_runs_in`]); call once every
+/// worker has exited.
+async fn kernel_runs(space: &Space<'_>) -> Vec<Run> {
+    kernel_runs_in(&space.journal()).await
 }
 
 async fn wait_log(running: &Running, limit: Duration, what: &str, needle: &str) {
@@ -192,6 +223,7 @@ async fn three_contenders_hand_over_without_overlap() {
     let Some(cluster) = Cluster::shared().await else {
         return;
     };
+    kernel();
     let space = Space::new(cluster, "handoff").await;
     const HANDOFFS: usize = 10;
     let mut generation = 0;
@@ -226,15 +258,15 @@ async fn three_contenders_hand_over_without_overlap() {
         slot.wait(LIMIT).await;
     }
 
-    let entries = space.entries();
-    let spans = closed_spans(&entries, |_| None, mono_ns());
-    assert_no_overlap(&spans, &"three lease-exec contenders");
-    let mut gaps: Vec<f64> = spans
+    // By the kernel's exec and exit stamps, which a short overlap cannot hide from.
+    let runs = kernel_runs(&space).await;
+    assert_one_at_a_time(&runs, &"three lease-exec contenders");
+    let mut gaps: Vec<f64> = runs
         .windows(2)
-        .map(|w| ms(w[1].1 - w[0].2))
+        .map(|w| ms(w[1].exec_ns - w[0].exit_ns))
         .take(HANDOFFS)
         .collect();
-    assert!(gaps.len() >= HANDOFFS, "{spans:?}");
+    assert!(gaps.len() >= HANDOFFS, "{runs:?}");
     let max = gaps.iter().cloned().fold(0.0, f64::max);
     // The same handoffs as lease-exec logged them: the release, and the next command's spawn.
     let started = space.log_times("command started");
@@ -256,9 +288,9 @@ async fn three_contenders_hand_over_without_overlap() {
     // to the 500 ms retry period; an expiry 4 s).
     assert!(max < 1000.0, "a handoff took {max:.1} ms: {gaps:?}");
     // Each takeover continued the fencing token.
-    let tokens: Vec<i64> = starts(&entries)
+    let tokens: Vec<i64> = runs
         .iter()
-        .map(|e| e.transitions.parse().unwrap())
+        .map(|r| r.transitions.expect("LEASE_EXEC_TRANSITIONS"))
         .collect();
     assert!(
         tokens.windows(2).all(|w| w[1] == w[0] + 1),
@@ -306,6 +338,7 @@ async fn rbac_exactly_the_deployed_role_is_enough() {
     let Some(cluster) = Cluster::shared().await else {
         return;
     };
+    kernel();
     let space = Space::new(cluster, "rbac-full").await;
     let sa = space
         .service_account(RBAC, &["get", "create", "update", "watch"], true)
@@ -334,10 +367,10 @@ async fn rbac_exactly_the_deployed_role_is_enough() {
     .await;
     assert_eq!(leader.wait(LIMIT).await, 0, "{}", leader.stderr());
     assert_eq!(follower.wait(LIMIT).await, 0, "{}", follower.stderr());
-    let spans = closed_spans(&space.entries(), |_| None, mono_ns());
-    assert_eq!(spans.len(), 2, "{spans:?}");
-    assert_no_overlap(&spans, &"leader and follower");
-    let gap = ms(spans[1].1 - spans[0].2);
+    let runs = kernel_runs(&space).await;
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_one_at_a_time(&runs, &"leader and follower");
+    let gap = ms(runs[1].exec_ns - runs[0].exit_ns);
     report(&format!(
         "real tier: service account with deploy/rbac.yaml's Role: release -> follower's start {gap:.1} ms"
     ));
@@ -694,6 +727,7 @@ async fn owner_pod_deletion_collects_the_lease_and_followers_honour_the_term() {
     let Some(cluster) = Cluster::shared().await else {
         return;
     };
+    kernel();
     let space = Space::new(cluster, "owner").await;
     let uid_a = create_pod(&space, "pod-a").await;
     let uid_b = create_pod(&space, "pod-b").await;
@@ -792,11 +826,14 @@ async fn owner_pod_deletion_collects_the_lease_and_followers_honour_the_term() {
         recreated["spec"]["leaseTransitions"].as_i64() >= last["spec"]["leaseTransitions"].as_i64(),
         "{last} -> {recreated}"
     );
-    let worker_b = wait_started(&space, "b", LIMIT).await;
-    assert!(!alive(worker_a.pid));
-    assert!(worker_b.at_ns > worker_a.at_ns);
+    wait_started(&space, "b", LIMIT).await;
     b.signal(Signal::SIGTERM);
     b.wait(LIMIT).await;
+    // a's worker exited before b's was exec'd, by the kernel's stamps.
+    let runs = kernel_runs(&space).await;
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_eq!(runs[0].pid, worker_a.pid, "{runs:?}");
+    assert_one_at_a_time(&runs, &"a's worker and b's across the collector's deletion");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -809,6 +846,7 @@ async fn api_server_restart_compaction_and_a_long_outage() {
     let Some(cluster) = Cluster::dedicated("restart", &["--watch-cache=false"]).await else {
         return;
     };
+    kernel();
     let space = Space::new(&cluster, "restart").await;
     const LEASE: f64 = 20.0;
     let timing = [
@@ -904,9 +942,14 @@ async fn api_server_restart_compaction_and_a_long_outage() {
     leader.signal(Signal::SIGTERM);
     assert_eq!(leader.wait(LIMIT).await, 143, "{}", leader.stderr());
     let taken = wait_started(&space, "follower", LIMIT).await;
-    let spans = closed_spans(&space.entries(), |_| None, mono_ns());
-    assert_no_overlap(&spans, &"leader and follower");
-    let gap = ms(taken.at_ns - spans[0].2);
+    // From the leader's worker's exit to the follower's worker's exec, as the kernel stamped them
+    // (no overlap: checked over both runs at the end).
+    let leader_exit = kernel_exit(worker.pid, worker.at_ns, LIMIT).await;
+    let follower_exec = kernel()
+        .span_at(taken.pid as u32, taken.at_ns)
+        .expect("the kernel's span of the follower's worker")
+        .exec_ns;
+    let gap = (follower_exec as i64 - leader_exit as i64) as f64 / 1e6;
     report(&format!(
         "real tier: after the restarts and the 410, release -> follower's start {gap:.1} ms"
     ));
@@ -922,16 +965,7 @@ async fn api_server_restart_compaction_and_a_long_outage() {
     drop(renewed);
     let stopped = now_secs();
     cluster.control("stop-apiserver", &[]).await;
-    let mut died = 0.0;
-    wait_for(Duration::from_secs(30), "the worker to be stopped", || {
-        if alive(taken.pid) {
-            false
-        } else {
-            died = now_secs();
-            true
-        }
-    })
-    .await;
+    let died_ns = kernel_exit(taken.pid, taken.at_ns, Duration::from_secs(30)).await as i64;
     assert_eq!(follower.wait(LIMIT).await, 75, "{}", follower.stderr());
     cluster.control("start-apiserver", &[]).await;
     let last = space.lease("job").await.unwrap();
@@ -940,20 +974,35 @@ async fn api_server_restart_compaction_and_a_long_outage() {
         "follower",
         "not released while unreachable: {last}"
     );
+    // `R`: the start of the last renewal that succeeded; the renewTime it wrote was read from the
+    // wall clock right after. The worker stops at its SIGTERM at R + renew deadline (14 s), so it
+    // is gone on that schedule, both sides, and well before the kill deadline R + 20 s − 600 ms.
     let last_renewal = micro_time_secs(&spec_str(&last, "renewTime"));
+    let renewed_ns = mono_ns_of_wall(last_renewal);
+    let after_ms = (died_ns - renewed_ns) as f64 / 1e6;
+    let died = stopped + (died_ns - mono_ns_of_wall(stopped)) as f64 / 1e9;
     let expiry = last_renewal + LEASE;
     report(&format!(
-        "real tier: API server down for good: the command stopped {:.1} s after the stop began, {:.1} s after the last renewal, {:.1} s before the lease could expire for others",
+        "real tier: API server down for good: the command stopped {:.1} s after the stop began, {:.3} s after the last renewal, {:.1} s before the lease could expire for others",
         died - stopped,
-        died - last_renewal,
+        after_ms / 1000.0,
         expiry - died
     ));
+    let (early, late) = (
+        support::REQUEST_LEAD_NS as f64 / 1e6,
+        support::TERM_LATE_NS as f64 / 1e6,
+    );
     assert!(
-        died < expiry,
-        "the worker died {:.3} s after the lease could expire:\n{}",
-        died - expiry,
+        (14_000.0 - early..=14_000.0 + late).contains(&after_ms),
+        "the worker exited {after_ms:.1} ms after the last renewal (SIGTERM at the 14 s renew \
+         deadline, allowed -{early}..+{late} ms; kill deadline 19 400 ms, expiry {} ms):\n{}",
+        LEASE * 1000.0,
         follower.stderr()
     );
+    // Never two workers at once, over the whole run.
+    let runs = kernel_runs(&space).await;
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_one_at_a_time(&runs, &"leader and follower across restarts");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1059,6 +1108,7 @@ async fn a_planned_handover_goes_to_the_preferred_candidate() {
     else {
         return;
     };
+    kernel();
     let space = Space::new(&cluster, "strategy").await;
     // The real validation: preferredHolder requires strategy.
     let invalid = space
@@ -1092,9 +1142,6 @@ async fn a_planned_handover_goes_to_the_preferred_candidate() {
     assert!(out.contains("a -> b"), "{out}");
     assert_eq!(a.wait(LIMIT).await, 75, "{}", a.stderr());
     wait_started(&space, "b", LIMIT).await;
-    let spans = closed_spans(&space.entries(), |_| None, mono_ns());
-    assert_no_overlap(&spans, &"handover a -> b on kube-apiserver");
-    let gap = ms(spans[1].1 - spans[0].2);
     let versions: Vec<Value> = watch.events().into_iter().map(|(_, l)| l).collect();
     assert!(
         versions.iter().all(|l| holder(l) != "c"),
@@ -1117,14 +1164,20 @@ async fn a_planned_handover_goes_to_the_preferred_candidate() {
     assert_eq!(spec_str(&now, "preferredHolder"), "", "{now}");
     let (_, status, _) = run_to_end(&space, &["--status", "job"]).await;
     assert!(!status.contains("handover:"), "{status}");
-    report(&format!(
-        "real tier: planned handover a -> b (3 contenders, c deferred): {gap:.1} ms from a's worker gone to b's started; {}",
-        out.trim()
-    ));
     for mut running in [b, c] {
         running.signal(Signal::SIGTERM);
         running.wait(LIMIT).await;
     }
+    // (c may take the Lease over when b stops.)
+    let runs = kernel_runs(&space).await;
+    assert_one_at_a_time(&runs, &"handover a -> b on kube-apiserver");
+    let identities: Vec<_> = runs.iter().map(|r| r.identity.as_deref()).collect();
+    assert_eq!(identities[..2], [Some("a"), Some("b")], "{runs:?}");
+    let gap = ms(runs[1].exec_ns - runs[0].exit_ns);
+    report(&format!(
+        "real tier: planned handover a -> b (3 contenders, c deferred): {gap:.1} ms from a's worker gone to b's started; {}",
+        out.trim()
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1149,6 +1202,7 @@ async fn a_semaphore_of_two_slots_among_three_contenders() {
     let Some(cluster) = Cluster::shared().await else {
         return;
     };
+    kernel();
     let space = Space::new(cluster, "semaphore").await;
     let spawn = |identity: &str, run_for: f64| {
         let mut args: Vec<String> = TIMING.iter().map(|s| s.to_string()).collect();
@@ -1182,28 +1236,28 @@ async fn a_semaphore_of_two_slots_among_three_contenders() {
         .find(|e| e.identity == "b")
         .unwrap();
     assert_eq!(c_started.lease, b_entry.lease, "c took b's slot");
-    let entries = space.entries();
-    let spans = closed_spans(&entries, |_| None, mono_ns());
-    let slot_spans: Vec<_> = spans
-        .iter()
-        .copied()
-        .filter(|s| {
-            entries
-                .iter()
-                .any(|e| e.pid == s.0 && e.lease == b_entry.lease)
-        })
-        .collect();
-    assert_no_overlap(&slot_spans, &"b and c on one slot");
-    let gap = ms(c_started.at_ns - slot_spans[0].2);
+    for r in [&mut a, &mut c] {
+        r.signal(Signal::SIGTERM);
+        r.wait(LIMIT).await;
+    }
+    // By the kernel's stamps: one worker per slot at a time, two at most at once.
+    let runs = kernel_runs(&space).await;
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    assert_one_at_a_time(&runs, &"a, b and c on two slots");
+    let (most, at) = most_at_once(&runs);
+    assert!(most <= 2, "{most} workers ran at {at} ns: {runs:?}");
+    let of = |identity: &str| {
+        runs.iter()
+            .find(|r| r.identity.as_deref() == Some(identity))
+            .unwrap_or_else(|| panic!("{identity}'s worker: {runs:?}"))
+    };
+    assert_eq!(of("c").lease, of("b").lease, "{runs:?}");
+    let gap = ms(of("c").exec_ns - of("b").exit_ns);
     report(&format!(
         "real tier: semaphore of 2 slots, 3 contenders: a freed slot ({}) taken by the waiting contender {gap:.1} ms after its worker exited",
         b_entry.lease
     ));
     assert!(gap < 1000.0, "{gap} ms");
-    for r in [&mut a, &mut c] {
-        r.signal(Signal::SIGTERM);
-        r.wait(LIMIT).await;
-    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1321,6 +1375,7 @@ async fn mixed_pool_with_client_go_contenders() {
     // process reached the API server first.
     let seconds = humantime::parse_duration(lease).unwrap().as_secs() as u32;
     put_lease(&space, "job", None, seconds).await;
+    kernel();
     let mut pool: Vec<Member> = vec![
         spawn(&space, Kind::LeaseExec),
         spawn(&space, Kind::ClientGo),
@@ -1388,12 +1443,7 @@ async fn mixed_pool_with_client_go_contenders() {
                     leader.identity,
                     leader.running.stderr()
                 );
-                let stop = space
-                    .entries()
-                    .into_iter()
-                    .rfind(|e| e.what == "stop" && e.pid == worker_pid)
-                    .expect("the worker journaled its stop");
-                stop.at_ns
+                kernel_exit(worker_pid, entry.at_ns, LIMIT).await
             }
             _ => {
                 // The whole Pod dies at once: lease-exec (its command follows by the
@@ -1403,11 +1453,7 @@ async fn mixed_pool_with_client_go_contenders() {
                     let _ = killpg(Pid::from_raw(worker_pid), Signal::SIGKILL);
                 }
                 leader.running.wait(LIMIT).await;
-                wait_for(LIMIT, "the killed leader's worker to die", || {
-                    !alive(worker_pid)
-                })
-                .await;
-                let died = mono_ns();
+                let died = kernel_exit(worker_pid, entry.at_ns, LIMIT).await;
                 deaths.insert(worker_pid, died);
                 died
             }
@@ -1444,10 +1490,18 @@ async fn mixed_pool_with_client_go_contenders() {
             let released = *log_times(&pool[leader_at].running.log, released)
                 .last()
                 .expect("the release is logged");
+            // The successor's worker has journaled its start: the line that says so comes soon.
+            let deadline = std::time::Instant::now() + LIMIT;
             let started = loop {
                 if let Some(t) = log_times(&successor.running.log, started).first() {
                     break *t;
                 }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no {started:?} line from {} within {LIMIT:?}:\n{}",
+                    successor.identity,
+                    successor.running.stderr()
+                );
                 std::thread::sleep(Duration::from_millis(10));
             };
             (started - released) * 1000.0
@@ -1471,10 +1525,9 @@ async fn mixed_pool_with_client_go_contenders() {
         member.running.wait(LIMIT).await;
     }
 
-    // Never two workers at once.
-    let entries = space.entries();
-    let spans = closed_spans(&entries, |pid| deaths.get(&pid).copied(), mono_ns());
-    assert_no_overlap(&spans, &format!("mixed pool, handoffs {handoffs:?}"));
+    // Never two workers at once, by the kernel's exec and exit stamps.
+    let runs = kernel_runs(&space).await;
+    assert_one_at_a_time(&runs, &format!("mixed pool, handoffs {handoffs:?}"));
 
     let summary = |from: Kind, method: &str| -> Vec<f64> {
         handoffs
@@ -1864,6 +1917,7 @@ async fn a_shortened_lease_is_restored_before_a_client_go_follower_claims() {
     let Some(cluster) = Cluster::shared().await else {
         return;
     };
+    kernel();
     let space = Space::new(cluster, "shortened").await;
     const EDITS: usize = 5;
     const LEADER: &str = "le-holder";
@@ -2091,6 +2145,13 @@ async fn a_shortened_lease_is_restored_before_a_client_go_follower_claims() {
     }
     assert_eq!(follower.wait(LIMIT).await, 0, "{}", follower.stderr());
     assert_eq!(leader.wait(LIMIT).await, 143, "{}", leader.stderr());
+    // By the kernel's stamps, not only the journal: the leader's one worker was all that ran (a
+    // follower's worker killed before it journaled anything would show here).
+    let runs = kernel_runs(&space).await;
+    assert!(
+        runs.len() == 1 && runs[0].identity.as_deref() == Some(LEADER),
+        "{runs:?}"
+    );
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -218,6 +218,19 @@ impl World {
                 timing.kill_by_ns() / 1_000_000,
                 timing.lease.as_millis(),
             );
+        } else {
+            // A worker that stops at SIGTERM: its exit, by the kernel's stamp, still comes before
+            // the kill deadline (so before the Lease can expire for anyone else), not only its
+            // `stop` line.
+            let kill_by = stop.renewal_ns + timing.kill_by_ns();
+            assert!(
+                stop.exit_ns <= kill_by + KILL_LATE_NS,
+                "worker exited {:+.1} ms from R + kill_by (R + {} ms; the lease expires at R + {} \
+                 ms); {stop:?}; log:\n{log}",
+                ms(stop.exit_ns as i64 - kill_by as i64),
+                timing.kill_by_ns() / 1_000_000,
+                timing.lease.as_millis(),
+            );
         }
         log
     }
@@ -272,6 +285,13 @@ impl World {
             .server
             .last_write_by(holder)
             .unwrap_or_else(|| panic!("no write by {holder}"));
+        let arrived_ns = self.arrival_ns(&write);
+        (write, arrived_ns)
+    }
+
+    /// When the request of a committed write arrived at the server (CLOCK_MONOTONIC ns): no later
+    /// than the commit, and after whatever its sender did before sending it.
+    pub fn arrival_ns(&self, write: &apiserver::Write) -> u64 {
         let name = write.object["metadata"]["name"]
             .as_str()
             .unwrap_or_default();
@@ -286,8 +306,7 @@ impl World {
             .rev()
             .find(|s| s.verb == write.verb && s.at <= write.at && path_ok(&s.path))
             .expect("the request of a committed write");
-        let arrived_ns = instant_ns(&write, seen.at);
-        (write, arrived_ns)
+        instant_ns(write, seen.at)
     }
 
     /// Every journaling worker of this World as the kernel saw it: [`kernel_runs_in`] its
@@ -781,6 +800,72 @@ impl Run {
     }
 }
 
+/// Every pair of runs of one Lease that overlap by the kernel's stamps: the later one's exec came
+/// before the earlier one's exit (back to back, exit == exec, is no overlap). Runs are grouped by
+/// `LEASE_EXEC_HELD_LEASE` (the slot, with `--holders`), so runs of different slots may overlap.
+/// A run starting inside an earlier one is paired with the one of that Lease that ends last so far.
+pub fn overlaps(runs: &[Run]) -> Vec<[Run; 2]> {
+    let mut by_lease: std::collections::BTreeMap<Option<&str>, Vec<&Run>> = Default::default();
+    for run in runs {
+        by_lease.entry(run.lease.as_deref()).or_default().push(run);
+    }
+    let mut found = Vec::new();
+    for runs in by_lease.values_mut() {
+        runs.sort_by_key(|r| r.exec_ns);
+        let mut latest: Option<&Run> = None;
+        for &run in runs.iter() {
+            if let Some(before) = latest.filter(|before| run.exec_ns < before.exit_ns) {
+                found.push([before.clone(), run.clone()]);
+            }
+            if latest.is_none_or(|l| run.exit_ns > l.exit_ns) {
+                latest = Some(run);
+            }
+        }
+    }
+    found
+}
+
+/// Asserts that no two runs of one Lease overlap by the kernel's stamps ([`overlaps`]); `context`
+/// goes into the failure message.
+pub fn assert_one_at_a_time(runs: &[Run], context: &dyn std::fmt::Display) {
+    if let Some([a, b]) = overlaps(runs).first() {
+        panic!(
+            "workers overlap by the kernel's stamps: pid {} ran {}..{} ns, pid {} exec'd at {} ns \
+             ({:.3} ms overlap; lease {:?}); {context}",
+            a.pid,
+            a.exec_ns,
+            a.exit_ns,
+            b.pid,
+            b.exec_ns,
+            (a.exit_ns.min(b.exit_ns) - b.exec_ns) as f64 / 1e6,
+            b.lease,
+        );
+    }
+}
+
+/// The most runs running at one moment by the kernel's stamps, of any Lease (a run that exits at
+/// the nanosecond another execs does not count with it), and a moment when that many ran.
+pub fn most_at_once(runs: &[Run]) -> (usize, u64) {
+    // Exits sort before execs at the same instant.
+    let mut edges: Vec<(u64, bool)> = runs
+        .iter()
+        .flat_map(|r| [(r.exec_ns, true), (r.exit_ns, false)])
+        .collect();
+    edges.sort();
+    let (mut now, mut most, mut at) = (0usize, 0usize, 0u64);
+    for (t, exec) in edges {
+        if exec {
+            now += 1;
+            if now > most {
+                (most, at) = (now, t);
+            }
+        } else {
+            now -= 1;
+        }
+    }
+    (most, at)
+}
+
 /// The timings a test gave lease-exec, and the deadlines the README promises from them, computed
 /// here from the README's formulas rather than taken from lease-exec's code.
 #[derive(Debug, Clone, Copy)]
@@ -856,6 +941,21 @@ pub async fn wait_for_or(limit: Duration, mut condition: impl FnMut() -> bool) -
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The time stamp a text log line of lease-exec starts with (wall clock, µs, truncated) on
+/// CLOCK_MONOTONIC ns: no later than the moment lease-exec read its clock for that line.
+pub fn mono_ns_of_log_line(line: &str) -> u64 {
+    use nix::time::{ClockId, clock_gettime};
+    let stamp = line
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .unwrap_or_else(|| panic!("no time stamp: {line}"));
+    let real = clock_gettime(ClockId::CLOCK_REALTIME).unwrap();
+    let mono = mono_ns() as i128;
+    let real_ns = real.tv_sec() as i128 * 1_000_000_000 + real.tv_nsec() as i128;
+    (stamp.as_nanosecond() - (real_ns - mono)) as u64
 }
 
 /// A server-side `Instant` (a request's arrival, say) on CLOCK_MONOTONIC ns, through a write that
