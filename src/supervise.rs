@@ -247,14 +247,15 @@ impl Supervisor<'_> {
             Ok((slot, held)) => Ok((slot, held, gate)),
             Err((result, by_signal)) => {
                 // The campaigns are dropped: a write of ours in flight or unanswered may still land.
-                let mut check: Vec<_> = gate
+                // Only such slots are read: a write whose answer came is known, and an extra read
+                // of a slot we never wrote to would hold the exit up by a request timeout against
+                // a hung server (past `--wait-timeout`), to release at most a Lease an earlier
+                // process of our identity left, which expires on its own.
+                let check: Vec<_> = gate
                     .uncertain(None)
                     .into_iter()
                     .map(|(slot, started)| (slot, Some(started)))
                     .collect();
-                if let ([_], []) = (self.slots, check.as_slice()) {
-                    check.push((0, None));
-                }
                 let checking = abandon(self.slots, &check, &self.claimant, self.config.release);
                 if by_signal.is_some() {
                     tokio::select! {
