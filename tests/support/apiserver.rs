@@ -1235,6 +1235,7 @@ impl ApiServer {
         }
         prepare(&inner, &mut object, None);
         let mut errors = name_errors(&name);
+        errors.extend(annotation_errors(&object["metadata"]));
         errors.extend(spec_errors(&object["spec"]));
         if !errors.is_empty() {
             return invalid(GROUP, "Lease", &name, &errors);
@@ -1341,6 +1342,7 @@ impl ApiServer {
             }
             prepare(&inner, &mut object, None);
             let mut errors = name_errors(name);
+            errors.extend(annotation_errors(&object["metadata"]));
             errors.extend(spec_errors(&object["spec"]));
             if !errors.is_empty() {
                 return invalid(GROUP, "Lease", name, &errors);
@@ -1466,7 +1468,8 @@ impl ApiServer {
         object["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
         object["metadata"]["namespace"] = json!(ns);
         prepare(inner, &mut object, Some(current));
-        let errors = spec_errors(&object["spec"]);
+        let mut errors = annotation_errors(&object["metadata"]);
+        errors.extend(spec_errors(&object["spec"]));
         if !errors.is_empty() {
             return invalid(GROUP, "Lease", name, &errors);
         }
@@ -2474,6 +2477,33 @@ fn name_errors(name: &str) -> Vec<FieldError> {
         .iter()
         .map(|m| FieldError::invalid("metadata.name", &format!("{name:?}"), m))
         .collect()
+}
+
+/// `ValidateAnnotations`: every key a qualified name (case aside), 256 KiB in all.
+pub fn annotation_errors(metadata: &Value) -> Vec<FieldError> {
+    let Some(annotations) = metadata["annotations"].as_object() else {
+        return Vec::new();
+    };
+    let mut errors = Vec::new();
+    let mut size = 0;
+    for (key, value) in annotations {
+        for message in qualified_name_errors(&key.to_lowercase()) {
+            errors.push(FieldError::invalid(
+                "metadata.annotations",
+                &format!("{key:?}"),
+                &message,
+            ));
+        }
+        size += key.len() + value.as_str().map_or(0, str::len);
+    }
+    if size > 256 * 1024 {
+        errors.push(FieldError {
+            field: "metadata.annotations".into(),
+            reason: "FieldValueTooLong",
+            body: "Too long: must have at most 262144 bytes".into(),
+        });
+    }
+    errors
 }
 
 /// `ValidateLeaseSpec`.
