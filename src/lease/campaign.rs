@@ -34,9 +34,13 @@
 //! - **Server restart, compaction, 410**: a re-read replaces the observation only when the record
 //!   differs; an unchanged record keeps the time it was first seen. A 404 after a record was
 //!   observed is a deletion (above), never a plain absence.
-//! - **An edit that keeps the holder** (holder and `renewTime` unchanged: a shrunk
+//! - **An edit that keeps the holder** (holder and `renewTime` unchanged: a shrunk or removed
 //!   `leaseDurationSeconds`, a lowered `leaseTransitions`, a handover request): no new term. It
-//!   runs from the first sight of that `renewTime`, with the longest duration seen for it.
+//!   runs from the first sight of that `renewTime`, with the longest duration seen for it, and
+//!   never shorter than the duration its holder stated in its last write (see
+//!   [`Record::counting_stated`]), so a candidate that first sees a shrink its holder could not
+//!   see still counts the holder's term. A missing duration with no statement is 0 s, as
+//!   client-go reads it.
 //! - **Fencing**: every claim and create writes one more than the highest `leaseTransitions`
 //!   this process has seen of the Lease, in this campaign or an earlier term's (see
 //!   [`Memory`]), so the token never repeats nor goes backwards for a candidate that saw it:

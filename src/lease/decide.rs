@@ -37,7 +37,7 @@ pub enum Decision {
     /// Released or expired, but being handed over to someone else: leave it to them until
     /// `until` (one `--lease-duration` after it became free in our eyes; they may be gone).
     Defer {
-        /// The preferred holder (or [`ANY_OTHER`]).
+        /// The preferred holder (or [`super::record::ANY_OTHER`]).
         to: String,
         /// When we may compete for it.
         until: Instant,
@@ -144,7 +144,7 @@ impl Claimant {
     }
 
     /// `current` changed to name us, keeping its resourceVersion so the update is conditional,
-    /// with `transitions` as the fencing token (see [`Memory::claim_token`]): every claim starts a
+    /// with `transitions` as the fencing token (see [`super::record::Memory::claim_token`]): every claim starts a
     /// new command, so a resume (it already names us) writes a new token too, keeping only
     /// `acquireTime`. `take_over`: released or expired (not a resume), which ends any handover
     /// request.
