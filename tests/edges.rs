@@ -886,3 +886,67 @@ async fn a_shrink_a_cut_off_holder_never_sees_does_not_shorten_its_term_for_leas
     );
     assert_eq!(code, i32::from(lease_exec::exit::LOST), "{log}");
 }
+
+/// The same shrink with the holder's lease-exec frozen (SIGSTOP) from right after its renewal until
+/// just past its own kill deadline (its last renewal + 5.68 s), its worker running on meanwhile:
+/// a lease-exec candidate started after the edit counts the duration the holder stated, so by the
+/// kernel's stamps its worker starts no earlier than that kill deadline, and after the holder's
+/// worker, killed at once when the holder wakes up, is gone. (Had it counted the 1 s it saw, it
+/// would have started about 1 s after the edit, beside the frozen holder's worker.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrink_while_its_holder_is_frozen_does_not_shorten_its_term_for_lease_exec_candidates() {
+    kernel();
+    let world = World::start().await;
+    let mut me = leader(&world, &[]);
+    world.wait_leading().await;
+    let writes = world.server.writes().len();
+    wait_for(LIMIT, "a renewal", || world.server.writes().len() > writes).await;
+    me.signal(Signal::SIGSTOP);
+    wait_for(LIMIT, "the holder to stop", || stopped(me.pid())).await;
+    let renewal = world.server.writes().last().unwrap().at_ns;
+    edit(&world, |spec| spec["leaseDurationSeconds"] = json!(1));
+    let mut next = follower(&world, "next", &[]);
+    // Just past the holder's kill deadline: it kills its worker the moment it wakes up.
+    wait_for(LIMIT, "the holder's kill deadline", || {
+        mono_ns() > renewal + 5_700_000_000 || world.starts().len() >= 2
+    })
+    .await;
+    me.signal(Signal::SIGCONT);
+    wait_for(LIMIT, "the candidate's worker", || {
+        world.starts().len() >= 2
+    })
+    .await;
+    let code = me.wait(LIMIT).await;
+    next.signal(Signal::SIGTERM);
+    next.wait(LIMIT).await;
+    let log = format!("holder:\n{}\ncandidate:\n{}", me.stderr(), next.stderr());
+    let runs = world.kernel_runs().await;
+    assert_eq!(runs.len(), 2, "{runs:?}\n{log}");
+    let (holders, candidates) = (&runs[0], &runs[1]);
+    assert!(
+        candidates.exec_ns >= renewal + 5_680_000_000,
+        "the candidate's worker started {} ms after the frozen holder's last renewal, before its \
+         kill deadline (5.68 s); {log}",
+        (candidates.exec_ns - renewal) / 1_000_000
+    );
+    assert!(
+        holders.exit_ns < candidates.exec_ns,
+        "the candidate's worker started {} ms before the holder's was gone; {log}",
+        (holders.exit_ns - candidates.exec_ns) / 1_000_000
+    );
+    assert_eq!(code, i32::from(lease_exec::exit::LOST), "{log}");
+}
+
+/// Whether every thread of `pid` is stopped (or it is gone).
+fn stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                .is_some_and(|state| matches!(state, 'T' | 't' | 'Z' | 'X'))
+        })
+    })
+}
