@@ -14,10 +14,11 @@
 //!   `leaseDurationSeconds` shrunk to 1 s with holder and renewTime kept, its `leaseTransitions`
 //!   lowered by hand, and an overwrite of a deleted Lease that starts its token again at 1.
 //!   Without them, an overwrite writes a token above any the Lease ever had.
-//! - A known gap, off unless asked for: `CHAOS_FROZEN_SHRINK=1` freezes the holder right after a
-//!   shrink (a follower started after the edit has never seen the holder's own duration, and the
-//!   frozen holder neither restores it nor learns of it, so that follower may claim while the
-//!   holder's command still runs). See docs/timing.md, "The other ways the Lease changes hands".
+//! - The frozen shrink (on; `CHAOS_FROZEN_SHRINK=0` turns it off): half the shrinks freeze the
+//!   holder right after the edit, so it neither restores its record nor learns of the edit; a
+//!   follower started after the edit counts the duration the holder stated in its last write
+//!   (`lease-exec/holder-duration`), not the 1 s it sees. See docs/timing.md, "The other ways the
+//!   Lease changes hands".
 //!   Leaders whose stderr is stuck get the same overwrites and shrinks as any other: their log
 //!   lines never block their runtime.
 //!
@@ -100,9 +101,9 @@ fn operator_edits() -> bool {
     std::env::var("CHAOS_OPERATOR_EDITS").map_or(true, |v| v != "0")
 }
 
-/// Whether the holder is frozen right after a shrink of its duration (a known gap, see the top).
+/// Whether the holder is frozen right after a shrink of its duration (see the top).
 fn frozen_shrink() -> bool {
-    std::env::var("CHAOS_FROZEN_SHRINK").is_ok_and(|v| v == "1")
+    std::env::var("CHAOS_FROZEN_SHRINK").map_or(true, |v| v != "0")
 }
 
 /// A SIGSTOP of a lease-exec that holds a Lease (or still runs a worker) ends this long after its

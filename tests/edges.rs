@@ -657,3 +657,296 @@ async fn a_renewal_answered_after_a_shrink_it_preceded_keeps_the_shrink() {
     );
     assert_eq!(code, i32::from(lease_exec::exit::LOST), "{log}");
 }
+
+/// A record of ours at our own duration that is older than a shrink the holder saw never ends
+/// that shrink, however late it arrives: here the holder's watch is re-opened (from its last
+/// write) on a server whose watch cache lags, caught up to a label edit made between the holder's
+/// renewal and the shrink but not to the shrink, so that older record comes after the shrink. The
+/// server orders records by resourceVersion, not by when they arrive: with every update refused
+/// (no restore lands), the worker (which ignores SIGTERM) is dead before 2 s after the edit, what
+/// a candidate that first saw the shrunk record counts, and the holder exits 75. (Had the late
+/// record ended the shrink, the worker would run until the holder's own kill deadline, 5.68 s
+/// after its renewal.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_record_of_ours_seen_after_a_shrink_never_ends_it() {
+    let world = World::start().await;
+    let mut me = leader_worker(&world, &[], &["ignore-term"]);
+    let pid = world.wait_leading().await;
+    let death = death_watch(pid);
+    wait_for(LIMIT, "the leader's watch", || {
+        world.server.open_watches() > 0
+    })
+    .await;
+    let writes = world.server.writes().len();
+    wait_for(LIMIT, "a renewal", || world.server.writes().len() > writes).await;
+    world.server.deny("update", 500);
+    // Still ours, at our duration: a label.
+    let mut labelled = world.server.lease(NS, "job").expect("the lease");
+    labelled["metadata"]["labels"] = json!({"team": "a"});
+    let labelled = world.server.put_lease(NS, "job", labelled);
+    let edited = edit(&world, |spec| spec["leaseDurationSeconds"] = json!(2));
+    wait_for(LIMIT, "the leader to see the shrink", || {
+        me.stderr().contains("the lease was edited while held")
+    })
+    .await;
+    world.server.lag_watch_cache(Some(labelled));
+    world.server.close_watches();
+    let gone = wait_for_or(LIMIT, || death.is_finished()).await;
+    let log = me.stderr();
+    assert!(gone, "the worker still runs; log:\n{log}");
+    let died = death.join().unwrap();
+    world.server.lag_watch_cache(None);
+    world.server.allow("update");
+    let code = me.wait(LIMIT).await;
+    let log = me.stderr();
+    assert!(
+        died < edited + 2 * SEC,
+        "the worker died {} ms after the shrink to 2 s; log:\n{log}",
+        (died as i128 - edited as i128) / 1_000_000
+    );
+    assert_eq!(code, i32::from(lease_exec::exit::LOST), "{log}");
+}
+
+/// A `leaseDurationSeconds` removed from the held Lease (the API server accepts a Lease without
+/// one) is the shortest term there is: client-go reads it as 0 s, so a client-go candidate that
+/// sees the edited record claims it at its next retry, conditioned on that record, and its claim
+/// may land before the holder's restore. The holder stops as for a shrink to 0 s: its worker
+/// (which ignores SIGTERM) is killed at once, long before the holder's next renewal, and the
+/// holder exits 75. (Read as the holder's own duration, the edit would leave the worker running.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_duration_stops_the_holders_worker_at_once() {
+    let world = World::start().await;
+    let mut me = leader_worker(&world, &[], &["ignore-term"]);
+    let pid = world.wait_leading().await;
+    let death = death_watch(pid);
+    wait_for(LIMIT, "the leader's watch", || {
+        world.server.open_watches() > 0
+    })
+    .await;
+    let writes = world.server.writes().len();
+    wait_for(LIMIT, "a renewal", || world.server.writes().len() > writes).await;
+    world.server.deny("update", 500);
+    let edited = edit(&world, |spec| {
+        spec.as_object_mut().unwrap().remove("leaseDurationSeconds");
+    });
+    let gone = wait_for_or(Duration::from_secs(3), || death.is_finished()).await;
+    assert!(
+        gone,
+        "the worker still runs 3 s after the lease's duration was removed; log:\n{}",
+        me.stderr()
+    );
+    let died = death.join().unwrap();
+    world.server.allow("update");
+    let code = me.wait(LIMIT).await;
+    let log = me.stderr();
+    assert!(
+        died < edited + SEC / 2,
+        "the worker died {} ms after the duration was removed; log:\n{log}",
+        (died as i128 - edited as i128) / 1_000_000
+    );
+    assert_eq!(code, i32::from(lease_exec::exit::LOST), "{log}");
+}
+
+/// A Lease held by another identity without `leaseDurationSeconds` is claimed as client-go does:
+/// client-go reads the missing field as 0 s, so its candidates claim it at their next retry. A
+/// lease-exec candidate whose own lease duration is 30 s (what it once assumed for such a holder)
+/// claims it at once, with the next token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_lease_without_a_duration_is_claimed_as_client_go_claims_it() {
+    let world = World::start().await;
+    world.server.put_lease(
+        NS,
+        "job",
+        json!({"spec": {"holderIdentity": "other", "leaseTransitions": 3,
+                        "acquireTime": apiserver::micro_now(), "renewTime": apiserver::micro_now()}}),
+    );
+    let options = [
+        "--lease-duration",
+        "30s",
+        "--renew-deadline",
+        "20s",
+        "--retry-period",
+        "250ms",
+        "--identity",
+        "next",
+        "job",
+    ];
+    let mut next = world.worker_command(&options, -1.0, 0, &[]).spawn();
+    let started = wait_for_or(Duration::from_secs(10), || !world.starts().is_empty()).await;
+    let log = next.stderr();
+    assert!(
+        started,
+        "no worker 10 s after a lease without a duration was seen; log:\n{log}"
+    );
+    assert_eq!(world.starts()[0].transitions, "4", "{log}");
+    next.signal(Signal::SIGTERM);
+    next.wait(LIMIT).await;
+}
+
+/// An operator's one-off edit of the held Lease's duration (3600 s) is undone by the holder at once
+/// and is nobody's term: the leader's guard does not remember it as the longest term seen. With
+/// `--recampaign`, once the term ends in a takeover (a 1 s record) and the Lease is deleted right
+/// after, the next campaign, which reads a 404, creates the Lease once one of its own 2 s of
+/// absence has passed, not an hour later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_one_off_duration_is_not_remembered_as_anyones_term() {
+    let world = World::start().await;
+    let mut me = follower(&world, "me", &["--recampaign"]);
+    world.wait_leading().await;
+    wait_for(LIMIT, "the leader's watch", || {
+        world.server.open_watches() > 0
+    })
+    .await;
+    let writes = world.server.writes().len();
+    edit(&world, |spec| spec["leaseDurationSeconds"] = json!(3600));
+    wait_for(LIMIT, "the leader to restore its duration", || {
+        me.stderr().contains("the lease was edited while held")
+            && world.server.writes().len() > writes
+    })
+    .await;
+    world.server.steal(NS, "job", "taker", 1);
+    assert!(world.server.delete_lease(NS, "job"));
+    let deleted = mono_ns();
+    let again = wait_for_or(LIMIT, || world.starts().len() >= 2).await;
+    let log = me.stderr();
+    assert!(
+        again,
+        "no second term {} s after the deletion; log:\n{log}",
+        (mono_ns() - deleted) / SEC
+    );
+    me.signal(Signal::SIGTERM);
+    me.wait(LIMIT).await;
+}
+
+/// A shrink its holder never sees (cut off from the API server right after a renewal: a
+/// partition, a frozen node) does not shorten the holder's term for a lease-exec candidate that
+/// first sees the Lease after the edit: every write of a holder states its own duration in the
+/// annotation `lease-exec/holder-duration`, which an edit of `spec.leaseDurationSeconds` leaves in
+/// place, and the candidate counts the longer of the two. By the kernel's stamps, the holder's
+/// worker (stopped at the holder's renew deadline, 4 s after its last renewal) is gone before the
+/// candidate's starts, and that start comes no earlier than the holder's own kill deadline. (Had
+/// the candidate counted the 1 s it saw, it would have claimed about 1 s after the edit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrink_a_cut_off_holder_never_sees_does_not_shorten_its_term_for_lease_exec_candidates()
+{
+    kernel();
+    let world = World::start().await;
+    let (door, kubeconfig) = world.door();
+    let options = [
+        "--lease-duration",
+        "6s",
+        "--renew-deadline",
+        "4s",
+        "--retry-period",
+        "250ms",
+        "--renew-interval",
+        "2s",
+        "--identity",
+        "me",
+        "job",
+    ];
+    let mut me = world
+        .worker_command(&options, -1.0, 0, &[])
+        .kubeconfig(&kubeconfig)
+        .spawn();
+    let pid = world.wait_leading().await;
+    let death = death_watch(pid);
+    let writes = world.server.writes().len();
+    wait_for(LIMIT, "a renewal", || world.server.writes().len() > writes).await;
+    door.set_fault(Fault::Blackhole);
+    let renewal = world.server.writes().last().unwrap().at_ns;
+    edit(&world, |spec| spec["leaseDurationSeconds"] = json!(1));
+    let mut next = follower(&world, "next", &[]);
+    wait_for(LIMIT, "the candidate's worker", || {
+        world.starts().len() >= 2
+    })
+    .await;
+    // Cut off until its worker is gone: the holder learns nothing of the takeover meanwhile.
+    wait_for(LIMIT, "the holder's worker to stop", || death.is_finished()).await;
+    door.set_fault(Fault::Normal);
+    let code = me.wait(LIMIT).await;
+    next.signal(Signal::SIGTERM);
+    next.wait(LIMIT).await;
+    let log = format!("holder:\n{}\ncandidate:\n{}", me.stderr(), next.stderr());
+    let runs = world.kernel_runs().await;
+    assert_eq!(runs.len(), 2, "{runs:?}\n{log}");
+    let (holders, candidates) = (&runs[0], &runs[1]);
+    assert!(
+        holders.exit_ns < candidates.exec_ns,
+        "the candidate's worker started {} ms before the holder's was gone ({} ms after the \
+         holder's last renewal); {log}",
+        (holders.exit_ns - candidates.exec_ns) / 1_000_000,
+        (candidates.exec_ns - renewal) / 1_000_000
+    );
+    assert!(
+        candidates.exec_ns >= renewal + 5_680_000_000,
+        "the candidate's worker started {} ms after the holder's last renewal, before its kill \
+         deadline (5.68 s); {log}",
+        (candidates.exec_ns - renewal) / 1_000_000
+    );
+    assert_eq!(code, i32::from(lease_exec::exit::LOST), "{log}");
+}
+
+/// The same shrink with the holder's lease-exec frozen (SIGSTOP) from right after its renewal until
+/// just past its own kill deadline (its last renewal + 5.68 s), its worker running on meanwhile:
+/// a lease-exec candidate started after the edit counts the duration the holder stated, so by the
+/// kernel's stamps its worker starts no earlier than that kill deadline, and after the holder's
+/// worker, killed at once when the holder wakes up, is gone. (Had it counted the 1 s it saw, it
+/// would have started about 1 s after the edit, beside the frozen holder's worker.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrink_while_its_holder_is_frozen_does_not_shorten_its_term_for_lease_exec_candidates() {
+    kernel();
+    let world = World::start().await;
+    let mut me = leader(&world, &[]);
+    world.wait_leading().await;
+    let writes = world.server.writes().len();
+    wait_for(LIMIT, "a renewal", || world.server.writes().len() > writes).await;
+    me.signal(Signal::SIGSTOP);
+    wait_for(LIMIT, "the holder to stop", || stopped(me.pid())).await;
+    let renewal = world.server.writes().last().unwrap().at_ns;
+    edit(&world, |spec| spec["leaseDurationSeconds"] = json!(1));
+    let mut next = follower(&world, "next", &[]);
+    // Just past the holder's kill deadline: it kills its worker the moment it wakes up.
+    wait_for(LIMIT, "the holder's kill deadline", || {
+        mono_ns() > renewal + 5_700_000_000 || world.starts().len() >= 2
+    })
+    .await;
+    me.signal(Signal::SIGCONT);
+    wait_for(LIMIT, "the candidate's worker", || {
+        world.starts().len() >= 2
+    })
+    .await;
+    let code = me.wait(LIMIT).await;
+    next.signal(Signal::SIGTERM);
+    next.wait(LIMIT).await;
+    let log = format!("holder:\n{}\ncandidate:\n{}", me.stderr(), next.stderr());
+    let runs = world.kernel_runs().await;
+    assert_eq!(runs.len(), 2, "{runs:?}\n{log}");
+    let (holders, candidates) = (&runs[0], &runs[1]);
+    assert!(
+        candidates.exec_ns >= renewal + 5_680_000_000,
+        "the candidate's worker started {} ms after the frozen holder's last renewal, before its \
+         kill deadline (5.68 s); {log}",
+        (candidates.exec_ns - renewal) / 1_000_000
+    );
+    assert!(
+        holders.exit_ns < candidates.exec_ns,
+        "the candidate's worker started {} ms before the holder's was gone; {log}",
+        (holders.exit_ns - candidates.exec_ns) / 1_000_000
+    );
+    assert_eq!(code, i32::from(lease_exec::exit::LOST), "{log}");
+}
+
+/// Whether every thread of `pid` is stopped (or it is gone).
+fn stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                .is_some_and(|state| matches!(state, 'T' | 't' | 'Z' | 'X'))
+        })
+    })
+}

@@ -217,7 +217,7 @@ pub async fn acquire(
                 read(api, timing, &campaign, &mut narrator, &mut last_read).await?
             }
             Action::Wait { until } => {
-                narrator.waiting(&campaign, timing);
+                narrator.waiting(&campaign);
                 match &mut watch {
                     Some(w) => match w.next(api, &campaign, timing, until).await {
                         Ok(input) => input,
@@ -407,7 +407,7 @@ struct Narrator {
 impl Narrator {
     /// Logs the holder when it changes, a record's unusable duration once, and a deleted holder's
     /// term being honoured.
-    fn waiting(&mut self, campaign: &Campaign, timing: &Timing) {
+    fn waiting(&mut self, campaign: &Campaign) {
         // A free Lease not taken at once: why and until when, each time that changes, and again
         // at a low rate while it lasts, so a long wait never reads as a hang.
         let now = Instant::now();
@@ -442,7 +442,7 @@ impl Narrator {
         };
         let holder = record.holder.as_deref().unwrap_or_default();
         if self.warned_record.as_ref() != Some(record) {
-            if let (_, Some(warning)) = record.effective_duration(timing.lease_duration) {
+            if let (_, Some(warning)) = record.effective_duration() {
                 tracing::warn!(holder, "{warning}");
             }
             self.warned_record = Some(record.clone());

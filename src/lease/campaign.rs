@@ -34,9 +34,13 @@
 //! - **Server restart, compaction, 410**: a re-read replaces the observation only when the record
 //!   differs; an unchanged record keeps the time it was first seen. A 404 after a record was
 //!   observed is a deletion (above), never a plain absence.
-//! - **An edit that keeps the holder** (holder and `renewTime` unchanged: a shrunk
+//! - **An edit that keeps the holder** (holder and `renewTime` unchanged: a shrunk or removed
 //!   `leaseDurationSeconds`, a lowered `leaseTransitions`, a handover request): no new term. It
-//!   runs from the first sight of that `renewTime`, with the longest duration seen for it.
+//!   runs from the first sight of that `renewTime`, with the longest duration seen for it, and
+//!   never shorter than the duration its holder stated in its last write (see
+//!   [`Record::counting_stated`]), so a candidate that first sees a shrink its holder could not
+//!   see still counts the holder's term. A missing duration with no statement is 0 s, as
+//!   client-go reads it.
 //! - **Fencing**: every claim and create writes one more than the highest `leaseTransitions`
 //!   this process has seen of the Lease, in this campaign or an earlier term's (see
 //!   [`Memory`]), so the token never repeats nor goes backwards for a candidate that saw it:
@@ -177,6 +181,18 @@ impl HoldBack {
             }
         }
     }
+}
+
+/// A record as this candidate counts it: with the longer of `spec.leaseDurationSeconds` and the
+/// duration its holder stated for itself in every write ([`Record::counting_stated`]). An
+/// operator's edit that shrinks the duration of a held Lease whose holder cannot see it (cut off,
+/// frozen) leaves that statement, so a candidate that first sees the edited record still counts
+/// the holder's own term, from a sight that came after the holder's last write: the holder's
+/// command is dead by then. Nothing else is read from the statement: the holder, `renewTime` and
+/// the token are the record's. (A client-go candidate counts `leaseDurationSeconds` alone.) A
+/// missing `leaseDurationSeconds` without a statement is 0 s, as client-go reads it.
+fn counted(lease: &Lease) -> Record {
+    Record::of(lease).counting_stated()
 }
 
 /// What we know of the Lease.
@@ -494,7 +510,7 @@ impl Campaign {
     }
 
     fn present(&mut self, lease: Lease, now: Instant) {
-        let record = Record::of(&lease);
+        let record = counted(&lease);
         self.observe(record, now);
         if let Some(rv) = &lease.metadata.resource_version {
             self.resource_version = Some(rv.clone());
@@ -517,7 +533,7 @@ impl Campaign {
             self.hold_off_until(absent_since + longest, now);
         }
         if let Some(lease) = deleted {
-            let record = Record::of(&lease);
+            let record = counted(&lease);
             self.observe(record, now);
             if let Some(rv) = &lease.metadata.resource_version {
                 self.resource_version = Some(rv.clone());
@@ -527,7 +543,7 @@ impl Campaign {
         if let Some((record, observed_at)) = &self.observed
             && record.holder.as_deref().is_some_and(|h| h != self.identity)
         {
-            let (duration, _) = record.effective_duration(self.timing.lease_duration);
+            let (duration, _) = record.effective_duration();
             let end = observed_at
                 .checked_add(duration)
                 .unwrap_or(now + crate::timing::MAX_DURATION);
@@ -548,15 +564,11 @@ impl Campaign {
     /// shortens its duration, restarted with another `--lease-duration`, is honoured for the
     /// longer one for one term more: a slower failover, never an early one.)
     fn observe(&mut self, record: Record, now: Instant) {
-        let fallback = self.timing.lease_duration;
         let (observed, first) = match self.observed.take() {
             Some((last, at)) if last.same_term(&record) => {
                 // An edit: its token counts, its duration only for this term.
                 self.memory.note_token(&record);
-                (
-                    (record.same_term_as(&last, fallback), at),
-                    self.term_duration,
-                )
+                ((record.same_term_as(&last), at), self.term_duration)
             }
             Some((last, _)) if last.holder.is_some() && last.holder == record.holder => {
                 // A renewal: at least the duration the last term was first seen with, so an edit
@@ -568,7 +580,7 @@ impl Campaign {
                     ..last
                 };
                 let first = record.duration_secs;
-                ((record.same_term_as(&previous, fallback), now), first)
+                ((record.same_term_as(&previous), now), first)
             }
             _ => {
                 self.memory.note(&record);
@@ -1534,6 +1546,95 @@ mod tests {
             }
         );
         assert_eq!(c.memory().longest, Some(10 * S));
+    }
+
+    /// `lease` with the duration its holder stated for itself, as lease-exec writes it.
+    fn stating(mut lease: Lease, holder: &str, secs: i64) -> Lease {
+        let value = serde_json::json!({"holderIdentity": holder, "leaseDurationSeconds": secs});
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert("lease-exec/holder-duration".into(), value.to_string());
+        lease
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_first_seen_shrunk_counts_the_duration_its_holder_stated() {
+        let t0 = Instant::now();
+        // Shrunk to 1 s by an operator while its holder (which counts 10 s) was cut off: a
+        // candidate that never saw it before counts the holder's own 10 s from its first sight.
+        let shrunk = stating(lease(Some("other"), 1, 3, "5"), "other", 10);
+        let mut c = campaign();
+        let ten = Action::Wait {
+            until: Some(t0 + 10 * S),
+        };
+        assert_eq!(c.step(Input::Read(Some(shrunk.clone())), t0), ten);
+        assert_eq!(c.step(Input::Tick, t0 + S), ten);
+        assert!(is_claim(&c.step(Input::Tick, t0 + 10 * S), "5"));
+        // The longer of the two: a statement shorter than the record changes nothing.
+        let mut c = campaign();
+        let longer = stating(lease(Some("other"), 10, 3, "5"), "other", 1);
+        assert_eq!(c.step(Input::Read(Some(longer)), t0), ten);
+        // Without a duration in the record, the statement alone.
+        let mut c = campaign();
+        let mut missing = stating(lease(Some("other"), 1, 3, "5"), "other", 10);
+        missing.spec.as_mut().unwrap().lease_duration_seconds = None;
+        assert_eq!(c.step(Input::Read(Some(missing)), t0), ten);
+        // A statement of another holder (client-go keeps the annotations of the record it
+        // claimed), one that cannot be read, or one that is not positive: the record alone.
+        let one = Action::Wait {
+            until: Some(t0 + S),
+        };
+        for stale in [
+            stating(lease(Some("client-go"), 1, 4, "6"), "other", 10),
+            stating(lease(Some("other"), 1, 4, "6"), "other", 0),
+            {
+                let mut l = lease(Some("other"), 1, 4, "6");
+                l.metadata.annotations =
+                    Some([("lease-exec/holder-duration".to_string(), "10".to_string())].into());
+                l
+            },
+        ] {
+            let mut c = campaign();
+            assert_eq!(c.step(Input::Read(Some(stale)), t0), one);
+        }
+        // A term stated, then shrunk while seen: the same term, the longest duration.
+        let mut c = campaign();
+        c.step(
+            Input::Read(Some(stating(lease(Some("other"), 10, 3, "5"), "other", 10))),
+            t0,
+        );
+        let both = {
+            let mut l = stating(lease(Some("other"), 1, 3, "6"), "other", 1);
+            l.metadata.resource_version = Some("6".into());
+            l
+        };
+        assert_eq!(c.step(Input::Changed(both), t0 + 2 * S), ten);
+        // The token is the record's, whatever is stated.
+        assert_eq!(claim_token(&c.step(Input::Tick, t0 + 10 * S)), Some(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_without_a_duration_is_the_shortest_term_as_client_go_reads_it() {
+        let t0 = Instant::now();
+        // client-go reads a missing leaseDurationSeconds as 0 s: its candidates claim at their next
+        // retry. So does a lease-exec candidate, at once, not after its own duration.
+        let mut missing = lease(Some("other"), 10, 3, "5");
+        missing.spec.as_mut().unwrap().lease_duration_seconds = None;
+        let mut c = campaign();
+        let action = c.step(Input::Read(Some(missing.clone())), t0);
+        assert!(is_claim(&action, "5"), "{action:?}");
+        assert_eq!(claim_token(&action), Some(4));
+        // Removed from a record seen before in the same term: the longest duration seen for it.
+        let mut c = campaign();
+        c.step(Input::Read(Some(lease(Some("other"), 10, 3, "4"))), t0);
+        assert_eq!(
+            c.step(Input::Changed(missing), t0 + S),
+            Action::Wait {
+                until: Some(t0 + 10 * S)
+            }
+        );
     }
 
     #[test]

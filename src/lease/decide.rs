@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Owne
 use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
 
-use super::record::{HANDOVER_STRATEGY, PodOwner, Record};
+use super::record::{HANDOVER_STRATEGY, HOLDER_DURATION_ANNOTATION, PodOwner, Record, statement};
 use crate::timing::Timing;
 
 /// The token a renewal writes: the holder's own (`own`, what its command was given), or the
@@ -37,7 +37,7 @@ pub enum Decision {
     /// Released or expired, but being handed over to someone else: leave it to them until
     /// `until` (one `--lease-duration` after it became free in our eyes; they may be gone).
     Defer {
-        /// The preferred holder (or [`ANY_OTHER`]).
+        /// The preferred holder (or [`super::record::ANY_OTHER`]).
         to: String,
         /// When we may compete for it.
         until: Instant,
@@ -74,7 +74,7 @@ pub fn decide(
         None => Some(observed_at),
         Some(holder) if holder == identity && !leaving => return Decision::Resume,
         Some(holder) => {
-            let (duration, _) = record.effective_duration(fallback);
+            let (duration, _) = record.effective_duration();
             let expires_at = observed_at.checked_add(duration);
             match expires_at {
                 Some(at) if now >= at => Some(at),
@@ -129,6 +129,7 @@ impl Claimant {
             ..ObjectMeta::default()
         };
         self.set_owner(&mut metadata);
+        self.state_duration(&mut metadata);
         Lease {
             metadata,
             spec: Some(LeaseSpec {
@@ -143,7 +144,7 @@ impl Claimant {
     }
 
     /// `current` changed to name us, keeping its resourceVersion so the update is conditional,
-    /// with `transitions` as the fencing token (see [`Memory::claim_token`]): every claim starts a
+    /// with `transitions` as the fencing token (see [`super::record::Memory::claim_token`]): every claim starts a
     /// new command, so a resume (it already names us) writes a new token too, keeping only
     /// `acquireTime`. `take_over`: released or expired (not a resume), which ends any handover
     /// request.
@@ -175,6 +176,7 @@ impl Claimant {
         spec.lease_duration_seconds = Some(self.duration_secs());
         spec.renew_time = Some(MicroTime(now));
         self.set_owner(&mut lease.metadata);
+        self.state_duration(&mut lease.metadata);
         lease
     }
 
@@ -189,6 +191,7 @@ impl Claimant {
         spec.lease_duration_seconds = Some(self.duration_secs());
         spec.lease_transitions = Some(renewal_token(record.transitions, own));
         spec.renew_time = Some(MicroTime(now));
+        self.state_duration(&mut lease.metadata);
         lease
     }
 
@@ -202,15 +205,33 @@ impl Claimant {
 
     /// `current` released, client-go style: holder cleared, duration 1 s, transitions kept, so the
     /// next candidate can take over at once. `strategy` and `preferredHolder` are kept: after a
-    /// handover they tell the candidates who is preferred.
+    /// handover they tell the candidates who is preferred. Nobody holds it: no duration is stated.
     pub fn release(&self, current: &Lease, now: Timestamp) -> Lease {
         let mut lease = current.clone();
+        if let Some(annotations) = lease.metadata.annotations.as_mut() {
+            annotations.remove(HOLDER_DURATION_ANNOTATION);
+            if annotations.is_empty() {
+                lease.metadata.annotations = None;
+            }
+        }
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.acquire_time = Some(MicroTime(now));
         spec.renew_time = Some(MicroTime(now));
         lease
+    }
+
+    /// States our own duration beside `leaseDurationSeconds`, where an edit of that field leaves it
+    /// (see [`HOLDER_DURATION_ANNOTATION`]); other annotations are kept.
+    fn state_duration(&self, metadata: &mut ObjectMeta) {
+        metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                HOLDER_DURATION_ANNOTATION.to_string(),
+                statement(&self.identity, self.duration_secs()),
+            );
     }
 
     /// Replaces any Pod owner with ours (or removes it when we have none), so garbage collection
@@ -311,18 +332,69 @@ mod tests {
     }
 
     #[test]
-    fn unusable_duration_falls_back_to_ours_with_a_warning() {
+    fn a_missing_duration_is_the_shortest_term_with_a_warning() {
         let t0 = Instant::now();
+        // client-go reads a missing leaseDurationSeconds as 0 s (the API server refuses values
+        // below 1, which would read the same).
         for bad in [None, Some(0), Some(-5)] {
             let r = Record::of(&lease(Some("other"), bad, 0));
-            let (d, warning) = r.effective_duration(FALLBACK);
-            assert_eq!(d, FALLBACK);
+            let (d, warning) = r.effective_duration();
+            assert_eq!(d, Duration::ZERO);
             assert!(warning.unwrap().contains("spec.leaseDurationSeconds"));
-            assert!(matches!(
-                decide(&r, t0, t0 + Duration::from_secs(14), "me", FALLBACK, false),
-                Decision::Wait { .. }
-            ));
+            assert_eq!(
+                decide(&r, t0, t0, "me", FALLBACK, false),
+                Decision::TakeOver {
+                    expired_holder: Some("other".into())
+                }
+            );
         }
+    }
+
+    #[test]
+    fn every_write_of_a_holder_states_its_own_duration_and_a_release_drops_it() {
+        let me = Claimant {
+            identity: "me".into(),
+            timing: Timing::default(),
+            owner: None,
+        };
+        let stated = |lease: &Lease| {
+            lease
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("lease-exec/holder-duration"))
+                .map(|v| serde_json::from_str::<serde_json::Value>(v).unwrap())
+        };
+        let ours = Some(serde_json::json!({"holderIdentity": "me", "leaseDurationSeconds": 15}));
+        let now = Timestamp::UNIX_EPOCH;
+        // An edit that shrank the record and rewrote the statement: a renewal restores both.
+        let mut edited = lease(Some("me"), Some(1), 2);
+        edited.metadata.annotations = Some(
+            [
+                ("lease-exec/holder-duration".to_string(), "1".to_string()),
+                ("team".to_string(), "a".to_string()),
+            ]
+            .into(),
+        );
+        for written in [
+            me.create("l", "ns", 0, now),
+            me.claim(&lease(Some("other"), Some(30), 2), now, true, 3),
+            me.renew(&edited, now, 2),
+        ] {
+            assert_eq!(stated(&written), ours, "{written:?}");
+            assert_eq!(
+                Record::of(&written).stated_secs,
+                Some(15),
+                "read back as stated"
+            );
+        }
+        // Other annotations stay.
+        let renewed = me.renew(&edited, now, 2);
+        assert_eq!(renewed.metadata.annotations.unwrap()["team"], "a");
+        // A released record states nothing: nobody holds it.
+        let released = me.release(&me.renew(&edited, now, 2), now);
+        assert_eq!(stated(&released), None);
+        assert_eq!(released.metadata.annotations.unwrap()["team"], "a");
     }
 
     #[test]
@@ -460,10 +532,7 @@ mod tests {
             ..held.clone()
         };
         assert!(held.same_term(&shrunk));
-        assert_eq!(
-            shrunk.clone().same_term_as(&held, FALLBACK).duration_secs,
-            Some(15)
-        );
+        assert_eq!(shrunk.clone().same_term_as(&held).duration_secs, Some(15));
         // A renewal (a new renewTime) or another holder is a new term.
         let renewed = Record {
             renew_time: Some(Timestamp::from_second(5).unwrap()),

@@ -24,6 +24,48 @@ pub struct Record {
     /// `spec.preferredHolder`; `None` when absent or empty. A handover is requested (see
     /// [`Record::defers`]).
     pub preferred: Option<String>,
+    /// The lease duration, in seconds, the holder stated for itself in
+    /// [`HOLDER_DURATION_ANNOTATION`]; `None` unless that statement names this record's holder and
+    /// is positive (see [`Record::counting_stated`]).
+    pub stated_secs: Option<i32>,
+}
+
+/// The `metadata.annotations` key in which every write of a lease-exec holder (create, claim,
+/// renewal) states its own `--lease-duration`, as JSON naming the holder:
+/// `{"holderIdentity":"pod-a","leaseDurationSeconds":15}`. An operator's edit of
+/// `spec.leaseDurationSeconds` leaves it in place, so a lease-exec candidate that first sees a
+/// shrunk record still learns what its holder counts (see [`Record::counting_stated`]). The
+/// identity is in it because client-go keeps the annotations of a record it claims: a statement
+/// naming another identity is a former holder's, and says nothing of the current one.
+pub const HOLDER_DURATION_ANNOTATION: &str = "lease-exec/holder-duration";
+
+/// The value of [`HOLDER_DURATION_ANNOTATION`] for `holder` counting `secs`.
+pub fn statement(holder: &str, secs: i32) -> String {
+    serde_json::json!({"holderIdentity": holder, "leaseDurationSeconds": secs}).to_string()
+}
+
+/// The duration a statement gives `holder`: `None` when it cannot be read, names someone else, or
+/// is not positive.
+fn stated_for(value: &str, holder: Option<&str>) -> Option<i32> {
+    let value: serde_json::Value = serde_json::from_str(value).ok()?;
+    let named = value.get("holderIdentity")?.as_str()?;
+    let secs = value.get("leaseDurationSeconds")?.as_i64()?;
+    (holder == Some(named) && secs > 0).then(|| i32::try_from(secs).unwrap_or(i32::MAX))
+}
+
+/// Whether resourceVersion `version` is known to come after `than`. Within one etcd (every API
+/// server of a cluster), resourceVersions are its revisions, integers that only rise; Kubernetes
+/// calls them opaque, so when either does not read as one the order is unknown and this says no.
+/// Never decided by arrival: a lagging watch, a re-opened one, a slow read can deliver an older
+/// record after a newer one.
+pub fn newer_version(version: Option<&str>, than: Option<&str>) -> bool {
+    match (
+        version.and_then(|v| v.parse::<u64>().ok()),
+        than.and_then(|v| v.parse::<u64>().ok()),
+    ) {
+        (Some(version), Some(than)) => version > than,
+        _ => false,
+    }
 }
 
 /// `spec.strategy` lease-exec writes for a handover requested with `--handover` when the Lease has
@@ -51,14 +93,37 @@ impl Record {
         let Some(spec) = &lease.spec else {
             return Record::default();
         };
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        let stated_secs = lease
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(HOLDER_DURATION_ANNOTATION))
+            .and_then(|value| stated_for(value, holder.as_deref()));
         Record {
-            holder: spec.holder_identity.clone().filter(|h| !h.is_empty()),
+            holder,
             duration_secs: spec.lease_duration_seconds,
             transitions: spec.lease_transitions.unwrap_or(0),
             renew_time: spec.renew_time.as_ref().map(|t| t.0),
             acquire_time: spec.acquire_time.as_ref().map(|t| t.0),
             preferred: spec.preferred_holder.clone().filter(|p| !p.is_empty()),
+            stated_secs,
         }
+    }
+
+    /// The record as a lease-exec candidate counts it: with the longer of `leaseDurationSeconds`
+    /// and the duration its holder stated for itself ([`HOLDER_DURATION_ANNOTATION`]). An edit
+    /// that shrank (or removed) `leaseDurationSeconds` while its holder could not see it (cut off,
+    /// frozen) leaves the statement of the holder's last write, so a candidate that first sees the
+    /// edited record counts what the holder counts, from a sight that came after that write. A
+    /// record without a statement (a client-go holder's) counts `leaseDurationSeconds` alone.
+    pub fn counting_stated(mut self) -> Record {
+        if let Some(stated) = self.stated_secs
+            && self.duration_secs.is_none_or(|secs| secs < stated)
+        {
+            self.duration_secs = Some(stated);
+        }
+        self
     }
 
     /// Whether `other` is the same term as `self`: the same holder and the same `renewTime`. An
@@ -73,12 +138,14 @@ impl Record {
     /// `self`, seen after `earlier` of the same holder (in the same term, see
     /// [`Record::same_term`], or a renewal), with the longer of their durations: the holder may
     /// still be counting on the longer one.
-    pub fn same_term_as(mut self, earlier: &Record, fallback: Duration) -> Record {
+    pub fn same_term_as(mut self, earlier: &Record) -> Record {
         let longest = self
-            .effective_duration(fallback)
+            .effective_duration()
             .0
-            .max(earlier.effective_duration(fallback).0);
-        self.duration_secs = Some(i32::try_from(longest.as_secs()).unwrap_or(i32::MAX));
+            .max(earlier.effective_duration().0);
+        if !longest.is_zero() {
+            self.duration_secs = Some(i32::try_from(longest.as_secs()).unwrap_or(i32::MAX));
+        }
         self
     }
 
@@ -104,26 +171,27 @@ impl Record {
         }
     }
 
-    /// The duration others must wait, and a warning naming the field when it is unusable.
+    /// The duration others count, and a warning naming the field when it is unusable.
     ///
-    /// A holder with a missing or non-positive `leaseDurationSeconds` is treated as holding for our
-    /// own `--lease-duration`: taking over at once would be unsafe if that holder is alive.
-    pub fn effective_duration(&self, fallback: Duration) -> (Duration, Option<String>) {
+    /// A missing `leaseDurationSeconds` (the API server accepts a Lease without one, and refuses
+    /// values below 1) is the shortest term there is, 0 s, in every role: client-go reads it so,
+    /// and its candidates claim such a record at their next retry. Counting anything longer
+    /// would let a holder believe in a term others do not grant it.
+    pub fn effective_duration(&self) -> (Duration, Option<String>) {
         match self.duration_secs {
             Some(secs) if secs > 0 => (Duration::from_secs(secs as u64), None),
             Some(secs) => (
-                fallback,
+                Duration::ZERO,
                 Some(format!(
-                    "spec.leaseDurationSeconds is {secs}, not positive; assuming {} (--lease-duration)",
-                    humantime::format_duration(fallback)
+                    "spec.leaseDurationSeconds is {secs}, not positive; counting 0 s, as client-go does"
                 )),
             ),
             None => (
-                fallback,
-                Some(format!(
-                    "spec.leaseDurationSeconds is missing; assuming {} (--lease-duration)",
-                    humantime::format_duration(fallback)
-                )),
+                Duration::ZERO,
+                Some(
+                    "spec.leaseDurationSeconds is missing; counting 0 s, as client-go does"
+                        .to_string(),
+                ),
             ),
         }
     }
@@ -142,7 +210,8 @@ impl Record {
 pub struct Memory {
     /// The highest `leaseTransitions` observed.
     pub highest: Option<i32>,
-    /// The longest positive `leaseDurationSeconds` observed.
+    /// The longest positive `leaseDurationSeconds` observed (as a candidate counts it, with its
+    /// holder's stated duration; never from a holder's own record, see [`Memory::note_held`]).
     pub longest: Option<Duration>,
 }
 
@@ -156,6 +225,18 @@ impl Memory {
         if let Some(secs) = record.duration_secs.filter(|s| *s > 0) {
             let duration = Duration::from_secs(secs as u64);
             self.longest = Some(self.longest.map_or(duration, |l| l.max(duration)));
+        }
+    }
+
+    /// Notes a record of the Lease held by `identity`, seen by that holder (its renewer or its
+    /// guard): a record naming the holder is its own write or someone's edit of it, whose duration
+    /// is the holder's own or an operator's passing value (3600 s, undone at once), nobody's term:
+    /// only its token counts. Another holder's record is a term like any other.
+    pub fn note_held(&mut self, record: &Record, identity: &str) {
+        if record.holder.as_deref() == Some(identity) {
+            self.note_token(record);
+        } else {
+            self.note(record);
         }
     }
 

@@ -21,10 +21,10 @@ use std::sync::Arc;
 use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, sleep_until};
 
-use super::acquire::{Held, Remembered, Shortened, remember};
+use super::acquire::{Held, Remembered, Shortened};
 use super::api::{ApiError, LeaseApi};
 use super::decide::Claimant;
-use super::record::Record;
+use super::record::{Record, newer_version};
 use super::watch::{Failure as WatchFailure, LeaseWatch, Seen as Sighting};
 use crate::timing::Timing;
 
@@ -118,8 +118,8 @@ pub async fn renew(
         let (result, started, started_boot) =
             hedged(&api, &me, (&held, own), &timing, deadline).await;
         match &result {
-            Ok(lease) => remember(&memory, &Record::of(lease)),
-            Err(Failure::Refreshed(lease)) => remember(&memory, &Record::of(lease)),
+            Ok(lease) => remember(&memory, &Record::of(lease), &me.identity),
+            Err(Failure::Refreshed(lease)) => remember(&memory, &Record::of(lease), &me.identity),
             _ => {}
         }
         metrics.renewal(
@@ -137,14 +137,17 @@ pub async fn renew(
                 let still_ours = state.send_if_modified(|s| match s {
                     LeaseState::Held(current) => {
                         // A shrink seen meanwhile (see `observed`) stays in force unless this write
-                        // replaced the shrunk record itself. Conditioned on any other record, it
-                        // landed before the shrink (else it would have met a 409): its answer was
-                        // merely slower than the guard's event. The shrink then came after this
-                        // write started, and counts from it.
-                        held.shortened = current
-                            .shortened
-                            .take()
-                            .filter(|s| s.resource_version != base);
+                        // came after the shrunk record: it replaced that record itself (it was
+                        // conditioned on it), or the server ordered it after that record. Else it
+                        // landed before the shrink (conditioned on a record the shrink replaced,
+                        // it would have met a 409): its answer was merely slower than the guard's
+                        // event. The shrink then came after this write started, and counts from
+                        // it.
+                        let written = held.lease.metadata.resource_version.as_deref();
+                        held.shortened = current.shortened.take().filter(|s| {
+                            s.resource_version != base
+                                && !newer_version(written, s.resource_version.as_deref())
+                        });
                         *s = LeaseState::Held(held.clone());
                         true
                     }
@@ -378,34 +381,49 @@ pub async fn guard(
 }
 
 /// Our record as someone else's write left it (seen by the guard, or read by the renewer after a
-/// 409). When that write shortened `leaseDurationSeconds`, the term as others may count it is
-/// shorter too: a candidate that first sees the edited record (one started after the edit, or any
-/// client-go candidate, which restarts its clock on any change) counts the shorter duration from
-/// that sight; the edit, and so that sight, came after our last successful write started
+/// 409). When that write shortened `leaseDurationSeconds`, or removed it (the shortest term
+/// there is, see [`Record::effective_duration`]), the term as others may count it is shorter too:
+/// a candidate that first sees the edited record (one started after the edit, or any client-go
+/// candidate, which restarts its clock on any change) counts the shorter duration from that
+/// sight; the edit, and so that sight, came after our last successful write started
 /// (`renewed_at`: a write of ours conditioned on an earlier record would have met a 409). So
 /// until a write of ours replaces that record (the restore asked for right after), the command
 /// must be dead by `renewed_at + kill_within(shorter)` on our clock, and leadership is lost by the
 /// scaled renew deadline (see [`Timing::kill_within`]). An edit seen later than that kills at
-/// once: such a candidate may already have claimed.
+/// once (a removed duration always does): such a candidate may already have claimed. Only
+/// `leaseDurationSeconds` counts here, not the duration our writes state beside it: client-go
+/// candidates read the field alone.
 ///
 /// The watchdog is told first, before anything that may block this thread; the supervisor then
-/// derives the same deadlines from the published [`Held::shortened`]. A record of ours with our
-/// duration, other than the shrunk one, means the shrunk record is no longer stored: a claim
-/// conditioned on it fails, and the term counts our duration again.
+/// derives the same deadlines from the published [`Held::shortened`]. The shrink ends only with a
+/// record of ours at our duration that the server ordered after the shrunk record (a higher
+/// resourceVersion, see [`newer_version`]): that record is no longer stored, so a claim
+/// conditioned on it fails. Never by arrival: a lagging or re-opened watch, or a slow read, may
+/// deliver an older record of ours after the shrink, and that one ends nothing. When the order
+/// cannot be told, nothing seen ends it; a write of ours conditioned on the shrunk record does
+/// (see [`renew`]).
 fn observed(state: &watch::Sender<LeaseState>, current: &Lease, timing: &Timing, kill: &Kill) {
-    let counted = Record::of(current)
-        .effective_duration(timing.lease_duration)
-        .0;
-    let version = &current.metadata.resource_version;
+    let counted = Record::of(current).effective_duration().0;
+    let version = current.metadata.resource_version.as_deref();
     state.send_if_modified(|s| match s {
         LeaseState::Held(held) if counted < timing.lease_duration => {
             kill.by(held.renewed_at_boot + timing.kill_within(counted));
-            let shortened = Some(Shortened {
-                duration: held
-                    .shortened
-                    .as_ref()
-                    .map_or(counted, |s| s.duration.min(counted)),
-                resource_version: version.clone(),
+            // The shortest duration since the shrink began; the newest shrunk record (by the
+            // server's order, else the latest seen) is the one a write must replace.
+            let shortened = Some(match &held.shortened {
+                None => Shortened {
+                    duration: counted,
+                    resource_version: version.map(str::to_string),
+                },
+                Some(earlier) => Shortened {
+                    duration: earlier.duration.min(counted),
+                    resource_version: if newer_version(earlier.resource_version.as_deref(), version)
+                    {
+                        earlier.resource_version.clone()
+                    } else {
+                        version.map(str::to_string)
+                    },
+                },
             });
             let changed = held.shortened != shortened;
             held.shortened = shortened;
@@ -415,13 +433,22 @@ fn observed(state: &watch::Sender<LeaseState>, current: &Lease, timing: &Timing,
             if held
                 .shortened
                 .as_ref()
-                .is_some_and(|s| &s.resource_version != version) =>
+                .is_some_and(|s| newer_version(version, s.resource_version.as_deref())) =>
         {
             held.shortened = None;
             true
         }
         _ => false,
     });
+}
+
+/// Notes in `memory` a record of the Lease held by `identity`, as its holder saw it (see
+/// [`super::record::Memory::note_held`]).
+fn remember(memory: &Remembered, record: &Record, identity: &str) {
+    memory
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .note_held(record, identity);
 }
 
 /// What the leader's watch of its own Lease saw.
@@ -495,7 +522,7 @@ impl Guard {
             Ok(Sighting::Changed(lease)) => {
                 self.expired = false;
                 let record = Record::of(&lease);
-                remember(memory, &record);
+                remember(memory, &record, identity);
                 match record.holder {
                     Some(_) if record.handover_from(identity).is_some() => {
                         Seen::Handover(Box::new(lease))
@@ -508,7 +535,7 @@ impl Guard {
             }
             Ok(Sighting::Deleted(lease)) => {
                 self.expired = false;
-                remember(memory, &Record::of(&lease));
+                remember(memory, &Record::of(&lease), identity);
                 tracing::warn!("the lease was deleted while held; re-creating it");
                 Seen::Deleted(Box::new(lease))
             }
@@ -615,5 +642,89 @@ async fn recreate(
             Err(e) => Err(Failure::Retry(e)),
         },
         Err(e) => Err(Failure::Retry(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn ours(duration: Option<i32>, rv: &str) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                resource_version: Some(rv.into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some("me".into()),
+                lease_duration_seconds: duration,
+                ..LeaseSpec::default()
+            }),
+        }
+    }
+
+    /// A state held since a write at 100 s on CLOCK_BOOTTIME, and a [`Kill`] that notes the
+    /// deadlines it is given (`None`: at once).
+    /// The deadlines a [`Kill`] was given (`None`: at once).
+    type Kills = Arc<std::sync::Mutex<Vec<Option<Duration>>>>;
+
+    fn holding() -> (watch::Sender<LeaseState>, Kill, Kills) {
+        let held = Held::written(ours(Some(15), "10"), Instant::now(), 100 * S);
+        let (state, _) = watch::channel(LeaseState::Held(held));
+        let kills = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (now, by) = (kills.clone(), kills.clone());
+        let kill = Kill::new(
+            move || now.lock().unwrap().push(None),
+            move |at| by.lock().unwrap().push(Some(at)),
+        );
+        (state, kill, kills)
+    }
+
+    fn shrunk_to(state: &watch::Sender<LeaseState>) -> Option<Duration> {
+        state.borrow().held().shortened.as_ref().map(|s| s.duration)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_record_of_ours_newer_than_a_shrink_ends_it() {
+        let timing = Timing::default();
+        let (state, kill, kills) = holding();
+        observed(&state, &ours(Some(2), "12"), &timing, &kill);
+        assert_eq!(shrunk_to(&state), Some(2 * S));
+        assert_eq!(
+            kills.lock().unwrap().as_slice(),
+            [Some(100 * S + timing.kill_within(2 * S))]
+        );
+        // Older than the shrink, at our duration (a lagging watch, a late event or read): the
+        // server ordered it before the shrink, which still stands.
+        observed(&state, &ours(Some(15), "11"), &timing, &kill);
+        assert_eq!(shrunk_to(&state), Some(2 * S));
+        // A resourceVersion that cannot be compared never ends it.
+        observed(&state, &ours(Some(15), "x-13"), &timing, &kill);
+        assert_eq!(shrunk_to(&state), Some(2 * S));
+        // The shrunk record itself, seen again: still shrunk.
+        observed(&state, &ours(Some(2), "12"), &timing, &kill);
+        assert_eq!(shrunk_to(&state), Some(2 * S));
+        // Newer: the shrunk record is no longer stored.
+        observed(&state, &ours(Some(15), "13"), &timing, &kill);
+        assert_eq!(shrunk_to(&state), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_removed_duration_is_a_shrink_to_nothing() {
+        let timing = Timing::default();
+        let (state, kill, kills) = holding();
+        observed(&state, &ours(None, "11"), &timing, &kill);
+        assert_eq!(shrunk_to(&state), Some(Duration::ZERO));
+        // Killed by the last write's start: already past, so at once.
+        assert_eq!(kills.lock().unwrap().as_slice(), [Some(100 * S)]);
+        // It does not end an earlier shrink either.
+        let (state, kill, _) = holding();
+        observed(&state, &ours(Some(5), "11"), &timing, &kill);
+        observed(&state, &ours(None, "12"), &timing, &kill);
+        assert_eq!(shrunk_to(&state), Some(Duration::ZERO));
     }
 }

@@ -245,6 +245,8 @@ struct Inner {
     /// that record was stored.
     beaten_create: Option<(String, String, i64, bool)>,
     beaten_at: Option<Instant>,
+    /// See [`ApiServer::lag_watch_cache`].
+    watch_lag: Option<u64>,
     /// Door 0 is the server's own port.
     doors: Vec<DoorState>,
 }
@@ -374,6 +376,7 @@ impl ApiServer {
                 slow_answers: Vec::new(),
                 beaten_create: None,
                 beaten_at: None,
+                watch_lag: None,
                 doors: vec![DoorState::new(addr)],
             })),
             addr,
@@ -523,6 +526,17 @@ impl ApiServer {
     /// Closes every open watch stream (a hung server closes them when the hang ends).
     pub fn close_watches(&self) {
         self.inner.lock().unwrap().watch_closures += 1;
+        self.notify();
+    }
+
+    /// Makes the watch cache lag behind the store at `rv` (`None`: caught up again), as one API
+    /// server of an HA control plane whose cache fell behind etcd: watch streams deliver every
+    /// event up to `rv` and hold back the later ones (bookmarks included) until the lag ends. A
+    /// watch re-opened from an older resourceVersion meanwhile gets the events up to `rv` only.
+    /// Reads and writes are not affected, nor what a watch from the current state (`""`) starts
+    /// with.
+    pub fn lag_watch_cache(&self, rv: Option<u64>) {
+        self.inner.lock().unwrap().watch_lag = rv;
         self.notify();
     }
 
@@ -1221,6 +1235,7 @@ impl ApiServer {
         }
         prepare(&inner, &mut object, None);
         let mut errors = name_errors(&name);
+        errors.extend(annotation_errors(&object["metadata"]));
         errors.extend(spec_errors(&object["spec"]));
         if !errors.is_empty() {
             return invalid(GROUP, "Lease", &name, &errors);
@@ -1327,6 +1342,7 @@ impl ApiServer {
             }
             prepare(&inner, &mut object, None);
             let mut errors = name_errors(name);
+            errors.extend(annotation_errors(&object["metadata"]));
             errors.extend(spec_errors(&object["spec"]));
             if !errors.is_empty() {
                 return invalid(GROUP, "Lease", name, &errors);
@@ -1452,7 +1468,8 @@ impl ApiServer {
         object["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
         object["metadata"]["namespace"] = json!(ns);
         prepare(inner, &mut object, Some(current));
-        let errors = spec_errors(&object["spec"]);
+        let mut errors = annotation_errors(&object["metadata"]);
+        errors.extend(spec_errors(&object["spec"]));
         if !errors.is_empty() {
             return invalid(GROUP, "Lease", name, &errors);
         }
@@ -1636,6 +1653,9 @@ impl ApiServer {
                 )
             } else {
                 let mut backlog: Vec<Value> = Vec::new();
+                // Events past a lagging cache's position wait (see `lag_watch_cache`).
+                let mut lagging: VecDeque<WatchEvent> = VecDeque::new();
+                let lag = inner.watch_lag;
                 if from_state {
                     for ((n, name), object) in &inner.leases {
                         if wanted(n, name) {
@@ -1646,20 +1666,27 @@ impl ApiServer {
                         backlog.push(bookmark(inner.rv, true));
                     }
                 } else if !from_now {
-                    backlog.extend(
-                        inner
-                            .history
-                            .iter()
-                            .filter(|e| e.rv > spec.from && matches(e))
-                            .map(|e| json!({"type": e.kind, "object": e.object})),
-                    );
+                    for e in inner
+                        .history
+                        .iter()
+                        .filter(|e| e.rv > spec.from && matches(e))
+                    {
+                        if lag.is_some_and(|lag| e.rv > lag) {
+                            lagging.push_back(e.clone());
+                        } else {
+                            backlog.push(json!({"type": e.kind, "object": e.object}));
+                        }
+                    }
                 }
                 // The watcher's resourceVersion: it sends nothing at or below it, bookmarks
                 // included.
                 let start_rv = if from_now { inner.rv } else { spec.from };
-                let last = start_rv.max(inner.history.back().map_or(0, |e| e.rv));
+                let last = match (lagging.front(), lag) {
+                    (Some(_), Some(lag)) => start_rv.max(lag),
+                    _ => start_rv.max(inner.history.back().map_or(0, |e| e.rv)),
+                };
                 Ok((
-                    backlog,
+                    (backlog, lagging),
                     start_rv,
                     last,
                     self.watch_tx.subscribe(),
@@ -1668,15 +1695,16 @@ impl ApiServer {
                 ))
             }
         };
-        let (backlog, start_rv, mut last, mut rx, closures, mut bookmark_requests) = match start {
-            Ok(start) => start,
-            Err(status) => {
-                let _ = tx
-                    .send(line(json!({"type": "ERROR", "object": status})))
-                    .await;
-                return;
-            }
-        };
+        let ((backlog, lagging), start_rv, mut last, mut rx, closures, mut bookmark_requests) =
+            match start {
+                Ok(start) => start,
+                Err(status) => {
+                    let _ = tx
+                        .send(line(json!({"type": "ERROR", "object": status})))
+                        .await;
+                    return;
+                }
+            };
         for event in backlog {
             if tx.send(line(event)).await.is_err() {
                 return;
@@ -1684,18 +1712,21 @@ impl ApiServer {
         }
 
         let mut last_bookmark = tokio::time::Instant::now();
-        // Events received as a hang began: they go out when it ends.
-        let mut held: VecDeque<WatchEvent> = VecDeque::new();
+        // Events received as a hang began: they go out when it ends. Also those past a lagging
+        // cache's position, in order: they go out once it has caught up with them.
+        let mut held: VecDeque<WatchEvent> = lagging;
         loop {
-            let (hung, closed, requested, interval) = {
+            let (hung, closed, requested, interval, lag) = {
                 let inner = self.inner.lock().unwrap();
                 (
                     inner.mode == Mode::Hang,
                     (inner.watch_closures, inner.doors[spec.door].watch_closures) != closures,
                     inner.bookmark_requests,
                     inner.bookmark_interval,
+                    inner.watch_lag,
                 )
             };
+            let lags = |e: &WatchEvent| lag.is_some_and(|lag| e.rv > lag);
             if hung {
                 // Nothing goes out, and nothing is taken from this watcher's buffer: events wait
                 // there (and the watcher is closed if it overflows).
@@ -1710,6 +1741,10 @@ impl ApiServer {
                 return;
             }
             while let Some(e) = held.pop_front() {
+                if lags(&e) {
+                    held.push_front(e);
+                    break;
+                }
                 if !deliver(&tx, &mut last, &e, matches(&e)).await {
                     return;
                 }
@@ -1726,6 +1761,7 @@ impl ApiServer {
                 let current = self.inner.lock().unwrap().rv;
                 loop {
                     match rx.try_recv() {
+                        Ok(e) if !held.is_empty() || lags(&e) => held.push_back(e),
                         Ok(e) => {
                             if !deliver(&tx, &mut last, &e, matches(&e)).await {
                                 return;
@@ -1735,7 +1771,12 @@ impl ApiServer {
                         Err(_) => return,
                     }
                 }
-                let at = current.max(last);
+                // A lagging cache promises only what it has delivered.
+                let at = if held.is_empty() {
+                    current.max(last)
+                } else {
+                    last
+                };
                 if at > start_rv {
                     if tx.send(line(bookmark(at, false))).await.is_err() {
                         return;
@@ -1751,7 +1792,7 @@ impl ApiServer {
             tokio::select! {
                 event = rx.recv() => match event {
                     Ok(e) => {
-                        if self.inner.lock().unwrap().mode == Mode::Hang {
+                        if self.inner.lock().unwrap().mode == Mode::Hang || !held.is_empty() || lags(&e) {
                             held.push_back(e);
                         } else if !deliver(&tx, &mut last, &e, matches(&e)).await {
                             return;
@@ -2436,6 +2477,33 @@ fn name_errors(name: &str) -> Vec<FieldError> {
         .iter()
         .map(|m| FieldError::invalid("metadata.name", &format!("{name:?}"), m))
         .collect()
+}
+
+/// `ValidateAnnotations`: every key a qualified name (case aside), 256 KiB in all.
+pub fn annotation_errors(metadata: &Value) -> Vec<FieldError> {
+    let Some(annotations) = metadata["annotations"].as_object() else {
+        return Vec::new();
+    };
+    let mut errors = Vec::new();
+    let mut size = 0;
+    for (key, value) in annotations {
+        for message in qualified_name_errors(&key.to_lowercase()) {
+            errors.push(FieldError::invalid(
+                "metadata.annotations",
+                &format!("{key:?}"),
+                &message,
+            ));
+        }
+        size += key.len() + value.as_str().map_or(0, str::len);
+    }
+    if size > 256 * 1024 {
+        errors.push(FieldError {
+            field: "metadata.annotations".into(),
+            reason: "FieldValueTooLong",
+            body: "Too long: must have at most 262144 bytes".into(),
+        });
+    }
+    errors
 }
 
 /// `ValidateLeaseSpec`.
