@@ -7,6 +7,10 @@
 //!   their own on the same Lease, and leaders whose stderr pipe nobody reads for a while.
 //! - API faults: refused connections, hangs, 500/503/429 answers, slow answers, answers to updates
 //!   lost after the commit, compaction (watches then get 410 Gone).
+//! - Per-client API faults: each contender talks to the server through a door of its own
+//!   (`apiserver::Door`, shared with the lease-exec its worker may start), and one door at a time
+//!   refuses connections, black-holes them, cuts the open ones (half-open), answers slowly,
+//!   answers 503/500/429 or loses the answers to its writes, while the others are served.
 //! - Hand-changes: the Lease deleted while held, overwritten by an operator, handovers requested
 //!   by writing `spec.preferredHolder` and by `lease-exec --handover` (to a live contender, to any,
 //!   to one that is gone).
@@ -45,6 +49,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use support::apiserver::{Door, Fault};
 use support::*;
 use tokio::time::Instant;
 
@@ -138,6 +143,10 @@ struct Driver {
     lowerings: Vec<(String, u64)>,
     /// When each identity's lease-exec was started (CLOCK_MONOTONIC ns).
     started: std::collections::HashMap<String, u64>,
+    /// Each contender's own door and its kubeconfig: a fault there hits that contender only.
+    doors: Vec<(Door, std::path::PathBuf)>,
+    /// Until when a door's fault lasts, and which door.
+    door_fault: Option<(usize, Instant)>,
 }
 
 impl Driver {
@@ -185,7 +194,7 @@ impl Driver {
                 self.options.join(" ")
             );
             args.extend(["--", "sh", "-c", &script].map(String::from));
-            return self.command(args).spawn();
+            return self.contender_command(i, args).spawn();
         }
         if self.rng.one_in(10) {
             // Its command fills the stderr pipe it shares with lease-exec, which nobody reads
@@ -202,7 +211,9 @@ impl Driver {
                 stuck_for,
                 self.ending.clone(),
             );
-            return self.command(args).spawn_with_stderr_held(release);
+            return self
+                .contender_command(i, args)
+                .spawn_with_stderr_held(release);
         }
         args.extend([
             "--".into(),
@@ -211,7 +222,7 @@ impl Driver {
             run_for.to_string(),
             "0".into(),
         ]);
-        self.command(args).spawn()
+        self.contender_command(i, args).spawn()
     }
 
     /// `lease-exec ARGS`, logging watch expiries (410) too.
@@ -219,6 +230,43 @@ impl Driver {
         self.world
             .lease_exec(args)
             .env("RUST_LOG", "info,lease_exec::lease::acquire=debug")
+    }
+
+    /// `lease-exec ARGS` of contender `i`, through its own door.
+    fn contender_command(&self, i: usize, args: Vec<String>) -> TestCommand {
+        self.command(args).kubeconfig(&self.doors[i].1)
+    }
+
+    /// A fault on one contender's door (its connections only), for a while; the others are
+    /// served meanwhile.
+    fn door_fault(&mut self) {
+        let i = self.rng.below(self.doors.len() as u64) as usize;
+        let (name, fault) = match self.rng.below(8) {
+            0 => ("one client refused", Fault::Refuse),
+            1 => ("one client black-holed", Fault::Blackhole),
+            2 => ("one client's connections cut (half-open)", Fault::HalfOpen),
+            3 => (
+                "one client answered slowly",
+                Fault::Delay(self.rng.millis(50, 1500)),
+            ),
+            4 => ("one client answered 503", Fault::Status(503, None)),
+            5 => ("one client answered 429", Fault::Status(429, Some(1))),
+            6 => ("one client answered 500", Fault::Status(500, None)),
+            _ => ("one client's write answers lost", Fault::LoseAnswers),
+        };
+        self.doors[i].0.set_fault(fault);
+        self.tally.add(name);
+        self.door_fault = Some((i, Instant::now() + self.rng.millis(200, 3000)));
+    }
+
+    /// Ends a door's fault once its time is up (`all`: now).
+    fn heal_door(&mut self, all: bool) {
+        if let Some((i, until)) = self.door_fault
+            && (all || Instant::now() >= until)
+        {
+            self.doors[i].0.set_fault(Fault::Normal);
+            self.door_fault = None;
+        }
     }
 
     /// One random action.
@@ -314,6 +362,7 @@ impl Driver {
                 self.freeze(i).await;
             }
             11 if operator_edits() => self.operator_edit().await,
+            12 | 13 if self.door_fault.is_none() => self.door_fault(),
             _ => {}
         }
     }
@@ -707,7 +756,13 @@ async fn chaos(contenders: usize, holders: u32, length: Duration, seed: u64) {
         lowerings: Vec::new(),
         started: Default::default(),
         deletions: Vec::new(),
+        doors: Vec::new(),
+        door_fault: None,
     };
+    for _ in 0..contenders {
+        let door = driver.world.door();
+        driver.doors.push(door);
+    }
     for i in 0..contenders {
         let running = driver.spawn(i);
         driver.running.push(running);
@@ -730,6 +785,7 @@ async fn chaos(contenders: usize, holders: u32, length: Duration, seed: u64) {
             driver.world.server.set_delay(Duration::ZERO);
             driver.world.server.keep_answers();
         }
+        driver.heal_door(false);
         driver.step(&mut fault_until).await;
     }
 
@@ -738,6 +794,8 @@ async fn chaos(contenders: usize, holders: u32, length: Duration, seed: u64) {
     world.server.set_mode(Mode::Normal);
     world.server.set_delay(Duration::ZERO);
     world.server.keep_answers();
+    driver.heal_door(true);
+    let world = &driver.world;
     driver.ending.store(true, Ordering::Relaxed);
     for r in &mut driver.running {
         if !r.exited() {
@@ -880,9 +938,11 @@ async fn chaos(contenders: usize, holders: u32, length: Duration, seed: u64) {
         most <= holders as usize,
         "{most} workers ran at once with {holders} slots; {context}"
     );
+    // More than two workers: at least two handoffs, or the checks above held vacuously.
     assert!(
-        runs.len() >= 2,
-        "too few handoffs to mean anything: {runs:?}; {context}"
+        runs.len() > 2,
+        "too few workers ({}) to mean anything: {runs:?}; {context}",
+        runs.len()
     );
 }
 

@@ -23,6 +23,11 @@
 //	controlplane etcd-leader --dir D           # prints the leader member's index
 //	controlplane proxy --dir D --name NAME --apiserver N
 //	controlplane toxic --dir D --name NAME --kind partition|half-open|reset|latency|heal [--ms MS]
+//	controlplane etcd-toxic --dir D --apiserver N --kind partition|half-open|reset|latency|heal [--ms MS]
+//
+// In the HA layout each API server reaches the etcd members through Toxiproxy
+// proxies of its own (apiserver-N-etcd-M), so etcd-toxic can make one API
+// server's watch cache lag behind etcd, or cut it off etcd, alone.
 package main
 
 import (
@@ -110,10 +115,12 @@ func main() {
 		err = runProxy(args)
 	case "toxic":
 		err = runToxic(args)
+	case "etcd-toxic":
+		err = runEtcdToxic(args)
 	case "-h", "--help", "help":
 		usage()
 	default:
-		err = fmt.Errorf("unknown subcommand %q (etcd, apiserver, controller-manager, wait, compact, etcd-leader, toxiproxy, proxy, toxic)", sub)
+		err = fmt.Errorf("unknown subcommand %q (etcd, apiserver, controller-manager, wait, compact, etcd-leader, toxiproxy, proxy, toxic, etcd-toxic)", sub)
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "controlplane %s: %v\n", sub, err)
@@ -122,7 +129,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: controlplane etcd|apiserver|controller-manager|wait|compact|etcd-leader|toxiproxy|proxy|toxic --dir DIR [options] [-- component flags]")
+	fmt.Fprintln(os.Stderr, "usage: controlplane etcd|apiserver|controller-manager|wait|compact|etcd-leader|toxiproxy|proxy|toxic|etcd-toxic --dir DIR [options] [-- component flags]")
 	os.Exit(2)
 }
 
@@ -269,6 +276,10 @@ func apiServerFlags(l apiLayout, port int, etcdServers string) map[string]string
 		// servers, valid for 127.0.0.1 on any port (so behind a proxy too).
 		flags["tls-cert-file"] = filepath.Join(dir, servingCertFile)
 		flags["tls-private-key-file"] = filepath.Join(dir, servingKeyFile)
+		// spec.strategy and spec.preferredHolder kept, so that planned
+		// handovers (lease-exec --handover) can be tested under faults.
+		flags["feature-gates"] = "CoordinatedLeaderElection=true"
+		flags["runtime-config"] = "coordination.k8s.io/v1beta1=true"
 	}
 	return flags
 }
@@ -331,10 +342,14 @@ func prepareAPIServer(dir string, index int, extra []string) ([]string, error) {
 		if err != nil {
 			return nil, err
 		}
-		etcdServers = strings.Join(endpoints, ",")
 		if err := os.MkdirAll(l.state, 0o755); err != nil {
 			return nil, err
 		}
+		proxied, err := etcdThroughProxies(dir, l, endpoints)
+		if err != nil {
+			return nil, fmt.Errorf("the way to etcd: %v", err)
+		}
+		etcdServers = strings.Join(proxied, ",")
 	} else {
 		etcdURL, err := readTrimmed(filepath.Join(dir, etcdURLFile))
 		if err != nil {

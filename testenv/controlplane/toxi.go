@@ -2,7 +2,9 @@ package main
 
 // Fault proxies in front of the HA API servers: a Toxiproxy server (its own Go
 // server package) as one process, and the proxy and toxic subcommands that
-// drive it through the Toxiproxy Go client.
+// drive it through the Toxiproxy Go client. Each HA API server also reaches
+// the etcd members through proxies of its own (etcdThroughProxies), which the
+// etcd-toxic subcommand hits.
 
 import (
 	"context"
@@ -11,6 +13,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -163,6 +166,23 @@ func writeProxyFiles(dir, out, listen string, ca []byte) (string, error) {
 	return path, writeKubeconfig(path, "https://127.0.0.1:"+port, ca, filepath.Join(dir, adminTokenFile), adminUser)
 }
 
+// checkToxicKind checks a toxic's kind and its --ms.
+func checkToxicKind(kind string, ms int) error {
+	switch kind {
+	case "partition", "half-open", "reset", "heal":
+		if ms >= 0 {
+			return fmt.Errorf("--ms applies to latency only, not %s", kind)
+		}
+	case "latency":
+		if ms < 0 {
+			return errors.New("latency needs --ms MS (a whole number of milliseconds)")
+		}
+	default:
+		return fmt.Errorf("unknown toxic %q (partition, half-open, reset, latency MS or heal)", kind)
+	}
+	return nil
+}
+
 // A toxic this program adds, by name (one per direction where both apply).
 type toxicSpec struct {
 	name, typ, stream string
@@ -198,38 +218,35 @@ func runToxic(args []string) error {
 	if err != nil {
 		return err
 	}
-	switch *kind {
-	case "partition", "half-open", "reset", "heal":
-		if *ms >= 0 {
-			return fmt.Errorf("--ms applies to latency only, not %s", *kind)
-		}
-	case "latency":
-		if *ms < 0 {
-			return errors.New("latency needs --ms MS (a whole number of milliseconds)")
-		}
-	default:
-		return fmt.Errorf("unknown toxic %q (partition, half-open, reset, latency MS or heal)", *kind)
+	if err := checkToxicKind(*kind, *ms); err != nil {
+		return err
 	}
 	c, err := toxiproxyClient(dir)
 	if err != nil {
 		return err
 	}
-	p, err := c.Proxy(*name)
+	return applyToxic(c, *name, *kind, *ms, fmt.Sprintf("create it: cluster proxy %s %s N", dir, *name))
+}
+
+// applyToxic applies the toxic kind (checked by the caller) to proxy name;
+// hint says what to do when there is no such proxy.
+func applyToxic(c *toxiclient.Client, name, kind string, ms int, hint string) error {
+	p, err := c.Proxy(name)
 	if apiStatus(err) == http.StatusNotFound {
-		return fmt.Errorf("no proxy %q in %s (create it: cluster proxy %s %s N)", *name, dir, dir, *name)
+		return fmt.Errorf("no proxy %q (%s)", name, hint)
 	}
 	if err != nil {
-		return fmt.Errorf("proxy %q: %v", *name, err)
+		return fmt.Errorf("proxy %q: %v", name, err)
 	}
 	present, err := p.Toxics()
 	if err != nil {
-		return fmt.Errorf("proxy %q: %v", *name, err)
+		return fmt.Errorf("proxy %q: %v", name, err)
 	}
 	t := toxicker{p: p, present: map[string]toxiclient.Toxic{}}
 	for _, x := range present {
 		t.present[x.Name] = x
 	}
-	switch *kind {
+	switch kind {
 	case "partition":
 		// Refuses new connections and closes the open ones.
 		t.disable()
@@ -244,7 +261,7 @@ func runToxic(args []string) error {
 		t.remove(halfOpenToxics()...)
 		t.enable()
 	case "latency":
-		t.ensure(latencyToxic(*ms))
+		t.ensure(latencyToxic(ms))
 	case "heal":
 		for n := range t.present {
 			t.removeNamed(n)
@@ -252,7 +269,95 @@ func runToxic(args []string) error {
 		t.enable()
 	}
 	if t.err != nil {
-		return fmt.Errorf("proxy %q: %s: %v", *name, *kind, t.err)
+		return fmt.Errorf("proxy %q: %s: %v", name, kind, t.err)
+	}
+	return nil
+}
+
+// ---------------------------------------------------------------- between an API server and etcd
+
+// etcdProxyPortsFile, in D/apiserver-N, keeps the ports of that API server's
+// proxies to the etcd members (one per member), so that they stay the same
+// across restarts of the API server.
+const etcdProxyPortsFile = "etcd-proxy.ports"
+
+// etcdProxyName names the proxy between API server n and etcd member m.
+func etcdProxyName(n, m int) string { return fmt.Sprintf("apiserver-%d-etcd-%d", n, m) }
+
+// etcdThroughProxies makes API server l reach each etcd member through a
+// Toxiproxy proxy of its own (apiserver-N-etcd-M), creating the proxies that
+// are missing, and returns their URLs for --etcd-servers. A toxic on them
+// (controlplane etcd-toxic) then hits this API server's traffic with etcd
+// only: a latency makes its watch cache lag behind etcd while the other API
+// server's stays current. Toxics already on a proxy are kept (a restarted API
+// server finds its fault still there).
+func etcdThroughProxies(dir string, l apiLayout, endpoints []string) ([]string, error) {
+	ports, err := stickyPorts(filepath.Join(l.state, etcdProxyPortsFile), len(endpoints))
+	if err != nil {
+		return nil, err
+	}
+	c, err := toxiproxyClient(dir)
+	if err != nil {
+		return nil, err
+	}
+	urls := make([]string, len(endpoints))
+	for m, endpoint := range endpoints {
+		u, err := url.Parse(endpoint)
+		if err != nil {
+			return nil, fmt.Errorf("etcd member %d: %v", m, err)
+		}
+		name := etcdProxyName(l.index, m)
+		listen := net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[m]))
+		p, err := c.Proxy(name)
+		switch {
+		case err == nil && (p.Listen != listen || p.Upstream != u.Host):
+			// Left over from another layout: replace it.
+			if err := p.Delete(); err != nil {
+				return nil, fmt.Errorf("proxy %q: %v", name, err)
+			}
+			fallthrough
+		case apiStatus(err) == http.StatusNotFound:
+			if _, err := c.CreateProxy(name, listen, u.Host); err != nil {
+				return nil, fmt.Errorf("creating proxy %q from %s to etcd member %d: %v", name, listen, m, err)
+			}
+		case err != nil:
+			return nil, fmt.Errorf("proxy %q: %v", name, err)
+		}
+		urls[m] = (&url.URL{Scheme: u.Scheme, Host: listen}).String()
+	}
+	return urls, nil
+}
+
+// runEtcdToxic applies a toxic (as runToxic) to every proxy between API
+// server N and the etcd members.
+func runEtcdToxic(args []string) error {
+	fs := flag.NewFlagSet("etcd-toxic", flag.ContinueOnError)
+	index := fs.String("apiserver", "", "the API server whose way to etcd is hit (0 or 1)")
+	kind := fs.String("kind", "", "partition, half-open, reset, latency or heal")
+	ms := fs.Int("ms", -1, "latency in milliseconds (latency only)")
+	dir, _, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if !isHA(dir) {
+		return fmt.Errorf("%s is not an HA cluster", dir)
+	}
+	n, err := parseIndex(*index, haAPIServers)
+	if err != nil {
+		return fmt.Errorf("--apiserver: %v", err)
+	}
+	if err := checkToxicKind(*kind, *ms); err != nil {
+		return err
+	}
+	c, err := toxiproxyClient(dir)
+	if err != nil {
+		return err
+	}
+	for m := range haEtcdMembers {
+		hint := fmt.Sprintf("API server %d was started before its way to etcd went through proxies: restart it", n)
+		if err := applyToxic(c, etcdProxyName(n, m), *kind, *ms, hint); err != nil {
+			return err
+		}
 	}
 	return nil
 }

@@ -189,6 +189,8 @@ enum Undo {
     Toxic(String),
     Apiserver(usize),
     Etcd(usize),
+    /// A toxic between API server N and etcd.
+    EtcdToxic(usize),
 }
 
 /// A fault on one proxy (`testenv/cluster toxic DIR NAME ...`).
@@ -373,6 +375,25 @@ impl HaTest {
         self.done(&Undo::Toxic(proxy.name.clone()));
     }
 
+    /// Puts `toxic` between API server `n` and every etcd member (`cluster etcd-toxic DIR N ...`):
+    /// a latency makes that API server's watch cache lag behind etcd (its reads and writes wait
+    /// as long), the other API server's stays current. Healed by [`HaTest::heal_etcd`] or at the
+    /// end of the test.
+    pub async fn etcd_toxic(&self, n: usize, toxic: Toxic) {
+        self.note(Undo::EtcdToxic(n));
+        let n = n.to_string();
+        let args = toxic.args();
+        let mut all = vec![n.as_str()];
+        all.extend(args.iter().map(String::as_str));
+        self.control("etcd-toxic", &all).await;
+    }
+
+    /// Removes every toxic between API server `n` and etcd.
+    pub async fn heal_etcd(&self, n: usize) {
+        self.control("etcd-toxic", &[&n.to_string(), "heal"]).await;
+        self.done(&Undo::EtcdToxic(n));
+    }
+
     /// `cluster stop-apiserver DIR N [FLAG]` (`--kill`, `--freeze` or none); started again by
     /// [`HaTest::start_apiserver`] or at the end of the test.
     pub async fn stop_apiserver(&self, n: usize, flag: Option<&str>) {
@@ -516,6 +537,7 @@ impl Drop for HaTest {
                 Undo::Toxic(name) => ("toxic", vec![name.clone(), "heal".into()]),
                 Undo::Apiserver(n) => ("start-apiserver", vec![n.to_string()]),
                 Undo::Etcd(m) => ("start-etcd", vec![m.to_string()]),
+                Undo::EtcdToxic(n) => ("etcd-toxic", vec![n.to_string(), "heal".into()]),
             };
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let (ok, _, stderr) = control_blocking(&self.ha.dir, command, &args);
