@@ -406,6 +406,15 @@ fn observed(state: &watch::Sender<LeaseState>, current: &Lease, timing: &Timing,
     let counted = Record::of(current).effective_duration().0;
     let version = current.metadata.resource_version.as_deref();
     state.send_if_modified(|s| match s {
+        // Older than our last successful write (the server's order, see `newer_version`): that
+        // write replaced it, so it is no longer stored and nobody can claim against it (a claim
+        // conditioned on it meets a 409). A re-opened watch or a slow read replaying a shrink we
+        // already undid neither starts nor ends a shrink.
+        LeaseState::Held(held)
+            if newer_version(held.lease.metadata.resource_version.as_deref(), version) =>
+        {
+            false
+        }
         LeaseState::Held(held) if counted < timing.lease_duration => {
             kill.by(held.renewed_at_boot + timing.kill_within(counted));
             // The shortest duration since the shrink began; the newest shrunk record (by the
@@ -667,11 +676,11 @@ mod tests {
         }
     }
 
-    /// A state held since a write at 100 s on CLOCK_BOOTTIME, and a [`Kill`] that notes the
-    /// deadlines it is given (`None`: at once).
     /// The deadlines a [`Kill`] was given (`None`: at once).
     type Kills = Arc<std::sync::Mutex<Vec<Option<Duration>>>>;
 
+    /// A state held since a write (resourceVersion 10) at 100 s on CLOCK_BOOTTIME, and a [`Kill`]
+    /// that notes the deadlines it is given.
     fn holding() -> (watch::Sender<LeaseState>, Kill, Kills) {
         let held = Held::written(ours(Some(15), "10"), Instant::now(), 100 * S);
         let (state, _) = watch::channel(LeaseState::Held(held));
@@ -726,5 +735,30 @@ mod tests {
         observed(&state, &ours(Some(5), "11"), &timing, &kill);
         observed(&state, &ours(None, "12"), &timing, &kill);
         assert_eq!(shrunk_to(&state), Some(Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replayed_shrink_older_than_our_last_write_starts_nothing() {
+        // Our write at resourceVersion 12 restored a shrink stored at 11; a re-opened watch (or a
+        // slow read) then delivers that shrink again. It is no longer stored: no shrink, no kill.
+        let timing = Timing::default();
+        let (state, kill, kills) = holding();
+        state.send_modify(|s| {
+            *s = LeaseState::Held(Held::written(ours(Some(15), "12"), Instant::now(), 100 * S));
+        });
+        observed(&state, &ours(Some(1), "11"), &timing, &kill);
+        assert_eq!(shrunk_to(&state), None);
+        assert!(
+            kills.lock().unwrap().is_empty(),
+            "{:?}",
+            kills.lock().unwrap()
+        );
+        // A shrink newer than our write still counts at once.
+        observed(&state, &ours(Some(1), "13"), &timing, &kill);
+        assert_eq!(shrunk_to(&state), Some(S));
+        assert_eq!(
+            *kills.lock().unwrap(),
+            vec![Some(100 * S + timing.kill_within(S))]
+        );
     }
 }
