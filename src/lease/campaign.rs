@@ -1589,6 +1589,7 @@ mod tests {
         for stale in [
             stating(lease(Some("client-go"), 1, 4, "6"), "other", 10),
             stating(lease(Some("other"), 1, 4, "6"), "other", 0),
+            stating(lease(Some("other"), 1, 4, "6"), "other", 24 * 3600 + 1),
             {
                 let mut l = lease(Some("other"), 1, 4, "6");
                 l.metadata.annotations =

@@ -8,6 +8,8 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 
+use crate::timing::MAX_DURATION;
+
 /// The parts of a Lease's spec that decisions read, compared to detect a renewal.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Record {
@@ -44,13 +46,17 @@ pub fn statement(holder: &str, secs: i32) -> String {
     serde_json::json!({"holderIdentity": holder, "leaseDurationSeconds": secs}).to_string()
 }
 
-/// The duration a statement gives `holder`: `None` when it cannot be read, names someone else, or
-/// is not positive.
+/// The duration a statement gives `holder`: `None` when it cannot be read, names someone else, is
+/// not positive, or is longer than any lease-exec accepts (`--lease-duration` is at most
+/// [`MAX_DURATION`]): no lease-exec holder wrote such a statement, and an edited one would keep
+/// candidates waiting for as long as it says, and be remembered as the longest term.
 fn stated_for(value: &str, holder: Option<&str>) -> Option<i32> {
     let value: serde_json::Value = serde_json::from_str(value).ok()?;
     let named = value.get("holderIdentity")?.as_str()?;
     let secs = value.get("leaseDurationSeconds")?.as_i64()?;
-    (holder == Some(named) && secs > 0).then(|| i32::try_from(secs).unwrap_or(i32::MAX))
+    let longest = i64::try_from(MAX_DURATION.as_secs()).unwrap_or(i64::MAX);
+    (holder == Some(named) && secs > 0 && secs <= longest)
+        .then(|| i32::try_from(secs).unwrap_or(i32::MAX))
 }
 
 /// Whether resourceVersion `version` is known to come after `than`. Within one etcd (every API
