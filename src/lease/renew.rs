@@ -289,7 +289,9 @@ async fn hedged(
                         let retry = retry_at(&error, again, timing);
                         tokio::select! {
                             result = &mut first => (result, started, started_boot),
-                            () = sleep_until(retry) => (Err(Failure::Retry(error)), again, again_boot),
+                            () = sleep_until(retry) => {
+                                (Err(Failure::Retry(error)), again, again_boot)
+                            }
                         }
                     }
                     // A success counts from the second's start. A takeover ends the term. A
