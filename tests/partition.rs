@@ -264,3 +264,89 @@ async fn half_open_leader_keeps_its_worker_running_at_fast_timings() {
 async fn half_open_leader_keeps_its_worker_running_at_default_timings() {
     half_open_changes_nothing(&[], Duration::from_secs(15)).await;
 }
+
+/// One renewal of the leader's is carried out but its answer never comes back: the connection it
+/// went out on died right after the request was sent. The in-memory server speaks HTTP/1.1 only
+/// (hyper's http1 server over plain http, so there is no ALPN to offer HTTP/2 by), so the stuck
+/// renewal holds a connection of its own, up and silent, and nothing closes it. The hedge's
+/// second attempt, on a fresh connection, meets a 409 (the first one landed), reads the Lease
+/// back, finds it still the leader's and writes again against that record, inside the renew
+/// deadline: the leader keeps its worker and the Lease for a lease duration past the lost answer.
+/// The worker's death, watched through a pidfd, comes only at the SIGTERM that ends the test.
+async fn lost_renewal_answer_changes_nothing(options: &[&str], lease: Duration) {
+    let mut cluster = cluster(options).await;
+    let world = &cluster.world;
+    let death = death_watch(cluster.pid);
+    let door = cluster.leader_door.clone();
+    let armed = std::time::Instant::now();
+    world.server.lose_next_answer("update", "job");
+    let leader_writes = |since: std::time::Instant| -> Vec<support::apiserver::Write> {
+        door.writes()
+            .into_iter()
+            .filter(|w| w.at > since && w.holder.as_deref() == Some("leader"))
+            .collect()
+    };
+    wait_for(LIMIT, "the renewal whose answer is lost", || {
+        !leader_writes(armed).is_empty()
+    })
+    .await;
+    let lost = leader_writes(armed).remove(0);
+
+    let (pid, leader) = (cluster.pid, &mut cluster.leader);
+    let held = holds_for(lease, || {
+        if death.is_finished() {
+            return Err("the leader's worker died".into());
+        }
+        if leader.exited() {
+            return Err("the leader exited".into());
+        }
+        match world.server.holder(NS, "job") {
+            Some(holder) if holder == "leader" => Ok(()),
+            other => Err(format!("the Lease is held by {other:?}")),
+        }
+    })
+    .await;
+    let held_until_ns = mono_ns();
+    if let Err(why) = held {
+        panic!(
+            "{why} (the lost renewal was committed {:.0} ms after the fault was armed)\n{}",
+            lost.at.duration_since(armed).as_secs_f64() * 1e3,
+            cluster.logs()
+        );
+    }
+    let logs = cluster.logs();
+    // The path this test is about was taken: after the lost one, an update met a 409 (seen by the
+    // server, not committed), and a later one was committed.
+    let updates = door.count("update", lost.at);
+    let committed = leader_writes(lost.at).len();
+    assert!(
+        updates > committed && committed > 0,
+        "{updates} update(s) after the lost renewal, {committed} committed\n{logs}"
+    );
+    assert_eq!(world.starts().len(), 1, "no other worker started\n{logs}");
+    assert!(
+        !logs.contains("leadership lost"),
+        "the leader lost leadership\n{logs}"
+    );
+    assert!(alive(pid), "the leader's worker runs\n{logs}");
+    cluster.leader.signal(Signal::SIGTERM);
+    cluster.leader.wait(LIMIT).await;
+    wait_for(LIMIT, "the leader's worker to die", || death.is_finished()).await;
+    let died_ns = death.join().unwrap();
+    assert!(
+        died_ns > held_until_ns,
+        "the leader's worker died {:.1} ms before the end of the hold\n{logs}",
+        ms(died_ns, held_until_ns)
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_renewal_answer_over_http1_keeps_the_worker_at_fast_timings() {
+    lost_renewal_answer_changes_nothing(&FAST, LEASE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_renewal_answer_over_http1_keeps_the_worker_at_default_timings() {
+    lost_renewal_answer_changes_nothing(&[], Duration::from_secs(15)).await;
+}

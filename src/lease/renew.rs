@@ -94,9 +94,7 @@ pub async fn renew(
     let mut held = held;
     // While renewals succeed, every --renew-interval. Each renewal is hedged (see `hedged`): at
     // least two attempts, the second on a fresh connection, fit before the renew deadline. A
-    // renewal that got no answer in time is retried at once, on a new connection (the timed-out
-    // one is never reused, see LeaseApi::call); one refused after 100 ms; one the server answered
-    // with an error (5xx, 429) after --retry-period. The renew and kill deadlines are the
+    // failed renewal is retried as `retry_at` says. The renew and kill deadlines are the
     // supervisor's, from the last success: they do not move.
     let mut next = held.renewed_at + timing.renew_interval;
     let mut failing = 0u32;
@@ -174,18 +172,12 @@ pub async fn renew(
                 } else {
                     tracing::debug!(%error, failures = failing, "renewal still failing");
                 }
-                next = match error {
+                if matches!(error, ApiError::Timeout(_)) {
                     // No answer in time on the last attempt either: over HTTP/2 that connection
                     // is closed too, so the retry at once dials afresh.
-                    ApiError::Timeout(_) => {
-                        api.abandon_connections();
-                        Instant::now()
-                    }
-                    ApiError::Unreachable(_) => {
-                        Instant::now() + UNREACHABLE_RETRY.min(timing.retry_period)
-                    }
-                    _ => started + timing.retry_period,
-                };
+                    api.abandon_connections();
+                }
+                next = retry_at(&error, started, &timing);
             }
             Err(Failure::Refreshed(lease)) => {
                 // Someone changed the Lease without taking it (a label, our own earlier write that
@@ -230,6 +222,18 @@ impl Kill {
     }
 }
 
+/// When a renewal whose attempt started at `started` and failed with `error` is tried again: at
+/// once after no answer in time (on a new connection: the timed-out one is never reused, see
+/// `LeaseApi::call`), after 100 ms if no connection could be made, after --retry-period if the
+/// server answered with an error (5xx, 429).
+fn retry_at(error: &ApiError, started: Instant, timing: &Timing) -> Instant {
+    match error {
+        ApiError::Timeout(_) => Instant::now(),
+        ApiError::Unreachable(_) => Instant::now() + UNREACHABLE_RETRY.min(timing.retry_period),
+        _ => started + timing.retry_period,
+    }
+}
+
 /// One renewal, hedged. The first attempt may take the whole request timeout (a slow server is
 /// still a working one), never past the renew deadline. If it has no answer after
 /// [`Timing::renew_timeout`], its connection may be half-open (a load balancer or conntrack dropped
@@ -237,9 +241,15 @@ impl Kill {
 /// attempt runs on a fresh connection, the first still allowed to answer. The first success wins,
 /// with the start of the attempt that made it (the term counts from there). So at least two
 /// attempts fit between the renewal that is due and the renew deadline, whatever the timing.
-/// (Over HTTP/2 the first attempt shares the abandoned connection, which is closed at once: it
-/// fails, and the second alone can answer; a first that landed makes the second a 409, and the
-/// renewal is written again against the record read back.)
+///
+/// Over HTTP/2 the first attempt shares the abandoned connection, which is closed at once: it
+/// fails, and the second alone can answer. Over HTTP/1.1 the first keeps a connection of its own,
+/// which nothing closes while it waits (a half-open one, or one whose answer was lost after the
+/// request landed), so the second's answer decides as it would over HTTP/2: a success or a
+/// takeover at once; a 409 whose fresh read shows the Lease still ours (the first landed, or an
+/// edit kept us) ends the renewal, and the caller writes again at once against the record read
+/// back, inside the renew deadline; a failure leaves the first its chance until the retry is due
+/// ([`retry_at`]), no longer.
 async fn hedged(
     api: &LeaseApi,
     me: &Claimant,
@@ -275,11 +285,32 @@ async fn hedged(
                     Err(Failure::Retry(_)) => (second.await, again, again_boot),
                     result => (result, started, started_boot),
                 },
-                // The second one lost to the first one's landing (409) or failed: the first may
-                // still answer.
                 result = &mut second => match result {
-                    Ok(_) | Err(Failure::Taken(_)) => (result, again, again_boot),
-                    _ => (first.await, started, started_boot),
+                    // Failed (no answer in time, refused, 5xx): the first may still answer (a
+                    // slow server) until the renewal is due to be tried again.
+                    Err(Failure::Retry(error)) => {
+                        let retry = retry_at(&error, again, timing);
+                        tokio::select! {
+                            result = &mut first => (result, started, started_boot),
+                            () = sleep_until(retry) => {
+                                (Err(Failure::Retry(error)), again, again_boot)
+                            }
+                        }
+                    }
+                    // A success counts from the second's start. A takeover ends the term. A
+                    // newer record of ours (the 409's read: the first landed, its answer lost or
+                    // slow, or someone edited the Lease without taking it) is written over at
+                    // once: the first, conditioned on the same older record, can only meet a 409
+                    // now, or is the write that landed; its answer adds nothing, and waiting for
+                    // it may take up to the renew deadline.
+                    result => {
+                        if matches!(result, Err(Failure::Refreshed(_))) {
+                            tracing::debug!(
+                                "the renewal met a newer record of ours; writing again against it"
+                            );
+                        }
+                        (result, again, again_boot)
+                    }
                 },
             }
         }

@@ -238,6 +238,8 @@ struct Inner {
     coordinated: bool,
     /// `(verb, Lease name)` whose requests are carried out but never answered.
     lost_answers: Vec<(&'static str, String)>,
+    /// See [`ApiServer::lose_next_answer`].
+    lost_once: Vec<(&'static str, String)>,
     /// See [`ApiServer::slow_answers`].
     slow_answers: Vec<(&'static str, String, Duration)>,
     /// `(Lease name, holder, duration, deleted)`: the next create of that Lease loses to a record
@@ -373,6 +375,7 @@ impl ApiServer {
                 open_watches: 0,
                 coordinated: true,
                 lost_answers: Vec::new(),
+                lost_once: Vec::new(),
                 slow_answers: Vec::new(),
                 beaten_create: None,
                 beaten_at: None,
@@ -459,6 +462,18 @@ impl ApiServer {
             .lock()
             .unwrap()
             .lost_answers
+            .push((verb, name.to_string()));
+    }
+
+    /// Carries out the next `verb` request of the Lease `name` and never answers it, as
+    /// [`ApiServer::lose_answers`] does for every one: a connection that died right after the
+    /// request went out (over HTTP/1.1 the request holds its connection, which stays up, silent).
+    /// The requests after it are answered.
+    pub fn lose_next_answer(&self, verb: &'static str, name: &str) {
+        self.inner
+            .lock()
+            .unwrap()
+            .lost_once
             .push((verb, name.to_string()));
     }
 
@@ -1000,7 +1015,7 @@ impl ApiServer {
             );
         }
         let (lost, slow) = {
-            let inner = self.inner.lock().unwrap();
+            let mut inner = self.inner.lock().unwrap();
             let name = route.target().2;
             let lease_write = matches!(
                 route,
@@ -1014,7 +1029,15 @@ impl ApiServer {
                 .iter()
                 .find(|(v, n, _)| *v == verb && Some(n.as_str()) == name)
                 .map(|(_, _, delay)| *delay);
+            let once = inner
+                .lost_once
+                .iter()
+                .position(|(v, n)| *v == verb && Some(n.as_str()) == name);
+            if let Some(i) = once {
+                inner.lost_once.remove(i);
+            }
             let lost = (door_fault == Fault::LoseAnswers && lease_write)
+                || once.is_some()
                 || inner
                     .lost_answers
                     .iter()

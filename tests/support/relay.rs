@@ -1,13 +1,14 @@
 //! A TCP relay for the real tier: a port on 127.0.0.1 that forwards each connection to a target
 //! address byte for byte (TLS passes through untouched), with the faults of the network between
-//! one client and its server: [`Fault::HalfOpen`], [`Fault::Partition`], [`Fault::Heal`].
+//! one client and its server: [`Fault::HalfOpen`], [`Fault::LoseAnswers`], [`Fault::Partition`],
+//! [`Fault::Heal`].
 //!
 //! Give one client a kubeconfig whose server is the relay's address and the real API server's
 //! certificate still matches (both are `127.0.0.1`); the other clients keep the direct address.
 //! It is the real tier's counterpart of the in-memory server's doors (`apiserver::Door`), for a
 //! server that cannot act the faults itself. Each accepted connection is one task pumping both
-//! ways with `copy_bidirectional`; a fault stops the pumping and holds (or resets) the two
-//! sockets. It stops when dropped.
+//! ways; a fault stops the pumping (one way or both) and holds (or resets) the two sockets. It
+//! stops when dropped.
 //!
 //! Included by `tests/real.rs` beside `mod support` (`#[path = "support/relay.rs"] mod relay`),
 //! like `cluster.rs`.
@@ -28,6 +29,12 @@ pub enum Fault {
     /// conntrack table dropping its entries, or a frozen proxy, does to a client's pooled
     /// connections. Applying it again freezes the connections open then as well.
     HalfOpen,
+    /// The connections open now pass on what the client sends, and nothing comes back (what the
+    /// server sends is neither delivered nor refused), while new connections work: a request on
+    /// one is carried out and its answer never arrives, as when a connection dies right after a
+    /// request went out on it (a return path dropped, a proxy frozen after forwarding). Applying
+    /// it again silences the connections open then as well.
+    LoseAnswers,
     /// New connections are refused and open ones are reset. The port stays reserved.
     Partition,
     /// New connections work again; those a [`Fault::HalfOpen`] froze are reset, as a connection
@@ -42,6 +49,8 @@ struct State {
     accepted: u64,
     /// Those numbered below this pass nothing.
     frozen_below: u64,
+    /// Those numbered below this pass nothing back to the client.
+    deaf_below: u64,
     /// Those numbered below this are reset.
     reset_below: u64,
     /// New connections are refused.
@@ -80,12 +89,16 @@ impl Relay {
                 s.frozen_below = s.accepted;
                 s.refusing = false;
             }
+            Fault::LoseAnswers => {
+                s.deaf_below = s.accepted;
+                s.refusing = false;
+            }
             Fault::Partition => {
                 s.reset_below = s.accepted;
                 s.refusing = true;
             }
             Fault::Heal => {
-                s.reset_below = s.reset_below.max(s.frozen_below);
+                s.reset_below = s.reset_below.max(s.frozen_below).max(s.deaf_below);
                 s.refusing = false;
             }
         });
@@ -149,13 +162,15 @@ async fn accept_loop(
 }
 
 /// Relays connection `number` to `target` until either side closes it or a fault stops it; a
-/// stopped connection is held open, passing nothing, until it is reset.
+/// stopped connection is held open, passing nothing, until it is reset. A connection that loses
+/// its answers goes on passing the client's bytes to the server.
 async fn pump(
     mut inbound: TcpStream,
     target: SocketAddr,
     number: u64,
     mut state: watch::Receiver<State>,
 ) {
+    use tokio::io::AsyncWriteExt;
     let Ok(mut outbound) = TcpStream::connect(target).await else {
         let _ = inbound.set_zero_linger();
         return;
@@ -163,9 +178,33 @@ async fn pump(
     for stream in [&inbound, &outbound] {
         let _ = stream.set_nodelay(true);
     }
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
-        _ = state.wait_for(|s| number < s.frozen_below || number < s.reset_below) => {}
+    {
+        let (mut in_read, mut in_write) = inbound.split();
+        let (mut out_read, mut out_write) = outbound.split();
+        // Each way ends at its end of file, passing it on, as `copy_bidirectional` does; the
+        // first error ends both.
+        let up = async {
+            tokio::io::copy(&mut in_read, &mut out_write).await?;
+            out_write.shutdown().await
+        };
+        let mut deaf = state.clone();
+        let deafened = async move {
+            let _ = deaf.wait_for(|s| number < s.deaf_below).await;
+        };
+        let down = async {
+            tokio::select! {
+                copied = tokio::io::copy(&mut out_read, &mut in_write) => {
+                    copied?;
+                    in_write.shutdown().await
+                }
+                // The answers stop here; the requests go on.
+                () = deafened => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = async { tokio::try_join!(up, down) } => return,
+            _ = state.wait_for(|s| number < s.frozen_below || number < s.reset_below) => {}
+        }
     }
     // Bytes read but not yet written are lost with the copy, as dropped packets are. An error
     // means the relay is gone: reset then too.
