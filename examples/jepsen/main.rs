@@ -764,6 +764,31 @@ async fn heal(run: &Run, heal: Heal) {
     }
 }
 
+/// `apply` tried again every 200 ms while its target is missing for the moment, for up to
+/// `within` or until the run stops; anything else that keeps a planned fault from being applied
+/// breaks the run (it would pass with fewer faults than planned).
+async fn retried<T, F, Fut>(
+    within: Duration,
+    stop: &watch::Receiver<bool>,
+    mut apply: F,
+) -> Result<T, NotApplied>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, NotApplied>>,
+{
+    let give_up = tokio::time::Instant::now() + within;
+    loop {
+        match apply().await {
+            Err(NotApplied::NotYet(_))
+                if tokio::time::Instant::now() < give_up && !*stop.borrow() =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            other => return other,
+        }
+    }
+}
+
 async fn nemesis(run: Arc<Run>, plan: Vec<Planned>, mut stop: watch::Receiver<bool>) {
     for p in plan {
         let at = run.t0 + Duration::from_secs_f64(p.at);
@@ -771,17 +796,7 @@ async fn nemesis(run: Arc<Run>, plan: Vec<Planned>, mut stop: watch::Receiver<bo
             _ = tokio::time::sleep_until(at.into()) => {}
             _ = stop.changed() => return,
         }
-        // A target missing for the moment is waited for; anything else that keeps a planned
-        // fault from being applied breaks the run (it would pass with fewer faults than planned).
-        let give_up = Instant::now() + APPLY_WITHIN;
-        let applied = loop {
-            match apply(&run, &p).await {
-                Err(NotApplied::NotYet(_)) if Instant::now() < give_up && !*stop.borrow() => {
-                    tokio::time::sleep(Duration::from_millis(200)).await
-                }
-                other => break other,
-            }
-        };
+        let applied = retried(APPLY_WITHIN, &stop, || apply(&run, &p)).await;
         match applied {
             Ok(Some(undo)) => {
                 tokio::select! {
@@ -1711,6 +1726,45 @@ mod tests {
             ended[0].starts_with("slot-01's task ended") && ended[0].contains("panicked"),
             "{ended:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fault_whose_target_is_missing_is_tried_again_then_counts_as_not_applied() {
+        let (_tx, stop) = watch::channel(false);
+        let started = tokio::time::Instant::now();
+        let mut tries = 0;
+        // The target shows up after a second: applied.
+        let applied = retried(APPLY_WITHIN, &stop, || {
+            tries += 1;
+            let now = started.elapsed();
+            async move {
+                if now < Duration::from_secs(1) {
+                    Err(NotApplied::NotYet("between runs".into()))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        assert!(applied.is_ok(), "{applied:?}");
+        assert_eq!(tries, 6, "tried every 200 ms");
+        // It never does: given up after APPLY_WITHIN, and not applied.
+        let started = tokio::time::Instant::now();
+        let never = retried(APPLY_WITHIN, &stop, || async {
+            Err::<(), _>(NotApplied::NotYet("no leader".into()))
+        })
+        .await;
+        assert!(matches!(never, Err(NotApplied::NotYet(_))), "{never:?}");
+        assert!(started.elapsed() >= APPLY_WITHIN, "{:?}", started.elapsed());
+        // A command that failed is not tried again.
+        let mut tries = 0;
+        let failed = retried(APPLY_WITHIN, &stop, || {
+            tries += 1;
+            async { Err::<(), _>(NotApplied::Failed("toxiproxy refused".into())) }
+        })
+        .await;
+        assert!(matches!(failed, Err(NotApplied::Failed(_))), "{failed:?}");
+        assert_eq!(tries, 1);
     }
 
     #[test]
