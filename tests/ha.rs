@@ -737,11 +737,6 @@ fn client_go(
     command
 }
 
-/// The kubelet's rotation: the old token stays valid for a while after the file is rewritten.
-/// A minute covers the 50 s for which kube-rs and client-go keep a token file's copy, so the
-/// reference keeps leadership too.
-const TOKEN_READ_AGAIN_WITHIN: Duration = Duration::from_secs(62);
-
 /// A leader whose credentials are a ServiceAccount token file (`tokenFile` in its kubeconfig, as
 /// a projected token volume gives them, re-read as it rotates): the file is rewritten with a token
 /// bound to another Secret, then after `revoke_after` the old token is revoked (its Secret
@@ -750,14 +745,6 @@ const TOKEN_READ_AGAIN_WITHIN: Duration = Duration::from_secs(62);
 /// client-go contender runs the same scenario beside it, on a Lease of its own, as the reference:
 /// its outcome is reported, not asserted.
 ///
-/// Revoked a minute after the rotation: slow, and the case below covers lease-exec; run by hand
-/// for the reference's figure.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "slow (a minute): the reference's case; lease-exec is covered by the revocation right after the rotation"]
-async fn a_rotated_token_file_is_read_again_before_the_old_token_is_revoked() {
-    token_rotation("token", TOKEN_READ_AGAIN_WITHIN).await;
-}
-
 /// The old token revoked right after the rotation (a Pod-bound token whose Pod is deleted, an
 /// operator revoking a leaked token). lease-exec reads the token file at every request, so its
 /// next renewal carries the new token. client-go's `BearerTokenFile` keeps its copy for 50 s and

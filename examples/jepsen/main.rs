@@ -34,8 +34,12 @@
 //! contender, 0 otherwise (client-go's are reported, not failed on: in a mixed pool a client-go
 //! leader that runs past its term overlaps a lease-exec successor that claimed by the rules),
 //! or if a lease-exec worker's `LEASE_EXEC_TRANSITIONS` is not above every earlier one's, or if
-//! the verdict is blind (the kernel dropped events, or no lease-exec worker ran). Needs root (the
-//! proc connector).
+//! the verdict is `invalid`: blind (the kernel dropped events, a worker journaled its start but
+//! the kernel has no exec for it, no lease-exec worker ran), or the run is not the one its
+//! minutes promise (the nemesis or a slot's task panicked, a fault was not applied or not healed,
+//! fewer faults than any schedule of that length plans, fewer handoffs than a run of that length
+//! has). The judge is a function of what the run recorded (`Record`) and of the kernel's stamps,
+//! tested on hand-made runs below. Needs root (the proc connector).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -367,6 +371,28 @@ fn schedule(seed: u64, seconds: f64, contenders: usize, faults: &[Fault]) -> Vec
     plan
 }
 
+/// The fewest faults [`schedule`] plans in `seconds`, whatever the seed: the first at 8 s, each
+/// next one less than 22 s after it (a hold of at most 12 s, at most 10 s of quiet), while 10 s
+/// remain. The nemesis may run late by the time its commands take, which the last 10 s absorb.
+fn min_faults(seconds: f64) -> usize {
+    let mut n = 0;
+    while 8.0 + 22.0 * (n as f64) < seconds - 10.0 {
+        n += 1;
+    }
+    n
+}
+
+/// The fewest handoffs a run of `seconds` with lease duration `lease_s` has: the first worker
+/// starts within a lease duration and 3 s, each worker runs at most 40 s before it exits by
+/// itself, and the next one starts within two lease durations and 3 s of an exit (a release, or
+/// a term left to expire; at most one fault holds at a time, and every fault leaves a contender
+/// that can reach an API server).
+fn min_handoffs(seconds: f64, lease_s: f64) -> usize {
+    let first = lease_s + 3.0;
+    let term = 40.0 + 2.0 * lease_s + 3.0;
+    ((seconds - first) / term).floor().max(0.0) as usize
+}
+
 // ------------------------------------------------------------------ the run
 
 struct Run {
@@ -387,6 +413,9 @@ struct Run {
     exits: Mutex<Vec<(usize, i32)>>,
     /// (CLOCK_MONOTONIC ns, fault, what it hit) of every fault applied.
     applied: Mutex<Vec<(u64, Fault, String)>>,
+    /// What went wrong with the run itself (a fault not applied or not healed): each makes the
+    /// verdict invalid.
+    broken: Mutex<Vec<String>>,
     stopping: AtomicBool,
 }
 
@@ -394,9 +423,14 @@ fn slot_name(slot: usize) -> String {
     format!("slot-{slot:02}")
 }
 
+/// A slot's contender identity: its kind's short name and the slot.
+fn identity(kinds: &[Kind], slot: usize) -> String {
+    format!("{}-{}", kinds[slot].short(), slot_name(slot))
+}
+
 impl Run {
     fn identity(&self, slot: usize) -> String {
-        format!("{}-{}", self.kinds[slot].short(), slot_name(slot))
+        identity(&self.kinds, slot)
     }
 
     fn journal(&self, slot: usize) -> PathBuf {
@@ -559,6 +593,27 @@ async fn slot_loop(run: Arc<Run>, slot: usize, mut stop: watch::Receiver<bool>) 
     }
 }
 
+/// Why a fault was not applied.
+#[derive(Debug)]
+enum NotApplied {
+    /// Its target is missing for the moment (no holder during a handoff, a contender between
+    /// two runs): nothing was done, and it is tried again.
+    NotYet(String),
+    /// A command that applies it failed.
+    Failed(String),
+}
+
+impl From<String> for NotApplied {
+    fn from(e: String) -> NotApplied {
+        NotApplied::Failed(e)
+    }
+}
+
+/// How long the nemesis tries again a fault whose target is missing for the moment before the
+/// run counts as broken: a handoff ends within a lease duration or two, a slot restarts in
+/// [`RESTART`].
+const APPLY_WITHIN: Duration = Duration::from_secs(8);
+
 /// What undoes a fault that holds.
 enum Heal {
     Proxy(String),
@@ -566,7 +621,7 @@ enum Heal {
     Etcd(usize),
 }
 
-async fn apply(run: &Run, p: &Planned) -> Result<Option<Heal>, String> {
+async fn apply(run: &Run, p: &Planned) -> Result<Option<Heal>, NotApplied> {
     let proxy = |slot: usize| slot_name(slot);
     match p.fault {
         Fault::PartitionOne | Fault::HalfOpenOne | Fault::ResetOne => {
@@ -585,7 +640,9 @@ async fn apply(run: &Run, p: &Planned) -> Result<Option<Heal>, String> {
         Fault::PartitionLeader => {
             let holder = run.ha.holder(NS, LEASE).await;
             let Some(slot) = holder.as_deref().and_then(|h| run.slot_of(h)) else {
-                return Err(format!("no leader to partition (holder {holder:?})"));
+                return Err(NotApplied::NotYet(format!(
+                    "no leader to partition (holder {holder:?})"
+                )));
             };
             run.ha.toxic(&proxy(slot), &["partition"]).await?;
             run.note(
@@ -610,7 +667,7 @@ async fn apply(run: &Run, p: &Planned) -> Result<Option<Heal>, String> {
             Ok(Some(Heal::Apiserver(p.target)))
         }
         Fault::KillEtcdLeader => {
-            let leader = run.ha.etcd_leader().await?;
+            let leader = run.ha.etcd_leader().await.map_err(NotApplied::NotYet)?;
             run.ha
                 .run("stop-etcd", &[&leader.to_string(), "--kill"])
                 .await?;
@@ -639,7 +696,9 @@ async fn apply(run: &Run, p: &Planned) -> Result<Option<Heal>, String> {
             // a term that others count from the write, which came the latency earlier.
             let holder = run.ha.holder(NS, LEASE).await;
             let Some(slot) = holder.as_deref().and_then(|h| run.slot_of(h)) else {
-                return Err(format!("no leader to slow down (holder {holder:?})"));
+                return Err(NotApplied::NotYet(format!(
+                    "no leader to slow down (holder {holder:?})"
+                )));
             };
             let ms = p.ms.max(1200);
             run.ha
@@ -677,9 +736,9 @@ async fn apply(run: &Run, p: &Planned) -> Result<Option<Heal>, String> {
             } else {
                 Signal::SIGTERM
             };
-            let pid = run
-                .signal(p.target, signal)
-                .ok_or_else(|| format!("{} is between runs", run.identity(p.target)))?;
+            let pid = run.signal(p.target, signal).ok_or_else(|| {
+                NotApplied::NotYet(format!("{} is between runs", run.identity(p.target)))
+            })?;
             run.note(p.fault, format!("{} (pid {pid})", run.identity(p.target)));
             Ok(None)
         }
@@ -698,6 +757,35 @@ async fn heal(run: &Run, heal: Heal) {
     };
     if let Err(e) = result {
         eprintln!("jepsen: healing failed: {e}");
+        run.broken
+            .lock()
+            .unwrap()
+            .push(format!("a fault was not healed: {e}"));
+    }
+}
+
+/// `apply` tried again every 200 ms while its target is missing for the moment, for up to
+/// `within` or until the run stops; anything else that keeps a planned fault from being applied
+/// breaks the run (it would pass with fewer faults than planned).
+async fn retried<T, F, Fut>(
+    within: Duration,
+    stop: &watch::Receiver<bool>,
+    mut apply: F,
+) -> Result<T, NotApplied>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, NotApplied>>,
+{
+    let give_up = tokio::time::Instant::now() + within;
+    loop {
+        match apply().await {
+            Err(NotApplied::NotYet(_))
+                if tokio::time::Instant::now() < give_up && !*stop.borrow() =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            other => return other,
+        }
     }
 }
 
@@ -708,7 +796,8 @@ async fn nemesis(run: Arc<Run>, plan: Vec<Planned>, mut stop: watch::Receiver<bo
             _ = tokio::time::sleep_until(at.into()) => {}
             _ = stop.changed() => return,
         }
-        match apply(&run, &p).await {
+        let applied = retried(APPLY_WITHIN, &stop, || apply(&run, &p)).await;
+        match applied {
             Ok(Some(undo)) => {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs_f64(p.hold)) => {}
@@ -720,11 +809,19 @@ async fn nemesis(run: Arc<Run>, plan: Vec<Planned>, mut stop: watch::Receiver<bo
                 }
             }
             Ok(None) => {}
-            Err(e) => eprintln!(
-                "{:7.1}s {} not applied: {e}",
-                run.t0.elapsed().as_secs_f64(),
-                p.fault.name()
-            ),
+            Err(NotApplied::NotYet(_)) if *stop.borrow() => return,
+            Err(NotApplied::NotYet(e) | NotApplied::Failed(e)) => {
+                eprintln!(
+                    "{:7.1}s {} not applied: {e}",
+                    run.t0.elapsed().as_secs_f64(),
+                    p.fault.name()
+                );
+                run.broken.lock().unwrap().push(format!(
+                    "{} planned at {:.1}s was not applied: {e}",
+                    p.fault.name(),
+                    p.at
+                ));
+            }
         }
     }
 }
@@ -799,6 +896,7 @@ async fn run(options: Options) -> i32 {
         pids: Mutex::new(vec![None; options.contenders]),
         exits: Mutex::default(),
         applied: Mutex::default(),
+        broken: Mutex::default(),
         stopping: AtomicBool::new(false),
     });
     let t0_mono = mono_ns();
@@ -806,32 +904,36 @@ async fn run(options: Options) -> i32 {
     let slots: Vec<_> = (0..options.contenders)
         .map(|s| tokio::spawn(slot_loop(run.clone(), s, stop_rx.clone())))
         .collect();
+    let plan_len = plan.len();
     let nemesis = tokio::spawn(nemesis(run.clone(), plan, stop_rx.clone()));
 
     tokio::time::sleep_until((run.t0 + Duration::from_secs_f64(seconds)).into()).await;
     let end_mono = mono_ns();
     run.stopping.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
-    let _ = nemesis.await;
-    for slot in slots {
-        let _ = slot.await;
-    }
+    // A task that panicked stopped applying faults or restarting its slot: the run is broken.
+    let mut broken = ended(nemesis, slots).await;
     kill_matching(&journals.to_string_lossy());
+    broken.extend(run.broken.lock().unwrap().drain(..));
 
-    let verdict = judge(&run, &kernel, &history, t0_mono, end_mono, &options);
+    let (versions, links) = history.snapshot();
     drop(history);
-    let lease_exec_overlaps = verdict["overlaps"]
-        .as_array()
-        .map(|o| {
-            o.iter()
-                .filter(|o| {
-                    o["blamed"]
-                        .as_array()
-                        .is_some_and(|k| k.iter().any(|k| k == Kind::LeaseExec.name()))
-                })
-                .count()
-        })
-        .unwrap_or(0);
+    let record = Record {
+        kinds: kinds.clone(),
+        journals: (0..options.contenders)
+            .map(|slot| std::fs::read_to_string(run.journal(slot)).unwrap_or_default())
+            .collect(),
+        versions,
+        links,
+        planned: plan_len,
+        applied: run.applied.lock().unwrap().clone(),
+        broken,
+        exits: run.exits.lock().unwrap().clone(),
+        t0: t0_mono,
+        end: end_mono,
+        offset: clock_offset_ns(),
+    };
+    let verdict = judge(&record, &kernel, &options);
     run.ha.down().await;
     if options.keep {
         eprintln!("jepsen: journals and logs kept in {}", run_dir.display());
@@ -839,14 +941,43 @@ async fn run(options: Options) -> i32 {
         let _ = std::fs::remove_dir_all(&run_dir);
     }
     println!("{verdict}");
-    let broken = |key: &str| verdict[key].as_array().is_some_and(|a| !a.is_empty());
-    i32::from(
-        lease_exec_overlaps > 0
-            || broken("invalid")
-            || !verdict["tokens"]["not_rising"]
+    i32::from(failed(&verdict))
+}
+
+/// Whether the run fails (exit 1): an overlap blamed on a lease-exec contender, a lease-exec
+/// worker's token not above every earlier one's, or a verdict that is not valid.
+fn failed(verdict: &Value) -> bool {
+    let listed = |v: &Value| v.as_array().is_some_and(|a| !a.is_empty());
+    let lease_exec_overlaps = verdict["overlaps"].as_array().is_some_and(|o| {
+        o.iter().any(|o| {
+            o["blamed"]
                 .as_array()
-                .is_none_or(|a| a.is_empty()),
-    )
+                .is_some_and(|k| k.iter().any(|k| k == Kind::LeaseExec.name()))
+        })
+    });
+    // Missing or malformed fields fail too: nothing passes by default.
+    lease_exec_overlaps
+        || !verdict["invalid"].is_array()
+        || listed(&verdict["invalid"])
+        || !verdict["tokens"]["not_rising"].is_array()
+        || listed(&verdict["tokens"]["not_rising"])
+}
+
+/// Waits for the nemesis and the slots' tasks: one line for each that did not return (a panic).
+async fn ended(
+    nemesis: tokio::task::JoinHandle<()>,
+    slots: Vec<tokio::task::JoinHandle<()>>,
+) -> Vec<String> {
+    let mut ended = Vec::new();
+    if let Err(e) = nemesis.await {
+        ended.push(format!("the nemesis task ended: {e}"));
+    }
+    for (slot, task) in slots.into_iter().enumerate() {
+        if let Err(e) = task.await {
+            ended.push(format!("{}'s task ended: {e}", slot_name(slot)));
+        }
+    }
+    ended
 }
 
 /// On a panic or Ctrl-C: kill every contender and worker, stop the control plane if ours.
@@ -937,13 +1068,63 @@ fn round(v: f64, digits: i32) -> Value {
     }
 }
 
+/// What the judge reads of the kernel's stamps: [`Kernel`] in a run, hand-made in the tests.
+trait Stamps {
+    /// Every span of the worker binary, by exec time.
+    fn spans(&self) -> Vec<kernel::Span>;
+    /// The span of `pid` running at `at_ns`, read or not (see [`Kernel::span_at`]).
+    fn span_at(&self, pid: u32, at_ns: u64) -> Option<kernel::Span>;
+    /// Events the kernel dropped.
+    fn lost(&self) -> u64;
+}
+
+impl Stamps for Kernel {
+    fn spans(&self) -> Vec<kernel::Span> {
+        Kernel::spans(self)
+    }
+    fn span_at(&self, pid: u32, at_ns: u64) -> Option<kernel::Span> {
+        Kernel::span_at(self, pid, at_ns)
+    }
+    fn lost(&self) -> u64 {
+        Kernel::lost(self)
+    }
+}
+
+/// Everything the judge reads, gathered once the run has stopped; the judge is a function of it
+/// and of the kernel's stamps alone, so that its tests give it hand-made runs.
+struct Record {
+    kinds: Vec<Kind>,
+    /// Each slot's journal as its workers wrote it.
+    journals: Vec<String>,
+    /// The Lease's history ([`history::History::snapshot`]).
+    versions: Vec<(u64, history::Version)>,
+    links: history::Links,
+    /// Faults the seed's schedule planned, and (CLOCK_MONOTONIC ns, fault, what it hit) of every
+    /// fault applied.
+    planned: usize,
+    applied: Vec<(u64, Fault, String)>,
+    /// What went wrong with the run itself: a task that panicked, a fault not applied or not
+    /// healed.
+    broken: Vec<String>,
+    /// (slot, exit code or 128+signal) of every contender that ended.
+    exits: Vec<(usize, i32)>,
+    /// CLOCK_MONOTONIC ns of the run's start and end.
+    t0: u64,
+    end: u64,
+    /// CLOCK_REALTIME minus CLOCK_MONOTONIC, ns ([`clock_offset_ns`]).
+    offset: i128,
+}
+
 /// Every worker from the kernel's exec and exit stamps; the journals name the pids of workers
-/// gone before their exec could be read, and say which workers exited by themselves.
-fn workers(run: &Run, kernel: &Kernel, end: u64) -> Vec<Worker> {
+/// gone before their exec could be read, and say which workers exited by themselves. Also each
+/// journaled start the kernel has no exec for: a worker the judge cannot see is one whose overlap
+/// it cannot find.
+fn workers(record: &Record, kernel: &impl Stamps) -> (Vec<Worker>, Vec<String>) {
+    let (kinds, end) = (&record.kinds, record.end);
     let mut workers = Vec::new();
+    let mut unstamped = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for slot in 0..run.kinds.len() {
-        let text = std::fs::read_to_string(run.journal(slot)).unwrap_or_default();
+    for (slot, text) in record.journals.iter().enumerate() {
         let mut starts = Vec::new();
         let mut stops = Vec::new();
         for line in text.lines() {
@@ -957,10 +1138,10 @@ fn workers(run: &Run, kernel: &Kernel, end: u64) -> Vec<Worker> {
         }
         for (pid, at) in starts {
             let Some(span) = kernel.span_at(pid, at) else {
-                eprintln!(
-                    "jepsen: no kernel exec for worker {pid} of {}",
+                unstamped.push(format!(
+                    "worker {pid} of {} journaled its start, but the kernel has no exec for it",
                     slot_name(slot)
-                );
+                ));
                 continue;
             };
             seen.insert((span.pid, span.exec_ns));
@@ -981,7 +1162,7 @@ fn workers(run: &Run, kernel: &Kernel, end: u64) -> Vec<Worker> {
         }
         let Some(slot) = span
             .env("JEPSEN_SLOT")
-            .and_then(|s| (0..run.kinds.len()).find(|&i| slot_name(i) == s))
+            .and_then(|s| (0..kinds.len()).find(|&i| slot_name(i) == s))
         else {
             continue;
         };
@@ -995,34 +1176,28 @@ fn workers(run: &Run, kernel: &Kernel, end: u64) -> Vec<Worker> {
         });
     }
     workers.sort_by_key(|w| w.exec);
-    workers
+    (workers, unstamped)
 }
 
-fn judge(
-    run: &Run,
-    kernel: &Kernel,
-    history: &history::History,
-    t0: u64,
-    end: u64,
-    options: &Options,
-) -> Value {
-    let workers = workers(run, kernel, end);
-    let (versions, links) = history.snapshot();
-    let offset = clock_offset_ns();
-    let realtime_us = |mono: u64| ((mono as i128 + offset) / 1000) as i64;
+/// The verdict on a run, as the JSON object the run prints last.
+fn judge(record: &Record, kernel: &impl Stamps, options: &Options) -> Value {
+    let (kinds, t0, end) = (&record.kinds, record.t0, record.end);
+    let (versions, links) = (&record.versions, &record.links);
+    let (workers, unstamped) = workers(record, kernel);
+    let realtime_us = |mono: u64| ((mono as i128 + record.offset) / 1000) as i64;
     let secs = |ns: u64| ns.saturating_sub(t0) as f64 / 1e9;
-    let who = |w: &Worker| run.identity(w.slot);
+    let who = |w: &Worker| identity(kinds, w.slot);
 
     let mut overlaps = Vec::new();
     for (i, a) in workers.iter().enumerate() {
         for b in &workers[i + 1..] {
             if b.exec < a.exit {
                 let ms = (a.exit.min(b.exit) - b.exec) as f64 / 1e6;
-                let (ka, kb) = (run.kinds[a.slot].name(), run.kinds[b.slot].name());
+                let (ka, kb) = (kinds[a.slot].name(), kinds[b.slot].name());
                 // Who broke the rules, from the Lease's history: the one that ran on past its
                 // term, or the one that claimed before that term had ended. Unknown blames both.
                 let (blamed, why) =
-                    match history::blame(&versions, &links, &who(b), realtime_us(b.exec)) {
+                    match history::blame(versions, links, &who(b), realtime_us(b.exec)) {
                         history::Blame::RanPastItsTerm => {
                             (vec![ka], format!("{} ran past its term", who(a)))
                         }
@@ -1073,7 +1248,7 @@ fn judge(
     };
 
     // Handoffs: consecutive workers that did not overlap; the cause is how the first ended.
-    let applied = run.applied.lock().unwrap().clone();
+    let applied = &record.applied;
     let window = ((options.timings[0] + options.timings[1]) * 1e9) as u64 + 2_000_000_000;
     let mut by_cause: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut handoffs = 0;
@@ -1117,10 +1292,7 @@ fn judge(
     let mut highest: Option<(u64, String)> = None;
     let (mut checked, mut unread) = (0, 0);
     let mut not_rising = Vec::new();
-    for w in workers
-        .iter()
-        .filter(|w| run.kinds[w.slot] == Kind::LeaseExec)
-    {
+    for w in workers.iter().filter(|w| kinds[w.slot] == Kind::LeaseExec) {
         let Some(token) = w.token else {
             unread += 1;
             continue;
@@ -1141,15 +1313,32 @@ fn judge(
             highest = Some((token, who(w)));
         }
     }
-    // What would make the verdict blind.
-    let mut invalid = Vec::new();
+    // What would make the verdict blind, or the run not the one its minutes promise: a task that
+    // panicked, a fault not applied or not healed, a worker the kernel did not stamp, fewer
+    // faults or handoffs than any run of this length has.
+    let mut invalid = record.broken.clone();
+    invalid.extend(unstamped);
+    let seconds = end.saturating_sub(t0) as f64 / 1e9;
+    if applied.len() < min_faults(seconds) {
+        invalid.push(format!(
+            "{} faults applied in {seconds:.0} s, fewer than any schedule of that length plans ({})",
+            applied.len(),
+            min_faults(seconds)
+        ));
+    }
+    if handoffs < min_handoffs(seconds, options.timings[0]) {
+        invalid.push(format!(
+            "{handoffs} handoffs in {seconds:.0} s, fewer than a run of that length has ({})",
+            min_handoffs(seconds, options.timings[0])
+        ));
+    }
     if kernel.lost() > 0 {
         invalid.push(format!(
             "the kernel dropped {} events: some workers may be missing",
             kernel.lost()
         ));
     }
-    if run.kinds.contains(&Kind::LeaseExec) && checked + unread == 0 {
+    if kinds.contains(&Kind::LeaseExec) && checked + unread == 0 {
         invalid.push("no lease-exec worker ran".to_string());
     }
     for reason in &invalid {
@@ -1157,17 +1346,17 @@ fn judge(
     }
 
     let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
-    for (_, f, _) in &applied {
+    for (_, f, _) in applied {
         *faults.entry(f.name()).or_default() += 1;
     }
     let mut contenders: BTreeMap<&str, usize> = BTreeMap::new();
-    for k in &run.kinds {
+    for k in kinds {
         *contenders.entry(k.name()).or_default() += 1;
     }
     let mut exits: BTreeMap<&str, BTreeMap<String, usize>> = BTreeMap::new();
-    for (slot, code) in run.exits.lock().unwrap().iter() {
+    for (slot, code) in &record.exits {
         *exits
-            .entry(run.kinds[*slot].name())
+            .entry(kinds[*slot].name())
             .or_default()
             .entry(code.to_string())
             .or_default() += 1;
@@ -1185,6 +1374,7 @@ fn judge(
         "timings_s": options.timings,
         "contenders": contenders,
         "faults": faults,
+        "faults_planned": record.planned,
         "workers": workers.len(),
         "handoffs": handoffs,
         "overlaps": overlaps,
@@ -1195,4 +1385,398 @@ fn judge(
         "tokens": {"checked": checked, "unread": unread, "not_rising": not_rising},
         "invalid": invalid,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeSet, HashMap};
+
+    const S: u64 = 1_000_000_000;
+    /// The run's start on the hand-made monotonic clock.
+    const T0: u64 = 1_000 * S;
+
+    /// The kernel's stamps, hand-made.
+    struct Fake {
+        spans: Vec<kernel::Span>,
+        lost: u64,
+    }
+
+    impl Stamps for Fake {
+        fn spans(&self) -> Vec<kernel::Span> {
+            let mut spans = self.spans.clone();
+            spans.sort_by_key(|s| s.exec_ns);
+            spans
+        }
+        fn span_at(&self, pid: u32, at_ns: u64) -> Option<kernel::Span> {
+            self.spans
+                .iter()
+                .rev()
+                .find(|s| s.pid == pid && s.contains(at_ns))
+                .cloned()
+        }
+        fn lost(&self) -> u64 {
+            self.lost
+        }
+    }
+
+    fn options() -> Options {
+        Options {
+            minutes: 2.0,
+            seed: 1,
+            pool: Pool::Mixed,
+            contenders: 2,
+            timings: [6.0, 4.0, 1.0],
+            cluster: None,
+            keep: false,
+            faults: Fault::ALL.to_vec(),
+        }
+    }
+
+    fn at(seconds: f64) -> u64 {
+        T0 + (seconds * 1e9) as u64
+    }
+
+    /// CLOCK_REALTIME µs of a monotonic instant (the record's offset is 0).
+    fn us(mono: u64) -> i64 {
+        (mono / 1000) as i64
+    }
+
+    fn version(holder: &str, at_s: f64) -> history::Version {
+        history::Version {
+            holder: holder.into(),
+            acquire_us: Some(us(at(at_s))),
+            renew_us: Some(us(at(at_s))),
+            duration_s: 6,
+            deleted: false,
+        }
+    }
+
+    /// A term in a hand-made run: the slot's claim half a second before its worker's exec, the
+    /// worker's kernel span, and a release when it exits (by itself).
+    struct Term {
+        slot: usize,
+        pid: u32,
+        exec_s: f64,
+        exit_s: f64,
+    }
+
+    /// Adds a term: the claim to the history, the span to the kernel, the worker's lines to its
+    /// slot's journal, and a release after its exit.
+    fn add(record: &mut Record, kernel: &mut Fake, term: &Term) {
+        let (exec, exit) = (at(term.exec_s), at(term.exit_s));
+        let token = record.versions.len() as u64;
+        let rv = record.versions.last().map_or(1, |(rv, _)| rv + 1);
+        let who = identity(&record.kinds, term.slot);
+        record.versions.push((rv, version(&who, term.exec_s - 0.5)));
+        record
+            .versions
+            .push((rv + 1, version("", term.exit_s + 0.01)));
+        let mut env = HashMap::from([("JEPSEN_SLOT".to_string(), slot_name(term.slot))]);
+        if record.kinds[term.slot] == Kind::LeaseExec {
+            env.insert("LEASE_EXEC_TRANSITIONS".into(), token.to_string());
+        }
+        kernel.spans.push(kernel::Span {
+            pid: term.pid,
+            exec_ns: exec,
+            exit_ns: Some(exit),
+            args: Vec::new(),
+            env,
+            read: true,
+        });
+        let journal = &mut record.journals[term.slot];
+        journal.push_str(&format!("start {} {} {}\n", term.pid, exec + 1_000_000, 0));
+        journal.push_str(&format!("stop {} {}\n", term.pid, exit - 1_000_000));
+        record.exits.push((term.slot, 0));
+    }
+
+    fn linked(record: &mut Record) {
+        record.links = record
+            .versions
+            .windows(2)
+            .map(|w| (w[0].0, w[1].0))
+            .collect::<BTreeSet<_>>();
+    }
+
+    /// A healthy two-minute run: lease-exec in slot 0 and client-go in slot 1 take turns, each
+    /// worker exiting by itself and its contender releasing; a fault every 17 s.
+    fn healthy() -> (Record, Fake) {
+        let mut record = Record {
+            kinds: vec![Kind::LeaseExec, Kind::ClientGo],
+            journals: vec![String::new(); 2],
+            versions: vec![(1, version("", 0.0))],
+            links: BTreeSet::new(),
+            planned: 6,
+            applied: (0..6)
+                .map(|i| {
+                    (
+                        at(10.0 + 17.0 * i as f64),
+                        Fault::Latency,
+                        "le-slot-00".into(),
+                    )
+                })
+                .collect(),
+            broken: Vec::new(),
+            exits: Vec::new(),
+            t0: T0,
+            end: at(120.0),
+            offset: 0,
+        };
+        let mut kernel = Fake {
+            spans: Vec::new(),
+            lost: 0,
+        };
+        for (i, (exec_s, exit_s)) in [(2.0, 30.0), (31.0, 60.0), (61.0, 90.0), (91.0, 118.0)]
+            .into_iter()
+            .enumerate()
+        {
+            let term = Term {
+                slot: i % 2,
+                pid: 100 + i as u32,
+                exec_s,
+                exit_s,
+            };
+            add(&mut record, &mut kernel, &term);
+        }
+        linked(&mut record);
+        (record, kernel)
+    }
+
+    fn invalid(verdict: &Value) -> Vec<String> {
+        verdict["invalid"]
+            .as_array()
+            .expect("an invalid list")
+            .iter()
+            .map(|r| r.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_healthy_run_is_valid_and_passes() {
+        let (record, kernel) = healthy();
+        let verdict = judge(&record, &kernel, &options());
+        assert_eq!(invalid(&verdict), Vec::<String>::new(), "{verdict}");
+        assert_eq!(verdict["workers"], 4, "{verdict}");
+        assert_eq!(verdict["handoffs"], 3, "{verdict}");
+        assert_eq!(verdict["overlaps"], json!([]), "{verdict}");
+        assert_eq!(verdict["tokens"]["checked"], 2, "{verdict}");
+        assert_eq!(verdict["faults"]["latency"], 6, "{verdict}");
+        assert!(!failed(&verdict), "{verdict}");
+    }
+
+    #[test]
+    fn a_forced_overlap_is_flagged_and_blamed_on_the_claim_inside_the_term() {
+        let (mut record, mut kernel) = healthy();
+        // A second lease-exec contender (slot 2) claims at 45 s although client-go renewed at
+        // 44.5 s (its term runs to 50.5 s), and its worker runs from 45.5 s to 47 s, beside
+        // client-go's (31 s to 60 s).
+        record.kinds.push(Kind::LeaseExec);
+        record.journals.push(String::new());
+        let claimed = record
+            .versions
+            .iter()
+            .position(|(_, v)| v.holder == "cg-slot-01")
+            .unwrap();
+        let mut renewed = record.versions[claimed].1.clone();
+        renewed.renew_us = Some(us(at(44.5)));
+        record.versions.insert(claimed + 1, (0, renewed));
+        record
+            .versions
+            .insert(claimed + 2, (0, version("le-slot-02", 45.0)));
+        for (i, (rv, _)) in record.versions.iter_mut().enumerate() {
+            *rv = i as u64 + 1;
+        }
+        linked(&mut record);
+        kernel.spans.push(kernel::Span {
+            pid: 900,
+            exec_ns: at(45.5),
+            exit_ns: Some(at(47.0)),
+            args: Vec::new(),
+            env: HashMap::from([
+                ("JEPSEN_SLOT".to_string(), slot_name(2)),
+                ("LEASE_EXEC_TRANSITIONS".to_string(), "2".to_string()),
+            ]),
+            read: true,
+        });
+        record.journals[2] = format!("start 900 {} 0\n", at(45.5) + 1_000_000);
+        let mut opts = options();
+        opts.contenders = 3;
+        let verdict = judge(&record, &kernel, &opts);
+        let overlaps = verdict["overlaps"].as_array().expect("overlaps");
+        assert_eq!(overlaps.len(), 1, "{verdict}");
+        assert_eq!(overlaps[0]["who"], json!(["cg-slot-01", "le-slot-02"]));
+        assert_eq!(overlaps[0]["ms"], json!(1500.0), "{verdict}");
+        assert_eq!(overlaps[0]["blamed"], json!(["lease-exec"]), "{verdict}");
+        assert!(failed(&verdict), "{verdict}");
+    }
+
+    #[test]
+    fn an_overlap_blamed_on_client_go_is_reported_not_failed_on() {
+        let (mut record, mut kernel) = healthy();
+        // Client-go's worker of the second term runs on 2 s past lease-exec's claim at 60.5 s,
+        // which came after client-go's last renewal (30.5 s) + 6 s.
+        let span = kernel.spans.iter_mut().find(|s| s.pid == 101).unwrap();
+        span.exit_ns = Some(at(63.0));
+        let release = record
+            .versions
+            .iter()
+            .position(|(_, v)| v.holder.is_empty() && v.renew_us == Some(us(at(60.01))))
+            .unwrap();
+        record.versions.remove(release);
+        linked(&mut record);
+        let verdict = judge(&record, &kernel, &options());
+        let overlaps = verdict["overlaps"].as_array().expect("overlaps");
+        assert_eq!(overlaps.len(), 1, "{verdict}");
+        assert_eq!(overlaps[0]["blamed"], json!(["client-go"]), "{verdict}");
+        assert!(!failed(&verdict), "{verdict}");
+    }
+
+    #[test]
+    fn a_journaled_worker_the_kernel_never_saw_exec_makes_the_verdict_invalid() {
+        let (mut record, kernel) = healthy();
+        record.journals[0].push_str(&format!("start 555 {} 0\n", at(100.0)));
+        let verdict = judge(&record, &kernel, &options());
+        let invalid = invalid(&verdict);
+        assert!(
+            invalid.iter().any(|r| r.contains("555")),
+            "{invalid:?}: {verdict}"
+        );
+        assert!(failed(&verdict), "{verdict}");
+    }
+
+    #[test]
+    fn a_broken_run_makes_the_verdict_invalid() {
+        for broken in [
+            "the nemesis task ended: task 7 panicked",
+            "slot-01's task ended: task 9 panicked",
+            "kill-apiserver planned at 30.0s was not applied: no such process",
+            "a fault was not healed: start-apiserver failed",
+        ] {
+            let (mut record, kernel) = healthy();
+            record.broken.push(broken.to_string());
+            let verdict = judge(&record, &kernel, &options());
+            assert!(
+                invalid(&verdict).iter().any(|r| r == broken),
+                "{broken}: {verdict}"
+            );
+            assert!(failed(&verdict), "{broken}: {verdict}");
+        }
+    }
+
+    #[test]
+    fn fewer_faults_than_the_minutes_imply_make_the_verdict_invalid() {
+        let (mut record, kernel) = healthy();
+        record.applied.truncate(min_faults(120.0));
+        let verdict = judge(&record, &kernel, &options());
+        assert_eq!(invalid(&verdict), Vec::<String>::new(), "{verdict}");
+        record.applied.pop();
+        let verdict = judge(&record, &kernel, &options());
+        assert!(
+            invalid(&verdict).iter().any(|r| r.contains("faults")),
+            "{verdict}"
+        );
+        assert!(failed(&verdict), "{verdict}");
+    }
+
+    #[test]
+    fn fewer_handoffs_than_the_minutes_imply_make_the_verdict_invalid() {
+        // One worker for the whole run: no handoff in two minutes.
+        let (mut record, mut kernel) = healthy();
+        kernel.spans.retain(|s| s.pid == 100);
+        kernel.spans[0].exit_ns = None;
+        record.journals = vec![
+            format!("start 100 {} 0\n", at(2.0) + 1_000_000),
+            String::new(),
+        ];
+        let verdict = judge(&record, &kernel, &options());
+        assert_eq!(verdict["handoffs"], 0, "{verdict}");
+        assert!(
+            invalid(&verdict).iter().any(|r| r.contains("handoffs")),
+            "{verdict}"
+        );
+        assert!(failed(&verdict), "{verdict}");
+    }
+
+    #[test]
+    fn the_fault_floor_is_below_every_schedule() {
+        for minutes in [0.5, 1.0, 2.0, 5.0] {
+            let seconds = minutes * 60.0;
+            for seed in 0..2000 {
+                let plan = schedule(seed, seconds, 5, &Fault::ALL);
+                assert!(
+                    plan.len() >= min_faults(seconds),
+                    "seed {seed}, {minutes} min: {} planned, floor {}",
+                    plan.len(),
+                    min_faults(seconds)
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_task_that_panicked_is_reported() {
+        let nemesis = tokio::spawn(async {});
+        let slots = vec![
+            tokio::spawn(async {}),
+            tokio::spawn(async { panic!("a slot's task panics") }),
+        ];
+        let ended = ended(nemesis, slots).await;
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        assert!(
+            ended[0].starts_with("slot-01's task ended") && ended[0].contains("panicked"),
+            "{ended:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fault_whose_target_is_missing_is_tried_again_then_counts_as_not_applied() {
+        let (_tx, stop) = watch::channel(false);
+        let started = tokio::time::Instant::now();
+        let mut tries = 0;
+        // The target shows up after a second: applied.
+        let applied = retried(APPLY_WITHIN, &stop, || {
+            tries += 1;
+            let now = started.elapsed();
+            async move {
+                if now < Duration::from_secs(1) {
+                    Err(NotApplied::NotYet("between runs".into()))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        assert!(applied.is_ok(), "{applied:?}");
+        assert_eq!(tries, 6, "tried every 200 ms");
+        // It never does: given up after APPLY_WITHIN, and not applied.
+        let started = tokio::time::Instant::now();
+        let never = retried(APPLY_WITHIN, &stop, || async {
+            Err::<(), _>(NotApplied::NotYet("no leader".into()))
+        })
+        .await;
+        assert!(matches!(never, Err(NotApplied::NotYet(_))), "{never:?}");
+        assert!(started.elapsed() >= APPLY_WITHIN, "{:?}", started.elapsed());
+        // A command that failed is not tried again.
+        let mut tries = 0;
+        let failed = retried(APPLY_WITHIN, &stop, || {
+            tries += 1;
+            async { Err::<(), _>(NotApplied::Failed("toxiproxy refused".into())) }
+        })
+        .await;
+        assert!(matches!(failed, Err(NotApplied::Failed(_))), "{failed:?}");
+        assert_eq!(tries, 1);
+    }
+
+    #[test]
+    fn lost_kernel_events_and_tokens_that_do_not_rise_fail_the_run() {
+        let (record, mut kernel) = healthy();
+        kernel.lost = 3;
+        assert!(failed(&judge(&record, &kernel, &options())));
+        let (record, mut kernel) = healthy();
+        let second = kernel.spans.iter_mut().find(|s| s.pid == 102).unwrap();
+        second
+            .env
+            .insert("LEASE_EXEC_TRANSITIONS".into(), "0".into());
+        assert!(failed(&judge(&record, &kernel, &options())));
+    }
 }
