@@ -147,6 +147,9 @@ fn spawner() -> &'static std_mpsc::Sender<SpawnRequest> {
                         watchdog,
                         reply,
                     } = request;
+                    if let Some(watchdog) = &watchdog {
+                        watchdog.settle();
+                    }
                     let spawned = spawn_now(&mut command, has_terminal);
                     // From this thread, before the reply: the runtime's thread, which reads the
                     // reply, may be stuck from now on (see Watchdog::expect).
@@ -518,6 +521,8 @@ pub async fn kill_leftovers(child: Child, deadline: tokio::time::Instant) -> boo
 /// be stuck from the spawn on.
 #[derive(Clone)]
 pub struct Watchdog {
+    /// The state, and one condvar for both threads that wait on it: the watchdog's (for a change)
+    /// and the spawner's (for a round of kills to end), so every change notifies all.
     shared: std::sync::Arc<(Mutex<Armed>, std::sync::Condvar)>,
 }
 
@@ -533,6 +538,11 @@ struct Armed {
     fired: bool,
     /// Nothing of the command is left alive.
     done: bool,
+    /// A round of kills runs outside the lock (the watchdog's thread). It signals every child of
+    /// ours outside our own process group, so the spawner waits for it to end before forking the
+    /// next term's command ([`Watchdog::settle`]): a round for an earlier term, still running when
+    /// `--recampaign` wins the next one, must not kill the new command.
+    killing: bool,
 }
 
 impl Armed {
@@ -567,6 +577,7 @@ impl Watchdog {
                             let now = crate::clock::boot_time();
                             if armed.due(now) {
                                 armed.fired = true;
+                                armed.killing = true;
                                 // Not under the lock: the runtime's thread arms and disarms
                                 // without waiting for /proc. No logging here: stderr may be what
                                 // is stuck.
@@ -574,6 +585,8 @@ impl Watchdog {
                                 kill_all(child);
                                 let gone = nothing_left() == Some(true);
                                 armed = lock.lock().unwrap_or_else(|e| e.into_inner());
+                                armed.killing = false;
+                                wake.notify_all();
                                 if gone && armed.child == Some(child) && armed.fired {
                                     armed.done = true;
                                     continue;
@@ -606,9 +619,10 @@ impl Watchdog {
         let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
         *armed = Armed {
             deadline: Some(deadline),
+            killing: armed.killing,
             ..Armed::default()
         };
-        wake.notify_one();
+        wake.notify_all();
     }
 
     /// The command [`Watchdog::expect`]ed exists: from the spawner's thread, right after the exec.
@@ -620,7 +634,7 @@ impl Watchdog {
             armed.fired = false;
             armed.done = false;
         }
-        wake.notify_one();
+        wake.notify_all();
     }
 
     /// Kill `child` (and its leftovers) at `deadline`, a CLOCK_BOOTTIME instant, unless re-armed
@@ -630,11 +644,14 @@ impl Watchdog {
         let (lock, wake) = &*self.shared;
         let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
         if armed.child != Some(child) {
-            *armed = Armed::default();
+            *armed = Armed {
+                killing: armed.killing,
+                ..Armed::default()
+            };
         }
         armed.child = Some(child);
         armed.deadline = Some(deadline);
-        wake.notify_one();
+        wake.notify_all();
     }
 
     /// Kill the armed command now, from the watchdog's own thread: for a takeover seen on a thread
@@ -646,7 +663,7 @@ impl Watchdog {
         let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
         if armed.deadline.is_some() {
             armed.now = true;
-            wake.notify_one();
+            wake.notify_all();
         }
     }
 
@@ -658,25 +675,29 @@ impl Watchdog {
         let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(armed_deadline) = armed.deadline {
             armed.deadline = Some(armed_deadline.min(deadline));
-            wake.notify_one();
+            wake.notify_all();
         }
-    }
-
-    /// Whether it killed.
-    pub fn fired(&self) -> bool {
-        self.shared
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .fired
     }
 
     /// Stop watching (the command is gone, or was never spawned).
     pub fn disarm(&self) {
         let (lock, wake) = &*self.shared;
         let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
-        *armed = Armed::default();
-        wake.notify_one();
+        *armed = Armed {
+            killing: armed.killing,
+            ..Armed::default()
+        };
+        wake.notify_all();
+    }
+
+    /// Waits until no round of kills is running (see `Armed::killing`): from the spawner's thread,
+    /// right before it forks a command. A round takes one pass over `/proc`.
+    fn settle(&self) {
+        let (lock, wake) = &*self.shared;
+        let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while armed.killing {
+            armed = wake.wait(armed).unwrap_or_else(|e| e.into_inner());
+        }
     }
 }
 
@@ -813,6 +834,43 @@ impl Signals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_spawner_waits_for_a_round_of_kills_of_an_earlier_term() {
+        // A round of kills for the last term is running outside the lock when the next term is
+        // expected: `expect` keeps it, and the spawner's `settle` returns only once it ended.
+        let watchdog = Watchdog {
+            shared: std::sync::Arc::default(),
+        };
+        watchdog.shared.0.lock().unwrap().killing = true;
+        watchdog.expect(std::time::Duration::MAX);
+        watchdog.disarm();
+        let settled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spawner = {
+            let (watchdog, settled) = (watchdog.clone(), settled.clone());
+            std::thread::spawn(move || {
+                watchdog.settle();
+                settled.store(true, Ordering::SeqCst);
+            })
+        };
+        // The spawner is still waiting while the round runs (a wait with a deadline: it must not
+        // have returned within it).
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        while std::time::Instant::now() < until {
+            assert!(
+                !settled.load(Ordering::SeqCst),
+                "settled during a round of kills"
+            );
+            std::thread::yield_now();
+        }
+        {
+            let (lock, wake) = &*watchdog.shared;
+            lock.lock().unwrap().killing = false;
+            wake.notify_all();
+        }
+        spawner.join().unwrap();
+        assert!(settled.load(Ordering::SeqCst));
+    }
 
     fn touch(marker: &std::path::Path) -> std::process::Command {
         let mut command = std::process::Command::new("/bin/sh");
