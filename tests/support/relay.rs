@@ -8,13 +8,16 @@
 //! It is the real tier's counterpart of the in-memory server's doors (`apiserver::Door`), for a
 //! server that cannot act the faults itself. Each accepted connection is one task pumping both
 //! ways; a fault stops the pumping (one way or both) and holds (or resets) the two sockets. It
-//! stops when dropped.
+//! stops when dropped. It keeps its own accounting of each connection: when it was accepted and
+//! when it last passed bytes ([`Relay::passages`]).
 //!
-//! Included by `tests/real.rs` beside `mod support` (`#[path = "support/relay.rs"] mod relay`),
+//! Included by `tests/real.rs` (and `tests/pings.rs`, `tests/http1.rs`) beside `mod support` (`#[path = "support/relay.rs"] mod relay`),
 //! like `cluster.rs`.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
@@ -57,10 +60,23 @@ struct State {
     refusing: bool,
 }
 
+/// One accepted connection, as the relay saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct Passage {
+    /// When the relay accepted it.
+    pub accepted_at: Instant,
+    /// When it last passed bytes either way (its accept time until it has).
+    pub last_passed: Instant,
+}
+
+/// The connections accepted so far, by number.
+type Passages = Arc<Mutex<Vec<Passage>>>;
+
 /// A running relay.
 pub struct Relay {
     addr: SocketAddr,
     state: watch::Sender<State>,
+    passages: Passages,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -69,10 +85,18 @@ impl Relay {
     pub fn start(target: SocketAddr) -> Relay {
         let (reserve, addr, listener) = reserve_port();
         let (state, _) = watch::channel(State::default());
-        let accept = tokio::spawn(accept_loop(reserve, listener, target, state.clone()));
+        let passages = Passages::default();
+        let accept = tokio::spawn(accept_loop(
+            reserve,
+            listener,
+            target,
+            state.clone(),
+            passages.clone(),
+        ));
         Relay {
             addr,
             state,
+            passages,
             accept,
         }
     }
@@ -108,6 +132,11 @@ impl Relay {
     pub fn accepted(&self) -> u64 {
         self.state.borrow().accepted
     }
+
+    /// The connections accepted so far, by number: when each was accepted and last passed bytes.
+    pub fn passages(&self) -> Vec<Passage> {
+        self.passages.lock().unwrap().clone()
+    }
 }
 
 impl Drop for Relay {
@@ -124,6 +153,7 @@ async fn accept_loop(
     listener: TcpListener,
     target: SocketAddr,
     state: watch::Sender<State>,
+    passages: Passages,
 ) {
     let _reserve = reserve;
     let addr = listener.local_addr().expect("the relay's address");
@@ -149,11 +179,17 @@ async fn accept_loop(
                     let _ = inbound.set_zero_linger();
                 } else {
                     let mut number = 0;
+                    let now = Instant::now();
+                    // Recorded before the count rises, so a connection counted is listed.
+                    passages.lock().unwrap().push(Passage {
+                        accepted_at: now,
+                        last_passed: now,
+                    });
                     state.send_modify(|s| {
                         number = s.accepted;
                         s.accepted += 1;
                     });
-                    tokio::spawn(pump(inbound, target, number, state.subscribe()));
+                    tokio::spawn(pump(inbound, target, number, state.subscribe(), passages.clone()));
                 }
             }
             _ = changes.changed() => {}
@@ -169,8 +205,26 @@ async fn pump(
     target: SocketAddr,
     number: u64,
     mut state: watch::Receiver<State>,
+    passages: Passages,
 ) {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    /// `tokio::io::copy`, stamping the connection's last passage after each chunk is written.
+    async fn copy(
+        from: &mut (impl AsyncRead + Unpin),
+        to: &mut (impl AsyncWrite + Unpin),
+        passages: &Passages,
+        number: u64,
+    ) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = from.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            to.write_all(&buf[..n]).await?;
+            passages.lock().unwrap()[number as usize].last_passed = Instant::now();
+        }
+    }
     let Ok(mut outbound) = TcpStream::connect(target).await else {
         let _ = inbound.set_zero_linger();
         return;
@@ -184,7 +238,7 @@ async fn pump(
         // Each way ends at its end of file, passing it on, as `copy_bidirectional` does; the
         // first error ends both.
         let up = async {
-            tokio::io::copy(&mut in_read, &mut out_write).await?;
+            copy(&mut in_read, &mut out_write, &passages, number).await?;
             out_write.shutdown().await
         };
         let mut deaf = state.clone();
@@ -193,7 +247,7 @@ async fn pump(
         };
         let down = async {
             tokio::select! {
-                copied = tokio::io::copy(&mut out_read, &mut in_write) => {
+                copied = copy(&mut out_read, &mut in_write, &passages, number) => {
                     copied?;
                     in_write.shutdown().await
                 }
