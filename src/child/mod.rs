@@ -101,6 +101,8 @@ impl Child {
 struct SpawnRequest {
     command: std::process::Command,
     has_terminal: bool,
+    /// The spawn rule's deadline (CLOCK_BOOTTIME), for the wait before the fork.
+    not_after: std::time::Duration,
     /// Told the command's pid by the spawner thread itself, the moment the exec has happened.
     watchdog: Option<Watchdog>,
     reply: oneshot::Sender<io::Result<Child>>,
@@ -144,11 +146,12 @@ fn spawner() -> &'static std_mpsc::Sender<SpawnRequest> {
                     let SpawnRequest {
                         mut command,
                         has_terminal,
+                        not_after,
                         watchdog,
                         reply,
                     } = request;
                     if let Some(watchdog) = &watchdog {
-                        watchdog.settle();
+                        watchdog.settle(not_after);
                     }
                     let spawned = spawn_now(&mut command, has_terminal);
                     // From this thread, before the reply: the runtime's thread, which reads the
@@ -233,6 +236,7 @@ pub async fn spawn(
         .send(SpawnRequest {
             command,
             has_terminal,
+            not_after,
             watchdog: watchdog.cloned(),
             reply,
         })
@@ -691,12 +695,21 @@ impl Watchdog {
     }
 
     /// Waits until no round of kills is running (see `Armed::killing`): from the spawner's thread,
-    /// right before it forks a command. A round takes one pass over `/proc`.
-    fn settle(&self) {
+    /// right before it forks a command. A round takes one pass over `/proc`; should it hang, the
+    /// wait ends at `not_after` (CLOCK_BOOTTIME, the spawn rule's deadline), and the check before
+    /// exec then refuses to start the command, as for any spawn that comes too late.
+    fn settle(&self, not_after: std::time::Duration) {
         let (lock, wake) = &*self.shared;
         let mut armed = lock.lock().unwrap_or_else(|e| e.into_inner());
         while armed.killing {
-            armed = wake.wait(armed).unwrap_or_else(|e| e.into_inner());
+            let now = crate::clock::boot_time();
+            if now >= not_after {
+                return;
+            }
+            armed = wake
+                .wait_timeout(armed, (not_after - now).min(Self::TICK))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }
@@ -849,7 +862,7 @@ mod tests {
         let spawner = {
             let (watchdog, settled) = (watchdog.clone(), settled.clone());
             std::thread::spawn(move || {
-                watchdog.settle();
+                watchdog.settle(std::time::Duration::MAX);
                 settled.store(true, Ordering::SeqCst);
             })
         };
@@ -870,6 +883,11 @@ mod tests {
         }
         spawner.join().unwrap();
         assert!(settled.load(Ordering::SeqCst));
+        // A round that never ends holds the spawn up only until the spawn rule's deadline.
+        watchdog.shared.0.lock().unwrap().killing = true;
+        let started = std::time::Instant::now();
+        watchdog.settle(crate::clock::boot_time() + std::time::Duration::from_millis(100));
+        assert!(started.elapsed() >= std::time::Duration::from_millis(100));
     }
 
     fn touch(marker: &std::path::Path) -> std::process::Command {
