@@ -24,31 +24,11 @@ mod support;
 use std::time::Duration;
 
 use cluster::report;
-use ha::{Clocks, HaTest, LeaseLog, Toxic, Version, ms};
+use ha::{Clocks, FAULT, FAULT_ARGS, HaTest, LeaseLog, Toxic, Version, ms};
 use nix::sys::signal::Signal;
 use support::{KILL_LATE_NS, Run, Running, Timing, alive, assert_no_overlap, holds_for, mono_ns};
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-/// The fault tests' timings: lease 5 s, renew deadline 3 s, a renewal every second, retry period
-/// 500 ms, grace 1 s. Kill deadline: 5 s − (200 ms + 2% of 5 s) = 4.7 s after a renewal.
-const FAULT_ARGS: [&str; 10] = [
-    "--lease-duration",
-    "5s",
-    "--renew-deadline",
-    "3s",
-    "--renew-interval",
-    "1s",
-    "--retry-period",
-    "500ms",
-    "--grace-period",
-    "1s",
-];
-const FAULT: Timing = Timing {
-    lease: Duration::from_secs(5),
-    renew_deadline: Duration::from_secs(3),
-    grace: Duration::from_secs(1),
-};
 
 /// How far a Lease's MicroTime (CLOCK_REALTIME) may stray from CLOCK_MONOTONIC over a lease
 /// duration in a test: NTP slews at most 500 ppm (2.5 ms over 5 s). Comparisons of a MicroTime with

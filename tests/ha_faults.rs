@@ -24,31 +24,11 @@ mod support;
 use std::time::Duration;
 
 use cluster::report;
-use ha::{Clocks, HaTest, LeaseLog, Toxic, ms};
+use ha::{Clocks, FAULT, FAULT_ARGS, HaTest, LeaseLog, Toxic, ms};
 use nix::sys::signal::Signal;
 use support::{KILL_LATE_NS, Run, Running, Timing, alive, assert_no_overlap, holds_for, mono_ns};
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-/// Lease 5 s, renew deadline 3 s, a renewal every second, retry period 500 ms, grace 1 s: kill
-/// deadline 4.7 s after a renewal.
-const FAULT_ARGS: [&str; 10] = [
-    "--lease-duration",
-    "5s",
-    "--renew-deadline",
-    "3s",
-    "--renew-interval",
-    "1s",
-    "--retry-period",
-    "500ms",
-    "--grace-period",
-    "1s",
-];
-const FAULT: Timing = Timing {
-    lease: Duration::from_secs(5),
-    renew_deadline: Duration::from_secs(3),
-    grace: Duration::from_secs(1),
-};
 
 /// Lease 8 s, renew deadline 6 s: a request's timeout (3 s) fits a second of latency on the way
 /// and a new TLS connection through it.

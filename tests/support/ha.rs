@@ -32,6 +32,26 @@ use crate::cluster::{self, Out, clusters_root, kubectl, report, script};
 use crate::support::{self, BIN, Run, Running, alive, journal_worker, mono_ns};
 
 /// Directory of an already running HA control plane (`testenv/cluster up DIR --ha`).
+/// The fault tests' timings: lease 5 s, renew deadline 3 s, a renewal every second, retry period
+/// 500 ms, grace 1 s. Kill deadline: 5 s − (200 ms + 2% of 5 s) = 4.7 s after a renewal.
+pub const FAULT_ARGS: [&str; 10] = [
+    "--lease-duration",
+    "5s",
+    "--renew-deadline",
+    "3s",
+    "--renew-interval",
+    "1s",
+    "--retry-period",
+    "500ms",
+    "--grace-period",
+    "1s",
+];
+pub const FAULT: support::Timing = support::Timing {
+    lease: Duration::from_secs(5),
+    renew_deadline: Duration::from_secs(3),
+    grace: Duration::from_secs(1),
+};
+
 pub const ENV_HA_DIR: &str = "LEASE_EXEC_TESTENV_HA";
 
 /// API servers and etcd members of `up --ha`.
